@@ -1,0 +1,163 @@
+"""Adapter weights on disk, in HF PEFT's layout.
+
+``adapter_model.safetensors`` holds only what the adapter adds, keyed like the
+wrapped model's parameters with the adapter name removed::
+
+    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight   (in memory: lora_A.<name>.weight)
+    base_model.model.model.embed_tokens.lora_embedding_A            (in memory: lora_embedding_A.<name>)
+    base_model.model.score.weight                                   (in memory: score.modules_to_save.<name>.weight)
+
+Loading maps keys back, and is strict by default: a missing or unexpected key,
+or a shape that does not fit, is an error naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .fileio import atomic_write_with
+from .tuner import AdapterLayer, ModulesToSaveWrapper
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+
+
+class AdapterLoadError(ValueError):
+    """An adapter file that does not fit the model it is loaded into."""
+
+
+def _adapter_attr_pattern(attrs: tuple[str, ...]) -> re.Pattern:
+    return re.compile(rf"(^|\.)({'|'.join(map(re.escape, attrs))})\.([^.]+)(\.|$)")
+
+
+def adapter_state_dict(peft_model: nn.Module, adapter_name: str, adapter_attrs: tuple[str, ...],
+                       bias: str = "none") -> dict[str, torch.Tensor]:
+    """The tensors of one adapter, under HF PEFT's file keys (adapter name stripped)."""
+    out: dict[str, torch.Tensor] = {}
+    pattern = _adapter_attr_pattern(adapter_attrs)
+    lora_owners: set[str] = set()
+    for name, module in peft_model.named_modules():
+        if isinstance(module, AdapterLayer):
+            lora_owners.add(name)
+    for name, tensor in peft_model.state_dict(keep_vars=True).items():
+        m = pattern.search(name)
+        if m:
+            if m.group(3) == adapter_name:
+                out[name[: m.start(3)] + name[m.end(3) + 1:] if m.group(4) else name[: m.start(3) - 1]] = tensor
+            continue
+        if ".modules_to_save." in name:
+            prefix, rest = name.split(".modules_to_save.", 1)
+            owner, _, param = rest.partition(".")
+            if owner == adapter_name:
+                out[f"{prefix}.{param}"] = tensor
+            continue
+        if ".original_module." in name:
+            continue
+        if name.endswith("bias") and bias != "none":
+            owner = name.rsplit(".", 1)[0].removesuffix(".base_layer")
+            if bias == "all" or owner in lora_owners:
+                out[name] = tensor
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def save_adapter_weights(state: dict[str, torch.Tensor], folder: str) -> str:
+    path = os.path.join(folder, WEIGHTS_NAME)
+    # safetensors refuses shared storage; clone tensors that share memory (tied copies).
+    cpu_state = {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
+    atomic_write_with(path, lambda tmp: save_file(cpu_state, tmp, metadata={"format": "pt"}))
+    return path
+
+
+def read_adapter_weights(folder: str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Read ``adapter_model.safetensors`` (or, only when allowed, the pickle ``.bin``)."""
+    st = os.path.join(folder, WEIGHTS_NAME)
+    if os.path.isfile(st):
+        try:
+            return load_file(st, device="cpu")
+        except (SafetensorError, OSError, ValueError) as err:
+            raise AdapterLoadError(
+                f"{st} is corrupt or truncated ({err}); save the adapter again or re-download it"
+            ) from err
+    pkl = os.path.join(folder, PICKLE_WEIGHTS_NAME)
+    if os.path.isfile(pkl):
+        if not allow_pickle:
+            raise AdapterLoadError(
+                f"{pkl} is a pickle file, which can run arbitrary code when loaded; pass "
+                "allow_pickle=True only if you trust its source, or convert it to safetensors"
+            )
+        try:
+            return torch.load(pkl, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise AdapterLoadError(f"{pkl} could not be read ({err})") from err
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder!r}; is this an adapter folder?")
+
+
+def file_key_to_model_key(key: str, adapter_name: str, adapter_attrs: tuple[str, ...],
+                          wrapper_prefixes: set[str]) -> str:
+    """Re-insert the adapter name into a file key, as the wrapped model names the tensor."""
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if part in adapter_attrs:
+            return ".".join(parts[: i + 1] + [adapter_name] + parts[i + 1:])
+    owner, _, param = key.rpartition(".")
+    if owner in wrapper_prefixes:
+        return f"{owner}.modules_to_save.{adapter_name}.{param}"
+    return key
+
+
+def load_adapter_weights(peft_model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str,
+                         adapter_attrs: tuple[str, ...], source: str, strict: bool = True) -> None:
+    """Copy ``state`` (file keys) into ``peft_model``; strict checks name every bad key."""
+    wrappers = {n for n, m in peft_model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+    model_state = peft_model.state_dict(keep_vars=True)
+    mapped: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    for key, tensor in state.items():
+        model_key = file_key_to_model_key(key, adapter_name, adapter_attrs, wrappers)
+        if model_key not in model_state:
+            # Files written from a model saved with ".base_layer" omitted (older layouts).
+            alt = model_key.rsplit(".", 1)
+            alt_key = f"{alt[0]}.base_layer.{alt[1]}" if len(alt) == 2 else model_key
+            if alt_key in model_state:
+                model_key = alt_key
+            else:
+                unexpected.append(key)
+                continue
+        mapped[model_key] = tensor
+
+    expected = set(adapter_state_dict(peft_model, adapter_name, adapter_attrs).keys())
+    expected_model_keys = {
+        file_key_to_model_key(k, adapter_name, adapter_attrs, wrappers) for k in expected
+    }
+    missing = sorted(k for k in expected_model_keys if k not in mapped)
+    if strict and (unexpected or missing):
+        lines = [f"adapter weights in {source} do not match the model:"]
+        if missing:
+            lines.append(f"  missing {len(missing)} key(s), e.g. {', '.join(missing[:5])}")
+        if unexpected:
+            lines.append(f"  unexpected {len(unexpected)} key(s), e.g. {', '.join(unexpected[:5])}")
+        lines.append("  Was it trained on another base model or with other target_modules? "
+                     "Pass strict=False to load what fits anyway.")
+        raise AdapterLoadError("\n".join(lines))
+
+    for model_key, tensor in mapped.items():
+        param = model_state[model_key]
+        if tuple(param.shape) != tuple(tensor.shape) and not param.is_meta:
+            raise AdapterLoadError(
+                f"{source}: tensor {model_key!r} has shape {tuple(tensor.shape)} in the file but "
+                f"{tuple(param.shape)} in the model; the adapter was made for a different base model "
+                "(or a different rank_pattern)"
+            )
+    with torch.no_grad():
+        for model_key, tensor in mapped.items():
+            param = model_state[model_key]
+            if param.is_meta:
+                continue
+            param.data.copy_(tensor.to(dtype=param.dtype, device=param.device))

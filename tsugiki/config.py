@@ -1,0 +1,152 @@
+"""Adapter configs and their JSON form (HF PEFT's ``adapter_config.json``).
+
+Every method's config is a dataclass deriving from :class:`PeftConfig`. The
+JSON file holds every dataclass field plus ``peft_type``; a file written by
+another PEFT version may hold keys this version does not know: they are
+ignored with a warning, so adapters keep loading across versions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+from .fileio import atomic_write_text
+
+CONFIG_NAME = "adapter_config.json"
+
+
+class PeftType(str, enum.Enum):
+    """Method names as written in ``adapter_config.json`` (``peft_type``)."""
+
+    LORA = "LORA"
+
+
+class TaskType(str, enum.Enum):
+    """What the wrapped model does; decides the wrapper class and its extras."""
+
+    CAUSAL_LM = "CAUSAL_LM"
+    SEQ_CLS = "SEQ_CLS"
+    TOKEN_CLS = "TOKEN_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+    QUESTION_ANS = "QUESTION_ANS"
+
+
+# peft_type -> config class; filled by each method module on import.
+CONFIG_REGISTRY: dict[str, type["PeftConfig"]] = {}
+
+
+def register_config(cls: type["PeftConfig"]) -> type["PeftConfig"]:
+    CONFIG_REGISTRY[cls.peft_type_name] = cls
+    return cls
+
+
+@dataclass
+class PeftConfig:
+    """Fields every adapter config has.
+
+    Args:
+        task_type: a :class:`TaskType` name or ``None`` for a bare module.
+        base_model_name_or_path: where the base came from; written to the file
+            so ``AutoPeftModelForCausalLM`` can load the base again.
+        revision: the base model's revision, if any.
+        inference_mode: ``True`` when the adapter is loaded for inference only
+            (its parameters are frozen).
+    """
+
+    peft_type_name: ClassVar[str] = ""
+
+    task_type: Optional[str] = None
+    base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    inference_mode: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.task_type, TaskType):
+            self.task_type = self.task_type.value
+        if self.task_type is not None and self.task_type not in TaskType.__members__:
+            raise ValueError(
+                f"task_type={self.task_type!r} is not known; use one of "
+                f"{', '.join(TaskType.__members__)} (or None for a plain module)"
+            )
+
+    @property
+    def peft_type(self) -> str:
+        return self.peft_type_name
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return False
+
+    # -- JSON round trip --------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (set, tuple)):
+                value = sorted(value) if isinstance(value, set) else list(value)
+            out[f.name] = value
+        out["peft_type"] = self.peft_type
+        return dict(sorted(out.items()))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PeftConfig":
+        """Build the config named by ``data["peft_type"]`` (or ``cls``), ignoring unknown keys."""
+        data = dict(data)
+        peft_type = data.pop("peft_type", None) or cls.peft_type_name
+        target_cls = CONFIG_REGISTRY.get(peft_type) if cls is PeftConfig else cls
+        if target_cls is None:
+            raise ValueError(
+                f"adapter method peft_type={peft_type!r} is not supported; "
+                f"supported: {', '.join(sorted(CONFIG_REGISTRY))}"
+            )
+        known = {f.name for f in dataclasses.fields(target_cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            warnings.warn(
+                f"ignoring adapter config keys this version does not know: {', '.join(unknown)}",
+                stacklevel=2,
+            )
+        return target_cls(**{k: v for k, v in data.items() if k in known})
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        atomic_write_text(
+            os.path.join(save_directory, CONFIG_NAME),
+            json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n",
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, subfolder: Optional[str] = None) -> "PeftConfig":
+        """Read ``adapter_config.json`` from a folder (or the file itself)."""
+        path = os.fspath(path)
+        if subfolder:
+            path = os.path.join(path, subfolder)
+        file = path if path.endswith(".json") else os.path.join(path, CONFIG_NAME)
+        if not os.path.isfile(file):
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"adapter folder {path!r} does not exist")
+            raise FileNotFoundError(
+                f"{file!r} not found: {path!r} is not an adapter folder "
+                f"(expected {CONFIG_NAME} and adapter_model.safetensors)"
+            )
+        try:
+            with open(file, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{file}: not valid JSON ({err})") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+
+def field_list(default: Any = None) -> Any:
+    """A dataclass field whose default is a fresh copy of a mutable value."""
+    if default is None:
+        return field(default=None)
+    return field(default_factory=lambda: type(default)(default))

@@ -1,0 +1,419 @@
+"""LoRA: low-rank adaptation (Hu et al., 2021), with rsLoRA scaling and PiSSA init.
+
+A frozen weight ``W0`` (out x in) gets a trainable low-rank update::
+
+    h = W0 x + s * B A dropout(x),    A: r x in,  B: out x r,  s = alpha / r
+
+(``s = alpha / sqrt(r)`` with ``use_rslora=True``). ``B`` starts at zero, so the
+wrapped model first computes exactly what the base did. Merging adds
+``s * B A`` to ``W0`` (computed in fp32, whatever the weight's dtype), which
+makes inference cost nothing extra; unmerging subtracts it again.
+
+Layers covered: ``nn.Linear``, ``nn.Embedding``, transformers' GPT-2 ``Conv1D``
+(weight stored in x out, i.e. ``fan_in_fan_out``), and bitsandbytes
+``Linear4bit`` / ``Linear8bitLt`` (QLoRA).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import PeftConfig, PeftType, register_config
+from ..inject import bnb_linear_types, find_targets, linear_layer_types, replace_module
+from ..tuner import AdapterLayer, BaseTuner, rows_per_adapter
+
+_INIT_CHOICES = (True, False, "gaussian", "pissa")
+
+
+@register_config
+@dataclass
+class LoraConfig(PeftConfig):
+    """Configuration of a LoRA adapter (HF PEFT's ``LoraConfig`` names and defaults).
+
+    Args:
+        r: rank of the update (default 8).
+        lora_alpha: scaling numerator; the update is multiplied by ``lora_alpha / r`` (default 8).
+        lora_dropout: dropout on the adapter's input, training only (default 0.0).
+        target_modules: list of module names or name suffixes, a regex matched against the
+            full name, ``"all-linear"``, or ``None`` for the architecture's default.
+        exclude_modules: modules to leave alone (same forms as ``target_modules``).
+        bias: which biases train: ``"none"`` (default), ``"all"`` or ``"lora_only"``.
+        fan_in_fan_out: the base weight is stored (in, out), as in GPT-2's Conv1D (set automatically
+            for Conv1D layers).
+        modules_to_save: modules trained in full and saved beside the adapter (e.g. a new head).
+        layers_to_transform / layers_pattern: restrict to these layer indices, found in names
+            like ``layers.<i>.`` (``layers_pattern`` names the ``layers`` part).
+        rank_pattern / alpha_pattern: per-module ``r`` / ``lora_alpha``, keyed by a name or regex.
+        use_rslora: use ``lora_alpha / sqrt(r)`` (rank-stabilised LoRA).
+        init_lora_weights: ``True`` (A Kaiming-uniform, B zero), ``"gaussian"`` (A ~ N(0, 1/r)),
+            ``"pissa"`` / ``"pissa_niter_<k>"`` (A, B from the top-r singular vectors of W; W keeps
+            the residual), or ``False`` (both random: the adapter is not a no-op; for tests).
+        use_dora, lora_bias: accepted so HF PEFT files load; must be ``False`` here.
+    """
+
+    peft_type_name = PeftType.LORA.value
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: Optional[Union[list[str], str]] = None
+    exclude_modules: Optional[Union[list[str], str]] = None
+    bias: str = "none"
+    fan_in_fan_out: bool = False
+    modules_to_save: Optional[list[str]] = None
+    layers_to_transform: Optional[Union[list[int], int]] = None
+    layers_pattern: Optional[Union[list[str], str]] = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_rslora: bool = False
+    init_lora_weights: Union[bool, str] = True
+    use_dora: bool = False
+    lora_bias: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(key: str, why: str) -> ValueError:
+            return ValueError(f"LoraConfig: {key}={getattr(self, key)!r} is invalid: {why}")
+
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise bad("r", "the rank must be a positive integer, e.g. 8 or 16")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            raise bad("lora_alpha", "must be a positive number, e.g. 16")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+            raise bad("lora_dropout", "must be a probability in [0, 1)")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise bad("bias", "use 'none', 'all' or 'lora_only'")
+        init = self.init_lora_weights
+        if not (init in _INIT_CHOICES or (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init))):
+            raise bad("init_lora_weights", "use True, False, 'gaussian', 'pissa' or 'pissa_niter_<k>'")
+        for key in ("target_modules", "exclude_modules"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, (str, list)):
+                raise bad(key, "give a list of module names, a regex string, or 'all-linear'")
+            if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+                raise bad(key, "every entry must be a module name (string)")
+            if isinstance(value, str):
+                try:
+                    re.compile(value)
+                except re.error as err:
+                    raise bad(key, f"not a valid regular expression ({err})") from err
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise bad("layers_pattern", "it only applies together with layers_to_transform")
+        for key, pattern in self.rank_pattern.items():
+            if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern <= 0:
+                raise ValueError(f"LoraConfig: rank_pattern[{key!r}]={pattern!r} must be a positive integer")
+        for key, pattern in self.alpha_pattern.items():
+            if not isinstance(pattern, (int, float)) or pattern <= 0:
+                raise ValueError(f"LoraConfig: alpha_pattern[{key!r}]={pattern!r} must be a positive number")
+        if self.use_dora:
+            raise bad("use_dora", "DoRA is not available in this version of tsugiki; use plain LoRA")
+        if self.lora_bias:
+            raise bad("lora_bias", "a LoRA bias term is not available in this version of tsugiki")
+
+    def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
+        """``r`` and ``lora_alpha`` for one module, after ``rank_pattern`` / ``alpha_pattern``."""
+        r = _pattern_value(self.rank_pattern, module_name, self.r)
+        alpha = _pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
+        return r, alpha
+
+
+def _pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
+    """The first pattern that names ``module_name`` (exact, suffix, or regex over a suffix) wins."""
+    for key, value in patterns.items():
+        if module_name == key or re.fullmatch(rf"(?:.*\.)?(?:{key})", module_name):
+            return value
+    return default
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+class LoraLayer(AdapterLayer):
+    """Bookkeeping shared by the LoRA layer types."""
+
+    def _init_lora(self, base_layer: nn.Module) -> None:
+        self._init_adapter_state()
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.lora_dropout = nn.ModuleDict()
+
+    def _adapter_dtype(self) -> torch.dtype:
+        # Half-precision bases keep their adapters in fp32 (stable updates, exact merges).
+        weight = getattr(self.base_layer, "weight", None)
+        dtype = weight.dtype if weight is not None else torch.float32
+        return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+    def _base_device(self) -> torch.device:
+        weight = getattr(self.base_layer, "weight", None)
+        return weight.device if weight is not None else torch.device("cpu")
+
+    def _record(self, name: str, r: int, alpha: float, dropout: float, use_rslora: bool) -> None:
+        self.r[name] = r
+        self.lora_alpha[name] = alpha
+        self.use_rslora[name] = use_rslora
+        self.scaling[name] = lora_scaling(r, alpha, use_rslora)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    # merge/unmerge: subclasses give get_delta_weight() in the base weight's layout.
+    def merge(self, name: str, safe_merge: bool = False) -> None:
+        if name in self.merged_adapters:
+            return  # idempotent
+        delta = self.get_delta_weight(name)
+        if safe_merge and not torch.isfinite(delta).all():
+            raise ValueError(
+                f"refusing to merge adapter {name!r}: its update for this layer contains NaN/Inf "
+                f"(layer {type(self.base_layer).__name__} {tuple(delta.shape)})"
+            )
+        self._add_to_base_weight(delta)
+        self.merged_adapters.append(name)
+
+    def unmerge(self, name: Optional[str] = None) -> None:
+        if name is None:
+            return self.unmerge_all()
+        if name not in self.merged_adapters:
+            return
+        self._add_to_base_weight(-self.get_delta_weight(name))
+        self.merged_adapters.remove(name)
+
+    def _add_to_base_weight(self, delta: torch.Tensor) -> None:
+        base = self.base_layer
+        if isinstance(base, bnb_linear_types()):
+            from ..quant import dequantize_weight, requantize_like
+
+            requantize_like(base, dequantize_weight(base).float() + delta)
+            return
+        w = base.weight
+        with torch.no_grad():
+            w.data = (w.data.float() + delta).to(w.dtype)
+
+
+class LoraLinear(nn.Module, LoraLayer):
+    """LoRA around a linear-like layer: nn.Linear, Conv1D, or a bitsandbytes k-bit linear."""
+
+    adapter_param_names = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
+        super().__init__()
+        self._init_lora(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.fan_in_fan_out = fan_in_fan_out
+        self.in_features, self.out_features = _linear_shape(base_layer, fan_in_fan_out)
+
+    def update_layer(self, name: str, r: int, alpha: float, dropout: float, init: Union[bool, str],
+                     use_rslora: bool) -> None:
+        self._record(name, r, alpha, dropout, use_rslora)
+        kw = {"dtype": self._adapter_dtype(), "device": self._base_device()}
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **kw)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **kw)
+        self.reset_parameters(name, init)
+
+    def reset_parameters(self, name: str, init: Union[bool, str]) -> None:
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        if A.is_meta or init is False:
+            return  # meta: nothing to fill; False: keep nn.Linear's random init for both
+        with torch.no_grad():
+            if isinstance(init, str) and init.startswith("pissa"):
+                self._pissa_init(name, init)
+                return
+            if init == "gaussian":
+                nn.init.normal_(A, std=1.0 / self.r[name])
+            else:
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.zeros_(B)
+
+    def _pissa_init(self, name: str, init: str) -> None:
+        """A, B from the top-r singular triplets of W; the base keeps W - s B A."""
+        if isinstance(self.base_layer, bnb_linear_types()):
+            raise ValueError("PiSSA init needs an unquantized base layer; quantize after initialising")
+        r, s = self.r[name], self.scaling[name]
+        w = self.base_layer.weight.data.float()
+        w = w.T if self.fan_in_fan_out else w  # (out, in)
+        if init == "pissa":
+            U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+        else:
+            niter = int(init.rsplit("_", 1)[1])
+            U, S, V = torch.svd_lowrank(w, q=r, niter=niter)
+            Vh = V.T
+        root = torch.sqrt(S[:r] / s)
+        A = root[:, None] * Vh[:r]  # (r, in)
+        B = U[:, :r] * root[None, :]  # (out, r)
+        self.lora_A[name].weight.data = A.to(self.lora_A[name].weight.dtype)
+        self.lora_B[name].weight.data = B.to(self.lora_B[name].weight.dtype)
+        self._add_to_base_weight(-self.get_delta_weight(name))
+
+    def get_delta_weight(self, name: str) -> torch.Tensor:
+        """``s * B @ A`` in fp32, laid out like the base weight (transposed for fan_in_fan_out)."""
+        delta = self.lora_B[name].weight.float() @ self.lora_A[name].weight.float() * self.scaling[name]
+        return delta.T if self.fan_in_fan_out else delta
+
+    def _lora_out(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        A = self.lora_A[name]
+        x = x.to(A.weight.dtype)
+        return self.lora_B[name](A(self.lora_dropout[name](x))) * self.scaling[name]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disabled:
+            self.unmerge_all()
+            return self.base_layer(x, *args, **kwargs)
+        mixed = self._check_mixed_batch()
+        result = self.base_layer(x, *args, **kwargs)
+        if mixed is not None:
+            out = result.clone()
+            for name, rows in rows_per_adapter(mixed, x.shape[0]).items():
+                if name in self.lora_A:
+                    out[rows] = out[rows] + self._lora_out(x[rows], name).to(result.dtype)
+            return out
+        name = self.active_adapter
+        if self.merged or name not in self.lora_A:
+            return result
+        return result + self._lora_out(x, name).to(result.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, fan_in_fan_out={self.fan_in_fan_out}"
+
+
+def _linear_shape(layer: nn.Module, fan_in_fan_out: bool) -> tuple[int, int]:
+    if hasattr(layer, "in_features") and hasattr(layer, "out_features"):
+        return int(layer.in_features), int(layer.out_features)
+    if hasattr(layer, "nf") and hasattr(layer, "nx"):  # transformers Conv1D
+        return int(layer.nx), int(layer.nf)
+    rows, cols = layer.weight.shape
+    return (rows, cols) if fan_in_fan_out else (cols, rows)
+
+
+class LoraEmbedding(nn.Module, LoraLayer):
+    """LoRA around ``nn.Embedding``: ``E[x] + s * (A^T[x]) B^T`` with A: r x vocab, B: dim x r.
+
+    Embedding adapters start with A = 0 and B ~ N(0, 1) (the reverse of linear layers),
+    so the first lookup still equals the base.
+    """
+
+    adapter_param_names = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: nn.Embedding):
+        super().__init__()
+        self._init_lora(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def update_layer(self, name: str, r: int, alpha: float, dropout: float, init: Union[bool, str],
+                     use_rslora: bool) -> None:
+        self._record(name, r, alpha, dropout, use_rslora)
+        base = self.base_layer
+        kw = {"dtype": self._adapter_dtype(), "device": self._base_device()}
+        self.lora_embedding_A[name] = nn.Parameter(torch.empty(r, base.num_embeddings, **kw))
+        self.lora_embedding_B[name] = nn.Parameter(torch.empty(base.embedding_dim, r, **kw))
+        if self.lora_embedding_A[name].is_meta:
+            return
+        with torch.no_grad():
+            if init is False:
+                nn.init.normal_(self.lora_embedding_A[name])
+                nn.init.normal_(self.lora_embedding_B[name])
+            elif isinstance(init, str) and init.startswith("pissa"):
+                raise ValueError("PiSSA init is for linear layers; do not target embeddings with it")
+            else:
+                nn.init.zeros_(self.lora_embedding_A[name])
+                nn.init.normal_(self.lora_embedding_B[name])
+
+    def get_delta_weight(self, name: str) -> torch.Tensor:
+        B, A = self.lora_embedding_B[name].float(), self.lora_embedding_A[name].float()
+        return (B @ A).T * self.scaling[name]  # (vocab, dim)
+
+    def _lora_out(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        base = self.base_layer
+        after_A = F.embedding(x, self.lora_embedding_A[name].T, base.padding_idx, base.max_norm,
+                              base.norm_type, base.scale_grad_by_freq, base.sparse)
+        return (after_A @ self.lora_embedding_B[name].T) * self.scaling[name]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disabled:
+            self.unmerge_all()
+            return self.base_layer(x, *args, **kwargs)
+        mixed = self._check_mixed_batch()
+        result = self.base_layer(x, *args, **kwargs)
+        if mixed is not None:
+            out = result.clone()
+            for name, rows in rows_per_adapter(mixed, x.shape[0]).items():
+                if name in self.lora_embedding_A:
+                    out[rows] = out[rows] + self._lora_out(x[rows], name).to(result.dtype)
+            return out
+        name = self.active_adapter
+        if self.merged or name not in self.lora_embedding_A:
+            return result
+        return result + self._lora_out(x, name).to(result.dtype)
+
+
+def _conv1d_type() -> Optional[type]:
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        return Conv1D
+    except ImportError:  # pragma: no cover
+        return None
+
+
+class LoraModel(BaseTuner):
+    """``PeftModel.base_model`` for LoRA: grafts :class:`LoraLinear` / :class:`LoraEmbedding`."""
+
+    layer_classes = (LoraLinear, LoraEmbedding)
+
+    def _inject(self, config: LoraConfig, adapter_name: str, init_weights: bool) -> None:
+        supported = linear_layer_types() + (nn.Embedding, LoraLinear, LoraEmbedding)
+        targets = find_targets(
+            self.model, config.target_modules, config.exclude_modules,
+            config.layers_to_transform, config.layers_pattern, allowed_types=supported,
+        )
+        conv1d = _conv1d_type()
+        init = config.init_lora_weights if init_weights else False
+        for name in targets:
+            target = self.model.get_submodule(name)
+            r, alpha = config.rank_and_alpha(name)
+            if isinstance(target, (LoraLinear, LoraEmbedding)):
+                layer = target
+            elif isinstance(target, nn.Embedding):
+                layer = LoraEmbedding(target)
+            else:
+                fan_in_fan_out = config.fan_in_fan_out
+                if conv1d is not None and isinstance(target, conv1d) and not fan_in_fan_out:
+                    warnings.warn(f"{name} is a Conv1D (weight stored in x out): using fan_in_fan_out=True",
+                                  stacklevel=4)
+                    fan_in_fan_out = config.fan_in_fan_out = True
+                layer = LoraLinear(target, fan_in_fan_out=fan_in_fan_out)
+            layer.update_layer(adapter_name, r, alpha, config.lora_dropout, init, config.use_rslora)
+            layer.set_adapter(self.active_adapter, trainable=False)
+            if layer is not target:
+                replace_module(self.model, name, layer)
+
+    def _mark_trainable(self, config: LoraConfig, adapter_name: str) -> None:
+        super()._mark_trainable(config, adapter_name)
+        if config.inference_mode or config.bias == "none":
+            return
+        for name, module in self.model.named_modules():
+            if config.bias == "lora_only" and not isinstance(module, LoraLayer):
+                continue
+            target = module.base_layer if isinstance(module, LoraLayer) else module
+            bias = getattr(target, "bias", None)
+            if isinstance(bias, nn.Parameter):
+                bias.requires_grad_(True)

@@ -1,0 +1,345 @@
+"""``PeftModel``: a base model with named adapters, in HF PEFT's shape.
+
+    model = get_peft_model(base, LoraConfig(r=8, task_type="CAUSAL_LM"))
+    model.print_trainable_parameters()
+    ... train ...
+    model.save_pretrained("out")                      # adapter_config.json + adapter_model.safetensors
+    model = PeftModel.from_pretrained(base, "out")    # frozen, for inference
+
+The wrapped model lives at ``model.base_model.model`` so tensor names match
+HF PEFT's (``base_model.model.<name>``); attributes not found on the wrapper
+(``config``, ``generation_config``, ...) are read from the base model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import adapter_io
+from .config import PeftConfig, TaskType
+from .fileio import atomic_write_text, ensure_directory
+from .methods.lora import LoraConfig, LoraModel
+from .tuner import BASE_ADAPTER_NAME, BaseTuner, batch_adapter_names
+
+# peft_type -> tuner class; one entry per method family.
+TUNERS: dict[str, type[BaseTuner]] = {"LORA": LoraModel}
+
+# Head modules that SEQ_CLS / TOKEN_CLS adapters train in full and save (as HF PEFT does).
+CLASSIFIER_MODULE_NAMES = ["classifier", "score"]
+
+CARD_MARKER = "<!-- written by tsugiki: safe to regenerate -->"
+
+
+def _tuner_for(config: PeftConfig) -> type[BaseTuner]:
+    try:
+        return TUNERS[config.peft_type]
+    except KeyError:
+        raise ValueError(f"no tuner for peft_type={config.peft_type!r}") from None
+
+
+def _prepare_config(config: PeftConfig, model: nn.Module) -> PeftConfig:
+    config = copy.deepcopy(config)
+    if config.base_model_name_or_path is None:
+        config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
+    user_modules = getattr(config, "modules_to_save", None)
+    object.__setattr__(config, "_user_modules_to_save", bool(user_modules))
+    if config.task_type in (TaskType.SEQ_CLS.value, TaskType.TOKEN_CLS.value) and hasattr(config, "modules_to_save"):
+        extra = [n for n in CLASSIFIER_MODULE_NAMES if n not in (config.modules_to_save or [])]
+        config.modules_to_save = list(config.modules_to_save or []) + extra
+    return config
+
+
+class PeftModel(nn.Module):
+    """A base model plus named adapters; see the module docstring."""
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
+                 _init_weights: bool = True):
+        super().__init__()
+        peft_config = _prepare_config(peft_config, model)
+        self.base_model = _tuner_for(peft_config)(model, peft_config, adapter_name, init_weights=_init_weights)
+        self.special_peft_forward_args = {"adapter_names"}
+
+    # -- passthrough ----------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    @property
+    def peft_config(self) -> dict[str, PeftConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapter(self) -> str:
+        return self.base_model.active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.base_model.active_adapter]
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    def _check_adapter_names(self, adapter_names: Optional[Sequence[str]], batch: Optional[int]) -> None:
+        if adapter_names is None:
+            return
+        known = set(self.peft_config) | {BASE_ADAPTER_NAME}
+        bad = sorted({n for n in adapter_names if n not in known})
+        if bad:
+            raise ValueError(f"adapter_names has unknown adapters {bad}; known: {sorted(known)}")
+        if batch is not None and batch != len(adapter_names):
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {batch} rows")
+
+    @staticmethod
+    def _batch_size(args: tuple, kwargs: dict) -> Optional[int]:
+        for value in list(args) + [kwargs.get("input_ids"), kwargs.get("inputs_embeds")]:
+            if isinstance(value, torch.Tensor):
+                return value.shape[0]
+        return None
+
+    def forward(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
+        """Run the model; ``adapter_names`` (one per row, ``"__base__"`` for none) mixes adapters."""
+        if adapter_names is None:
+            return self.base_model(*args, **kwargs)
+        self._check_adapter_names(adapter_names, self._batch_size(args, kwargs))
+        with batch_adapter_names(adapter_names):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
+        base = self.get_base_model()
+        if not hasattr(base, "generate"):
+            raise AttributeError(f"{type(base).__name__} has no generate(); it is not a generative model")
+        if adapter_names is None:
+            return base.generate(*args, **kwargs)
+        self._check_adapter_names(adapter_names, self._batch_size(args, kwargs))
+        with batch_adapter_names(adapter_names):
+            return base.generate(*args, **kwargs)
+
+    # -- adapters -------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False,
+                    _init_weights: bool = True) -> None:
+        """Graft another adapter; the active adapter does not change."""
+        base_type = next(iter(self.peft_config.values())).peft_type if self.peft_config else None
+        if base_type and peft_config.peft_type != base_type:
+            raise ValueError(f"cannot mix {peft_config.peft_type} with {base_type} adapters in one model")
+        config = _prepare_config(peft_config, self.get_base_model())
+        self.base_model.inject_adapter(config, adapter_name, init_weights=_init_weights)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        self.base_model.set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete_adapter(adapter_name)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the block the model computes exactly what the bare base does."""
+        self.base_model.set_disabled(True)
+        try:
+            yield
+        finally:
+            self.base_model.set_disabled(False)
+
+    def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
+        self.base_model.merge_adapter(adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        self.base_model.unmerge_adapter()
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> nn.Module:
+        return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names, **kwargs)
+
+    def unload(self) -> nn.Module:
+        return self.base_model.unload()
+
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                             combination_type: str = "svd", **kwargs: Any) -> None:
+        from .combine import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
+
+    # -- counting -------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts; 4-bit weights count as unpacked parameters."""
+        trainable = total = 0
+        for p in self.parameters():
+            n = p.numel()
+            if type(p).__name__ == "Params4bit":
+                storage = getattr(p, "quant_storage", torch.uint8)
+                n = n * 2 * torch.empty((), dtype=storage).element_size()
+            total += n
+            if p.requires_grad:
+                trainable += n
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+    # -- files ----------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: Optional[Sequence[str]] = None,
+                        is_main_process: bool = True, **kwargs: Any) -> None:
+        """Write each adapter: ``default`` in ``save_directory``, others in ``save_directory/<name>``."""
+        save_directory = os.fspath(save_directory)
+        names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"selected_adapters has unknown adapters {unknown}; have {list(self.peft_config)}")
+        if not is_main_process:
+            return
+        ensure_directory(save_directory, "adapter folder")
+        for name in names:
+            folder = save_directory if name == "default" else os.path.join(save_directory, name)
+            ensure_directory(folder, "adapter folder")
+            config = self.peft_config[name]
+            state = adapter_io.adapter_state_dict(self, name, self.base_model.adapter_attr_names(),
+                                                  getattr(config, "bias", "none"))
+            adapter_io.save_adapter_weights(state, folder)
+            saved = copy.deepcopy(config)
+            saved.inference_mode = True
+            saved.save_pretrained(folder)
+            _write_model_card(folder, saved, state)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False, config: Optional[PeftConfig] = None,
+                        subfolder: Optional[str] = None, allow_pickle: bool = False, strict: bool = True,
+                        **kwargs: Any) -> "PeftModel":
+        """Wrap ``model`` with the adapter saved in ``model_id`` (frozen unless ``is_trainable``)."""
+        folder = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
+        config = copy.deepcopy(config) if config is not None else PeftConfig.from_pretrained(folder)
+        config.inference_mode = not is_trainable
+        object.__setattr__(config, "_user_modules_to_save", False)
+        state = adapter_io.read_adapter_weights(folder, allow_pickle=allow_pickle)
+        target_cls = cls if cls is not PeftModel else TASK_MODELS.get(config.task_type, PeftModel)
+        try:
+            peft_model = target_cls(model, config, adapter_name, _init_weights=False)
+        except ValueError as err:
+            raise adapter_io.AdapterLoadError(
+                f"adapter {folder!r} does not fit {type(model).__name__}: {err}. It was made for "
+                f"{config.base_model_name_or_path or 'another model'}; load it onto that architecture"
+            ) from err
+        adapter_io.load_adapter_weights(peft_model, state, adapter_name,
+                                        peft_model.base_model.adapter_attr_names(), folder, strict=strict)
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+                     subfolder: Optional[str] = None, allow_pickle: bool = False, strict: bool = True,
+                     **kwargs: Any) -> None:
+        """Load another saved adapter under ``adapter_name`` (the active adapter does not change)."""
+        folder = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
+        config = PeftConfig.from_pretrained(folder)
+        config.inference_mode = not is_trainable
+        object.__setattr__(config, "_user_modules_to_save", False)
+        state = adapter_io.read_adapter_weights(folder, allow_pickle=allow_pickle)
+        self.add_adapter(adapter_name, config, _init_weights=False)
+        try:
+            adapter_io.load_adapter_weights(self, state, adapter_name, self.base_model.adapter_attr_names(),
+                                            folder, strict=strict)
+        except BaseException:
+            self.delete_adapter(adapter_name)  # leave the model as it was
+            raise
+
+
+def _write_model_card(folder: str, config: PeftConfig, state: dict[str, torch.Tensor]) -> None:
+    """A short README.md so the folder is ready to publish; never replaces a user's own card."""
+    path = os.path.join(folder, "README.md")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            if CARD_MARKER not in fh.read():
+                return
+    n_params = sum(t.numel() for t in state.values())
+    settings = {k: v for k, v in config.to_dict().items()
+                if k in ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "bias",
+                         "modules_to_save", "init_lora_weights") and v not in (None, [], {})}
+    front = ["---", "library_name: tsugiki"]
+    if config.base_model_name_or_path:
+        front.append(f"base_model: {config.base_model_name_or_path}")
+    lines = [
+        *front,
+        "tags: [peft, tsugiki, " + config.peft_type.lower() + "]",
+        "---",
+        CARD_MARKER,
+        f"# {config.peft_type} adapter",
+        "",
+        f"- Base model: `{config.base_model_name_or_path or 'unknown'}`",
+        f"- Method: {config.peft_type}" + (f", task {config.task_type}" if config.task_type else ""),
+        f"- Adapter parameters: {n_params:,d}",
+        *[f"- `{k}`: `{v}`" for k, v in settings.items()],
+        "",
+        "Load it with tsugiki or HF PEFT:",
+        "",
+        "```python",
+        "from tsugiki import PeftModel  # or: from peft import PeftModel",
+        "model = PeftModel.from_pretrained(base_model, \"<this folder>\")",
+        "```",
+        "",
+    ]
+    atomic_write_text(path, "\n".join(lines))
+
+
+class PeftModelForCausalLM(PeftModel):
+    """Causal LM: ``forward(input_ids, labels=...)`` gives a loss; ``generate`` works."""
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    """Encoder-decoder LM (T5, BART, ...)."""
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    """Classifier: the head (``classifier``/``score``) trains in full and is saved with the adapter."""
+
+
+class PeftModelForTokenClassification(PeftModel):
+    """Token classifier: the head trains in full and is saved with the adapter."""
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """Encoder producing hidden states (embeddings)."""
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    """Extractive QA head (span start/end logits)."""
+
+
+TASK_MODELS: dict[Optional[str], type[PeftModel]] = {
+    TaskType.CAUSAL_LM.value: PeftModelForCausalLM,
+    TaskType.SEQ_2_SEQ_LM.value: PeftModelForSeq2SeqLM,
+    TaskType.SEQ_CLS.value: PeftModelForSequenceClassification,
+    TaskType.TOKEN_CLS.value: PeftModelForTokenClassification,
+    TaskType.FEATURE_EXTRACTION.value: PeftModelForFeatureExtraction,
+    TaskType.QUESTION_ANS.value: PeftModelForQuestionAnswering,
+}
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
+                   mixed: bool = False, autocast_adapter_dtype: bool = True, **kwargs: Any) -> PeftModel:
+    """Graft the adapter described by ``peft_config`` onto ``model`` (in place) and wrap it."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"get_peft_model needs a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, PeftModel):
+        raise ValueError("this model already carries adapters; use model.add_adapter(name, config) instead")
+    if not isinstance(peft_config, PeftConfig):
+        raise TypeError(f"peft_config must be a tsugiki config such as LoraConfig, got {type(peft_config).__name__}")
+    cls = TASK_MODELS.get(peft_config.task_type, PeftModel)
+    return cls(model, peft_config, adapter_name)
+
+
+__all__ = [
+    "LoraConfig", "PeftModel", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
+    "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "get_peft_model",
+]

@@ -1,0 +1,336 @@
+"""What every graft method shares: adapter bookkeeping on layers and on the model.
+
+* :class:`AdapterLayer` is mixed into each layer that wraps a base module
+  (``base_layer``). It knows the active adapter, a ``disabled`` switch, which
+  adapters are merged, and which adapter each row of a mixed batch uses.
+* :class:`ModulesToSaveWrapper` keeps a trainable copy of a whole module
+  (a classifier head, an embedding) per adapter beside the frozen original.
+* :class:`BaseTuner` is ``PeftModel.base_model``: it holds the user's model
+  under ``.model`` (so parameter names match HF PEFT's
+  ``base_model.model.<name>``) and grafts, switches, merges and removes adapters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import copy
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .config import PeftConfig
+from .inject import name_matches, replace_module
+
+BASE_ADAPTER_NAME = "__base__"
+
+# Per-row adapter names of the batch being run (mixed-adapter batches), or None.
+_batch_adapter_names: contextvars.ContextVar[Optional[list[str]]] = contextvars.ContextVar(
+    "tsugiki_batch_adapter_names", default=None
+)
+
+
+@contextlib.contextmanager
+def batch_adapter_names(names: Optional[Sequence[str]]) -> Iterator[None]:
+    """Run the enclosed forward passes with one adapter per batch row."""
+    token = _batch_adapter_names.set(list(names) if names is not None else None)
+    try:
+        yield
+    finally:
+        _batch_adapter_names.reset(token)
+
+
+def rows_per_adapter(names: Sequence[str], batch_size: int) -> dict[str, torch.Tensor]:
+    """Group row indices by adapter name; expands names when generate repeats rows (beams)."""
+    names = list(names)
+    if batch_size != len(names):
+        if len(names) == 0 or batch_size % len(names):
+            raise ValueError(f"adapter_names has {len(names)} entries but the batch has {batch_size} rows")
+        repeat = batch_size // len(names)
+        names = [n for n in names for _ in range(repeat)]
+    groups: dict[str, list[int]] = {}
+    for i, n in enumerate(names):
+        groups.setdefault(n, []).append(i)
+    return {n: torch.tensor(rows, dtype=torch.long) for n, rows in groups.items()}
+
+
+class AdapterLayer:
+    """State shared by all adapter-carrying layers (mixed into an nn.Module)."""
+
+    adapter_param_names: tuple[str, ...] = ()
+
+    def _init_adapter_state(self) -> None:
+        self.active_adapter: str = "default"
+        self.disabled: bool = False
+        self.merged_adapters: list[str] = []
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        first = getattr(self, self.adapter_param_names[0])
+        return list(first.keys())
+
+    def set_adapter(self, name: str, trainable: bool = True) -> None:
+        self.active_adapter = name
+        for attr in self.adapter_param_names:
+            for key, holder in getattr(self, attr).items():
+                params = [holder] if isinstance(holder, nn.Parameter) else holder.parameters()
+                for p in params:
+                    p.requires_grad_(trainable and key == name)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged; unmerge it before deleting")
+        for attr in self.adapter_param_names:
+            holder = getattr(self, attr)
+            if name in holder:
+                del holder[name]
+        for attr in ("r", "lora_alpha", "scaling"):
+            getattr(self, attr, {}).pop(name, None)
+
+    def unmerge_all(self) -> None:
+        while self.merged_adapters:
+            self.unmerge(self.merged_adapters[-1])
+
+    def _check_mixed_batch(self) -> Optional[list[str]]:
+        names = _batch_adapter_names.get()
+        if names is not None and self.merged:
+            raise ValueError("a mixed-adapter batch needs unmerged adapters; call unmerge_adapter() first")
+        return names
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """A frozen original module plus one trainable full copy per adapter.
+
+    Used for ``modules_to_save`` (e.g. a classification head trained from
+    scratch). Saved under the module's own key, like HF PEFT.
+    """
+
+    def __init__(self, module: nn.Module, adapter_name: str):
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter = adapter_name
+        self.disabled = False
+        self.add(adapter_name)
+
+    def add(self, adapter_name: str) -> None:
+        copy_ = copy.deepcopy(self.original_module)
+        for p in copy_.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[adapter_name] = copy_
+        for p in self.original_module.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save.keys())
+
+    def set_adapter(self, name: str, trainable: bool = True) -> None:
+        self.active_adapter = name
+        for key, module in self.modules_to_save.items():
+            for p in module.parameters():
+                p.requires_grad_(trainable and key == name)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+
+    def current(self) -> nn.Module:
+        if self.disabled or self.active_adapter not in self.modules_to_save:
+            return self.original_module
+        return self.modules_to_save[self.active_adapter]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        names = _batch_adapter_names.get()
+        if names is None or self.disabled:
+            return self.current()(x, *args, **kwargs)
+        out = self.original_module(x, *args, **kwargs).clone()
+        for name, rows in rows_per_adapter(names, x.shape[0]).items():
+            if name in self.modules_to_save:
+                out[rows] = self.modules_to_save[name](x[rows], *args, **kwargs)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        # Reading attributes such as .weight or .out_features goes to the module in use.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.current(), name)
+
+
+class BaseTuner(nn.Module):
+    """Holds the user's model and grafts one method's adapters onto it.
+
+    Subclasses set ``layer_class`` (a tuple of their layer types) and implement
+    ``_create_layer(config, adapter_name, target_name, target)`` returning the new
+    module (or updating ``target`` in place when it already carries adapters) and
+    ``_mark_trainable(config, adapter_name)``.
+    """
+
+    layer_classes: tuple[type, ...] = ()
+
+    def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = "default", init_weights: bool = True):
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, PeftConfig] = {}
+        self.active_adapter = adapter_name
+        self.inject_adapter(config, adapter_name, init_weights=init_weights)
+
+    # -- attribute passthrough ------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    # -- grafting -------------------------------------------------------------
+    def inject_adapter(self, config: PeftConfig, adapter_name: str, init_weights: bool = True) -> None:
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} already exists; pick another name")
+        if adapter_name == BASE_ADAPTER_NAME:
+            raise ValueError(f"{BASE_ADAPTER_NAME!r} is reserved for the bare base in mixed batches")
+        self.peft_config[adapter_name] = config
+        try:
+            self._inject(config, adapter_name, init_weights)
+            self._wrap_modules_to_save(config, adapter_name)
+        except BaseException:
+            self._remove_adapter_modules(adapter_name)
+            del self.peft_config[adapter_name]
+            raise
+        self.set_adapter(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
+
+    def _inject(self, config: PeftConfig, adapter_name: str, init_weights: bool) -> None:
+        raise NotImplementedError
+
+    def _wrap_modules_to_save(self, config: PeftConfig, adapter_name: str) -> None:
+        wanted = getattr(config, "modules_to_save", None)
+        if not wanted:
+            return
+        found = False
+        for name, module in list(self.model.named_modules()):
+            if not name or not name_matches(name, wanted):
+                continue
+            if isinstance(module, ModulesToSaveWrapper):
+                module.add(adapter_name) if adapter_name not in module.modules_to_save else None
+                found = True
+                continue
+            if any(isinstance(m, ModulesToSaveWrapper) for m in self._ancestors(name)):
+                continue
+            replace_module(self.model, name, ModulesToSaveWrapper(module, adapter_name))
+            found = True
+        if not found and getattr(config, "_user_modules_to_save", True):
+            raise ValueError(
+                f"modules_to_save={list(wanted)!r} matched no module of {type(self.model).__name__}; "
+                "list module names that exist (e.g. 'classifier', 'score', 'embed_tokens')"
+            )
+
+    def _ancestors(self, name: str) -> Iterator[nn.Module]:
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            yield self.model.get_submodule(".".join(parts[:i]))
+
+    # -- switching ------------------------------------------------------------
+    def adapter_layers(self) -> Iterator[tuple[str, nn.Module]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+                yield name, module
+
+    def set_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"no adapter named {adapter_name!r}; have: {', '.join(self.peft_config)}")
+        self.active_adapter = adapter_name
+        trainable = not self.peft_config[adapter_name].inference_mode
+        for _, module in self.adapter_layers():
+            module.set_adapter(adapter_name, trainable=trainable)
+        self._mark_trainable(self.peft_config[adapter_name], adapter_name)
+
+    def _mark_trainable(self, config: PeftConfig, adapter_name: str) -> None:
+        """Freeze everything that is not the active adapter (subclasses add bias rules)."""
+        for name, p in self.model.named_parameters():
+            if not self._is_adapter_param(name):
+                p.requires_grad_(False)
+
+    def _is_adapter_param(self, param_name: str) -> bool:
+        parts = param_name.split(".")
+        return any(p in self.adapter_attr_names() or p == "modules_to_save" for p in parts)
+
+    def adapter_attr_names(self) -> tuple[str, ...]:
+        names: list[str] = []
+        for cls in self.layer_classes:
+            names.extend(cls.adapter_param_names)
+        return tuple(names)
+
+    def set_disabled(self, disabled: bool) -> None:
+        for _, module in self.adapter_layers():
+            if disabled and isinstance(module, AdapterLayer):
+                module.unmerge_all()
+            module.disabled = disabled
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"no adapter named {adapter_name!r}; have: {', '.join(self.peft_config)}")
+        self._remove_adapter_modules(adapter_name)
+        del self.peft_config[adapter_name]
+        if self.active_adapter == adapter_name:
+            remaining = list(self.peft_config)
+            self.active_adapter = remaining[0] if remaining else ""
+            if remaining:
+                self.set_adapter(remaining[0])
+
+    def _remove_adapter_modules(self, adapter_name: str) -> None:
+        for name, module in list(self.adapter_layers()):
+            if adapter_name in module.adapter_names:
+                if isinstance(module, AdapterLayer) and adapter_name in module.merged_adapters:
+                    module.unmerge(adapter_name)
+                module.delete_adapter(adapter_name)
+            if not module.adapter_names:  # nothing left: restore the plain module
+                original = module.original_module if isinstance(module, ModulesToSaveWrapper) else module.base_layer
+                replace_module(self.model, name, original)
+
+    # -- merging --------------------------------------------------------------
+    def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
+        names = list(adapter_names) if adapter_names is not None else [self.active_adapter]
+        for n in names:
+            if n not in self.peft_config:
+                raise ValueError(f"no adapter named {n!r}; have: {', '.join(self.peft_config)}")
+        for _, module in self.adapter_layers():
+            if isinstance(module, AdapterLayer):
+                for n in names:
+                    if n in module.adapter_names:
+                        module.merge(n, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        for _, module in self.adapter_layers():
+            if isinstance(module, AdapterLayer):
+                module.unmerge_all()
+
+    def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: Optional[Sequence[str]] = None,
+                **merge_kwargs: Any) -> nn.Module:
+        if merge:
+            self.merge_adapter(adapter_names, safe_merge=safe_merge, **merge_kwargs)
+        for name, module in list(self.adapter_layers()):
+            if isinstance(module, ModulesToSaveWrapper):
+                keep = module.current() if merge else module.original_module
+                replace_module(self.model, name, keep)
+            else:
+                replace_module(self.model, name, module.base_layer)
+        return self.model
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> nn.Module:
+        """Merge the adapter(s) into the base weights and return the plain base model."""
+        return self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names, **kwargs)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging; return the plain base model."""
+        return self._unload(merge=False)
