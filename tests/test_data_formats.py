@@ -1,0 +1,154 @@
+"""Loading files, format detection, and the bad-input errors of the loader."""
+
+import json
+
+import datasets
+import pandas as pd
+import pytest
+
+from tsugiki.data import DataError, detect_format, load_rows
+from tsugiki.data.formats import normalise
+
+ROWS = [{"instruction": f"question {i}", "input": "", "output": f"answer {i}"} for i in range(5)]
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json_list", "json_lines", "csv", "parquet", "saved", "saved_dict"])
+def test_load_rows_reads_every_source_kind(tmp_path, kind):
+    df = pd.DataFrame(ROWS)
+    if kind == "jsonl":
+        path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    elif kind == "json_list":
+        path = tmp_path / "d.json"
+        path.write_text(json.dumps(ROWS, indent=2))
+    elif kind == "json_lines":  # JSON lines under a .json name, as many hub sets are
+        path = write_jsonl(tmp_path / "d.json", ROWS)
+    elif kind == "csv":
+        path = tmp_path / "d.csv"
+        df.to_csv(path, index=False)
+    elif kind == "parquet":
+        path = tmp_path / "d.parquet"
+        df.to_parquet(path)
+    elif kind == "saved":
+        path = tmp_path / "saved"
+        datasets.Dataset.from_pandas(df).save_to_disk(str(path))
+    else:
+        path = tmp_path / "saved"
+        ds = datasets.Dataset.from_pandas(df)
+        datasets.DatasetDict({"train": ds, "test": ds.select([0])}).save_to_disk(str(path))
+    ds = load_rows(path)
+    assert len(ds) == 5
+    assert ds[3]["instruction"] == "question 3" and ds[3]["output"] == "answer 3"
+    assert len(load_rows(path, max_rows=2)) == 2
+    assert load_rows(path, max_rows=2)[1]["output"] == "answer 1"
+
+
+def test_jsonl_rows_may_omit_optional_fields(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"}, {"instruction": "c", "input": "x", "output": "d"}])
+    ds = load_rows(path)
+    assert ds.column_names == ["instruction", "output", "input"]
+    assert ds[0]["input"] is None and ds[1]["input"] == "x"
+
+
+@pytest.mark.parametrize(
+    "columns, expected",
+    [
+        (["text"], "text"),
+        (["instruction", "input", "output"], "alpaca"),
+        (["instruction", "output"], "alpaca"),
+        (["instruction", "input", "output", "text"], "alpaca"),  # structured beats a pre-rendered text column
+        (["instruction", "context", "response", "category"], "dolly"),
+        (["instruction", "response"], "dolly"),
+        (["prompt", "completion"], "prompt_completion"),
+        (["messages", "id"], "messages"),
+    ],
+)
+def test_detect_format(columns, expected):
+    assert detect_format(columns) == expected
+
+
+def test_normalise_every_format():
+    alpaca = normalise({"instruction": "I", "input": "X", "output": "R"}, "alpaca", "row 1")
+    assert alpaca.turns == [("user", "I"), ("assistant", "R")] and alpaca.input == "X"
+    dolly = normalise({"instruction": "I", "context": "", "response": "R"}, "dolly", "row 1")
+    assert dolly.turns == [("user", "I"), ("assistant", "R")] and dolly.input == ""
+    pc = normalise({"prompt": "P", "completion": "C"}, "prompt_completion", "row 1")
+    assert pc.turns == [("user", "P"), ("assistant", "C")]
+    chat = normalise(
+        {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]},
+        "messages", "row 1",
+    )
+    assert chat.system == "S" and chat.turns == [("user", "U"), ("assistant", "A")]
+    assert normalise({"text": "T"}, "text", "row 1").text == "T"
+    # Missing or empty required values are dropped (None), not errors.
+    assert normalise({"instruction": "I", "output": None}, "alpaca", "row 1") is None
+    assert normalise({"text": ""}, "text", "row 1") is None
+    assert normalise({"messages": [{"role": "user", "content": "U"}]}, "messages", "row 1") is None
+
+
+# -- bad input ---------------------------------------------------------------
+
+
+def test_missing_file_names_the_path(tmp_path):
+    with pytest.raises(DataError, match=r"not found: .*nope\.jsonl"):
+        load_rows(tmp_path / "nope.jsonl")
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok"}\n\n{"text": "ok"}\n{"text": "broken\n{"text": "ok"}\n')
+    with pytest.raises(DataError) as err:
+        load_rows(path)
+    assert "bad.jsonl, line 4" in str(err.value)
+    assert issubclass(DataError, ValueError)
+
+
+def test_jsonl_line_that_is_not_an_object(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok"}\n[1, 2]\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl, line 2: expected a JSON object"):
+        load_rows(path)
+
+
+def test_malformed_json_list_names_line(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('[\n  {"text": "a"},\n  {"text": "b",}\n]\n')
+    with pytest.raises(DataError, match=r"bad\.json, line 3"):
+        load_rows(path)
+
+
+def test_unknown_extension_and_plain_folder(tmp_path):
+    (tmp_path / "d.txt").write_text("hello")
+    with pytest.raises(DataError, match=r"d\.txt: unknown data file type '\.txt'"):
+        load_rows(tmp_path / "d.txt")
+    with pytest.raises(DataError, match="not one written by Dataset.save_to_disk"):
+        load_rows(tmp_path)
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n")
+    with pytest.raises(DataError, match=r"empty\.jsonl: the data holds no rows"):
+        load_rows(path)
+
+
+def test_no_recognised_fields_lists_fields_and_formats():
+    with pytest.raises(DataError) as err:
+        detect_format(["question", "answer"], "qa.jsonl")
+    msg = str(err.value)
+    assert "qa.jsonl" in msg and "'answer', 'question'" in msg
+    for accepted in ("'text'", "'instruction'", "'output'", "'response'", "'prompt'", "'completion'", "'messages'"):
+        assert accepted in msg
+
+
+def test_bad_values_name_row_and_field():
+    with pytest.raises(DataError, match=r"d\.jsonl, row 7, field 'output': expected a string"):
+        normalise({"instruction": "I", "output": 3}, "alpaca", "d.jsonl, row 7")
+    with pytest.raises(DataError, match=r"row 2, field 'messages\[1\]\.role': 'tool'"):
+        normalise({"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]}, "messages", "row 2")
+    with pytest.raises(DataError, match=r"field 'messages\[0\]': expected an object"):
+        normalise({"messages": ["hi"]}, "messages", "row 2")

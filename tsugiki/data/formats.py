@@ -1,0 +1,305 @@
+"""Read training rows from disk, recognise their format, and normalise them.
+
+Supported sources (all read through 🤗 ``datasets``):
+
+- ``.json`` (a list of objects, or one object per line), ``.jsonl`` / ``.ndjson``,
+  ``.csv``, ``.parquet``;
+- a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``
+  (a ``DatasetDict`` must have a ``train`` split, or exactly one split).
+
+JSON files are parsed here first, line by line for JSON lines, because the
+``datasets`` JSON reader does not say which line is broken.
+
+Formats, recognised from the column names (first match wins):
+
+==================== ==========================================================
+``messages``         ``messages``: list of ``{"role", "content"}``, roles
+                     ``system`` (first only), ``user``, ``assistant``
+``alpaca``           ``instruction``, ``output``, optional ``input``
+``dolly``            ``instruction``, ``response``, optional ``context``
+``prompt_completion`` ``prompt``, ``completion``
+``text``             ``text`` (whole-text language modelling)
+==================== ==========================================================
+
+Structured formats win over ``text`` because several public sets (Alpaca among
+them) ship a pre-rendered ``text`` column next to the structured fields, and
+the structured fields are what make response-only loss possible.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from .errors import DataError
+
+FORMATS = ("messages", "alpaca", "dolly", "prompt_completion", "text")
+
+# Required and optional columns per format, in detection order.
+_FORMAT_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "messages": (("messages",), ()),
+    "alpaca": (("instruction", "output"), ("input",)),
+    "dolly": (("instruction", "response"), ("context",)),
+    "prompt_completion": (("prompt", "completion"), ()),
+    "text": (("text",), ()),
+}
+
+_ACCEPTED = (
+    "'text'; 'instruction' + 'output' (+ optional 'input', Alpaca); "
+    "'instruction' + 'response' (+ optional 'context', Dolly); 'prompt' + 'completion'; "
+    "'messages' (list of {role, content})"
+)
+
+_JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
+_BUILDERS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+
+
+@dataclass
+class Sample:
+    """One row in a common shape, whatever file format it came from.
+
+    ``text`` is set only for the ``text`` format (then ``turns`` is empty).
+    Otherwise ``turns`` alternates ``("user", ...)`` / ``("assistant", ...)``;
+    ``input`` is the Alpaca ``input`` / Dolly ``context`` of the first user turn
+    (empty when absent) and ``system`` the conversation's system turn, if any.
+    """
+
+    text: str | None = None
+    system: str | None = None
+    turns: list[tuple[str, str]] = field(default_factory=list)
+    input: str = ""
+
+    def messages(self) -> list[dict[str, str]]:
+        """The sample as chat messages, ``input`` folded into the first user turn."""
+        out = [{"role": "system", "content": self.system}] if self.system else []
+        for i, (role, content) in enumerate(self.turns):
+            if i == 0 and self.input:
+                content = f"{content}\n\n{self.input}"
+            out.append({"role": role, "content": content})
+        return out
+
+
+def load_rows(path: str | os.PathLike, max_rows: int | None = None) -> datasets.Dataset:
+    """Load the raw rows of a data file or saved-datasets folder.
+
+    Args:
+        path: a ``.json``, ``.jsonl``, ``.ndjson``, ``.csv`` or ``.parquet`` file, or a
+            folder written by ``save_to_disk``.
+        max_rows: keep only the first ``max_rows`` rows (default ``None``: all).
+
+    Raises:
+        DataError: the path is missing, the file is malformed (JSON errors name the
+            1-based line), the extension is unknown, or the file holds no rows.
+    """
+    p = Path(path)
+    if max_rows is not None and (not isinstance(max_rows, int) or max_rows < 1):
+        raise DataError(f"max_rows must be a positive integer or None, got {max_rows!r}")
+    if not p.exists():
+        raise DataError(f"data file not found: {p} (check the path; it is resolved from {Path.cwd()})")
+    if p.is_dir():
+        ds = _load_saved(p)
+    else:
+        suffix = p.suffix.lower()
+        if suffix == ".json" or suffix in _JSON_LINES_SUFFIXES:
+            ds = _rows_to_dataset(*_read_json(p, max_rows), p)
+        elif suffix in _BUILDERS:
+            try:
+                ds = datasets.load_dataset(_BUILDERS[suffix], data_files=str(p), split="train")
+            except Exception as e:  # datasets/pyarrow raise many types; re-raise with the file name
+                raise DataError(f"{p}: could not be read as {_BUILDERS[suffix]}: {e}") from e
+        else:
+            raise DataError(
+                f"{p}: unknown data file type {p.suffix!r}; use .json, .jsonl, .csv, .parquet "
+                "or a folder saved with Dataset.save_to_disk"
+            )
+    if max_rows is not None and len(ds) > max_rows:
+        ds = ds.select(range(max_rows))
+    if len(ds) == 0:
+        raise DataError(f"{p}: the data holds no rows")
+    return ds
+
+
+def _load_saved(p: Path) -> datasets.Dataset:
+    try:
+        loaded = datasets.load_from_disk(str(p))
+    except Exception as e:
+        raise DataError(
+            f"{p}: is a folder but not one written by Dataset.save_to_disk ({e}); "
+            "point at a data file or a saved datasets folder"
+        ) from e
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" in loaded:
+            return loaded["train"]
+        if len(loaded) == 1:
+            return next(iter(loaded.values()))
+        raise DataError(f"{p}: saved DatasetDict has splits {sorted(loaded)} and none is 'train'; save the split to train on")
+    return loaded
+
+
+def _read_json(p: Path, max_rows: int | None) -> tuple[list[dict], list[str]]:
+    """Parse a JSON array or JSON-lines file; errors name the 1-based line.
+
+    Returns the rows and, per row, where it sits in the file (for later messages).
+    """
+    with open(p, encoding="utf-8-sig") as f:
+        content = f.read()
+    if p.suffix.lower() == ".json" and content.lstrip().startswith("["):
+        try:
+            rows = json.loads(content)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}, line {e.lineno}, column {e.colno}: malformed JSON: {e.msg}") from e
+        rows = rows[:max_rows] if max_rows else rows
+        for i, row in enumerate(rows, start=1):
+            if not isinstance(row, dict):
+                raise DataError(f"{p}: item {i} of the JSON list is a {type(row).__name__}, expected an object with fields")
+        return rows, [f"item {i}" for i in range(1, len(rows) + 1)]
+    rows, places = [], []
+    for lineno, line in enumerate(content.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            hint = " (a .json file must hold a JSON list or one object per line)" if p.suffix.lower() == ".json" else ""
+            raise DataError(f"{p}, line {lineno}: malformed JSON: {e.msg} at column {e.colno}{hint}") from e
+        if not isinstance(row, dict):
+            raise DataError(f"{p}, line {lineno}: expected a JSON object with fields, got {type(row).__name__}")
+        rows.append(row)
+        places.append(f"line {lineno}")
+        if max_rows is not None and len(rows) >= max_rows:
+            break
+    return rows, places
+
+
+def _rows_to_dataset(rows: list[dict], places: list[str], p: Path) -> datasets.Dataset:
+    # Union of keys in first-seen order: rows may omit optional fields such as `input`.
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    columns = {k: [row.get(k) for row in rows] for k in keys}
+    try:
+        return datasets.Dataset.from_dict(columns)
+    except Exception as e:  # pyarrow refuses a column whose rows hold different types
+        raise DataError(f"{p}: {_first_type_clash(columns, places) or e}") from e
+
+
+def _first_type_clash(columns: dict[str, list], places: list[str]) -> str | None:
+    for key, values in columns.items():
+        first = next(((i, type(v)) for i, v in enumerate(values) if v is not None), None)
+        for i, v in enumerate(values):
+            if first and v is not None and type(v) is not first[1]:
+                return (
+                    f"{places[i]}, field '{key}': is a {type(v).__name__} here but a {first[1].__name__} "
+                    f"at {places[first[0]]}; give the field one type in every row"
+                )
+    return None
+
+
+def detect_format(column_names, source: str | os.PathLike | None = None) -> str:
+    """Name the format of rows with these columns: one of :data:`FORMATS`.
+
+    Raises:
+        DataError: no known combination of fields; the message lists the fields found
+            (and ``source`` when given) and the accepted formats.
+    """
+    cols = set(column_names)
+    for name, (required, _optional) in _FORMAT_FIELDS.items():
+        if all(c in cols for c in required):
+            return name
+    where = f"{source}: " if source is not None else ""
+    raise DataError(f"{where}no recognised data format in fields {sorted(cols)}; accepted fields: {_ACCEPTED}")
+
+
+def normalise(row: dict[str, Any], fmt: str, where: str) -> Sample | None:
+    """Turn one raw row of format ``fmt`` into a :class:`Sample`.
+
+    Returns ``None`` when a required value is missing or empty (the caller counts
+    and drops such rows). ``where`` names the row in error messages.
+
+    Raises:
+        DataError: a value has the wrong type, or a message has a bad role.
+    """
+    if fmt == "messages":
+        return _normalise_messages(row.get("messages"), where)
+    if fmt == "text":
+        text = _string(row, "text", where)
+        return Sample(text=text) if text else None
+    instr_key, resp_key, extra_key = {
+        "alpaca": ("instruction", "output", "input"),
+        "dolly": ("instruction", "response", "context"),
+        "prompt_completion": ("prompt", "completion", None),
+    }[fmt]
+    instruction, response = _string(row, instr_key, where), _string(row, resp_key, where)
+    extra = _string(row, extra_key, where) if extra_key else ""
+    if not instruction or not response:
+        return None
+    return Sample(turns=[("user", instruction), ("assistant", response)], input=extra or "")
+
+
+def _string(row: dict, key: str, where: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{where}, field '{key}': expected a string, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def _normalise_messages(messages: Any, where: str, require_assistant: bool = True) -> Sample | None:
+    if messages is None:
+        return None
+    if not isinstance(messages, list):
+        raise DataError(f"{where}, field 'messages': expected a list of {{role, content}}, got {type(messages).__name__}")
+    system, turns = None, []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DataError(f"{where}, field 'messages[{i}]': expected an object with 'role' and 'content', got {m!r:.80}")
+        role, content = m["role"], m["content"]
+        if not isinstance(content, str):
+            raise DataError(f"{where}, field 'messages[{i}].content': expected a string, got {type(content).__name__}")
+        if role == "system" and i == 0:
+            system = content
+        elif role in ("user", "assistant"):
+            turns.append((role, content))
+        else:
+            raise DataError(
+                f"{where}, field 'messages[{i}].role': {role!r} is not allowed here; "
+                "use 'system' (first message only), 'user' or 'assistant'"
+            )
+    if require_assistant and not any(role == "assistant" for role, _ in turns):
+        return None
+    return Sample(system=system, turns=turns)
+
+
+def sample_from_prompt_row(row: dict[str, Any] | str) -> Sample:
+    """A :class:`Sample` for generation: a raw row of any format, or a plain string.
+
+    A plain string is the user's instruction. A row's response, if present, is
+    kept as the final assistant turn (``Template.format_prompt`` leaves it out).
+    """
+    if isinstance(row, str):
+        return Sample(turns=[("user", row)])
+    fmt = _detect_prompt_format(row)
+    if fmt == "messages":
+        return _normalise_messages(row["messages"], "prompt row", require_assistant=False) or Sample()
+    if fmt == "text":
+        return Sample(text=_string(row, "text", "prompt row"))
+    instr_key = "prompt" if fmt == "prompt_completion" else "instruction"
+    extra = row.get("input") or row.get("context") or ""
+    return Sample(turns=[("user", _string(row, instr_key, "prompt row"))], input=extra)
+
+
+def _detect_prompt_format(row: dict) -> str:
+    # At generation time the response field is usually absent, so only the prompt side is required.
+    if "messages" in row:
+        return "messages"
+    if "instruction" in row:
+        return "alpaca"
+    if "prompt" in row:
+        return "prompt_completion"
+    if "text" in row:
+        return "text"
+    raise DataError(f"prompt row has fields {sorted(row)}; expected 'instruction', 'prompt', 'messages' or 'text'")
