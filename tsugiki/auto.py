@@ -34,9 +34,9 @@ class _AutoPeftModel:
     def _load_base(cls, base_path: str, revision: Optional[str], **model_kwargs: Any):
         import transformers
 
-        from .models import is_builtin_or_gguf, load_model
+        from .models import DEFAULT_MODEL, load_model
 
-        if is_builtin_or_gguf(base_path):
+        if base_path == DEFAULT_MODEL or str(base_path).endswith(".gguf"):
             return load_model(base_path, task=cls.task_type or "causal_lm", **model_kwargs)
         auto = getattr(transformers, cls.auto_class_name)
         if revision:

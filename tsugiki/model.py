@@ -174,7 +174,7 @@ class PeftModel(nn.Module):
         trainable = total = 0
         for p in self.parameters():
             n = p.numel()
-            if type(p).__name__ == "Params4bit":
+            if type(p).__name__ == "Params4bit" and getattr(p, "bnb_quantized", False):
                 storage = getattr(p, "quant_storage", torch.uint8)
                 n = n * 2 * torch.empty((), dtype=storage).element_size()
             total += n

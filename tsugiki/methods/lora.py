@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PeftConfig, PeftType, register_config
-from ..inject import bnb_linear_types, find_targets, linear_layer_types, replace_module
+from ..inject import bnb_linear_types, find_targets, linear_layer_types, replace_module, resolve_default_targets
 from ..tuner import AdapterLayer, BaseTuner, rows_per_adapter
 
 _INIT_CHOICES = (True, False, "gaussian", "pissa")
@@ -114,6 +114,9 @@ class LoraConfig(PeftConfig):
                     re.compile(value)
                 except re.error as err:
                     raise bad(key, f"not a valid regular expression ({err})") from err
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise bad("layers_to_transform", "it cannot be combined with a regex/'all-linear' target_modules; "
+                      "list the module names instead, or put the layer indices into the regex")
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise bad("layers_pattern", "it only applies together with layers_to_transform")
         for key, pattern in self.rank_pattern.items():
@@ -381,8 +384,14 @@ class LoraModel(BaseTuner):
 
     def _inject(self, config: LoraConfig, adapter_name: str, init_weights: bool) -> None:
         supported = linear_layer_types() + (nn.Embedding, LoraLinear, LoraEmbedding)
+        if config.target_modules is None:  # record the resolved default in the saved config
+            config.target_modules = resolve_default_targets(self.model)
+        exclude = config.exclude_modules
+        if config.modules_to_save and not isinstance(exclude, str):
+            # modules trained in full need no low-rank update on top
+            exclude = list(exclude or []) + list(config.modules_to_save)
         targets = find_targets(
-            self.model, config.target_modules, config.exclude_modules,
+            self.model, config.target_modules, exclude,
             config.layers_to_transform, config.layers_pattern, allowed_types=supported,
         )
         conv1d = _conv1d_type()

@@ -1,0 +1,169 @@
+"""Every bad input gets an error that names the culprit, and nothing is lost."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import tsugiki
+from tsugiki import LoraConfig, PeftModel, get_peft_model
+from tsugiki.adapter_io import AdapterLoadError
+from tiny_models import randomize_adapters, tiny_gpt2, tiny_llama, token_batch
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, task_type="CAUSAL_LM"))
+    randomize_adapters(model)
+    model.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+def test_targets_matching_nothing_name_the_request_and_existing_modules():
+    with pytest.raises(ValueError) as info:
+        get_peft_model(tiny_llama(), LoraConfig(target_modules=["qkv_proj"]))
+    msg = str(info.value)
+    assert "['qkv_proj']" in msg and "q_proj" in msg and "LlamaForCausalLM" in msg
+
+
+def test_no_default_targets_for_unknown_architecture_says_what_to_pass():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="pass target_modules explicitly"):
+        get_peft_model(net, LoraConfig())
+
+
+def test_modules_to_save_matching_nothing():
+    with pytest.raises(ValueError, match="modules_to_save=\\['score_head'\\] matched no module"):
+        get_peft_model(tiny_llama(), LoraConfig(modules_to_save=["score_head"]))
+
+
+def test_adapter_shapes_that_do_not_fit_name_key_and_both_shapes(saved):
+    bigger = tiny_llama(hidden_size=32, intermediate_size=64)
+    with pytest.raises(AdapterLoadError) as info:
+        PeftModel.from_pretrained(bigger, saved)
+    msg = str(info.value)
+    assert "lora_A" in msg and "(4, 16)" in msg and "(4, 32)" in msg
+
+
+def test_adapter_for_another_architecture(saved):
+    with pytest.raises(AdapterLoadError) as info:
+        PeftModel.from_pretrained(tiny_gpt2(), saved)
+    msg = str(info.value)
+    assert "GPT2LMHeadModel" in msg and "q_proj" in msg
+
+
+def test_missing_and_unexpected_keys_are_errors_unless_not_strict(saved):
+    weights = load_file(saved / "adapter_model.safetensors")
+    dropped = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    del weights[dropped]
+    weights["base_model.model.model.layers.0.mlp.mystery.lora_A.weight"] = torch.zeros(4, 16)
+    save_file(weights, saved / "adapter_model.safetensors")
+    with pytest.raises(AdapterLoadError) as info:
+        PeftModel.from_pretrained(tiny_llama(), saved)
+    msg = str(info.value)
+    assert "missing 1 key" in msg and "layers.1.self_attn.v_proj.lora_B" in msg
+    assert "unexpected 1 key" in msg and "mlp.mystery" in msg
+    loaded = PeftModel.from_pretrained(tiny_llama(), saved, strict=False)
+    assert loaded(token_batch()).logits.shape[-1] == 64
+
+
+def test_corrupt_or_truncated_safetensors(saved):
+    path = saved / "adapter_model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(AdapterLoadError, match="adapter_model.safetensors is corrupt or truncated"):
+        PeftModel.from_pretrained(tiny_llama(), saved)
+    path.write_bytes(b"\x00" * 3)
+    with pytest.raises(AdapterLoadError, match="corrupt or truncated"):
+        PeftModel.from_pretrained(tiny_llama(), saved)
+
+
+def test_pickle_adapters_need_explicit_opt_in(saved):
+    weights = load_file(saved / "adapter_model.safetensors")
+    os.remove(saved / "adapter_model.safetensors")
+    torch.save(weights, saved / "adapter_model.bin")
+    with pytest.raises(AdapterLoadError, match="pickle.*allow_pickle=True"):
+        PeftModel.from_pretrained(tiny_llama(), saved)
+    model = PeftModel.from_pretrained(tiny_llama(), saved, allow_pickle=True)
+    lora_b = model.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
+    assert torch.equal(lora_b, weights["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"])
+
+
+def test_not_an_adapter_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="is not an adapter folder"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_bad_adapter_config_json(saved):
+    (saved / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="adapter_config.json: not valid JSON"):
+        PeftModel.from_pretrained(tiny_llama(), saved)
+    (saved / "adapter_config.json").write_text('{"peft_type": "NOPE_METHOD"}')
+    with pytest.raises(ValueError, match="peft_type='NOPE_METHOD' is not supported"):
+        PeftModel.from_pretrained(tiny_llama(), saved)
+
+
+def test_failed_load_adapter_leaves_the_model_as_it_was(saved, tmp_path):
+    model = PeftModel.from_pretrained(tiny_llama(), saved)
+    ids = token_batch()
+    before = model(ids).logits
+    bad = tmp_path / "bad"
+    other = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["k_proj"]))
+    other.save_pretrained(bad)
+    weights = load_file(bad / "adapter_model.safetensors")
+    weights.pop(next(iter(weights)))
+    save_file(weights, bad / "adapter_model.safetensors")
+    with pytest.raises(AdapterLoadError, match="missing 1 key"):
+        model.load_adapter(bad, adapter_name="other")
+    assert list(model.peft_config) == ["default"]
+    assert not any(".other." in n for n, _ in model.named_parameters())
+    assert torch.equal(model(ids).logits, before)
+
+
+def test_save_to_a_file_path_is_refused_and_user_card_kept(tmp_path):
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2))
+    a_file = tmp_path / "taken.txt"
+    a_file.write_text("mine")
+    with pytest.raises(NotADirectoryError, match="taken.txt"):
+        model.save_pretrained(a_file)
+    assert a_file.read_text() == "mine"
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "README.md").write_text("my own notes")
+    model.save_pretrained(folder)
+    assert (folder / "README.md").read_text() == "my own notes"
+    assert not [f for f in os.listdir(folder) if f.endswith(".tmp")]
+
+
+def test_interrupted_save_keeps_the_previous_adapter(saved, monkeypatch):
+    before = (saved / "adapter_model.safetensors").read_bytes()
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, task_type="CAUSAL_LM"))
+
+    def crash(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("tsugiki.adapter_io.save_file", crash)
+    with pytest.raises(OSError, match="No space left"):
+        model.save_pretrained(saved)
+    assert (saved / "adapter_model.safetensors").read_bytes() == before
+    assert not [f for f in os.listdir(saved) if f.endswith(".tmp")]
+
+
+def test_unknown_adapter_names_and_duplicates():
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2))
+    with pytest.raises(ValueError, match="'default' already exists"):
+        model.add_adapter("default", LoraConfig(r=2))
+    with pytest.raises(ValueError, match="reserved"):
+        model.add_adapter("__base__", LoraConfig(r=2))
+    with pytest.raises(ValueError, match="selected_adapters has unknown adapters \\['x'\\]"):
+        model.save_pretrained("/tmp/never-written", selected_adapters=["x"])
+    with pytest.raises(ValueError, match="already carries adapters"):
+        get_peft_model(model, LoraConfig(r=2))
+    with pytest.raises(TypeError, match="LoraConfig"):
+        get_peft_model(tiny_llama(), {"r": 2})
+    assert tsugiki.LoraConfig is LoraConfig

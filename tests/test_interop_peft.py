@@ -1,0 +1,129 @@
+"""Adapters move between tsugiki and HF PEFT in both directions with the same logits."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tsugiki
+from tiny_models import randomize_adapters, tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch
+
+ATOL = 1e-5
+
+CASES = {
+    "llama-default": (tiny_llama, dict(r=4, lora_alpha=8, task_type="CAUSAL_LM")),
+    "llama-all-linear-rslora-patterns": (tiny_llama, dict(
+        r=4, lora_alpha=8, task_type="CAUSAL_LM", target_modules="all-linear", use_rslora=True,
+        rank_pattern={"o_proj": 2, "model.layers.1.mlp.up_proj": 6}, alpha_pattern={"down_proj": 3})),
+    "llama-modules-to-save-embedding": (tiny_llama, dict(
+        r=2, lora_alpha=4, task_type="CAUSAL_LM", target_modules=["q_proj", "k_proj", "embed_tokens"],
+        modules_to_save=["lm_head"])),
+    "llama-layers": (tiny_llama, dict(
+        r=3, lora_alpha=6, task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"],
+        layers_to_transform=[1], layers_pattern="layers")),
+    "llama-regex": (tiny_llama, dict(
+        r=3, lora_alpha=6, task_type="CAUSAL_LM", target_modules=r".*layers\.0\..*(q_proj|up_proj)",
+        exclude_modules=["model.layers.0.mlp.up_proj"])),
+    "gpt2-default": (tiny_gpt2, dict(r=4, lora_alpha=8, task_type="CAUSAL_LM")),
+    "bert-classifier": (tiny_bert_classifier, dict(r=4, lora_alpha=8, task_type="SEQ_CLS")),
+}
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _randomize_heads(model, seed=5):
+    # modules_to_save copies start equal to the original: change them so the test sees them.
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".modules_to_save." in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_tsugiki_adapter_loads_in_hf_peft(case, tmp_path):
+    make, kwargs = CASES[case]
+    ids = token_batch()
+    model = tsugiki.get_peft_model(make(), tsugiki.LoraConfig(**kwargs))
+    randomize_adapters(model)
+    _randomize_heads(model)
+    expected = _logits(model, ids)
+    model.save_pretrained(tmp_path)
+
+    theirs = peft.PeftModel.from_pretrained(make(), str(tmp_path))
+    torch.testing.assert_close(_logits(theirs, ids), expected, atol=ATOL, rtol=0)
+    assert not torch.allclose(_logits(make(), ids), expected, atol=1e-4), "adapter had no effect"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_hf_peft_adapter_loads_in_tsugiki(case, tmp_path):
+    make, kwargs = CASES[case]
+    ids = token_batch()
+    theirs = peft.get_peft_model(make(), peft.LoraConfig(**kwargs))
+    randomize_adapters(theirs)
+    _randomize_heads(theirs)
+    expected = _logits(theirs, ids)
+    theirs.save_pretrained(str(tmp_path))
+
+    ours = tsugiki.PeftModel.from_pretrained(make(), tmp_path)
+    torch.testing.assert_close(_logits(ours, ids), expected, atol=ATOL, rtol=0)
+
+
+def test_second_named_adapter_both_ways(tmp_path):
+    ids = token_batch()
+    ours = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(r=4, task_type="CAUSAL_LM"))
+    ours.add_adapter("other", tsugiki.LoraConfig(r=2, lora_alpha=16, target_modules=["k_proj", "down_proj"],
+                                                 task_type="CAUSAL_LM"))
+    randomize_adapters(ours)
+    expect_default = _logits(ours, ids)
+    ours.set_adapter("other")
+    expect_other = _logits(ours, ids)
+    ours.save_pretrained(tmp_path / "ours")
+    assert sorted(os.listdir(tmp_path / "ours" / "other")) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors"]
+
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "ours"))
+    theirs.load_adapter(str(tmp_path / "ours" / "other"), adapter_name="other")
+    torch.testing.assert_close(_logits(theirs, ids), expect_default, atol=ATOL, rtol=0)
+    theirs.set_adapter("other")
+    torch.testing.assert_close(_logits(theirs, ids), expect_other, atol=ATOL, rtol=0)
+
+    # And back: HF PEFT saves both, tsugiki loads both.
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    back = tsugiki.PeftModel.from_pretrained(tiny_llama(), tmp_path / "theirs")
+    back.load_adapter(tmp_path / "theirs" / "other", adapter_name="other")
+    torch.testing.assert_close(_logits(back, ids), expect_default, atol=ATOL, rtol=0)
+    back.set_adapter("other")
+    torch.testing.assert_close(_logits(back, ids), expect_other, atol=ATOL, rtol=0)
+
+
+def test_file_form_matches_hf_peft(tmp_path):
+    kwargs = dict(r=4, lora_alpha=8, task_type="SEQ_CLS")
+    ours = tsugiki.get_peft_model(tiny_bert_classifier(), tsugiki.LoraConfig(**kwargs))
+    ours.save_pretrained(tmp_path / "ours")
+    theirs = peft.get_peft_model(tiny_bert_classifier(), peft.LoraConfig(**kwargs))
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+
+    ours_w = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    theirs_w = load_file(tmp_path / "theirs" / "adapter_model.safetensors")
+    assert sorted(ours_w) == sorted(theirs_w)
+    assert {k: v.shape for k, v in ours_w.items()} == {k: v.shape for k, v in theirs_w.items()}
+    assert "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight" in ours_w
+    assert "base_model.model.classifier.weight" in ours_w
+
+    ours_cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    theirs_cfg = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
+    for key in ("peft_type", "task_type", "r", "lora_alpha", "target_modules", "modules_to_save",
+                "inference_mode", "base_model_name_or_path", "revision", "bias", "use_rslora"):
+        a, b = ours_cfg[key], theirs_cfg[key]
+        if isinstance(a, list):
+            a, b = sorted(a), sorted(b)
+        assert a == b, key

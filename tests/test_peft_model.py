@@ -1,0 +1,297 @@
+"""PeftModel behaviour: training, adapters, mixed batches, counting, task types, configs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    BertConfig,
+    BertForTokenClassification,
+    BertModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+import tsugiki
+from tsugiki import LoraConfig, get_peft_model
+from tiny_models import randomize_adapters, tiny_bert_classifier, tiny_llama, token_batch
+
+
+def _train_steps(model, ids, steps=3, lr=1e-2):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return losses
+
+
+def test_training_changes_only_adapter_parameters():
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    losses = _train_steps(model, token_batch(4, 12), steps=5)
+    assert losses[-1] < losses[0]
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".lora_" in n for n in changed)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in before if ".lora_A." in n or ".lora_B." in n}
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, task_type="CAUSAL_LM"))
+    _train_steps(model, token_batch(4, 12))
+    ids = token_batch()
+    expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = tsugiki.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert torch.equal(loaded(ids).logits, expected)
+    assert not any(p.requires_grad for p in loaded.parameters())  # inference by default
+    trainable = tsugiki.PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+    assert sum(p.requires_grad for p in trainable.parameters()) == 8
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["inference_mode"] is True
+    card = (tmp_path / "README.md").read_text()
+    assert "LORA" in card and "`r`: `4`" in card
+
+
+def test_set_disable_delete_adapter():
+    ids = token_batch()
+    base_logits = tiny_llama()(ids).logits
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, task_type="CAUSAL_LM"))
+    model.add_adapter("b", LoraConfig(r=2, task_type="CAUSAL_LM"))
+    randomize_adapters(model)
+    assert model.active_adapter == "default"
+    out_a = model(ids).logits
+    model.set_adapter("b")
+    assert model.active_adapter == "b" and model.active_adapters == ["b"]
+    out_b = model(ids).logits
+    assert not torch.allclose(out_a, out_b)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".b." in n for n in trainable)
+    with model.disable_adapter():
+        torch.testing.assert_close(model(ids).logits, base_logits, rtol=0, atol=0)
+    torch.testing.assert_close(model(ids).logits, out_b, rtol=0, atol=0)
+    model.delete_adapter("b")
+    assert list(model.peft_config) == ["default"] and model.active_adapter == "default"
+    assert not any(".b." in n for n, _ in model.named_parameters())
+    torch.testing.assert_close(model(ids).logits, out_a, rtol=0, atol=0)
+    model.delete_adapter("default")
+    torch.testing.assert_close(model(ids).logits, base_logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no adapter named 'nope'"):
+        model.set_adapter("nope")
+
+
+def test_disable_adapter_with_merged_weights_gives_base():
+    ids = token_batch()
+    base_logits = tiny_llama()(ids).logits
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4))
+    randomize_adapters(model)
+    model.merge_adapter()
+    with model.disable_adapter():
+        torch.testing.assert_close(model(ids).logits, base_logits, atol=1e-6, rtol=0)
+
+
+def test_mixed_adapter_batch_equals_per_adapter_rows():
+    ids = token_batch(4, 9)
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, task_type="CAUSAL_LM", target_modules="all-linear"))
+    model.add_adapter("b", LoraConfig(r=2, task_type="CAUSAL_LM", target_modules=["q_proj", "embed_tokens"]))
+    randomize_adapters(model)
+    per = {}
+    for name in ("default", "b"):
+        model.set_adapter(name)
+        per[name] = model(ids).logits
+    with model.disable_adapter():
+        per["__base__"] = model(ids).logits
+    names = ["b", "__base__", "default", "b"]
+    mixed = model(input_ids=ids, adapter_names=names).logits
+    for row, name in enumerate(names):
+        torch.testing.assert_close(mixed[row], per[name][row], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="unknown adapters \\['zzz'\\]"):
+        model(input_ids=ids, adapter_names=["zzz"] * 4)
+    with pytest.raises(ValueError, match="3 entries for a batch of 4"):
+        model(input_ids=ids, adapter_names=["b"] * 3)
+
+
+def test_mixed_adapter_generate_equals_per_adapter_generate():
+    ids = token_batch(3, 5)
+    mask = torch.ones_like(ids)
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, task_type="CAUSAL_LM"))
+    model.add_adapter("b", LoraConfig(r=2, task_type="CAUSAL_LM"))
+    randomize_adapters(model, scale=1.0)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    per = {}
+    for name in ("default", "b"):
+        model.set_adapter(name)
+        per[name] = model.generate(ids, **kw)
+    with model.disable_adapter():
+        per["__base__"] = model.generate(ids, **kw)
+    names = ["__base__", "b", "default"]
+    mixed = model.generate(ids, adapter_names=names, **kw)
+    for row, name in enumerate(names):
+        assert torch.equal(mixed[row], per[name][row])
+    assert not torch.equal(per["b"], per["default"])
+
+
+def test_llama2_7b_parameter_counts_on_meta_device(capsys):
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32)
+    with torch.device("meta"):
+        base = LlamaForCausalLM(cfg)
+    # r=8 on q_proj, v_proj: 32 layers x 2 modules x (8*4096 + 4096*8)
+    model = get_peft_model(base, LoraConfig(r=8, task_type="CAUSAL_LM"))
+    assert model.get_nb_trainable_parameters() == (4_194_304, 6_742_609_920)
+    model.print_trainable_parameters()
+    assert capsys.readouterr().out.strip() == (
+        "trainable params: 4,194,304 || all params: 6,742,609,920 || trainable%: 0.0622")
+
+
+def test_workflow_count_r64_llama2_7b():
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32)
+    with torch.device("meta"):
+        model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=64, lora_alpha=16, task_type="CAUSAL_LM"))
+    trainable, total = model.get_nb_trainable_parameters()
+    assert trainable == 33_554_432 and f"{100 * trainable / total:.2f}" == "0.50"
+
+
+def test_four_bit_base_counts_unpacked_parameters():
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=torch.float32))
+    w = net[0].weight
+    net[0].weight = bnb.nn.Params4bit(w.data, requires_grad=False, quant_type="nf4")._quantize("cpu")
+    assert net[0].weight.numel() == 64 * 32 // 2  # two 4-bit values per stored byte
+    model = get_peft_model(net, LoraConfig(r=2, target_modules=["0"]))
+    trainable, total = model.get_nb_trainable_parameters()
+    assert trainable == 2 * 64 + 32 * 2
+    assert total == 64 * 32 + trainable
+
+
+def test_seq_cls_trains_and_saves_the_classifier_head(tmp_path):
+    model = get_peft_model(tiny_bert_classifier(), LoraConfig(r=4, task_type="SEQ_CLS"))
+    assert "classifier" in model.peft_config["default"].modules_to_save
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "base_model.model.classifier.modules_to_save.default.weight" in trainable
+    ids = token_batch(4, 6)
+    labels = torch.tensor([0, 1, 2, 1])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(3):
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    expected = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = tsugiki.PeftModel.from_pretrained(tiny_bert_classifier(), tmp_path)
+    assert type(loaded).__name__ == "PeftModelForSequenceClassification"
+    torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=0)
+
+
+def test_token_cls_feature_extraction_and_seq2seq_task_types(tmp_path):
+    torch.manual_seed(0)
+    bert_cfg = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                          intermediate_size=32, num_labels=3)
+    tok = get_peft_model(BertForTokenClassification(bert_cfg), LoraConfig(r=2, task_type="TOKEN_CLS"))
+    assert type(tok).__name__ == "PeftModelForTokenClassification"
+    assert any("classifier.modules_to_save" in n for n, p in tok.named_parameters() if p.requires_grad)
+    ids = token_batch(2, 5)
+    assert tok(input_ids=ids).logits.shape == (2, 5, 3)
+
+    feat = get_peft_model(BertModel(bert_cfg), LoraConfig(r=2, task_type="FEATURE_EXTRACTION"))
+    assert feat(input_ids=ids).last_hidden_state.shape == (2, 5, 16)
+
+    t5_cfg = T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    s2s = get_peft_model(T5ForConditionalGeneration(t5_cfg), LoraConfig(r=2, task_type="SEQ_2_SEQ_LM"))
+    assert type(s2s).__name__ == "PeftModelForSeq2SeqLM"
+    assert s2s.peft_config["default"].target_modules == ["q", "v"]
+    loss = s2s(input_ids=ids, labels=ids).loss
+    loss.backward()
+    out = s2s.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+    assert out.shape[0] == 2
+
+
+def test_auto_peft_model_loads_base_from_config(tmp_path):
+    base_dir = tmp_path / "base"
+    tiny_llama().save_pretrained(base_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    model = get_peft_model(base, LoraConfig(r=4, task_type="CAUSAL_LM"))
+    randomize_adapters(model)
+    ids = token_batch()
+    expected = model(ids).logits
+    model.save_pretrained(tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(base_dir)
+    loaded = tsugiki.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    torch.testing.assert_close(loaded(ids).logits, expected, rtol=0, atol=1e-6)
+
+
+def test_find_all_linear_names_excludes_head():
+    assert tsugiki.find_all_linear_names(tiny_llama()) == [
+        "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+def test_find_all_linear_names_sees_quantized_layers():
+    bnb = pytest.importorskip("bitsandbytes")
+    model = tiny_llama()
+    attn = model.model.layers[0].self_attn
+    attn.q_proj = bnb.nn.Linear4bit(16, 16, bias=False)
+    attn.k_proj = bnb.nn.Linear8bitLt(16, 8, bias=False, has_fp16_weights=False)
+    attn.v_proj = torch.nn.Identity()
+    model.model.layers[1].self_attn.v_proj = torch.nn.Identity()
+    names = tsugiki.find_all_linear_names(model)
+    assert "q_proj" in names and "k_proj" in names and "v_proj" not in names and "lm_head" not in names
+
+
+def test_target_selection_rules():
+    def targets(**kw):
+        model = get_peft_model(tiny_llama(), LoraConfig(r=2, **kw))
+        return sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules()
+                      if type(m).__name__ == "LoraLinear")
+
+    assert targets() == [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")]
+    assert targets(target_modules=["mlp.up_proj"]) == ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"]
+    assert targets(target_modules=r"model\.layers\.1\.self_attn\.(k|o)_proj") == [
+        "model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.o_proj"]
+    assert targets(target_modules=["q_proj"], layers_to_transform=0) == ["model.layers.0.self_attn.q_proj"]
+    assert len(targets(target_modules="all-linear", exclude_modules=["down_proj", "gate_proj"])) == 10
+
+
+@pytest.mark.parametrize("kwargs, culprit", [
+    (dict(r=0), "r=0"),
+    (dict(r=2.5), "r=2.5"),
+    (dict(lora_alpha=-1), "lora_alpha=-1"),
+    (dict(lora_dropout=1.5), "lora_dropout=1.5"),
+    (dict(bias="some"), "bias='some'"),
+    (dict(init_lora_weights="olora"), "init_lora_weights='olora'"),
+    (dict(target_modules="q_proj("), "target_modules='q_proj('"),
+    (dict(target_modules=[1, 2]), "target_modules=[1, 2]"),
+    (dict(layers_pattern="layers"), "layers_pattern='layers'"),
+    (dict(rank_pattern={"q_proj": 0}), "rank_pattern['q_proj']=0"),
+    (dict(task_type="CAUSAL"), "task_type='CAUSAL'"),
+    (dict(use_dora=True), "use_dora=True"),
+])
+def test_invalid_config_values_are_rejected(kwargs, culprit):
+    with pytest.raises(ValueError) as info:
+        LoraConfig(**kwargs)
+    assert culprit in str(info.value)
+
+
+def test_unknown_config_keys_are_ignored_with_a_warning(tmp_path):
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4))
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["some_future_option"] = 3
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match="some_future_option"):
+        loaded = tsugiki.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert loaded.peft_config["default"].r == 4
