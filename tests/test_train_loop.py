@@ -1,0 +1,281 @@
+"""The training loop on a tiny in-process Llama: accumulation, determinism, resume, checkpoints, OOM, records."""
+
+import json
+import math
+import os
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tsugiki import LoraConfig, get_peft_model
+from tsugiki.train import checkpoint as ckpt
+from tsugiki.train.config import TrainConfig
+from tsugiki.train.loop import Trainer, pad_collate, token_loss_sum
+
+VOCAB = 101
+
+
+def tiny_model(seed=0, dropout=0.0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    base = LlamaForCausalLM(config)
+    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                           lora_dropout=dropout))
+
+
+def random_examples(n, seed=1, lo=5, hi=24):
+    """Rows of random lengths; the first k tokens are prompt (-100), the rest trained on."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        length = rng.randint(lo, hi)
+        ids = [rng.randrange(1, VOCAB) for _ in range(length)]
+        k = rng.randint(1, length - 2)
+        rows.append({"input_ids": ids, "labels": [-100] * k + ids[k:]})
+    return rows
+
+
+def make_config(out, **kw):
+    base = dict(output_dir=str(out), dtype="fp32", tensorboard=False, logging_steps=1, save_steps=0,
+                learning_rate=1e-2, lr_scheduler="cosine", warmup_steps=1, seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_all_equal(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs"
+
+
+def run(out, examples, model=None, callbacks=(), **kw):
+    model = model if model is not None else tiny_model()
+    trainer = Trainer(model, make_config(out, **kw), examples, callbacks=callbacks, progress=False)
+    return trainer, trainer.train()
+
+
+# ---------------------------------------------------------------------- loss and accumulation
+def test_accumulation_weights_every_target_token_equally(tmp_path):
+    rows = random_examples(4, seed=5)
+    rows[0] = {"input_ids": rows[0]["input_ids"][:6], "labels": [-100] * 3 + rows[0]["input_ids"][3:6]}
+    grads = {}
+    for name, (bs, accum) in {"4x1": (4, 1), "2x2": (2, 2), "1x4": (1, 4)}.items():
+        trainer = Trainer(tiny_model(), make_config(tmp_path / name, batch_size=bs, grad_accum=accum, max_steps=1),
+                          rows, progress=False)
+        trainer.prepare()
+        _loss, targets, _tokens = trainer.accumulate_gradients(rows)
+        grads[name] = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert targets == sum(sum(t != -100 for t in r["labels"][1:]) for r in rows)
+    for n in grads["4x1"]:
+        torch.testing.assert_close(grads["2x2"][n], grads["4x1"][n], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(grads["1x4"][n], grads["4x1"][n], rtol=1e-4, atol=1e-6)
+
+    # A mean of per-row means would weigh the short row far more: it must differ.
+    model = tiny_model()
+    collate = pad_collate(0)
+    loss = 0
+    for r in rows:
+        b = collate([r])
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        loss = loss + token_loss_sum(out.logits, b["labels"]) / sum(t != -100 for t in r["labels"][1:]) / 4
+    loss.backward()
+    name = next(n for n in grads["4x1"] if "lora_B" in n)
+    mean_of_means = dict(model.named_parameters())[name].grad
+    assert not torch.allclose(mean_of_means, grads["4x1"][name], rtol=1e-3, atol=1e-6)
+
+
+def test_packed_rows_score_like_separate_rows():
+    model = tiny_model()
+    rows = random_examples(3, seed=9)
+    with torch.no_grad():
+        separate = sum(float(token_loss_sum(model(**{k: v for k, v in b.items() if k != "labels"}).logits, b["labels"]))
+                       for b in (pad_collate(0)([r]) for r in rows))
+    ids = torch.tensor([sum((r["input_ids"] for r in rows), [])])
+    labels = torch.tensor([sum((r["labels"] for r in rows), [])])
+    position_ids = torch.tensor([sum((list(range(len(r["input_ids"]))) for r in rows), [])])
+    with torch.no_grad():
+        packed = token_loss_sum(model(input_ids=ids, position_ids=position_ids, use_cache=False).logits,
+                                labels, position_ids)
+    assert float(packed) == pytest.approx(separate, rel=1e-4)
+
+
+# ---------------------------------------------------------------------- determinism and resume
+def test_same_seed_same_weights(tmp_path):
+    rows = random_examples(12)
+    kw = dict(batch_size=2, grad_accum=2, max_steps=4, lora_dropout=0.1, neftune_alpha=5.0)
+    results = []
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        trainer, _ = run(tmp_path / name, rows, tiny_model(dropout=0.1), **{**kw, "seed": seed})
+        results.append(trainable(trainer.model))
+    first = results[0]
+    assert_all_equal(first, results[1])
+    assert any(not torch.equal(first[n], results[2][n]) for n in first)  # the seed matters
+    assert any(not torch.equal(first[n], p) for n, p in trainable(tiny_model(dropout=0.1)).items())  # it trained
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_after_crash_is_bitwise_identical(tmp_path):
+    rows = random_examples(12)
+    # 3 steps per epoch: the crash at step 4 falls inside the second epoch.
+    kw = dict(batch_size=2, grad_accum=2, max_steps=7, save_steps=2, save_total_limit=2, lora_dropout=0.1,
+              neftune_alpha=5.0, dtype="bf16", group_by_length=True, weight_decay=0.01)
+    straight, _ = run(tmp_path / "straight", rows, tiny_model(dropout=0.1), **kw)
+
+    def crash_at_4(trainer, record):
+        if record["step"] == 4:
+            raise Crash()
+
+    with pytest.raises(Crash):
+        run(tmp_path / "crashy", rows, tiny_model(dropout=0.1), callbacks=[crash_at_4], **kw)
+    assert ckpt.latest_checkpoint(str(tmp_path / "crashy")).endswith("checkpoint-4")
+    resumed, result = run(tmp_path / "crashy", rows, tiny_model(dropout=0.1), **kw)
+    assert result.metrics["resumed_from"].endswith("checkpoint-4")
+    assert_all_equal(trainable(straight.model), trainable(resumed.model))
+    # The records read as one run: every step once, the same losses as the straight run.
+    steps = [r["step"] for r in map(json.loads, open(tmp_path / "crashy" / "metrics.jsonl"))]
+    assert steps == list(range(1, 8))
+    losses = lambda d: [r["loss"] for r in map(json.loads, open(d / "metrics.jsonl"))]
+    assert losses(tmp_path / "crashy") == losses(tmp_path / "straight")
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+    rows = random_examples(8)
+    run(tmp_path / "r", rows, batch_size=2, max_steps=2, save_steps=2)
+    with pytest.raises(ValueError, match="lora_r: 8 -> 16"):
+        run(tmp_path / "r", rows, batch_size=2, max_steps=4, save_steps=2, lora_r=16)
+
+
+# ---------------------------------------------------------------------- checkpoints
+def test_rotation_keeps_the_newest(tmp_path):
+    run(tmp_path / "r", random_examples(8), batch_size=2, max_steps=5, save_steps=1, save_total_limit=2)
+    found = ckpt.list_checkpoints(str(tmp_path / "r"))
+    assert [s for s, _ in found] == [4, 5]
+    names = set(os.listdir(found[-1][1]))
+    assert {"COMPLETE", "adapter_model.safetensors", "adapter_config.json", "trainable.safetensors",
+            "trainer_state.pt", "train_config.yaml"} <= names
+    state = torch.load(os.path.join(found[-1][1], "trainer_state.pt"), weights_only=False)
+    assert (state["step"], state["epoch"], state["batch_index"]) == (5, 1, 1)  # 4 steps per epoch
+    assert {"python", "numpy", "torch"} <= set(state["rng"])
+
+
+def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    calls = {"n": 0}
+    real_save = torch.save
+
+    def flaky_save(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint dies half-written
+            raise OSError("disk full")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt.torch, "save", flaky_save)
+    with pytest.raises(OSError, match="disk full"):
+        run(out, random_examples(8), batch_size=2, max_steps=6, save_steps=2)
+    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    assert ckpt.latest_checkpoint(str(out)).endswith("checkpoint-2")
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+    # Leftovers of a killed process: a tmp folder with a marker, a checkpoint folder without one.
+    (out / ".checkpoint-8.tmp").mkdir()
+    (out / ".checkpoint-8.tmp" / "COMPLETE").write_text("8\n")
+    (out / "checkpoint-6").mkdir()
+    assert ckpt.latest_checkpoint(str(out)).endswith("checkpoint-2")
+    _, result = run(out, random_examples(8), batch_size=2, max_steps=6, save_steps=2)
+    assert result.metrics["resumed_from"].endswith("checkpoint-2") and result.metrics["steps"] == 6
+    assert sorted(n for n in os.listdir(out) if "checkpoint" in n) == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_output_dir_rules(tmp_path):
+    rows = random_examples(4)
+    user_dir = tmp_path / "mine"
+    user_dir.mkdir()
+    (user_dir / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not empty.*overwrite: true"):
+        run(user_dir, rows, max_steps=1)
+    run(user_dir, rows, max_steps=1, overwrite=True)
+    assert (user_dir / "notes.txt").read_text() == "keep me"
+
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        run(a_file, rows, max_steps=1)
+
+    run(tmp_path / "done", rows, max_steps=1, save_steps=1)
+    with pytest.raises(FileExistsError, match="resume is false"):
+        run(tmp_path / "done", rows, max_steps=1, resume=False)
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        run(tmp_path / "other", rows, max_steps=1, resume=str(tmp_path / "nowhere"))
+
+
+# ---------------------------------------------------------------------- OOM, dtype, records
+def test_oom_halves_the_micro_batch_and_keeps_the_effective_batch(tmp_path):
+    rows = random_examples(16)
+    model = tiny_model()
+    real_forward = model.forward
+    seen = []
+
+    def forward(*args, **kwargs):
+        rows_in = kwargs["input_ids"].shape[0]
+        seen.append(rows_in)
+        if rows_in > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(*args, **kwargs)
+
+    model.forward = forward
+    trainer, result = run(tmp_path / "oom", rows, model, batch_size=4, grad_accum=2, max_steps=2)
+    assert (trainer.micro_batch_size, trainer.grad_accum, trainer.examples_per_step) == (2, 4, 8)
+    assert seen == [4, 2, 2, 2, 2, 2, 2, 2, 2]  # one failed try, then 4 micro-batches per step
+    assert result.metrics["micro_batch_size"] == 2
+
+    reference, _ = run(tmp_path / "ref", rows, batch_size=2, grad_accum=4, max_steps=2)
+    assert_all_equal(trainable(trainer.model), trainable(reference.model))
+
+
+def test_bf16_policy_and_fused_adamw(tmp_path):
+    trainer = Trainer(tiny_model(), make_config(tmp_path / "r", dtype="bf16", max_steps=1), random_examples(4),
+                      progress=False)
+    trainer.prepare()
+    params = dict(trainer.model.named_parameters())
+    assert all(p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16) for p in params.values())
+    assert trainer.optimizer.defaults.get("fused") is True
+    trainer.train()
+    states = [s for s in trainer.optimizer.state.values()]
+    assert states and all(s["exp_avg"].dtype == torch.float32 for s in states)
+
+
+def test_records_written(tmp_path):
+    out = tmp_path / "r"
+    model = tiny_model()
+    trainer = Trainer(model, make_config(out, batch_size=2, max_steps=4, eval_steps=2, tensorboard=True,
+                                         gradient_checkpointing=True),
+                      random_examples(8), eval_examples=random_examples(3, seed=7), progress=False)
+    result = trainer.train()
+    assert model.base_model.model.is_activation_checkpointing
+    lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    assert lines[0]["lr"] == pytest.approx(1e-2 * 0.5)  # the rate step 1 used: warm-up (0 + 1) / (1 + 1)
+    for r in lines:
+        assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(r)
+    evals = [r for r in lines if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert evals[-1]["eval_ppl"] == pytest.approx(math.exp(evals[-1]["eval_loss"]))
+    summary = json.load(open(out / "summary.json"))
+    assert summary["steps"] == result.metrics["steps"] == 4
+    assert summary["eval_loss"] == pytest.approx(evals[-1]["eval_loss"])
+    assert summary["peak_memory_bytes"] > 0 and summary["tokens_per_s"] > 0
+    assert summary["adapter_size_bytes"] == os.path.getsize(out / "adapter_model.safetensors") + \
+        os.path.getsize(out / "adapter_config.json") + os.path.getsize(out / "README.md")
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert TrainConfig.load(str(out / "train_config.yaml")) == trainer.config
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(out / "runs"))

@@ -1,0 +1,162 @@
+"""Training engine units: config loading/validation, learning-rate schedules, NEFTune noise."""
+
+import argparse
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from tsugiki.train import schedules
+from tsugiki.train.config import ConfigError, TrainConfig, add_config_arguments, config_from_args
+from tsugiki.train.neftune import attach_neftune, neftune, neftune_scale
+
+
+# ---------------------------------------------------------------------- schedules
+@pytest.mark.parametrize("name", ["constant", "linear", "cosine"])
+def test_warmup_is_linear_and_never_zero(name):
+    # W = 4: (step + 1) / 5 for steps 0..3, then the schedule proper starts at 1.
+    values = [schedules.lr_multiplier(name, s, 4, 20) for s in range(5)]
+    assert values == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+
+
+def test_schedule_values_after_warmup():
+    w, n = 10, 110  # decay span of 100 steps
+    assert schedules.cosine(10, w, n) == pytest.approx(1.0)
+    assert schedules.cosine(35, w, n) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert schedules.cosine(60, w, n) == pytest.approx(0.5)
+    assert schedules.cosine(110, w, n) == pytest.approx(0.0)
+    assert schedules.cosine(500, w, n) == pytest.approx(0.0)  # clipped past the end
+    assert schedules.linear(10, w, n) == pytest.approx(1.0)
+    assert schedules.linear(35, w, n) == pytest.approx(0.75)
+    assert schedules.linear(109, w, n) == pytest.approx(0.01)
+    assert schedules.linear(200, w, n) == 0.0
+    assert schedules.constant(10, w, n) == schedules.constant(109, w, n) == 1.0
+    assert schedules.cosine(0, 0, 10) == 1.0  # no warm-up: the first step runs at the peak
+
+
+def test_make_scheduler_drives_the_optimizer():
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    sched = schedules.make_scheduler(opt, "cosine", 2, 10)
+    seen = []
+    for _ in range(10):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([0.1 * schedules.cosine(s, 2, 10) for s in range(10)])
+    with pytest.raises(ValueError, match="lr_scheduler='cosin'"):
+        schedules.make_scheduler(opt, "cosin", 0, 10)
+
+
+# ---------------------------------------------------------------------- NEFTune
+class _Embedder(nn.Module):
+    def __init__(self, vocab=50, dim=32):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, ids):
+        return self.embed(ids)
+
+
+def test_neftune_noise_scale_and_eval_mode():
+    torch.manual_seed(0)
+    model = _Embedder(dim=32)
+    ids = torch.randint(0, 50, (8, 64))
+    clean = model(ids)
+    alpha = 5.0
+    expected = neftune_scale(alpha, 64, 32)
+    assert expected == pytest.approx(alpha / math.sqrt(64 * 32))
+    with neftune(model, alpha):
+        model.train()
+        noise = model(ids) - clean
+        # U(-s, s) has mean |x| = s / 2 and max |x| <= s.
+        assert noise.abs().mean().item() == pytest.approx(expected / 2, rel=0.03)
+        assert noise.abs().max().item() <= expected * (1 + 1e-5)
+        model.eval()
+        assert torch.equal(model(ids), clean)  # no noise when evaluating
+    model.train()
+    assert torch.equal(model(ids), clean)  # the hook is gone after the block
+
+
+def test_neftune_off_and_handle():
+    model = _Embedder()
+    ids = torch.randint(0, 50, (2, 5))
+    with neftune(model, None):
+        assert torch.equal(model(ids), model.embed(ids))
+    handle = attach_neftune(model, 1.0)
+    assert not torch.equal(model(ids), model.embed.weight[ids])
+    handle.remove()
+    with pytest.raises(TypeError, match="get_input_embeddings"):
+        attach_neftune(nn.Linear(2, 2), 1.0)
+
+
+# ---------------------------------------------------------------------- config
+def test_defaults_are_valid_and_documented():
+    cfg = TrainConfig()
+    assert cfg.lr_scheduler == "cosine" and cfg.max_grad_norm == 1.0 and cfg.resume == "auto"
+    import dataclasses
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata.get("help"), f"{f.name} has no help text"
+    required = ("model data eval_data output_dir method quantization lora_r lora_alpha lora_dropout "
+                "target_modules max_steps num_epochs batch_size grad_accum learning_rate lr_scheduler "
+                "warmup_steps weight_decay max_length packing neftune_alpha template seed save_steps "
+                "save_total_limit eval_steps resume").split()
+    assert set(required) <= set(TrainConfig.field_names())
+
+
+def test_yaml_then_overrides_with_coercion(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("learning_rate: 1.0e-3\nbatch_size: 8\nlr_scheduler: linear\npacking: true\n"
+                    "target_modules: [q_proj, v_proj]\n")
+    cfg = TrainConfig.load(str(path), {"batch_size": "2", "max-steps": "1e3", "neftune_alpha": "none",
+                                       "target_modules": "q_proj,k_proj", "packing": "false"})
+    assert cfg.learning_rate == 1e-3 and cfg.lr_scheduler == "linear"  # from the file
+    assert cfg.batch_size == 2 and cfg.max_steps == 1000  # overrides win, strings coerced
+    assert cfg.packing is False and cfg.neftune_alpha is None
+    assert cfg.target_modules == ["q_proj", "k_proj"]
+    assert TrainConfig.load(overrides={"resume": "false"}).resume is False
+    assert TrainConfig.load(overrides={"resume": "runs/a/checkpoint-10"}).resume == "runs/a/checkpoint-10"
+
+
+def test_unknown_keys_suggest_the_closest_name(tmp_path):
+    with pytest.raises(ConfigError, match="'learning_rat'.*did you mean 'learning_rate'"):
+        TrainConfig.load(overrides={"learning_rat": "1e-4"})
+    path = tmp_path / "bad.yaml"
+    path.write_text("save_total_limt: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*'save_total_limit'"):
+        TrainConfig.load(str(path))
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("learning_rate", -1e-4, "learning_rate=-0.0001: must be > 0"),
+    ("lr_scheduler", "cosin", "lr_scheduler='cosin'.*did you mean 'cosine'"),
+    ("batch_size", 0, "batch_size=0"),
+    ("lora_dropout", 1.5, "lora_dropout=1.5"),
+    ("dtype", "float32", "dtype='float32': must be one of auto, bf16, fp32, fp16"),
+    ("max_steps", 0, "max_steps=0"),
+    ("batch_size", "four", "batch_size='four'"),
+    ("packing", "maybe", "packing='maybe'.*true or false"),
+])
+def test_invalid_values_name_the_key(key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.load(overrides={key: value})
+
+
+def test_save_round_trip_and_cli_arguments(tmp_path):
+    cfg = TrainConfig.load(overrides={"lora_r": 16, "target_modules": ["q_proj"], "resume": False})
+    saved = cfg.save(str(tmp_path))
+    assert saved.endswith("train_config.yaml")
+    assert TrainConfig.load(saved) == cfg
+
+    (tmp_path / "base.yaml").write_text("lora_r: 4\nlearning_rate: 0.001\n")
+    parser = add_config_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--config", str(tmp_path / "base.yaml"), "--lora-r", "32", "--packing",
+                              "--lr_scheduler", "constant"])
+    cfg = config_from_args(args)
+    assert (cfg.lora_r, cfg.learning_rate, cfg.packing, cfg.lr_scheduler) == (32, 1e-3, True, "constant")
+    assert cfg.batch_size == TrainConfig().batch_size  # untouched keys keep their defaults
+    assert "Peak learning rate" in parser.format_help()

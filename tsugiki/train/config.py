@@ -1,0 +1,314 @@
+"""Training configuration: one dataclass, loaded from YAML and/or ``--key value`` overrides.
+
+Precedence (lowest to highest): field defaults < YAML file < overrides.
+Every field carries its own help string (``metadata["help"]``) so the CLI and
+the docs read from one place. Values given as strings (the command line) are
+coerced to the field's type; unknown keys are rejected with the closest valid
+name; invalid values are rejected naming the key.
+
+The resolved config is written next to the outputs as ``train_config.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import tempfile
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Union
+
+import yaml
+
+CONFIG_FILENAME = "train_config.yaml"
+SCHEDULERS = ("cosine", "linear", "constant")
+DTYPES = ("auto", "bf16", "fp32", "fp16")
+QUANTIZATIONS = ("none", "4bit", "8bit")
+TRAIN_ON = ("all", "completion")
+
+
+def _f(default: Any, help: str, **kw):
+    """A dataclass field with a help string (mutable defaults go through a factory)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+class ConfigError(ValueError):
+    """A bad training configuration: unknown key, wrong type or invalid value."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything one fine-tuning run needs, with documented defaults.
+
+    The effective batch of one optimizer step is ``batch_size * grad_accum``
+    examples; the loss of a step is the sum of per-token losses over all of
+    its target tokens divided by their count (not a mean of micro-batch means).
+    """
+
+    # --- what to train, on what, where
+    model: Optional[str] = _f(None, "Base model: a Hugging Face id or local directory, or a .gguf file. None = the built-in default model.")
+    data: Optional[str] = _f(None, "Training data: a file (jsonl/json/csv/parquet/txt) or a dataset name.")
+    eval_data: Optional[str] = _f(None, "Evaluation data (same formats as `data`). None = hold out `eval_split` of `data`.")
+    eval_split: float = _f(0.0, "Fraction of `data` held out for evaluation when `eval_data` is not given (0 = none).")
+    max_rows: Optional[int] = _f(None, "Use only the first N rows of `data` (None = all).")
+    output_dir: str = _f("tsugiki-output", "Directory for checkpoints, metrics, the final adapter and the summary.")
+    overwrite: bool = _f(False, "Start over in a non-empty `output_dir`: its old checkpoints and records are removed (other files stay) and nothing is resumed.")
+    resume: Union[str, bool] = _f("auto", "'auto': continue from the latest complete checkpoint in `output_dir` if there is one; a checkpoint path: continue from it; false: start fresh.")
+    # --- method
+    method: str = _f("lora", "Fine-tuning method (lora, qlora, dora, ia3, prompt_tuning, ..., or full).")
+    quantization: str = _f("none", "Base weights quantization: none, 4bit (NF4) or 8bit.")
+    lora_r: int = _f(8, "LoRA rank r.")
+    lora_alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha / r.")
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA input, in [0, 1).")
+    target_modules: Optional[list[str]] = _f(None, "Modules to adapt: names/suffixes (comma-separated on the command line), 'all-linear', or None for the per-architecture default.")
+    # --- data shaping
+    template: Optional[str] = _f(None, "Prompt template name (None = the tokenizer's chat template or the plain default).")
+    max_length: int = _f(1024, "Maximum tokens per example (longer ones are truncated).")
+    packing: bool = _f(False, "Pack several examples into one row (no padding; attention kept per example via position_ids).")
+    group_by_length: bool = _f(False, "Order batches so rows of similar length go together (less padding), still shuffled per epoch.")
+    train_on: str = _f("completion", "Which tokens carry loss: 'completion' (answers only) or 'all'.")
+    # --- optimisation
+    max_steps: int = _f(-1, "Optimizer steps to run; -1 = derive from `num_epochs`. When > 0 it wins over `num_epochs`.")
+    num_epochs: int = _f(1, "Passes over the training data (used when `max_steps` is -1).")
+    batch_size: int = _f(4, "Examples per micro-batch (halved automatically on out-of-memory).")
+    grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step (doubled when the micro-batch is halved).")
+    learning_rate: float = _f(2e-4, "Peak learning rate of AdamW.")
+    lr_scheduler: str = _f("cosine", "Learning-rate schedule after warm-up: cosine, linear or constant.")
+    warmup_steps: int = _f(0, "Steps of linear warm-up from 0 to `learning_rate`.")
+    weight_decay: float = _f(0.0, "AdamW decoupled weight decay; never applied to biases and norm weights (1-D parameters).")
+    max_grad_norm: float = _f(1.0, "Clip the global gradient L2 norm to this value (0 = no clipping).")
+    neftune_alpha: Optional[float] = _f(None, "NEFTune noise alpha (e.g. 5); None or 0 = off. Training only.")
+    dtype: str = _f("auto", "Compute dtype: auto (bf16 where the hardware supports it, else fp32), bf16, fp16 or fp32. Trainable weights and optimizer state stay fp32.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory (slower).")
+    seed: int = _f(42, "Random seed: same seed, same data, same config = same adapter.")
+    # --- bookkeeping
+    logging_steps: int = _f(10, "Write a metrics line every N optimizer steps.")
+    eval_steps: int = _f(0, "Evaluate every N steps (0 = only at the end); needs evaluation data.")
+    save_steps: int = _f(200, "Save a resumable checkpoint every N steps and at the end (0 = never).")
+    save_total_limit: Optional[int] = _f(2, "Keep only the newest N checkpoints (None = keep all).")
+    tensorboard: bool = _f(True, "Write TensorBoard logs to output_dir/runs when tensorboard is installed.")
+
+    def __post_init__(self):
+        self.validate()
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> "TrainConfig":
+        """Build from a mapping; strings are coerced, unknown keys rejected (``source`` names the origin)."""
+        return cls(**_coerce_all(values, source))
+
+    @classmethod
+    def load(cls, path: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None) -> "TrainConfig":
+        """Defaults, then the YAML file at ``path`` (if any), then ``overrides`` (which win)."""
+        values: dict[str, Any] = {}
+        if path is not None:
+            values.update(_coerce_all(_read_yaml(path), f"config file {path}"))
+        if overrides:
+            values.update(_coerce_all(overrides, "overrides"))
+        return cls(**values)
+
+    def replace(self, **changes) -> "TrainConfig":
+        """A copy with ``changes`` applied (coerced and validated)."""
+        return dataclasses.replace(self, **_coerce_all(changes, "replace()"))
+
+    # ------------------------------------------------------------------ check
+    def validate(self) -> None:
+        """Reject invalid values, naming the key and what is allowed."""
+        def bad(key: str, why: str):
+            raise ConfigError(f"{key}={getattr(self, key)!r}: {why}")
+
+        for key in ("lora_r", "batch_size", "grad_accum", "max_length", "logging_steps", "num_epochs"):
+            if getattr(self, key) < 1:
+                bad(key, "must be >= 1")
+        for key in ("warmup_steps", "save_steps", "eval_steps", "seed"):
+            if getattr(self, key) < 0:
+                bad(key, "must be >= 0")
+        if self.max_steps == 0 or self.max_steps < -1:
+            bad("max_steps", "must be a positive number of steps, or -1 to use num_epochs")
+        if not self.learning_rate > 0:
+            bad("learning_rate", "must be > 0")
+        for key in ("weight_decay", "max_grad_norm", "lora_alpha"):
+            if getattr(self, key) < 0:
+                bad(key, "must be >= 0")
+        if not 0 <= self.lora_dropout < 1:
+            bad("lora_dropout", "must be in [0, 1)")
+        if not 0 <= self.eval_split < 1:
+            bad("eval_split", "must be in [0, 1)")
+        if self.neftune_alpha is not None and self.neftune_alpha < 0:
+            bad("neftune_alpha", "must be >= 0 (or None to turn NEFTune off)")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            bad("save_total_limit", "must be >= 1, or None to keep every checkpoint")
+        if self.max_rows is not None and self.max_rows < 1:
+            bad("max_rows", "must be >= 1, or None for all rows")
+        for key, allowed in (("lr_scheduler", SCHEDULERS), ("dtype", DTYPES),
+                             ("quantization", QUANTIZATIONS), ("train_on", TRAIN_ON)):
+            if getattr(self, key) not in allowed:
+                hint = difflib.get_close_matches(str(getattr(self, key)), allowed, n=1)
+                bad(key, f"must be one of {', '.join(allowed)}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+        if not self.output_dir:
+            bad("output_dir", "must be a directory path")
+        if not (self.resume is False or (isinstance(self.resume, str) and self.resume)):
+            bad("resume", "must be 'auto', a checkpoint path, or false")
+
+    # ------------------------------------------------------------------ write
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def save(self, path: str) -> str:
+        """Write the resolved config as YAML (to ``path``, or ``path/train_config.yaml`` for a directory), atomically."""
+        if os.path.isdir(path):
+            path = os.path.join(path, CONFIG_FILENAME)
+        atomic_write_text(path, self.to_yaml())
+        return path
+
+
+# ---------------------------------------------------------------------- coercion
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    with open(path, encoding="utf-8") as fh:
+        try:
+            data = yaml.safe_load(fh)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def _coerce_all(values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    hints = typing.get_type_hints(TrainConfig)
+    out = {}
+    for raw_key, value in values.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in hints:
+            close = difflib.get_close_matches(key, list(hints), n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(hints)}"
+            raise ConfigError(f"unknown key {raw_key!r} in {source}{hint}")
+        try:
+            out[key] = _coerce(key, value, hints[key])
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{key}={value!r} in {source}: {err}") from None
+    return out
+
+
+_TRUE = {"true", "yes", "y", "on", "1"}
+_FALSE = {"false", "no", "n", "off", "0"}
+_NONE = {"none", "null", "~", ""}
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Coerce ``value`` to the type ``hint`` (strings from the command line included)."""
+    if key == "resume":  # 'auto' | path | False
+        if value is None or value is False or (isinstance(value, str) and value.strip().lower() in _FALSE | _NONE):
+            return False
+        if value is True or (isinstance(value, str) and value.strip().lower() in _TRUE):
+            return "auto"
+        if isinstance(value, (str, os.PathLike)):
+            return os.fspath(value)
+        raise TypeError("expected 'auto', a checkpoint path, or false")
+    args = typing.get_args(hint)
+    optional = typing.get_origin(hint) is Union and type(None) in args
+    if optional:
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if typing.get_origin(hint) is list:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise TypeError("expected a list of names (comma-separated on the command line)")
+        return list(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise TypeError("expected true or false")
+    if hint is int:
+        if isinstance(value, bool):
+            raise TypeError("expected an integer, got a boolean")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            number = float(value)  # accepts "1e3"; ValueError names the text
+            if number.is_integer():
+                return int(number)
+        raise TypeError("expected an integer")
+    if hint is float:
+        if isinstance(value, bool):
+            raise TypeError("expected a number, got a boolean")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, os.PathLike)):
+            raise TypeError("expected a string")
+        return os.fspath(value)
+    return value
+
+
+# ---------------------------------------------------------------------- CLI
+def add_config_arguments(parser: argparse.ArgumentParser, config_flag: bool = True) -> argparse.ArgumentParser:
+    """Expose every TrainConfig key as ``--key`` (also ``--key-with-dashes``), help from the field.
+
+    Arguments default to ``argparse.SUPPRESS`` so only what the user typed
+    overrides the YAML file; values are strings, coerced by ``config_from_args``.
+    A boolean key given alone (``--packing``) means true.
+    """
+    if config_flag:
+        parser.add_argument("--config", default=None, metavar="YAML", help="YAML file of training keys; --key value flags override it.")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {default})")
+        if hints[f.name] is bool:
+            kw.update(nargs="?", const="true", metavar="BOOL")
+        else:
+            kw.update(metavar=f.name.upper())
+        parser.add_argument(*flags, **kw)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Build the TrainConfig from parsed arguments: ``--config`` file, then the given ``--key`` values."""
+    given = vars(args)
+    names = set(TrainConfig.field_names())
+    overrides = {k: v for k, v in given.items() if k in names}
+    return TrainConfig.load(given.get("config"), overrides)
+
+
+# ---------------------------------------------------------------------- files
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, fsync it, then rename it into place."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -1,0 +1,525 @@
+"""The supervised fine-tuning loop: batches -> token-weighted loss -> AdamW -> checkpoints.
+
+Loss. The loop computes the loss itself from the logits: token t predicts
+label t+1, labels of -100 are ignored, and for packed rows (``position_ids``
+given) the first token of each packed sequence is never a target (it cannot be
+predicted from the previous sequence). One optimizer step covers
+``batch_size * grad_accum`` examples split into micro-batches; its loss is
+
+    loss = sum over every target token of the step of -log p(token) / (number of target tokens of the step)
+
+i.e. a mean over tokens of the whole accumulated batch, not a mean of
+micro-batch means, so a short row weighs as much per token as a long one and
+the result does not depend on how the step is split into micro-batches.
+
+Dtype policy. ``dtype: auto`` is bf16 where the hardware runs it natively
+(CUDA: ``torch.cuda.is_bf16_supported()``; CPU: the avx512_bf16 or amx_bf16
+flag) and fp32 otherwise. Under bf16/fp16 the frozen floating-point weights are
+cast to that dtype, trainable weights and the optimizer state stay fp32, and
+the forward runs under autocast. fp16 also uses a gradient scaler.
+
+Out of memory. When a micro-batch runs out of memory, the step is retried with
+the micro-batch halved (so twice as many accumulation steps): the effective
+batch, and the data order, stay the same.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import (check_resume_compatible, load_checkpoint, resolve_resume, save_checkpoint,
+                         TRAINABLE_FILE, trainable_state)
+from .config import TrainConfig
+from .neftune import neftune
+from .records import RunRecorder, files_size, peak_memory_bytes, plot_loss_curve, write_summary
+from .schedules import make_scheduler
+
+IGNORE_INDEX = -100
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class TrainResult:
+    """What ``Trainer.train()`` returns: where the outputs are and the final summary numbers."""
+    output_dir: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------- small policies
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU advertises bf16 instructions (avx512_bf16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The compute dtype for ``dtype: name`` on ``device`` (see the module docstring for 'auto')."""
+    if name == "bf16":
+        return torch.bfloat16
+    if name == "fp16":
+        return torch.float16
+    if name == "fp32":
+        return torch.float32
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return torch.float32
+
+
+def apply_dtype_policy(model: nn.Module, dtype: torch.dtype) -> None:
+    """Frozen floating weights -> ``dtype``; trainable weights -> fp32. Quantized (integer) weights are left alone."""
+    for param in model.parameters():
+        if not param.is_floating_point():
+            continue
+        target = torch.float32 if param.requires_grad else dtype
+        if param.dtype != target:
+            param.data = param.data.to(target)
+
+
+def _find_attr(model: nn.Module, name: str):
+    """``model.name``, looking through PEFT-style wrappers to the base model."""
+    for candidate in (model, getattr(model, "base_model", None), getattr(getattr(model, "base_model", None), "model", None)):
+        if candidate is not None and hasattr(candidate, name):
+            return getattr(candidate, name)
+    return None
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing; input embeddings made to require grad so frozen bases still backprop."""
+    enable = _find_attr(model, "activation_checkpointing_enable")  # transformers >= 5 name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        enable = _find_attr(model, "gradient_checkpointing_enable")
+        if enable is None:
+            raise ValueError(f"gradient_checkpointing: {type(model).__name__} has no gradient_checkpointing_enable(); "
+                             "set gradient_checkpointing: false")
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    require = _find_attr(model, "enable_input_require_grads")
+    if require is not None:
+        require()
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW(betas=(0.9, 0.999), eps=1e-8) over trainable parameters, fused when the device supports it.
+
+    Weight decay applies to matrices only: 1-D parameters (biases, norm weights) get none.
+    """
+    decay, no_decay = [], []
+    for _name, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters (nothing with requires_grad); "
+                         "wrap it with get_peft_model(...) or unfreeze the weights to train")
+    groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    try:
+        return torch.optim.AdamW(groups, lr=config.learning_rate, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # fused needs a supported device/dtype
+        return torch.optim.AdamW(groups, lr=config.learning_rate)
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or (isinstance(err, RuntimeError) and "out of memory" in str(err))
+
+
+# ---------------------------------------------------------------------- batches and loss
+def pad_collate(pad_id: int = 0) -> Callable[[Sequence[dict]], Batch]:
+    """Right-pad ``input_ids`` (with ``pad_id``) and ``labels`` (with -100) to the longest row; adds ``attention_mask``."""
+    def collate(examples: Sequence[dict]) -> Batch:
+        width = max(len(e["input_ids"]) for e in examples)
+        ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for row, e in enumerate(examples):
+            n = len(e["input_ids"])
+            ids[row, :n] = torch.as_tensor(e["input_ids"], dtype=torch.long)
+            labels[row, :n] = torch.as_tensor(e.get("labels", e["input_ids"]), dtype=torch.long)
+            mask[row, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return collate
+
+
+def shifted_targets(labels: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Labels aligned with logits[:, :-1]: position t is scored on label t+1 (-100 = not a target)."""
+    if position_ids is not None:  # a packed sequence's first token is not predictable from the one before
+        labels = labels.masked_fill(position_ids == 0, IGNORE_INDEX)
+    return labels[:, 1:]
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor,
+                   position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Sum (not mean) of next-token cross-entropy over target tokens, computed in fp32."""
+    targets = shifted_targets(labels, position_ids)
+    logits = logits[:, :-1, :].float()
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def count_targets(batch: Batch) -> int:
+    return int((shifted_targets(batch["labels"], batch.get("position_ids")) != IGNORE_INDEX).sum())
+
+
+def count_tokens(batch: Batch) -> int:
+    """Real (non-padding) input tokens of a batch; what tokens/s counts."""
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        return int(mask.sum())
+    return batch["input_ids"].numel()  # packed rows carry no padding mask (or a 4-D block mask)
+
+
+# ---------------------------------------------------------------------- the trainer
+class Trainer:
+    """Train ``model`` on tokenized examples according to ``config``.
+
+    Args:
+        model: causal LM (possibly a PEFT wrapper); ``forward(input_ids=, attention_mask=, position_ids=)``
+            returns ``.logits``. Trainable parameters are those with ``requires_grad``. It stays on its device.
+        config: a TrainConfig.
+        train_examples: sequence of dicts with ``input_ids`` and ``labels`` (lists of ints, -100 = no loss).
+            For packing, pass packed rows plus a collate_fn that emits ``position_ids``.
+        eval_examples: same shape, for eval loss / perplexity (optional).
+        collate_fn: list of examples -> batch of tensors (``input_ids``, ``labels``, and
+            ``attention_mask`` or ``position_ids``). Default: right padding with the tokenizer's pad id.
+        tokenizer: saved next to the final adapter when given; supplies the pad id.
+        callbacks: functions ``f(trainer, record)`` called after every optimizer step.
+        progress: show the tqdm bar.
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig, train_examples: Sequence[dict],
+                 eval_examples: Optional[Sequence[dict]] = None, collate_fn: Optional[Callable] = None,
+                 tokenizer=None, callbacks: Sequence[Callable] = (), progress: bool = True):
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        if len(train_examples) == 0:
+            raise ValueError("train_examples is empty: nothing to train on (check `data` and `max_rows`)")
+        self.model, self.config, self.tokenizer = model, config, tokenizer
+        self.train_examples, self.eval_examples = train_examples, eval_examples
+        if collate_fn is None:
+            pad = getattr(tokenizer, "pad_token_id", None)
+            pad = pad if pad is not None else getattr(tokenizer, "eos_token_id", None)
+            collate_fn = pad_collate(pad if pad is not None else 0)
+        self.collate_fn = collate_fn
+        self.callbacks = list(callbacks)
+        self.progress = progress
+        self.examples_per_step = config.batch_size * config.grad_accum
+        self.micro_batch_size = config.batch_size
+        self.steps_per_epoch = math.ceil(len(train_examples) / self.examples_per_step)
+        self.total_steps = config.max_steps if config.max_steps > 0 else config.num_epochs * self.steps_per_epoch
+        self.device = next(model.parameters()).device
+        self._plans: dict[int, list[list[int]]] = {}
+
+    @property
+    def grad_accum(self) -> int:
+        """Micro-batches per optimizer step now (grows when the micro-batch is halved on OOM)."""
+        return math.ceil(self.examples_per_step / self.micro_batch_size)
+
+    # ------------------------------------------------------------------ data order
+    def epoch_plan(self, epoch: int) -> list[list[int]]:
+        """Example indices of each optimizer step of ``epoch``: a fixed function of (seed, epoch)."""
+        if epoch not in self._plans:
+            gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+            order = torch.randperm(len(self.train_examples), generator=gen).tolist()
+            eff = self.examples_per_step
+            if self.config.group_by_length:
+                mega = eff * 16  # sort by length within shuffled windows: little padding, still random
+                length = lambda i: len(self.train_examples[i]["input_ids"])
+                order = [i for s in range(0, len(order), mega) for i in sorted(order[s:s + mega], key=length, reverse=True)]
+            steps = [order[s:s + eff] for s in range(0, len(order), eff)]
+            if self.config.group_by_length and len(steps) > 1:
+                longest = max(range(len(steps)), key=lambda k: max(len(self.train_examples[i]["input_ids"]) for i in steps[k]))
+                first = steps.pop(longest)  # the longest step first: an OOM shows up at once
+                shuffled = torch.randperm(len(steps), generator=gen).tolist()
+                steps = [first] + [steps[k] for k in shuffled]
+            self._plans = {epoch: steps}  # keep one epoch in memory
+        return self._plans[epoch]
+
+    # ------------------------------------------------------------------ one step
+    def _autocast(self):
+        return torch.autocast(device_type=self.device.type, dtype=self.compute_dtype,
+                              enabled=self.compute_dtype != torch.float32)
+
+    def _forward_loss_sum(self, batch: Batch) -> torch.Tensor:
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        if self._pass_use_cache:
+            inputs["use_cache"] = False  # packed position_ids are only honoured without a KV cache
+        with self._autocast():
+            out = self.model(**inputs)
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        return token_loss_sum(logits, batch["labels"], batch.get("position_ids"))
+
+    def accumulate_gradients(self, examples: list[dict]) -> tuple[float, int, int]:
+        """Forward/backward over the step's micro-batches; gradients = d(step loss)/d(params)."""
+        m = self.micro_batch_size
+        batches = [self.collate_fn(examples[s:s + m]) for s in range(0, len(examples), m)]
+        n_targets = sum(count_targets(b) for b in batches)
+        denom = max(n_targets, 1)  # a step without targets gives zero gradients, not NaN
+        loss_sum, n_tokens = 0.0, 0
+        for batch in batches:
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            loss = self._forward_loss_sum(batch)
+            scaled = loss / denom
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            loss_sum += float(loss.detach())
+            n_tokens += count_tokens(batch)
+        return loss_sum, n_targets, n_tokens
+
+    def train_step(self, examples: list[dict]) -> dict[str, float]:
+        """One optimizer step over ``examples`` (the effective batch); halves the micro-batch on OOM and retries."""
+        while True:
+            self.optimizer.zero_grad(set_to_none=True)
+            try:
+                loss_sum, n_targets, n_tokens = self.accumulate_gradients(examples)
+                break
+            except Exception as err:
+                if not is_oom(err):
+                    raise
+                self.optimizer.zero_grad(set_to_none=True)
+                gc.collect()
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if self.micro_batch_size == 1:
+                    raise RuntimeError(
+                        "out of memory with a micro-batch of 1 example; lower max_length, set "
+                        "gradient_checkpointing: true, or use quantization: 4bit") from err
+                self.micro_batch_size = max(1, self.micro_batch_size // 2)
+                self._say(f"out of memory: micro-batch halved to {self.micro_batch_size}, "
+                          f"grad_accum now {self.grad_accum} (effective batch stays {self.examples_per_step})")
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        clip = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, clip))
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this update uses
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        return {"loss_sum": loss_sum, "targets": n_targets, "tokens": n_tokens, "grad_norm": grad_norm, "lr": lr}
+
+    # ------------------------------------------------------------------ eval
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Token-weighted eval loss over ``eval_examples`` and perplexity exp(loss)."""
+        if not self.eval_examples:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        total, targets = 0.0, 0
+        try:
+            for s in range(0, len(self.eval_examples), self.micro_batch_size):
+                batch = self.collate_fn(list(self.eval_examples[s:s + self.micro_batch_size]))
+                targets += count_targets(batch)
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                total += float(self._forward_loss_sum(batch))
+        finally:
+            self.model.train(was_training)
+        loss = total / max(targets, 1)
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0))}
+
+    # ------------------------------------------------------------------ setup
+    def _say(self, message: str) -> None:
+        recorder = getattr(self, "recorder", None)
+        recorder.write(message) if recorder is not None else print(message)
+
+    def prepare(self) -> Optional[str]:
+        """Check output_dir, seed, apply the dtype policy, build optimizer/scheduler, load a checkpoint to resume.
+
+        Called by ``train()``; call it yourself only to inspect the set-up. Returns the checkpoint resumed from.
+        """
+        if getattr(self, "_prepared", False):
+            return self._resumed_from
+        cfg = self.config
+        resume_from = resolve_resume(cfg)
+        set_seed(cfg.seed)
+        self.compute_dtype = resolve_dtype(cfg.dtype, self.device)
+        apply_dtype_policy(self.model, self.compute_dtype)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
+        model_config = _find_attr(self.model, "config")
+        self._pass_use_cache = model_config is not None and hasattr(model_config, "use_cache")
+        if self._pass_use_cache:
+            model_config.use_cache = False  # no KV cache while training
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler = make_scheduler(self.optimizer, cfg.lr_scheduler, cfg.warmup_steps, self.total_steps)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.compute_dtype == torch.float16 else None
+        self.state: dict[str, Any] = {"step": 0, "epoch": 0, "batch_index": 0, "tokens_seen": 0,
+                                      "train_time_s": 0.0, "window": _new_window(), "last": {}}
+        if resume_from is not None:
+            check_resume_compatible(resume_from, cfg)
+            saved = load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler, self.scaler)
+            self.state.update(saved)
+            self.micro_batch_size = min(saved.get("micro_batch_size", cfg.batch_size), cfg.batch_size)
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        cfg.save(cfg.output_dir)
+        self._prepared, self._resumed_from = True, resume_from
+        return resume_from
+
+    def _checkpoint(self, step: int) -> str:
+        state = {k: v for k, v in self.state.items() if k != "step"}
+        state["micro_batch_size"] = self.micro_batch_size
+        return save_checkpoint(self.config.output_dir, step, self.model, self.optimizer, self.scheduler,
+                               self.config, state, self.scaler)
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> TrainResult:
+        """Run (or resume) training to ``total_steps``; returns the output folder and summary metrics."""
+        cfg = self.config
+        resume_from = self.prepare()
+        st = self.state
+        self.recorder = RunRecorder(cfg.output_dir, self.total_steps, st["step"], cfg.tensorboard, self.progress)
+        for note in self.recorder.notes:
+            self._say(note)
+        if resume_from:
+            self._say(f"resuming from {resume_from} (step {st['step']} of {self.total_steps})")
+        was_training = self.model.training
+        self.model.train()
+        eval_metrics: dict[str, float] = dict(st["last"].get("eval", {}))
+        try:
+            with neftune(self.model, cfg.neftune_alpha):
+                while st["step"] < self.total_steps:
+                    plan = self.epoch_plan(st["epoch"])
+                    t0 = time.perf_counter()
+                    out = self.train_step([self.train_examples[i] for i in plan[st["batch_index"]]])
+                    dt = time.perf_counter() - t0
+                    st["step"] += 1
+                    st["batch_index"] += 1
+                    if st["batch_index"] >= len(plan):  # the position saved is that of the next batch
+                        st["epoch"], st["batch_index"] = st["epoch"] + 1, 0
+                    st["tokens_seen"] += out["tokens"]
+                    st["train_time_s"] += dt
+                    window = st["window"]
+                    for key in ("loss_sum", "targets", "tokens"):
+                        window[key] += out[key]
+                    window["time"] += dt
+                    record = self._maybe_record(out)
+                    if record.get("eval_loss") is not None:
+                        eval_metrics = {k: record[k] for k in ("eval_loss", "eval_ppl")}
+                        st["last"]["eval"] = eval_metrics
+                    self.recorder.advance()
+                    if cfg.save_steps and (st["step"] % cfg.save_steps == 0 or st["step"] == self.total_steps):
+                        self._checkpoint(st["step"])
+                    for callback in self.callbacks:
+                        callback(self, record)
+            if self.eval_examples and (not eval_metrics or st["last"].get("eval_step") != st["step"]):
+                eval_metrics = self.evaluate()
+                self.recorder.log({"step": st["step"], "epoch": self._epoch_float(), **eval_metrics})
+            adapter_files = self._save_final()
+        finally:
+            self.recorder.close()
+            self.model.train(was_training)
+        return TrainResult(cfg.output_dir, self._summarise(resume_from, eval_metrics, adapter_files))
+
+    def _epoch_float(self) -> float:
+        return round(self.state["epoch"] + self.state["batch_index"] / self.steps_per_epoch, 4)
+
+    def _maybe_record(self, out: dict) -> dict[str, Any]:
+        cfg, st = self.config, self.state
+        step = st["step"]
+        record: dict[str, Any] = {"step": step, "epoch": self._epoch_float()}
+        if step % cfg.logging_steps == 0 or step == self.total_steps:
+            w = st["window"]
+            record.update(loss=w["loss_sum"] / max(w["targets"], 1), lr=out["lr"],
+                          grad_norm=out["grad_norm"], tokens_per_s=w["tokens"] / max(w["time"], 1e-9))
+            if self.micro_batch_size != cfg.batch_size:
+                record.update(micro_batch_size=self.micro_batch_size, grad_accum=self.grad_accum)
+            st["last"]["loss"] = record["loss"]
+            st["window"] = _new_window()
+        if self.eval_examples and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == self.total_steps):
+            record.update(self.evaluate())
+            st["last"]["eval_step"] = step
+        if len(record) > 2:
+            self.recorder.log(record)
+        return record
+
+    def _save_final(self) -> list[str]:
+        """Save the adapter (and tokenizer) into output_dir via a temporary folder; returns the adapter files."""
+        out = self.config.output_dir
+        tmp = os.path.join(out, ".final.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(os.path.join(tmp, "model"))
+        try:
+            if hasattr(self.model, "save_pretrained"):
+                self.model.save_pretrained(os.path.join(tmp, "model"))
+            else:
+                from safetensors.torch import save_file
+                save_file(trainable_state(self.model), os.path.join(tmp, "model", TRAINABLE_FILE))
+            if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
+                self.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+            adapter = []
+            for sub in ("tokenizer", "model"):  # model last, so its files win any name clash
+                src = os.path.join(tmp, sub)
+                for name in sorted(os.listdir(src)) if os.path.isdir(src) else []:
+                    dest = os.path.join(out, name)
+                    if os.path.isdir(dest) and not os.path.isdir(os.path.join(src, name)):
+                        raise IsADirectoryError(f"cannot save {name} into {out}: a folder of that name is in the way")
+                    if os.path.isdir(dest):
+                        shutil.rmtree(dest)
+                    os.replace(os.path.join(src, name), dest)
+                    if sub == "model":
+                        adapter.append(dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return adapter
+
+    def _summarise(self, resume_from, eval_metrics, adapter_files) -> dict[str, Any]:
+        st, cfg = self.state, self.config
+        summary = {
+            "steps": st["step"],
+            "epochs": self._epoch_float(),
+            "train_time_s": st["train_time_s"],
+            "tokens": st["tokens_seen"],
+            "tokens_per_s": st["tokens_seen"] / max(st["train_time_s"], 1e-9),
+            "train_loss": st["last"].get("loss"),
+            "eval_loss": eval_metrics.get("eval_loss"),
+            "eval_ppl": eval_metrics.get("eval_ppl"),
+            "peak_memory_bytes": peak_memory_bytes(self.device),
+            "peak_memory_kind": "cuda_max_allocated" if self.device.type == "cuda" else "process_max_rss",
+            "adapter_size_bytes": files_size(adapter_files),
+            "adapter_files": [os.path.basename(p) for p in adapter_files],
+            "trainable_params": sum(p.numel() for p in self.trainable),
+            "dtype": str(self.compute_dtype).replace("torch.", ""),
+            "effective_batch": self.examples_per_step,
+            "micro_batch_size": self.micro_batch_size,
+            "grad_accum": self.grad_accum,
+            "resumed_from": resume_from,
+            "output_dir": cfg.output_dir,
+        }
+        curve, note = plot_loss_curve(cfg.output_dir)
+        summary["loss_curve"] = curve
+        if note:
+            self._say(note)
+            summary["notes"] = [note]
+        write_summary(cfg.output_dir, summary, echo=self.progress)
+        return summary
+
+
+def _new_window() -> dict[str, float]:
+    return {"loss_sum": 0.0, "targets": 0, "tokens": 0, "time": 0.0}
