@@ -89,8 +89,11 @@ class AdapterLayer:
             holder = getattr(self, attr)
             if name in holder:
                 del holder[name]
-        for attr in ("r", "lora_alpha", "scaling"):
+        for attr in ("r", "lora_alpha", "scaling", "use_rslora"):
             getattr(self, attr, {}).pop(name, None)
+        dropout = getattr(self, "lora_dropout", None)
+        if dropout is not None and name in dropout:
+            del dropout[name]
 
     def unmerge_all(self) -> None:
         while self.merged_adapters:
