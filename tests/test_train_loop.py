@@ -11,8 +11,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from tsugiki import LoraConfig, get_peft_model
 from tsugiki.train import checkpoint as ckpt
+from tsugiki.train import schedules
 from tsugiki.train.config import TrainConfig
-from tsugiki.train.loop import Trainer, pad_collate, token_loss_sum
+from tsugiki.data import Collator
+from tsugiki.train.loop import Trainer, token_loss_sum
 
 VOCAB = 101
 
@@ -79,7 +81,7 @@ def test_accumulation_weights_every_target_token_equally(tmp_path):
 
     # A mean of per-row means would weigh the short row far more: it must differ.
     model = tiny_model()
-    collate = pad_collate(0)
+    collate = Collator(0)
     loss = 0
     for r in rows:
         b = collate([r])
@@ -96,7 +98,7 @@ def test_packed_rows_score_like_separate_rows():
     rows = random_examples(3, seed=9)
     with torch.no_grad():
         separate = sum(float(token_loss_sum(model(**{k: v for k, v in b.items() if k != "labels"}).logits, b["labels"]))
-                       for b in (pad_collate(0)([r]) for r in rows))
+                       for b in (Collator(0)([r]) for r in rows))
     ids = torch.tensor([sum((r["input_ids"] for r in rows), [])])
     labels = torch.tensor([sum((r["labels"] for r in rows), [])])
     position_ids = torch.tensor([sum((list(range(len(r["input_ids"]))) for r in rows), [])])
@@ -106,16 +108,36 @@ def test_packed_rows_score_like_separate_rows():
     assert float(packed) == pytest.approx(separate, rel=1e-4)
 
 
+def test_packing_trains_on_packs_and_evaluates_unpacked(tmp_path):
+    rows = random_examples(12)
+    seen = []
+    model = tiny_model()
+    real_forward = model.forward
+
+    def forward(*args, **kwargs):
+        seen.append({k: kwargs.get(k) for k in ("attention_mask", "position_ids", "use_cache")} | {"shape": tuple(kwargs["input_ids"].shape)})
+        return real_forward(*args, **kwargs)
+
+    model.forward = forward
+    trainer, result = run(tmp_path / "p", rows, model, packing=True, max_length=48, batch_size=2, max_steps=2)
+    assert all(len(p["input_ids"]) <= 48 for p in trainer.train_examples) and len(trainer.train_examples) < 12
+    train_calls = [c for c in seen if c["position_ids"] is not None]
+    assert train_calls and all(c["shape"][0] == 1 and c["attention_mask"] is None and c["use_cache"] is False
+                               for c in train_calls)  # one padding-free row of two packs
+    assert result.metrics["steps"] == 2 and math.isfinite(result.metrics["train_loss"])
+
+
 # ---------------------------------------------------------------------- determinism and resume
 def test_same_seed_same_weights(tmp_path):
-    rows = random_examples(12)
-    kw = dict(batch_size=2, grad_accum=2, max_steps=4, lora_dropout=0.1, neftune_alpha=5.0)
+    rows = random_examples(8)
+    kw = dict(batch_size=2, grad_accum=2, max_steps=3, lora_dropout=0.1, neftune_alpha=5.0)
     results = []
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
         trainer, _ = run(tmp_path / name, rows, tiny_model(dropout=0.1), **{**kw, "seed": seed})
         results.append(trainable(trainer.model))
     first = results[0]
     assert_all_equal(first, results[1])
+    assert not trainer.model.get_input_embeddings()._forward_hooks  # NEFTune is removed after training
     assert any(not torch.equal(first[n], results[2][n]) for n in first)  # the seed matters
     assert any(not torch.equal(first[n], p) for n, p in trainable(tiny_model(dropout=0.1)).items())  # it trained
 
@@ -127,7 +149,7 @@ class Crash(Exception):
 def test_resume_after_crash_is_bitwise_identical(tmp_path):
     rows = random_examples(12)
     # 3 steps per epoch: the crash at step 4 falls inside the second epoch.
-    kw = dict(batch_size=2, grad_accum=2, max_steps=7, save_steps=2, save_total_limit=2, lora_dropout=0.1,
+    kw = dict(batch_size=2, grad_accum=2, max_steps=5, save_steps=2, save_total_limit=2, lora_dropout=0.1,
               neftune_alpha=5.0, dtype="bf16", group_by_length=True, weight_decay=0.01)
     straight, _ = run(tmp_path / "straight", rows, tiny_model(dropout=0.1), **kw)
 
@@ -143,16 +165,22 @@ def test_resume_after_crash_is_bitwise_identical(tmp_path):
     assert_all_equal(trainable(straight.model), trainable(resumed.model))
     # The records read as one run: every step once, the same losses as the straight run.
     steps = [r["step"] for r in map(json.loads, open(tmp_path / "crashy" / "metrics.jsonl"))]
-    assert steps == list(range(1, 8))
+    assert steps == list(range(1, 6))
     losses = lambda d: [r["loss"] for r in map(json.loads, open(d / "metrics.jsonl"))]
     assert losses(tmp_path / "crashy") == losses(tmp_path / "straight")
 
 
-def test_resume_refuses_a_different_run(tmp_path):
+def test_resume_refuses_a_different_run_but_may_extend_it(tmp_path):
     rows = random_examples(8)
     run(tmp_path / "r", rows, batch_size=2, max_steps=2, save_steps=2)
     with pytest.raises(ValueError, match="lora_r: 8 -> 16"):
         run(tmp_path / "r", rows, batch_size=2, max_steps=4, save_steps=2, lora_r=16)
+    _, result = run(tmp_path / "r", rows, batch_size=2, max_steps=4, save_steps=2)
+    assert result.metrics["resumed_from"].endswith("checkpoint-2")
+    lines = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4]
+    # Step 3 follows the new 4-step schedule, not the finished 2-step one (which ended at 0).
+    assert lines[2]["lr"] == pytest.approx(1e-2 * schedules.cosine(2, 1, 4))
 
 
 # ---------------------------------------------------------------------- checkpoints

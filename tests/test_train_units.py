@@ -119,6 +119,8 @@ def test_yaml_then_overrides_with_coercion(tmp_path):
     assert cfg.packing is False and cfg.neftune_alpha is None
     assert cfg.target_modules == ["q_proj", "k_proj"]
     assert TrainConfig.load(overrides={"resume": "false"}).resume is False
+    direct = TrainConfig(neftune_alpha=5, packing="yes")
+    assert isinstance(direct.neftune_alpha, float) and direct.packing is True
     assert TrainConfig.load(overrides={"resume": "runs/a/checkpoint-10"}).resume == "runs/a/checkpoint-10"
 
 
@@ -160,3 +162,17 @@ def test_save_round_trip_and_cli_arguments(tmp_path):
     assert (cfg.lora_r, cfg.learning_rate, cfg.packing, cfg.lr_scheduler) == (32, 1e-3, True, "constant")
     assert cfg.batch_size == TrainConfig().batch_size  # untouched keys keep their defaults
     assert "Peak learning rate" in parser.format_help()
+
+
+# ---------------------------------------------------------------------- records without optional packages
+def test_loss_curve_is_skipped_with_a_note_without_matplotlib(tmp_path, monkeypatch):
+    import sys
+    from tsugiki.train.records import plot_loss_curve
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
+    path, note = plot_loss_curve(str(tmp_path))
+    assert path and note is None and (tmp_path / "loss_curve.png").exists()
+    (tmp_path / "loss_curve.png").unlink()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import now fails
+    path, note = plot_loss_curve(str(tmp_path))
+    assert path is None and "matplotlib is not installed" in note
+    assert not (tmp_path / "loss_curve.png").exists()

@@ -7,13 +7,13 @@
 
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig, add_config_arguments, config_from_args
-from .loop import Trainer, TrainResult, pad_collate, resolve_dtype, set_seed
+from .loop import Trainer, TrainResult, resolve_dtype, set_seed
 from .neftune import attach_neftune, neftune
 from .schedules import lr_multiplier, make_scheduler
 
 __all__ = [
     "TrainConfig", "ConfigError", "add_config_arguments", "config_from_args",
-    "Trainer", "TrainResult", "pad_collate", "resolve_dtype", "set_seed",
+    "Trainer", "TrainResult", "resolve_dtype", "set_seed",
     "attach_neftune", "neftune", "lr_multiplier", "make_scheduler",
     "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
 ]

@@ -22,11 +22,12 @@ from typing import Any, Mapping, Optional, Union
 
 import yaml
 
+from ..data.tokenize import TRAIN_ON
+
 CONFIG_FILENAME = "train_config.yaml"
 SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("auto", "bf16", "fp32", "fp16")
 QUANTIZATIONS = ("none", "4bit", "8bit")
-TRAIN_ON = ("all", "completion")
 
 
 def _f(default: Any, help: str, **kw):
@@ -53,7 +54,7 @@ class TrainConfig:
     model: Optional[str] = _f(None, "Base model: a Hugging Face id or local directory, or a .gguf file. None = the built-in default model.")
     data: Optional[str] = _f(None, "Training data: a file (jsonl/json/csv/parquet/txt) or a dataset name.")
     eval_data: Optional[str] = _f(None, "Evaluation data (same formats as `data`). None = hold out `eval_split` of `data`.")
-    eval_split: float = _f(0.0, "Fraction of `data` held out for evaluation when `eval_data` is not given (0 = none).")
+    eval_split: float = _f(0.0, "Held out from `data` for evaluation when `eval_data` is not given: a fraction in (0, 1) or a row count >= 1 (0 = none).")
     max_rows: Optional[int] = _f(None, "Use only the first N rows of `data` (None = all).")
     output_dir: str = _f("tsugiki-output", "Directory for checkpoints, metrics, the final adapter and the summary.")
     overwrite: bool = _f(False, "Start over in a non-empty `output_dir`: its old checkpoints and records are removed (other files stay) and nothing is resumed.")
@@ -70,7 +71,7 @@ class TrainConfig:
     max_length: int = _f(1024, "Maximum tokens per example (longer ones are truncated).")
     packing: bool = _f(False, "Pack several examples into one row (no padding; attention kept per example via position_ids).")
     group_by_length: bool = _f(False, "Order batches so rows of similar length go together (less padding), still shuffled per epoch.")
-    train_on: str = _f("completion", "Which tokens carry loss: 'completion' (answers only) or 'all'.")
+    train_on: str = _f("response", "Which tokens carry loss: 'response' (answers and EOS only) or 'all'.")
     # --- optimisation
     max_steps: int = _f(-1, "Optimizer steps to run; -1 = derive from `num_epochs`. When > 0 it wins over `num_epochs`.")
     num_epochs: int = _f(1, "Passes over the training data (used when `max_steps` is -1).")
@@ -93,6 +94,9 @@ class TrainConfig:
     tensorboard: bool = _f(True, "Write TensorBoard logs to output_dir/runs when tensorboard is installed.")
 
     def __post_init__(self):
+        # Direct construction gets the same coercion as YAML and the command line (5 -> 5.0, "true" -> True).
+        for key, value in _coerce_all(dataclasses.asdict(self), "TrainConfig()").items():
+            setattr(self, key, value)
         self.validate()
 
     # ------------------------------------------------------------------ build
@@ -140,8 +144,8 @@ class TrainConfig:
                 bad(key, "must be >= 0")
         if not 0 <= self.lora_dropout < 1:
             bad("lora_dropout", "must be in [0, 1)")
-        if not 0 <= self.eval_split < 1:
-            bad("eval_split", "must be in [0, 1)")
+        if self.eval_split < 0 or (self.eval_split >= 1 and not float(self.eval_split).is_integer()):
+            bad("eval_split", "must be a fraction in [0, 1) or a whole number of rows")
         if self.neftune_alpha is not None and self.neftune_alpha < 0:
             bad("neftune_alpha", "must be >= 0 (or None to turn NEFTune off)")
         if self.save_total_limit is not None and self.save_total_limit < 1:

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data import IGNORE_INDEX, Collator, PackedCollator, batch_plan, pack, pad_token_id_for
 from .checkpoint import (check_resume_compatible, load_checkpoint, resolve_resume, save_checkpoint,
                          TRAINABLE_FILE, trainable_state)
 from .config import TrainConfig
@@ -46,7 +47,6 @@ from .neftune import neftune
 from .records import RunRecorder, files_size, peak_memory_bytes, plot_loss_curve, write_summary
 from .schedules import make_scheduler
 
-IGNORE_INDEX = -100
 Batch = dict[str, torch.Tensor]
 
 
@@ -149,22 +149,6 @@ def is_oom(err: BaseException) -> bool:
 
 
 # ---------------------------------------------------------------------- batches and loss
-def pad_collate(pad_id: int = 0) -> Callable[[Sequence[dict]], Batch]:
-    """Right-pad ``input_ids`` (with ``pad_id``) and ``labels`` (with -100) to the longest row; adds ``attention_mask``."""
-    def collate(examples: Sequence[dict]) -> Batch:
-        width = max(len(e["input_ids"]) for e in examples)
-        ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(examples), width), dtype=torch.long)
-        for row, e in enumerate(examples):
-            n = len(e["input_ids"])
-            ids[row, :n] = torch.as_tensor(e["input_ids"], dtype=torch.long)
-            labels[row, :n] = torch.as_tensor(e.get("labels", e["input_ids"]), dtype=torch.long)
-            mask[row, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    return collate
-
-
 def shifted_targets(labels: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Labels aligned with logits[:, :-1]: position t is scored on label t+1 (-100 = not a target)."""
     if position_ids is not None:  # a packed sequence's first token is not predictable from the one before
@@ -201,14 +185,20 @@ class Trainer:
         model: causal LM (possibly a PEFT wrapper); ``forward(input_ids=, attention_mask=, position_ids=)``
             returns ``.logits``. Trainable parameters are those with ``requires_grad``. It stays on its device.
         config: a TrainConfig.
-        train_examples: sequence of dicts with ``input_ids`` and ``labels`` (lists of ints, -100 = no loss).
-            For packing, pass packed rows plus a collate_fn that emits ``position_ids``.
-        eval_examples: same shape, for eval loss / perplexity (optional).
-        collate_fn: list of examples -> batch of tensors (``input_ids``, ``labels``, and
-            ``attention_mask`` or ``position_ids``). Default: right padding with the tokenizer's pad id.
+        train_examples: sequence of dicts with ``input_ids`` and ``labels`` (lists of ints, -100 = no loss),
+            e.g. from ``tsugiki.data.build_dataset``. With ``config.packing`` they are packed here
+            (``tsugiki.data.pack``, ``max_length`` tokens per pack); one "example" is then one pack.
+        eval_examples: same shape, never packed, for eval loss / perplexity (optional).
+        collate_fn: list of rows -> batch of tensors (``input_ids``, ``labels``, and ``attention_mask``
+            or ``position_ids``). Default: ``tsugiki.data.Collator`` (right padding), or
+            ``PackedCollator`` (one padding-free row) with packing. Eval always uses ``Collator``.
         tokenizer: saved next to the final adapter when given; supplies the pad id.
         callbacks: functions ``f(trainer, record)`` called after every optimizer step.
         progress: show the tqdm bar.
+
+    Data order: each epoch is cut into optimizer steps of ``batch_size * grad_accum`` rows by
+    ``tsugiki.data.batch_plan`` (a pure function of seed and epoch), and each step into micro-batches
+    of ``batch_size`` rows; a checkpoint records (epoch, step within epoch), so resume skips exactly.
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, train_examples: Sequence[dict],
@@ -219,12 +209,12 @@ class Trainer:
         if len(train_examples) == 0:
             raise ValueError("train_examples is empty: nothing to train on (check `data` and `max_rows`)")
         self.model, self.config, self.tokenizer = model, config, tokenizer
+        pad = pad_token_id_for(tokenizer) if tokenizer is not None else 0
+        if config.packing:
+            train_examples = pack(train_examples, config.max_length)
         self.train_examples, self.eval_examples = train_examples, eval_examples
-        if collate_fn is None:
-            pad = getattr(tokenizer, "pad_token_id", None)
-            pad = pad if pad is not None else getattr(tokenizer, "eos_token_id", None)
-            collate_fn = pad_collate(pad if pad is not None else 0)
-        self.collate_fn = collate_fn
+        self.collate_fn = collate_fn or (PackedCollator(pad) if config.packing else Collator(pad))
+        self.eval_collate_fn = Collator(pad) if config.packing else self.collate_fn
         self.callbacks = list(callbacks)
         self.progress = progress
         self.examples_per_step = config.batch_size * config.grad_accum
@@ -232,32 +222,20 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(train_examples) / self.examples_per_step)
         self.total_steps = config.max_steps if config.max_steps > 0 else config.num_epochs * self.steps_per_epoch
         self.device = next(model.parameters()).device
-        self._plans: dict[int, list[list[int]]] = {}
+        self._lengths = [len(e["input_ids"]) for e in train_examples]
+        self._plan: tuple[int, list[list[int]]] = (-1, [])
 
     @property
     def grad_accum(self) -> int:
         """Micro-batches per optimizer step now (grows when the micro-batch is halved on OOM)."""
         return math.ceil(self.examples_per_step / self.micro_batch_size)
 
-    # ------------------------------------------------------------------ data order
     def epoch_plan(self, epoch: int) -> list[list[int]]:
-        """Example indices of each optimizer step of ``epoch``: a fixed function of (seed, epoch)."""
-        if epoch not in self._plans:
-            gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
-            order = torch.randperm(len(self.train_examples), generator=gen).tolist()
-            eff = self.examples_per_step
-            if self.config.group_by_length:
-                mega = eff * 16  # sort by length within shuffled windows: little padding, still random
-                length = lambda i: len(self.train_examples[i]["input_ids"])
-                order = [i for s in range(0, len(order), mega) for i in sorted(order[s:s + mega], key=length, reverse=True)]
-            steps = [order[s:s + eff] for s in range(0, len(order), eff)]
-            if self.config.group_by_length and len(steps) > 1:
-                longest = max(range(len(steps)), key=lambda k: max(len(self.train_examples[i]["input_ids"]) for i in steps[k]))
-                first = steps.pop(longest)  # the longest step first: an OOM shows up at once
-                shuffled = torch.randperm(len(steps), generator=gen).tolist()
-                steps = [first] + [steps[k] for k in shuffled]
-            self._plans = {epoch: steps}  # keep one epoch in memory
-        return self._plans[epoch]
+        """Row indices of each optimizer step of ``epoch``: a fixed function of (seed, epoch)."""
+        if self._plan[0] != epoch:
+            self._plan = (epoch, batch_plan(self._lengths, self.examples_per_step, self.config.group_by_length,
+                                            shuffle=True, seed=self.config.seed, epoch=epoch))
+        return self._plan[1]
 
     # ------------------------------------------------------------------ one step
     def _autocast(self):
@@ -334,7 +312,7 @@ class Trainer:
         total, targets = 0.0, 0
         try:
             for s in range(0, len(self.eval_examples), self.micro_batch_size):
-                batch = self.collate_fn(list(self.eval_examples[s:s + self.micro_batch_size]))
+                batch = self.eval_collate_fn(list(self.eval_examples[s:s + self.micro_batch_size]))
                 targets += count_targets(batch)
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 total += float(self._forward_loss_sum(batch))
@@ -376,6 +354,10 @@ class Trainer:
             check_resume_compatible(resume_from, cfg)
             saved = load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler, self.scaler)
             self.state.update(saved)
+            # The saved lr followed the old schedule; recompute it in case max_steps changed.
+            for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+                group["lr"] = base * fn(self.scheduler.last_epoch)
+            self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
             self.micro_batch_size = min(saved.get("micro_batch_size", cfg.batch_size), cfg.batch_size)
         os.makedirs(cfg.output_dir, exist_ok=True)
         cfg.save(cfg.output_dir)
