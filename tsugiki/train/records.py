@@ -208,7 +208,7 @@ def write_summary(output_dir: str, summary: dict[str, Any], echo: bool = True) -
         lines = [
             f"steps {summary.get('steps')} in {summary.get('train_time_s', 0):.1f} s, "
             f"{summary.get('tokens_per_s', 0):.0f} tokens/s",
-            f"final train loss {summary.get('train_loss')}"
+            ("final train loss " + (f"{summary['train_loss']:.4f}" if summary.get("train_loss") is not None else "n/a"))
             + (f", eval loss {summary['eval_loss']:.4f} (ppl {summary['eval_ppl']:.2f})"
                if summary.get("eval_loss") is not None else ""),
             f"peak memory {_human(summary.get('peak_memory_bytes', 0))} ({summary.get('peak_memory_kind')}), "
