@@ -111,6 +111,12 @@ def _hub_hint(resolved: ResolvedModel, error: Exception) -> OSError:
     )
 
 
+def _is_tokenizer_folder(name_or_path) -> bool:
+    if name_or_path is None or not os.path.isdir(name_or_path):
+        return False
+    return os.path.isfile(os.path.join(name_or_path, "tokenizer_config.json"))
+
+
 def load_tokenizer(name_or_path: str | os.PathLike | None = None):
     """Load the tokenizer for a model, ready for batched training.
 
@@ -119,8 +125,12 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None):
     """
     from transformers import AutoTokenizer
 
-    resolved = resolve_model(name_or_path)
-    path, kwargs = resolved.from_pretrained_args()
+    if _is_tokenizer_folder(name_or_path):  # e.g. an adapter folder the trainer saved the tokenizer into
+        resolved = ResolvedModel("hf_dir", os.fspath(name_or_path))
+        path, kwargs = resolved.path, {}
+    else:
+        resolved = resolve_model(name_or_path)
+        path, kwargs = resolved.from_pretrained_args()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     except OSError as error:

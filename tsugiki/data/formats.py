@@ -277,8 +277,9 @@ def _normalise_messages(messages: Any, where: str, require_assistant: bool = Tru
 def sample_from_prompt_row(row: dict[str, Any] | str) -> Sample:
     """A :class:`Sample` for generation: a raw row of any format, or a plain string.
 
-    A plain string is the user's instruction. A row's response, if present, is
-    kept as the final assistant turn (``Template.format_prompt`` leaves it out).
+    A plain string is the user's instruction. Instruction and prompt/completion
+    rows give their prompt side only; a messages row keeps all its turns
+    (``Template.format_prompt`` drops a final assistant turn).
     """
     if isinstance(row, str):
         return Sample(turns=[("user", row)])

@@ -5,6 +5,9 @@
     result = Trainer(model, config, train_examples, eval_examples).train()
 """
 
+import sys
+import types
+
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig, add_config_arguments, config_from_args
 from .loop import Trainer, TrainResult, resolve_dtype, set_seed
@@ -17,3 +20,16 @@ __all__ = [
     "attach_neftune", "neftune", "lr_multiplier", "make_scheduler",
     "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
 ]
+
+
+class _TrainModule(types.ModuleType):
+    """Makes ``tsugiki.train(config)`` run a whole job while ``tsugiki.train.Trainer`` etc. stay importable."""
+
+    def __call__(self, config=None, **overrides):
+        """Fine-tune as ``config`` says (YAML path, dict or TrainConfig); see :func:`tsugiki.pipeline.run_training`."""
+        from ..pipeline import run_training
+
+        return run_training(config, **overrides)
+
+
+sys.modules[__name__].__class__ = _TrainModule

@@ -1,0 +1,128 @@
+"""The command line end to end on a tiny model folder: train, resume, generate, eval, inspect, merge."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import tsugiki
+from tsugiki.cli import main
+from helpers_data import make_chat_tokenizer, tiny_llama
+
+ROWS = [{"instruction": f"Say the word number {i}.", "input": "", "output": f"word {i % 5}"} for i in range(24)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tiny_llama().save_pretrained(folder)
+    make_chat_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    return str(path)
+
+
+def _train_args(model_dir, data_file, out, *extra):
+    return ["train", "--model", model_dir, "--data", data_file, "--output_dir", out, "--max_steps", "6",
+            "--batch_size", "4", "--learning_rate", "1e-2", "--lora_r", "4", "--save_steps", "3",
+            "--logging_steps", "1", "--dtype", "fp32", "--eval_split", "4", "--tensorboard", "false", *extra]
+
+
+def test_train_generate_eval_inspect_merge(model_dir, data_file, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(_train_args(model_dir, data_file, out)) == 0
+    files = set(os.listdir(out))
+    assert {"adapter_config.json", "adapter_model.safetensors", "train_config.yaml", "metrics.jsonl",
+            "summary.json", "tsugiki_template.json", "checkpoint-6"} <= files
+    summary = json.loads(open(os.path.join(out, "summary.json")).read())
+    assert summary["steps"] == 6 and summary["eval_loss"] is not None
+    metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert losses[-1] < losses[0]
+    template = json.loads(open(os.path.join(out, "tsugiki_template.json")).read())
+    assert template["kind"] == "chat"
+
+    # An unfinished run resumes: a second call with a larger max_steps continues from checkpoint-6.
+    assert main(_train_args(model_dir, data_file, out, "--max_steps", "7")) == 0
+    assert json.loads(open(os.path.join(out, "summary.json")).read())["steps"] == 7
+
+    capsys.readouterr()
+    assert main(["generate", "--adapter", out, "--prompt", "Say the word number 3.", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip() != ""
+
+    results = str(tmp_path / "answers.jsonl")
+    assert main(["generate", "--adapter", out, "--input", data_file, "--output", results,
+                 "--max-new-tokens", "3"]) == 0
+    rows = [json.loads(line) for line in open(results)]
+    assert len(rows) == len(ROWS) and all("generated" in r for r in rows)
+    assert main(["generate", "--adapter", out, "--input", data_file, "--output", results]) == 2  # exists
+
+    scores = str(tmp_path / "scores.json")
+    assert main(["eval", "--adapter", out, "--data", data_file, "--max-rows", "6", "--max-new-tokens", "3",
+                 "--output", scores]) == 0
+    report = json.loads(open(scores).read())
+    assert report["rows"] == 6 and {"base", "adapter"} <= set(report)
+    assert report["adapter"]["loss"] < report["base"]["loss"]
+    printed = capsys.readouterr().out
+    assert "exact" in printed and "expected:" in printed
+
+    assert main(["inspect", out]) == 0
+    described = capsys.readouterr().out
+    assert f"base model:   {model_dir}" in described and "q_proj" in described
+    assert main(["inspect", "--data", data_file, "--model", model_dir, "--rows", "1"]) == 0
+    assert "[[word 0<|im_end|>" in capsys.readouterr().out
+
+    merged_dir = str(tmp_path / "merged")
+    assert main(["merge", "--adapter", out, "--output", merged_dir]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    with_adapter = tsugiki.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), out)
+    ids = torch.tensor([[1, 5, 9, 30]])
+    torch.testing.assert_close(merged(ids).logits, with_adapter(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_train_python_api_matches_cli_keys(model_dir, data_file, tmp_path):
+    result = tsugiki.train({"model": model_dir, "data": data_file, "output_dir": str(tmp_path / "api"),
+                            "max_steps": 2, "dtype": "fp32", "tensorboard": False}, progress=False)
+    assert result.output_dir == str(tmp_path / "api")
+    assert result.metrics["steps"] == 2 and result.metrics["data"]["train_rows"] == len(ROWS)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--data", "missing.jsonl", "--model", "MODEL", "--output_dir", "OUT"], "missing.jsonl"),
+    (["train", "--data", "DATA", "--model", "MODEL", "--output_dir", "OUT", "--learning_rat", "1"],
+     "unknown option '--learning_rat'; did you mean '--learning_rate'?"),
+    (["train", "--data", "DATA", "--model", "MODEL", "--output_dir", "OUT", "--method", "prefix"],
+     "method='prefix' is not available"),
+    (["train", "--data", "DATA", "--model", "MODEL", "--output_dir", "OUT", "--method", "full",
+      "--quantization", "4bit"], "cannot train a 4bit base"),
+    (["train", "--model", "MODEL", "--output_dir", "OUT"], "data is not set"),
+    (["eval", "--adapter", "nowhere", "--data", "DATA"], "adapter folder 'nowhere' does not exist"),
+    (["inspect", "nowhere"], "does not exist"),
+])
+def test_cli_errors_are_one_clear_line(argv, message, model_dir, data_file, tmp_path, capsys):
+    argv = [a.replace("MODEL", model_dir).replace("DATA", data_file).replace("OUT", str(tmp_path / "o"))
+            for a in argv]
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_non_empty_output_dir_is_refused_before_loading(model_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(_train_args(model_dir, data_file, str(out))) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"

@@ -1,0 +1,333 @@
+"""The ``tsugiki`` command: train | generate | chat | eval | merge | inspect | plan.
+
+Every subcommand explains its options with ``--help``. Errors caused by the
+input (a missing file, a bad key, a broken adapter) print one clear line and
+exit with status 2; ``--debug`` shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+EPILOG = "Run 'tsugiki <command> --help' for the options of each command."
+
+
+# ----------------------------------------------------------------------------- shared options
+def _add_model_options(p: argparse.ArgumentParser, adapter_required: bool = False) -> None:
+    p.add_argument("--model", default=None,
+                   help="Base model: a Hugging Face model folder, a .gguf file, or 'smollm2-135m-instruct' "
+                        "(default: the adapter's base_model_name_or_path, else the built-in default).")
+    p.add_argument("--adapter", default=None, required=adapter_required,
+                   help="Adapter folder saved by tsugiki or HF PEFT" + ("." if adapter_required else
+                                                                       " (default: none, the bare base)."))
+    p.add_argument("--quantization", choices=("none", "4bit", "8bit"), default="none",
+                   help="Load the base quantized with bitsandbytes (default: none).")
+    p.add_argument("--template", default=None,
+                   help="Prompt template: chat, alpaca, japanese, llama2 or your own string with {instruction} "
+                        "and {response} (default: the one saved with the adapter, else the model's chat template).")
+
+
+def _add_generation_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128, help="Most tokens to generate per answer (default: 128).")
+    p.add_argument("--do-sample", action="store_true", help="Sample instead of greedy decoding.")
+    p.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (default: 1.0).")
+    p.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling threshold (default: 1.0 = off).")
+    p.add_argument("--top-k", type=int, default=50, help="Sample among the k most likely tokens (default: 50).")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="Penalty > 1 discourages repeating tokens, e.g. 1.2 (default: 1.0 = off).")
+    p.add_argument("--batch-size", type=int, default=8, help="Prompts generated together (default: 8).")
+
+
+def _settings(args: argparse.Namespace):
+    from .generation import GenerationSettings
+
+    return GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                              repetition_penalty=args.repetition_penalty, batch_size=args.batch_size)
+
+
+def _load(args: argparse.Namespace):
+    from .generation import load_for_inference
+
+    quant = None if args.quantization == "none" else args.quantization
+    return load_for_inference(args.model, args.adapter, quantization=quant, template=args.template)
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    from .data import load_rows
+
+    return [dict(r) for r in load_rows(path)]
+
+
+def _refuse_existing(path: str, overwrite: bool, what: str) -> None:
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{what} {path!r} already exists; pass --overwrite to replace it")
+
+
+# ----------------------------------------------------------------------------- train
+def cmd_train(args: argparse.Namespace) -> int:
+    from .pipeline import run_training
+    from .train.config import config_from_args
+
+    result = run_training(config_from_args(args))
+    print(f"adapter saved in {result.output_dir}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- generate
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .fileio import atomic_write_text
+
+    if not args.prompt and not args.input:
+        raise ValueError("give --prompt TEXT (repeatable) or --input FILE.jsonl")
+    if args.output:
+        _refuse_existing(args.output, args.overwrite, "output file")
+    rows: list[Any] = list(args.prompt or []) + (_read_jsonl(args.input) if args.input else [])
+    loaded = _load(args)
+    from .generation import generate_answers
+
+    answers = generate_answers(loaded, rows, _settings(args))
+    if args.output or args.input:
+        lines = []
+        for row, answer in zip(rows, answers):
+            record = dict(row) if isinstance(row, dict) else {"prompt": row}
+            record["generated"] = answer
+            lines.append(json.dumps(record, ensure_ascii=False))
+        if args.output:
+            atomic_write_text(args.output, "\n".join(lines) + "\n")
+            print(f"wrote {len(lines)} answers to {args.output}", file=sys.stderr)
+        else:
+            print("\n".join(lines))
+    else:
+        for answer in answers:
+            print(answer)
+    return 0
+
+
+# ----------------------------------------------------------------------------- chat
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .generation import stream_answer
+
+    loaded = _load(args)
+    settings = _settings(args)
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    print("tsugiki chat: type a message; /reset clears the conversation, /exit (or Ctrl-D) quits.")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        history.append({"role": "user", "content": line})
+        print("bot> ", end="", flush=True)
+        pieces = []
+        for piece in stream_answer(loaded, {"messages": history}, settings):
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": "".join(pieces).strip()})
+
+
+# ----------------------------------------------------------------------------- eval
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+    from .fileio import atomic_write_text
+
+    if args.output:
+        _refuse_existing(args.output, args.overwrite, "output file")
+    rows = _read_jsonl(args.data)
+    if args.max_rows:
+        rows = rows[: args.max_rows]
+    loaded = _load(args)
+    report = evaluate(loaded, rows, _settings(args), compare_base=not args.no_base, with_loss=not args.no_loss,
+                      progress=True)
+    print(report.format_table(show=args.show))
+    if args.output:
+        atomic_write_text(args.output, json.dumps(report.to_dict(), indent=2) + "\n")
+    return 0
+
+
+# ----------------------------------------------------------------------------- merge
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .fileio import ensure_directory
+    from .generation import load_for_inference
+
+    if os.path.isdir(args.output) and os.listdir(args.output) and not args.overwrite:
+        raise FileExistsError(f"output folder {args.output!r} is not empty; pass --overwrite or choose another")
+    quant = None if args.quantization == "none" else args.quantization
+    loaded = load_for_inference(args.model, args.adapter, quantization=quant)
+    merged = loaded.model.merge_and_unload(safe_merge=True)
+    ensure_directory(args.output, "output folder")
+    merged.save_pretrained(args.output)
+    loaded.tokenizer.save_pretrained(args.output)
+    print(f"merged model saved in {args.output} (loads with transformers' AutoModelForCausalLM)")
+    return 0
+
+
+# ----------------------------------------------------------------------------- inspect
+def cmd_inspect(args: argparse.Namespace) -> int:
+    if args.data:
+        return _inspect_data(args)
+    if not args.adapter_dir:
+        raise ValueError("give an adapter folder to describe, or --data FILE to show tokenized examples")
+    from .inspect_adapter import describe_adapter
+
+    print(describe_adapter(args.adapter_dir))
+    return 0
+
+
+def _inspect_data(args: argparse.Namespace) -> int:
+    from .data import build_dataset, get_template
+    from .inspect_adapter import show_example
+    from .models import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    template = get_template(args.template, tokenizer)
+    examples, _, stats = build_dataset(args.data, tokenizer, template, max_length=args.max_length,
+                                       train_on=args.train_on, max_rows=args.rows)
+    print(stats.summary())
+    for i, example in enumerate(examples[: args.rows]):
+        print(f"\n--- example {i + 1} ({len(example['input_ids'])} tokens) ---")
+        print(show_example(example, tokenizer))
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+class _Parser(argparse.ArgumentParser):
+    """Subcommand parsers: no prefix matching, so a misspelt key is reported, not guessed."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .plan import add_plan_arguments
+    from .train.config import add_config_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="tsugiki", epilog=EPILOG, allow_abbrev=False,
+        description="Fine-tune LLMs with LoRA/QLoRA: train an adapter on your data, generate, chat, evaluate, merge.")
+    parser.add_argument("--debug", action="store_true", help="Show full tracebacks on errors.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("train", help="Fine-tune a base model on instruction data and save the adapter.",
+                       description="Fine-tune a base model on your data. Keys come from --config YAML and/or "
+                                   "--key value flags (flags win); the resolved config is saved with the outputs.")
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="Generate answers for prompts with a base model (+ adapter).",
+                       description="Generate answers; with --input FILE.jsonl, writes JSONL rows with a "
+                                   "'generated' field (to --output or standard output).")
+    _add_model_options(p)
+    p.add_argument("--prompt", action="append", help="A prompt (the user's message); repeat for several.")
+    p.add_argument("--input", help="JSONL/JSON/CSV/Parquet file of rows (any supported data format).")
+    p.add_argument("--output", help="Write JSONL here instead of standard output.")
+    p.add_argument("--overwrite", action="store_true", help="Replace --output if it exists.")
+    _add_generation_options(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="Talk to the model in the terminal; answers stream as they are generated.")
+    _add_model_options(p)
+    p.add_argument("--system", default=None, help="A system message that starts the conversation.")
+    _add_generation_options(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("eval", help="Score base and base + adapter side by side on held-out rows.",
+                       description="Loss/perplexity on the reference answers, and exact-match and "
+                                   "contains-match of generated answers, for the base and base + adapter.")
+    _add_model_options(p)
+    p.add_argument("--data", required=True, help="Held-out rows with reference answers (any supported format).")
+    p.add_argument("--max-rows", type=int, default=None, help="Use only the first N rows.")
+    p.add_argument("--show", type=int, default=5, help="Print this many sample answers (default: 5).")
+    p.add_argument("--no-base", action="store_true", help="Skip the bare-base column.")
+    p.add_argument("--no-loss", action="store_true", help="Skip loss/perplexity (generation only).")
+    p.add_argument("--output", help="Also write the scores as JSON here.")
+    p.add_argument("--overwrite", action="store_true", help="Replace --output if it exists.")
+    _add_generation_options(p)
+    p.set_defaults(func=cmd_eval, max_new_tokens=64)
+
+    p = sub.add_parser("merge", help="Fold an adapter into its base and save a plain transformers model.")
+    _add_model_options(p, adapter_required=True)
+    p.add_argument("--output", required=True, help="Folder for the merged model (safetensors + tokenizer).")
+    p.add_argument("--overwrite", action="store_true", help="Write into a non-empty --output folder.")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("inspect", help="Describe an adapter, or show tokenized examples with the loss mask.",
+                       description="'tsugiki inspect ADAPTER_DIR' prints its base, method, targets and size. "
+                                   "'tsugiki inspect --data FILE' prints a few tokenized rows with the tokens "
+                                   "that carry loss marked [[like this]], to debug templates.")
+    p.add_argument("adapter_dir", nargs="?", help="An adapter folder.")
+    p.add_argument("--data", help="A data file to tokenize and show.")
+    p.add_argument("--model", default=None, help="Whose tokenizer to use (default: the built-in default model).")
+    p.add_argument("--template", default=None, help="Template name or string (default: auto).")
+    p.add_argument("--train-on", choices=("response", "all"), default="response",
+                   help="Which tokens carry loss (default: response).")
+    p.add_argument("--max-length", type=int, default=1024, help="Truncate rows to this many tokens (default: 1024).")
+    p.add_argument("--rows", type=int, default=3, help="How many examples to show (default: 3).")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("plan", help="Estimate peak memory before loading anything, and whether it fits.")
+    add_plan_arguments(p)
+    p.set_defaults(func=None)
+    return parser
+
+
+def _unknown_options_message(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> str:
+    """Name the unknown options and suggest the closest real one (argparse alone does not)."""
+    import difflib
+
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    known = [o for action in sub._actions for o in action.option_strings]
+    parts = []
+    for i, item in enumerate(unknown):
+        if not item.startswith("-"):
+            if i == 0 or not unknown[i - 1].startswith("-"):  # not the value of an unknown option
+                parts.append(f"unexpected argument {item!r}")
+            continue
+        flag = item.split("=", 1)[0]
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+        parts.append(f"unknown option {flag!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+    return "; ".join(parts) + f" (see 'tsugiki {command} --help')"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if unknown:
+        print(f"tsugiki {args.command}: error: {_unknown_options_message(parser, args.command, unknown)}",
+              file=sys.stderr)
+        return 2
+    try:
+        if args.command == "plan":
+            from .plan import run_plan_cli
+
+            return run_plan_cli(args)
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, ImportError) as err:
+        if args.debug:
+            raise
+        print(f"tsugiki {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

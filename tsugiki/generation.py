@@ -1,0 +1,177 @@
+"""Load a base (+ adapter) for inference, and generate answers in the trained format.
+
+The prompt of each row is rendered with the template the adapter was trained
+with (saved beside it as ``tsugiki_template.json``), so generation sees the
+same format as training. Batches are left-padded, decoding is greedy unless
+sampling is asked for, generation stops at EOS, and only the new tokens are
+decoded.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .config import PeftConfig
+from .data import get_template
+from .data.templates import Template
+from .model import PeftModel
+from .models import DEFAULT_MODEL, load_model, load_tokenizer
+
+Row = Union[str, dict]
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding options (defaults: greedy, 128 new tokens, no repetition penalty)."""
+
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0 when sampling")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0 (1.0 = off)")
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = dict(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample,
+                                  repetition_penalty=self.repetition_penalty)
+        if self.do_sample:
+            kw.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        else:  # silence transformers' warnings about sampling-only settings of the model's config
+            kw.update(temperature=None, top_p=None, top_k=None)
+        return kw
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    template: Template
+    adapter: Optional[str]
+    base_name: str
+
+
+def _adapter_has_tokenizer(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def load_for_inference(model: Optional[str] = None, adapter: Optional[str] = None,
+                       quantization: Optional[str] = None, template: Optional[Union[str, dict]] = None,
+                       dtype: Optional[torch.dtype] = None) -> LoadedModel:
+    """The base model (named, or the adapter's base, or the default) with the adapter if given.
+
+    The template is, in order: ``template`` if given, the one saved with the adapter,
+    the tokenizer's chat template, the built-in ``alpaca``.
+    """
+    from .pipeline import load_saved_template
+
+    base_name = model
+    if adapter is not None:
+        if not os.path.isdir(adapter):
+            raise FileNotFoundError(f"adapter folder {adapter!r} does not exist")
+        config = PeftConfig.from_pretrained(adapter)
+        base_name = model or config.base_model_name_or_path
+    base_name = base_name or DEFAULT_MODEL
+    tokenizer = load_tokenizer(adapter if adapter and _adapter_has_tokenizer(adapter) else base_name)
+    base = load_model(base_name, quantization=quantization, dtype=dtype)
+    net: nn.Module = PeftModel.from_pretrained(base, adapter) if adapter else base
+    net.eval()
+    chosen = None
+    if template is not None:
+        chosen = get_template(template, tokenizer)
+    elif adapter is not None:
+        chosen = load_saved_template(adapter, tokenizer)
+    return LoadedModel(net, tokenizer, chosen or get_template(None, tokenizer), adapter, str(base_name))
+
+
+def reference_answer(row: Row) -> Optional[str]:
+    """The expected answer of a data row (its response / output / completion / last assistant turn)."""
+    if isinstance(row, str):
+        return None
+    for key in ("output", "response", "completion"):
+        if isinstance(row.get(key), str):
+            return row[key]
+    messages = row.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+            and messages[-1].get("role") == "assistant":
+        return messages[-1].get("content")
+    return None
+
+
+def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+@torch.inference_mode()
+def generate_answers(loaded: LoadedModel, rows: Sequence[Row], settings: Optional[GenerationSettings] = None,
+                     use_adapter: bool = True, progress: Optional[Iterable] = None) -> list[str]:
+    """Answer each row (a prompt string or a data row) with the loaded model.
+
+    ``use_adapter=False`` runs the bare base (the adapter disabled) for side-by-side comparisons.
+    """
+    settings = settings or GenerationSettings()
+    tok, net = loaded.tokenizer, loaded.model
+    prompts = [loaded.template.format_prompt(row) for row in rows]
+    old_side = tok.padding_side
+    tok.padding_side = "left"  # generation continues from the right end of every row
+    answers: list[str] = []
+    try:
+        for chunk in _chunks(prompts, settings.batch_size):
+            enc = tok(list(chunk), return_tensors="pt", padding=True)
+            device = next(net.parameters()).device
+            enc = {k: v.to(device) for k, v in enc.items()}
+            kwargs = dict(**enc, **settings.generate_kwargs(), pad_token_id=tok.pad_token_id,
+                          eos_token_id=tok.eos_token_id)
+            if isinstance(net, PeftModel) and not use_adapter:
+                with net.disable_adapter():
+                    out = net.generate(**kwargs)
+            else:
+                out = net.generate(**kwargs)
+            new_tokens = out[:, enc["input_ids"].shape[1]:]
+            answers.extend(t.strip() for t in tok.batch_decode(new_tokens, skip_special_tokens=True))
+            if progress is not None:
+                progress.update(len(chunk))
+    finally:
+        tok.padding_side = old_side
+    return answers
+
+
+def stream_answer(loaded: LoadedModel, messages_or_prompt: Union[str, dict], settings: GenerationSettings):
+    """Generate one answer token by token (for ``tsugiki chat``); yields text pieces."""
+    from threading import Thread
+
+    from transformers import TextIteratorStreamer
+
+    tok, net = loaded.tokenizer, loaded.model
+    prompt = loaded.template.format_prompt(messages_or_prompt)
+    enc = tok(prompt, return_tensors="pt")
+    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    kwargs = dict(**enc, **settings.generate_kwargs(), streamer=streamer, pad_token_id=tok.pad_token_id,
+                  eos_token_id=tok.eos_token_id)
+
+    def work() -> None:
+        with torch.inference_mode():
+            net.generate(**kwargs)
+
+    thread = Thread(target=work, daemon=True)
+    thread.start()
+    yield from streamer
+    thread.join()

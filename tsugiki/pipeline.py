@@ -1,0 +1,154 @@
+"""The whole training job in one call: config → model + data → adapter on disk.
+
+    import tsugiki
+    result = tsugiki.train({"data": "train.jsonl", "max_steps": 100})   # or a YAML path / TrainConfig
+    print(result.output_dir, result.metrics["train_loss"])
+
+Order of work, cheapest checks first so bad input fails before the model loads:
+output folder → tokenizer → data (template, masking, eval split) → base model
+(quantized if asked) → adapter → :class:`~tsugiki.train.Trainer`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Mapping, Optional, Union
+
+from torch import nn
+
+from .data import build_dataset, get_template
+from .data.templates import Template
+from .fileio import atomic_write_text
+from .methods.lora import LoraConfig
+from .model import get_peft_model
+from .models import DEFAULT_MODEL, load_model, load_tokenizer
+from .train.checkpoint import resolve_resume
+from .train.config import ConfigError, TrainConfig
+from .train.loop import Trainer, TrainResult, set_seed
+
+logger = logging.getLogger("tsugiki")
+
+TEMPLATE_FILE = "tsugiki_template.json"
+ADAPTER_METHODS = ("lora", "qlora")
+METHODS = ADAPTER_METHODS + ("full",)
+
+
+def as_config(config: Union[None, str, os.PathLike, Mapping[str, Any], TrainConfig] = None,
+              **overrides: Any) -> TrainConfig:
+    """A TrainConfig from a YAML path, a mapping, or a TrainConfig; ``overrides`` win."""
+    if isinstance(config, TrainConfig):
+        return config.replace(**overrides) if overrides else config
+    if config is None or isinstance(config, Mapping):
+        return TrainConfig.load(None, {**(config or {}), **overrides})
+    return TrainConfig.load(os.fspath(config), overrides)
+
+
+def quantization_of(cfg: TrainConfig) -> Optional[str]:
+    """``qlora`` means LoRA on a 4-bit base unless a quantization is named explicitly."""
+    if cfg.quantization != "none":
+        return cfg.quantization
+    return "4bit" if cfg.method == "qlora" else None
+
+
+def check_method(cfg: TrainConfig) -> None:
+    if cfg.method not in METHODS:
+        raise ConfigError(
+            f"method={cfg.method!r} is not available in this version; use one of {', '.join(METHODS)}")
+    if cfg.method == "full" and quantization_of(cfg):
+        raise ConfigError(
+            f"method='full' cannot train a {quantization_of(cfg)} base: quantized weights are frozen. "
+            "Use method: qlora (LoRA on the quantized base) or quantization: none")
+
+
+def adapter_config(cfg: TrainConfig, base_name: str) -> LoraConfig:
+    return LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=_targets(cfg.target_modules), task_type="CAUSAL_LM",
+        base_model_name_or_path=base_name,
+    )
+
+
+def _targets(value: Optional[list[str]]) -> Union[None, str, list[str]]:
+    if value and len(value) == 1 and value[0] == "all-linear":
+        return "all-linear"
+    return value or None
+
+
+def graft(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """Wrap ``model`` for the configured method (LoRA adapters, or every weight for ``full``)."""
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if quantization_of(cfg):
+        from .quant import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    return get_peft_model(model, adapter_config(cfg, cfg.model or DEFAULT_MODEL))
+
+
+def save_template(template: Template, folder: str) -> str:
+    path = os.path.join(folder, TEMPLATE_FILE)
+    atomic_write_text(path, json.dumps(template.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def load_saved_template(folder: str, tokenizer: Any) -> Optional[Template]:
+    """The template an adapter was trained with, if its folder records one."""
+    path = os.path.join(folder, TEMPLATE_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return Template.from_dict(json.load(fh), tokenizer)
+
+
+def run_training(config: Union[None, str, os.PathLike, Mapping[str, Any], TrainConfig] = None,
+                 progress: bool = True, **overrides: Any) -> TrainResult:
+    """Fine-tune as ``config`` says; returns ``TrainResult(output_dir, metrics)``.
+
+    ``config`` is a YAML path, a dict of keys, or a :class:`TrainConfig`;
+    keyword arguments override its keys. See ``tsugiki train --help`` for every key.
+    """
+    cfg = as_config(config, **overrides)
+    check_method(cfg)
+    if not cfg.data:
+        raise ConfigError("data is not set: give a training file (jsonl/json/csv/parquet) or a saved dataset folder")
+    resolve_resume(cfg)  # refuses a non-empty output_dir early, before anything slow happens
+
+    tokenizer = load_tokenizer(cfg.model)
+    template = get_template(cfg.template, tokenizer)
+    data_args = dict(max_length=cfg.max_length, train_on=cfg.train_on, seed=cfg.seed)
+    train_rows, eval_rows, stats = build_dataset(
+        cfg.data, tokenizer, template, max_rows=cfg.max_rows,
+        eval_split=_eval_split(cfg), **data_args)
+    _say(stats.summary(), progress)
+    if cfg.eval_data:
+        eval_rows, _, eval_stats = build_dataset(cfg.eval_data, tokenizer, template, **data_args)
+        _say("eval data: " + eval_stats.summary(), progress)
+
+    set_seed(cfg.seed)  # before the adapter is created, so its initial weights repeat
+    model = load_model(cfg.model, quantization=quantization_of(cfg))
+    model = graft(model, cfg)
+    if progress and hasattr(model, "print_trainable_parameters"):
+        model.print_trainable_parameters()
+
+    result = Trainer(model, cfg, train_rows, eval_rows or None, tokenizer=tokenizer, progress=progress).train()
+    save_template(template, cfg.output_dir)
+    result.metrics["data"] = stats.to_dict()
+    return result
+
+
+def _eval_split(cfg: TrainConfig) -> Union[None, int, float]:
+    """A fraction below 1, or a whole number of rows; None when eval_data is given or nothing is held out."""
+    if cfg.eval_data or not cfg.eval_split:
+        return None
+    return int(cfg.eval_split) if cfg.eval_split >= 1 else cfg.eval_split
+
+
+def _say(message: str, progress: bool) -> None:
+    if progress:
+        print(message, flush=True)
+    else:
+        logger.info(message)
