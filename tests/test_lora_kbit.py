@@ -61,3 +61,78 @@ def test_lora_on_kbit_base_trains_saves_and_reloads(bits, tmp_path):
         torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-5, rtol=0)
     out = loaded.generate(ids[:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 7)
+
+
+def _trained_kbit(bits):
+    """A LoRA-wrapped k-bit tiny Llama, and how far k-bit rounding moves the bare base's logits."""
+    ids = token_batch(2, 8)
+    with torch.no_grad():
+        full = kbit_llama()(ids).logits
+    model = quant.quantize_model(kbit_llama(), bits=bits, compute_dtype=torch.float32)
+    with torch.no_grad():
+        quant_error = (model(ids).logits - full).abs().max().item()
+    peft_model = tsugiki.get_peft_model(model, tsugiki.LoraConfig(r=4, target_modules="all-linear"))
+    randomize_adapters(peft_model, scale=0.05)
+    return peft_model, ids, quant_error
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_merge_into_quantized_base_requantizes_with_a_warning(bits):
+    peft_model, ids, quant_error = _trained_kbit(bits)
+    with torch.no_grad():
+        unmerged = peft_model(ids).logits
+        with pytest.warns(UserWarning, match="quantized again"):
+            merged = peft_model.merge_and_unload()
+        assert any(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in merged.modules())
+        error = (merged(ids).logits - unmerged).abs().max().item()
+    # Re-quantizing rounds the merged weights about as much as quantizing the base did.
+    assert 0 < error < 2 * quant_error
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_merge_and_unload_dequantize_gives_a_plain_model_transformers_loads(bits, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    peft_model, ids, quant_error = _trained_kbit(bits)
+    with torch.no_grad():
+        unmerged = peft_model(ids).logits
+        merged = peft_model.merge_and_unload(dequantize=True)
+        assert not any(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in merged.modules())
+        # Only bitsandbytes' low-precision matmul (bf16/fp16 inside) separates the two.
+        assert (merged(ids).logits - unmerged).abs().max().item() < quant_error
+    assert not hasattr(merged.config, "quantization_config")
+    merged.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, merged(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_adapter_on_transformers_4bit_base_loads_in_hf_peft(tmp_path):
+    """The QLoRA path exactly as users write it, and interop with HF PEFT on the same 4-bit base."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kbit_llama().save_pretrained(tmp_path / "base")
+    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=torch.float32)
+
+    def load_base():
+        return AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb_config)
+
+    model = quant.prepare_model_for_kbit_training(load_base(), use_gradient_checkpointing=False)
+    peft_model = tsugiki.get_peft_model(model, tsugiki.LoraConfig(r=4, target_modules="all-linear",
+                                                                  task_type="CAUSAL_LM"))
+    ids = token_batch(4, 10)
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    peft_model.train()
+    for _ in range(3):
+        loss = peft_model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    peft_model.eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        expected = peft_model(ids).logits
+        theirs = peft.PeftModel.from_pretrained(load_base(), str(tmp_path / "adapter"))
+        torch.testing.assert_close(theirs(ids).logits, expected, atol=1e-4, rtol=0)

@@ -166,8 +166,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if os.path.isdir(args.output) and os.listdir(args.output) and not args.overwrite:
         raise FileExistsError(f"output folder {args.output!r} is not empty; pass --overwrite or choose another")
     quant = None if args.quantization == "none" else args.quantization
+    if quant and args.dequantize == args.requantize:
+        raise ValueError(f"merging into a {quant} base: pass --dequantize (an unquantized merged model, exact) "
+                         "or --requantize (stays quantized; rounds the merged weights)")
     loaded = load_for_inference(args.model, args.adapter, quantization=quant)
-    merged = loaded.model.merge_and_unload(safe_merge=True)
+    merged = loaded.model.merge_and_unload(safe_merge=True, dequantize=bool(quant) and args.dequantize)
     ensure_directory(args.output, "output folder")
     merged.save_pretrained(args.output)
     loaded.tokenizer.save_pretrained(args.output)
@@ -263,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p, adapter_required=True)
     p.add_argument("--output", required=True, help="Folder for the merged model (safetensors + tokenizer).")
     p.add_argument("--overwrite", action="store_true", help="Write into a non-empty --output folder.")
+    p.add_argument("--dequantize", action="store_true",
+                   help="With --quantization: save the merged model unquantized (exact merge).")
+    p.add_argument("--requantize", action="store_true",
+                   help="With --quantization: keep the merged model quantized (the merge is rounded).")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("inspect", help="Describe an adapter, or show tokenized examples with the loss mask.",

@@ -156,8 +156,9 @@ class PeftModel(nn.Module):
         self.base_model.unmerge_adapter()
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> nn.Module:
-        return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names, **kwargs)
+                         adapter_names: Optional[Sequence[str]] = None, dequantize: bool = False) -> nn.Module:
+        """Fold the adapter into the base weights and return the plain base (see LoraModel's docs)."""
+        return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names, dequantize=dequantize)
 
     def unload(self) -> nn.Module:
         return self.base_model.unload()

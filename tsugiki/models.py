@@ -183,13 +183,9 @@ def _strip_gguf_quantizer(model: nn.Module) -> None:
             f"GGUF weights stayed packed in {leftover[0]} (and {len(leftover) - 1} more): cannot train them. "
             "Load with dequantization (tsugiki passes GgufConfig(dequantize=True))."
         )
-    model.hf_quantizer = None
-    model.is_quantized = False
-    for attr in ("quantization_method",):
-        if attr in vars(model):
-            delattr(model, attr)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    from .quant import forget_quantization
+
+    forget_quantization(model)
 
 
 def _gguf_dequantize_config():

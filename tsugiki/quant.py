@@ -450,3 +450,45 @@ def nf4_bits_per_parameter(double_quant: bool, blocksize: int = 64, shape: tuple
         tensors += [state.state2.absmax, state.state2.code, torch.as_tensor(state.offset)]
     total_bytes = sum(t.numel() * t.element_size() for t in tensors)
     return 8.0 * total_bytes / weight.numel()
+
+
+def forget_quantization(model: nn.Module) -> None:
+    """Remove the markers that say a model is quantized (after every k-bit layer is gone).
+
+    transformers keeps ``hf_quantizer``, ``is_quantized``, ``quantization_method``,
+    ``is_loaded_in_4bit/8bit`` and ``config.quantization_config``; a model that still
+    carries them is saved and reloaded as a quantized one.
+    """
+    for attr in ("hf_quantizer", "quantization_method", "is_quantized", "is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if attr in vars(model):
+            delattr(model, attr)
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "quantization_config"):
+        del config.quantization_config
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every k-bit linear layer by an ``nn.Linear`` holding its dequantized weight, in place.
+
+    ``dtype`` defaults to the layer's compute dtype (bf16 for a usual QLoRA base),
+    else fp32. The result is an ordinary model that plain transformers saves and loads.
+    """
+    for name, module in list(model.named_modules()):
+        if not is_quantized_linear(module):
+            continue
+        target = dtype or getattr(module, "compute_dtype", None) or torch.float32
+        weight = dequantize_weight(module)
+        bias = module.bias
+        linear = nn.Linear(module.in_features, module.out_features, bias=bias is not None,
+                           device=weight.device, dtype=target)
+        with torch.no_grad():
+            linear.weight.copy_(weight.to(target))
+            if bias is not None:
+                linear.bias.copy_(bias.detach().to(target))
+        linear.train(module.training)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+    forget_quantization(model)
+    return model

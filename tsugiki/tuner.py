@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import warnings
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
@@ -317,10 +318,10 @@ class BaseTuner(nn.Module):
             if isinstance(module, AdapterLayer):
                 module.unmerge_all()
 
-    def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: Optional[Sequence[str]] = None,
-                **merge_kwargs: Any) -> nn.Module:
+    def _unload(self, merge: bool, safe_merge: bool = False,
+                adapter_names: Optional[Sequence[str]] = None) -> nn.Module:
         if merge:
-            self.merge_adapter(adapter_names, safe_merge=safe_merge, **merge_kwargs)
+            self.merge_adapter(adapter_names, safe_merge=safe_merge)
         for name, module in list(self.adapter_layers()):
             if isinstance(module, ModulesToSaveWrapper):
                 keep = module.current() if merge else module.original_module
@@ -330,9 +331,26 @@ class BaseTuner(nn.Module):
         return self.model
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> nn.Module:
-        """Merge the adapter(s) into the base weights and return the plain base model."""
-        return self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names, **kwargs)
+                         adapter_names: Optional[Sequence[str]] = None, dequantize: bool = False) -> nn.Module:
+        """Merge the adapter(s) into the base weights and return the plain base model.
+
+        On a 4-bit/8-bit base the merge is computed in fp32; ``dequantize=False`` (default)
+        quantizes the merged weight again, which rounds it (a warning says so);
+        ``dequantize=True`` returns an unquantized model that plain transformers loads.
+        """
+        from .inject import bnb_linear_types
+
+        kbit = bnb_linear_types()
+        if kbit and any(isinstance(m, kbit) for m in self.model.modules()):
+            if dequantize:
+                from .quant import dequantize_model
+
+                dequantize_model(self.model)
+            else:
+                warnings.warn("merging into a quantized base: the merged weights are quantized again, which "
+                              "rounds them; pass dequantize=True for an exact, unquantized merged model",
+                              stacklevel=2)
+        return self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unload(self) -> nn.Module:
         """Remove every adapter without merging; return the plain base model."""
