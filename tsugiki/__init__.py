@@ -29,11 +29,35 @@ from .model import (
 
 __version__ = "0.1.0"
 
+# Heavier parts load on first use: ``tsugiki.train(config)`` and ``tsugiki.plan(...)`` are
+# callable modules; the loaders and k-bit helpers are plain functions.
+_LAZY = {
+    "train": ("tsugiki.train", None),
+    "plan": ("tsugiki.plan", None),
+    "data": ("tsugiki.data", None),
+    "load_model": ("tsugiki.models", "load_model"),
+    "load_tokenizer": ("tsugiki.models", "load_tokenizer"),
+    "prepare_model_for_kbit_training": ("tsugiki.quant", "prepare_model_for_kbit_training"),
+    "quantize_model": ("tsugiki.quant", "quantize_model"),
+    "TrainConfig": ("tsugiki.train.config", "TrainConfig"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'tsugiki' has no attribute {name!r}")
+    import importlib
+
+    module_name, attr = _LAZY[name]
+    module = importlib.import_module(module_name)
+    return module if attr is None else getattr(module, attr)
+
 __all__ = [
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
     "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification", "LoraConfig", "LoraModel", "PeftConfig", "PeftModel",
     "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
-    "PeftType", "TaskType", "find_all_linear_names", "get_peft_model",
+    "PeftType", "TaskType", "TrainConfig", "find_all_linear_names", "get_peft_model", "load_model",
+    "load_tokenizer", "plan", "prepare_model_for_kbit_training", "quantize_model", "train",
 ]

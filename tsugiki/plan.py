@@ -45,8 +45,10 @@ import importlib.util
 import json
 import os
 import re
+import sys
+import types
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional, Union
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -623,6 +625,33 @@ def main(argv=None) -> int:
         description="Estimate the peak memory of fine-tuning a model from its config alone, and whether it fits."))
     return run_plan_cli(parser.parse_args(argv))
 
+
+def plan(source: Any = DEFAULT_MODEL, *, available: Optional[Union[int, str]] = None, verbose: bool = True,
+         **estimate_args: Any) -> Estimate:
+    """Estimate (see :func:`estimate` for the arguments), print the breakdown and the fit verdict, return it.
+
+    ``available`` is a memory size in bytes or a name such as ``"24GB"`` or ``"T4"``
+    (default: this machine's available RAM).
+    """
+    est = estimate(source, **estimate_args)
+    if verbose:
+        if available is None:
+            size, where = available_ram(), "this machine's available RAM"
+        else:
+            size = parse_size(available) if isinstance(available, str) else int(available)
+            where = str(available)
+        print(report(est, size, where, source))
+    return est
+
+
+class _PlanModule(types.ModuleType):
+    """``tsugiki.plan(...)`` runs :func:`plan`; ``tsugiki.plan.estimate`` etc. stay reachable."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Estimate:
+        return plan(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _PlanModule
 
 if __name__ == "__main__":
     raise SystemExit(main())

