@@ -126,3 +126,24 @@ def test_non_empty_output_dir_is_refused_before_loading(model_dir, data_file, tm
     assert main(_train_args(model_dir, data_file, str(out))) == 2
     assert "not empty" in capsys.readouterr().err
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_chat_streams_answers_and_keeps_the_conversation(model_dir, monkeypatch, capsys):
+    typed = iter(["hello there", "/reset", "how are you", "/exit"])
+    seen_histories = []
+    import tsugiki.generation as generation
+
+    real_stream = generation.stream_answer
+
+    def spy(loaded, row, settings):
+        seen_histories.append([dict(m) for m in row["messages"]])
+        yield from real_stream(loaded, row, settings)
+
+    monkeypatch.setattr(generation, "stream_answer", spy)
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
+    assert main(["chat", "--model", model_dir, "--max-new-tokens", "4", "--system", "Be brief."]) == 0
+    out = capsys.readouterr().out
+    assert out.count("bot> ") == 2
+    assert [m["role"] for m in seen_histories[0]] == ["system", "user"]
+    # After /reset only the system message survives.
+    assert [m["content"] for m in seen_histories[1]] == ["Be brief.", "how are you"]
