@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import distributed
 from .config import CONFIG_FILENAME, ConfigError, TrainConfig
 
 COMPLETE_MARKER = "COMPLETE"
@@ -90,7 +91,17 @@ def resolve_resume(config: TrainConfig) -> Optional[str]:
     * Otherwise a fresh start, allowed only into a missing or empty folder, a folder
       holding nothing but records of an earlier run that never checkpointed, or with
       ``overwrite: true`` (which removes the old checkpoints and records, nothing else).
+
+    Across processes (``WORLD_SIZE`` > 1, see :mod:`tsugiki.train.distributed`) it joins the
+    process group, then only rank 0 inspects and cleans ``output_dir``; every rank gets rank 0's
+    answer, or raises rank 0's error, so all of them resume from the same checkpoint.
     """
+    distributed.init_distributed()
+    return distributed.run_on_main(lambda: _resolve_resume_here(config))
+
+
+def _resolve_resume_here(config: TrainConfig) -> Optional[str]:
+    """:func:`resolve_resume` for one process, which may delete leftovers in ``output_dir``."""
     out = config.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise NotADirectoryError(f"output_dir={out!r} is a file; give a directory path")
@@ -124,17 +135,36 @@ def resolve_resume(config: TrainConfig) -> Optional[str]:
     return None
 
 
-def check_resume_compatible(checkpoint: str, config: TrainConfig) -> None:
-    """Refuse to resume a checkpoint whose run differs from ``config`` in a key that changes the run."""
+def saved_examples_per_step(checkpoint: str, saved_config: dict[str, Any]) -> int:
+    """Examples per optimizer step of the run that wrote ``checkpoint``.
+
+    ``batch_size * grad_accum * world_size`` as recorded in its trainer state; checkpoints
+    written before runs could span processes lack it and were single-process runs.
+    """
+    single = saved_config["batch_size"] * saved_config["grad_accum"]
+    path = os.path.join(checkpoint, STATE_FILE)
+    if not os.path.isfile(path):
+        return single
+    # mmap: only the small header is read, not the optimizer tensors.
+    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return int(state.get("examples_per_step", single))
+
+
+def check_resume_compatible(checkpoint: str, config: TrainConfig, world_size: int = 1) -> None:
+    """Refuse to resume a checkpoint whose run differs from ``config`` in a key that changes the run.
+
+    That includes the examples per optimizer step, ``batch_size * grad_accum * world_size``: the
+    saved data position counts steps of that size. The number of processes itself may change.
+    """
     path = os.path.join(checkpoint, CONFIG_FILENAME)
     if not os.path.isfile(path):
         return
     saved = TrainConfig.load(path).to_dict()
     now = config.to_dict()
     diffs = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in RESUME_KEYS if saved[k] != now[k]]
-    if saved["batch_size"] * saved["grad_accum"] != now["batch_size"] * now["grad_accum"]:
-        diffs.append("batch_size * grad_accum: "
-                     f"{saved['batch_size'] * saved['grad_accum']} -> {now['batch_size'] * now['grad_accum']}")
+    before, after = saved_examples_per_step(checkpoint, saved), now["batch_size"] * now["grad_accum"] * world_size
+    if before != after:
+        diffs.append(f"batch_size * grad_accum * processes: {before} -> {after}")
     if diffs:
         raise ConfigError(
             f"cannot resume from {checkpoint}: the run there used different settings ({'; '.join(diffs)}); "

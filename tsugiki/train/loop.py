@@ -21,6 +21,19 @@ the forward runs under autocast. fp16 also uses a gradient scaler.
 Out of memory. When a micro-batch runs out of memory, the step is retried with
 the micro-batch halved (so twice as many accumulation steps): the effective
 batch, and the data order, stay the same.
+
+Across processes (``torchrun --nproc_per_node N`` or ``accelerate launch``, see
+:mod:`tsugiki.train.distributed`) training is data-parallel: one optimizer step
+covers ``batch_size * grad_accum * world_size`` examples, like Hugging Face's
+Trainer. Every rank computes the same step plan (same seed) and takes its own
+contiguous share of the step's rows; the denominator above is the step's
+target-token count summed over all ranks (reduced before any backward), each
+rank backprops ``loss_sum_rank / targets_all_ranks``, and the gradients are
+summed over ranks. The update therefore equals a single process's with the same
+effective batch up to float summation order, and every rank applies it
+identically. Only rank 0 writes files (checkpoints, records, the adapter).
+LoRA dropout draws the same random stream on every rank; runs with dropout are
+statistically, not bitwise, equivalent to one process.
 """
 
 from __future__ import annotations
@@ -40,11 +53,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import IGNORE_INDEX, Collator, PackedCollator, batch_plan, pack, pad_token_id_for
+from . import distributed
 from .checkpoint import (check_resume_compatible, load_checkpoint, resolve_resume, save_checkpoint,
                          TRAINABLE_FILE, trainable_state)
 from .config import TrainConfig
 from .neftune import neftune
-from .records import RunRecorder, files_size, peak_memory_bytes, plot_loss_curve, write_summary
+from .records import files_size, make_recorder, peak_memory_bytes, plot_loss_curve, write_summary
 from .schedules import make_scheduler
 
 Batch = dict[str, torch.Tensor]
@@ -196,9 +210,11 @@ class Trainer:
         callbacks: functions ``f(trainer, record)`` called after every optimizer step.
         progress: show the tqdm bar.
 
-    Data order: each epoch is cut into optimizer steps of ``batch_size * grad_accum`` rows by
-    ``tsugiki.data.batch_plan`` (a pure function of seed and epoch), and each step into micro-batches
-    of ``batch_size`` rows; a checkpoint records (epoch, step within epoch), so resume skips exactly.
+    Data order: each epoch is cut into optimizer steps of ``batch_size * grad_accum * world_size``
+    rows (``examples_per_step``; world_size = 1 in a single process) by ``tsugiki.data.batch_plan``
+    (a pure function of seed and epoch). Each rank takes a contiguous share of at most
+    ``batch_size * grad_accum`` of a step's rows and cuts it into micro-batches of ``batch_size``;
+    a checkpoint records (epoch, step within epoch), so resume skips exactly.
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, train_examples: Sequence[dict],
@@ -216,8 +232,11 @@ class Trainer:
         self.collate_fn = collate_fn or (PackedCollator(pad) if config.packing else Collator(pad))
         self.eval_collate_fn = Collator(pad) if config.packing else self.collate_fn
         self.callbacks = list(callbacks)
-        self.progress = progress
-        self.examples_per_step = config.batch_size * config.grad_accum
+        distributed.init_distributed()
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.progress = progress and self.rank == 0  # one bar and one summary, from rank 0
+        self.rows_per_rank = config.batch_size * config.grad_accum
+        self.examples_per_step = self.rows_per_rank * self.world_size
         self.micro_batch_size = config.batch_size
         self.steps_per_epoch = math.ceil(len(train_examples) / self.examples_per_step)
         self.total_steps = config.max_steps if config.max_steps > 0 else config.num_epochs * self.steps_per_epoch
@@ -227,8 +246,8 @@ class Trainer:
 
     @property
     def grad_accum(self) -> int:
-        """Micro-batches per optimizer step now (grows when the micro-batch is halved on OOM)."""
-        return math.ceil(self.examples_per_step / self.micro_batch_size)
+        """Micro-batches per optimizer step on each rank now (grows when the micro-batch is halved on OOM)."""
+        return math.ceil(self.rows_per_rank / self.micro_batch_size)
 
     def epoch_plan(self, epoch: int) -> list[list[int]]:
         """Row indices of each optimizer step of ``epoch``: a fixed function of (seed, epoch)."""
@@ -251,12 +270,21 @@ class Trainer:
         logits = out.logits if hasattr(out, "logits") else out[0]
         return token_loss_sum(logits, batch["labels"], batch.get("position_ids"))
 
-    def accumulate_gradients(self, examples: list[dict]) -> tuple[float, int, int]:
-        """Forward/backward over the step's micro-batches; gradients = d(step loss)/d(params)."""
+    def _micro_batches(self, examples: Sequence[dict]) -> list[Batch]:
         m = self.micro_batch_size
-        batches = [self.collate_fn(examples[s:s + m]) for s in range(0, len(examples), m)]
+        return [self.collate_fn(list(examples[s:s + m])) for s in range(0, len(examples), m)]
+
+    def accumulate_gradients(self, examples: list[dict],
+                             step_targets: Optional[int] = None) -> tuple[float, int, int]:
+        """Forward/backward over ``examples`` in micro-batches; adds d(loss_sum / step_targets)/d(params).
+
+        ``step_targets`` is the target-token count of the whole step (all ranks); default: the count
+        of ``examples`` themselves. Returns this call's (loss_sum, target count, token count).
+        """
+        batches = self._micro_batches(examples)
         n_targets = sum(count_targets(b) for b in batches)
-        denom = max(n_targets, 1)  # a step without targets gives zero gradients, not NaN
+        # A step without targets gives zero gradients, not NaN.
+        denom = max(n_targets if step_targets is None else step_targets, 1)
         loss_sum, n_tokens = 0.0, 0
         for batch in batches:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -268,11 +296,20 @@ class Trainer:
         return loss_sum, n_targets, n_tokens
 
     def train_step(self, examples: list[dict]) -> dict[str, float]:
-        """One optimizer step over ``examples`` (the effective batch); halves the micro-batch on OOM and retries."""
+        """One optimizer step over ``examples`` (this rank's share of the effective batch).
+
+        Halves the micro-batch on OOM and retries (per rank: the micro-batch size does not change
+        the result). Returns the step's loss sum, target and token counts summed over all ranks.
+        """
+        step_targets = None
+        if self.world_size > 1:
+            # Every rank must divide by the same step-wide count, known before the first backward.
+            local = sum(count_targets(b) for b in self._micro_batches(examples))
+            step_targets = int(distributed.all_reduce_sum([local])[0])
         while True:
             self.optimizer.zero_grad(set_to_none=True)
             try:
-                loss_sum, n_targets, n_tokens = self.accumulate_gradients(examples)
+                loss_sum, n_targets, n_tokens = self.accumulate_gradients(examples, step_targets)
                 break
             except Exception as err:
                 if not is_oom(err):
@@ -288,6 +325,10 @@ class Trainer:
                 self.micro_batch_size = max(1, self.micro_batch_size // 2)
                 self._say(f"out of memory: micro-batch halved to {self.micro_batch_size}, "
                           f"grad_accum now {self.grad_accum} (effective batch stays {self.examples_per_step})")
+        if self.world_size > 1:
+            distributed.all_reduce_grads(self.trainable)  # now every rank holds the whole step's gradient
+            loss_sum, n_tokens = distributed.all_reduce_sum([loss_sum, n_tokens])
+            n_targets, n_tokens = step_targets, int(n_tokens)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         clip = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
@@ -304,20 +345,25 @@ class Trainer:
     # ------------------------------------------------------------------ eval
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Token-weighted eval loss over ``eval_examples`` and perplexity exp(loss)."""
+        """Token-weighted eval loss over ``eval_examples`` and perplexity exp(loss).
+
+        Across processes each rank scores a contiguous share of the rows and the sums are added up.
+        """
         if not self.eval_examples:
             return {}
         was_training = self.model.training
         self.model.eval()
         total, targets = 0.0, 0
+        rows = distributed.shard(self.eval_examples, self.rank, self.world_size)
         try:
-            for s in range(0, len(self.eval_examples), self.micro_batch_size):
-                batch = self.eval_collate_fn(list(self.eval_examples[s:s + self.micro_batch_size]))
+            for s in range(0, len(rows), self.micro_batch_size):
+                batch = self.eval_collate_fn(list(rows[s:s + self.micro_batch_size]))
                 targets += count_targets(batch)
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 total += float(self._forward_loss_sum(batch))
         finally:
             self.model.train(was_training)
+        total, targets = distributed.all_reduce_sum([total, targets])
         loss = total / max(targets, 1)
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0))}
 
@@ -345,28 +391,35 @@ class Trainer:
         if self._pass_use_cache:
             model_config.use_cache = False  # no KV cache while training
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        distributed.broadcast_params(self.trainable)  # every rank starts from rank 0's weights
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg.lr_scheduler, cfg.warmup_steps, self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.compute_dtype == torch.float16 else None
         self.state: dict[str, Any] = {"step": 0, "epoch": 0, "batch_index": 0, "tokens_seen": 0,
                                       "train_time_s": 0.0, "window": _new_window(), "last": {}}
         if resume_from is not None:
-            check_resume_compatible(resume_from, cfg)
+            check_resume_compatible(resume_from, cfg, self.world_size)
             saved = load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler, self.scaler)
+            saved.pop("examples_per_step", None)  # checked above; the trainer recomputes it
             self.state.update(saved)
             # The saved lr followed the old schedule; recompute it in case max_steps changed.
             for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
                 group["lr"] = base * fn(self.scheduler.last_epoch)
             self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
             self.micro_batch_size = min(saved.get("micro_batch_size", cfg.batch_size), cfg.batch_size)
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        cfg.save(cfg.output_dir)
+        if self.rank == 0:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            cfg.save(cfg.output_dir)
         self._prepared, self._resumed_from = True, resume_from
         return resume_from
 
-    def _checkpoint(self, step: int) -> str:
+    def _checkpoint(self, step: int) -> Optional[str]:
+        """Rank 0 writes ``checkpoint-{step}`` (every rank holds the same weights); others return None."""
+        if self.rank != 0:
+            return None
         state = {k: v for k, v in self.state.items() if k != "step"}
         state["micro_batch_size"] = self.micro_batch_size
+        state["examples_per_step"] = self.examples_per_step
         return save_checkpoint(self.config.output_dir, step, self.model, self.optimizer, self.scheduler,
                                self.config, state, self.scaler)
 
@@ -376,10 +429,11 @@ class Trainer:
         cfg = self.config
         resume_from = self.prepare()
         st = self.state
-        self.recorder = RunRecorder(cfg.output_dir, self.total_steps, st["step"], cfg.tensorboard, self.progress)
+        self.recorder = make_recorder(cfg.output_dir, self.total_steps, st["step"], cfg.tensorboard, self.progress,
+                                      rank=self.rank)
         for note in self.recorder.notes:
             self._say(note)
-        if resume_from:
+        if resume_from and self.rank == 0:
             self._say(f"resuming from {resume_from} (step {st['step']} of {self.total_steps})")
         was_training = self.model.training
         self.model.train()
@@ -389,7 +443,8 @@ class Trainer:
                 while st["step"] < self.total_steps:
                     plan = self.epoch_plan(st["epoch"])
                     t0 = time.perf_counter()
-                    out = self.train_step([self.train_examples[i] for i in plan[st["batch_index"]]])
+                    rows = distributed.shard(plan[st["batch_index"]], self.rank, self.world_size)
+                    out = self.train_step([self.train_examples[i] for i in rows])
                     dt = time.perf_counter() - t0
                     st["step"] += 1
                     st["batch_index"] += 1
@@ -413,11 +468,13 @@ class Trainer:
             if self.eval_examples and (not eval_metrics or st["last"].get("eval_step") != st["step"]):
                 eval_metrics = self.evaluate()
                 self.recorder.log({"step": st["step"], "epoch": self._epoch_float(), **eval_metrics})
-            adapter_files = self._save_final()
+            adapter_files = self._save_final() if self.rank == 0 else []
         finally:
             self.recorder.close()
             self.model.train(was_training)
-        return TrainResult(cfg.output_dir, self._summarise(resume_from, eval_metrics, adapter_files))
+        summary = self._summarise(resume_from, eval_metrics, adapter_files)
+        distributed.barrier()  # when train() returns on any rank, rank 0's files are all in place
+        return TrainResult(cfg.output_dir, summary)
 
     def _epoch_float(self) -> float:
         return round(self.state["epoch"] + self.state["batch_index"] / self.steps_per_epoch, 4)
@@ -489,11 +546,14 @@ class Trainer:
             "trainable_params": sum(p.numel() for p in self.trainable),
             "dtype": str(self.compute_dtype).replace("torch.", ""),
             "effective_batch": self.examples_per_step,
+            "world_size": self.world_size,
             "micro_batch_size": self.micro_batch_size,
             "grad_accum": self.grad_accum,
             "resumed_from": resume_from,
             "output_dir": cfg.output_dir,
         }
+        if self.rank != 0:  # rank 0 draws and writes; the others only return the numbers
+            return summary
         curve, note = plot_loss_curve(cfg.output_dir)
         summary["loss_curve"] = curve
         if note:

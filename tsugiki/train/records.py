@@ -5,6 +5,10 @@
 the steps since the previous line), plus ``eval_loss, eval_ppl`` on steps that
 evaluated. On resume, lines past the checkpoint's step are dropped so the file
 reads as one uninterrupted run.
+
+In a run across processes only rank 0 keeps records (:func:`make_recorder`);
+the other ranks get a :class:`QuietRecorder` that writes no file and only
+prints their own warnings, prefixed with their rank.
 """
 
 from __future__ import annotations
@@ -123,6 +127,38 @@ class RunRecorder:
             self._tb = None
         if not self._file.closed:
             self._file.close()
+
+
+class QuietRecorder:
+    """The recorder of a rank other than 0: the same methods, no files, no bar.
+
+    Messages (e.g. this rank halving its micro-batch on out-of-memory) still
+    reach stderr, prefixed ``[rank N]`` so they are not mistaken for rank 0's.
+    """
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.notes: list[str] = []
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def advance(self, n: int = 1) -> None:
+        pass
+
+    def write(self, message: str) -> None:
+        print(f"[rank {self.rank}] {message}", file=sys.stderr)
+
+    def close(self) -> None:
+        pass
+
+
+def make_recorder(output_dir: str, total_steps: int, start_step: int = 0, tensorboard: bool = True,
+                  progress: bool = True, rank: int = 0):
+    """A :class:`RunRecorder` on rank 0, a :class:`QuietRecorder` on every other rank."""
+    if rank != 0:
+        return QuietRecorder(rank)
+    return RunRecorder(output_dir, total_steps, start_step, tensorboard, progress)
 
 
 def read_metrics(output_dir: str) -> list[dict[str, Any]]:

@@ -1,0 +1,179 @@
+"""Data-parallel training: 2 processes (torchrun, gloo on CPU) give the adapter of 1 process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+from torch import nn
+
+from tsugiki.cli import main
+from tsugiki.train import distributed
+from helpers_data import make_chat_tokenizer, tiny_llama
+
+# Rows of different lengths, so ranks see different target counts and the global denominator matters.
+ROWS = [{"instruction": f"Say the word number {i}.", "input": "", "output": " ".join([f"word {i % 5}"] * (1 + i % 4))}
+        for i in range(20)]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tiny_llama().save_pretrained(folder)
+    make_chat_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    return str(path)
+
+
+def train_args(model_dir, data_file, out, batch_size, max_steps=5):
+    # 17 train rows in steps of 4: step 5 holds one row, so rank 1 gets none there.
+    return ["train", "--model", model_dir, "--data", data_file, "--output_dir", out, "--batch_size", str(batch_size),
+            "--max_steps", str(max_steps), "--dtype", "fp32", "--lora_dropout", "0", "--lora_r", "4",
+            "--learning_rate", "1e-3", "--logging_steps", "1", "--save_steps", "4", "--eval_split", "3",
+            "--tensorboard", "false"]
+
+
+def torchrun(args, nproc=2):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "--master_port", str(free_port()), "-m", "tsugiki", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh]
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(model_dir, data_file, tmp_path, capsys):
+    two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    torchrun(train_args(model_dir, data_file, two, batch_size=2))
+    assert main(train_args(model_dir, data_file, one, batch_size=4)) == 0
+
+    a, b = load_file(os.path.join(two, "adapter_model.safetensors")), load_file(os.path.join(one, "adapter_model.safetensors"))
+    assert sorted(a) == sorted(b) and a
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    # The run trained (the adapter moved away from its zero-initialised B matrices).
+    assert any(float(t.abs().max()) > 0 for n, t in a.items() if "lora_B" in n)
+
+    # One writer: the same files as the single-process run, nothing left half-written, one line per step.
+    assert sorted(os.listdir(two)) == sorted(os.listdir(one))
+    assert sorted(os.listdir(two)) == sorted(set(os.listdir(two)) - {n for n in os.listdir(two) if n.startswith(".")})
+    rows_two, rows_one = metrics(two), metrics(one)
+    assert [r["step"] for r in rows_two] == [1, 2, 3, 4, 5]
+    for r2, r1 in zip(rows_two, rows_one):
+        assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-5)
+        assert r2["grad_norm"] == pytest.approx(r1["grad_norm"], rel=1e-4)
+    assert rows_two[-1]["eval_loss"] == pytest.approx(rows_one[-1]["eval_loss"], rel=1e-5)
+    summary = json.loads(open(os.path.join(two, "summary.json")).read())
+    assert (summary["world_size"], summary["effective_batch"], summary["grad_accum"]) == (2, 4, 1)
+    assert summary["tokens"] == json.loads(open(os.path.join(one, "summary.json")).read())["tokens"]
+
+    # The 2-process checkpoint (effective batch 4) resumes in one process with batch 4 ...
+    assert main(train_args(model_dir, data_file, two, batch_size=4, max_steps=6)) == 0
+    assert [r["step"] for r in metrics(two)] == [1, 2, 3, 4, 5, 6]
+    # ... but not with an effective batch of 2, whose data positions mean something else.
+    capsys.readouterr()
+    assert main(train_args(model_dir, data_file, two, batch_size=2, max_steps=7)) == 2
+    assert "batch_size * grad_accum * processes: 4 -> 2" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- helpers, one process
+def test_helpers_are_no_ops_in_one_process():
+    assert not distributed.init_distributed()
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
+    distributed.barrier()
+    t = torch.tensor([1.0, 2.0])
+    assert distributed.all_reduce_sum(t) is t and t.tolist() == [1.0, 2.0]
+    assert distributed.all_reduce_sum([3, 4.5]) == [3.0, 4.5]
+    assert distributed.broadcast_object({"a": 1}) == {"a": 1}
+    layer = nn.Linear(2, 2)
+    layer(torch.ones(1, 2)).sum().backward()
+    before = layer.weight.grad.clone()
+    distributed.all_reduce_grads(layer.parameters())
+    assert torch.equal(layer.weight.grad, before)
+    with pytest.raises(KeyError):
+        distributed.run_on_main(lambda: {}["missing"])
+
+
+def test_shard_gives_contiguous_shares_covering_every_item():
+    items = list(range(5))
+    assert [distributed.shard(items, r, 2) for r in range(2)] == [[0, 1, 2], [3, 4]]
+    assert [distributed.shard(items[:1], r, 2) for r in range(2)] == [[0], []]
+    assert sum((distributed.shard(items, r, 3) for r in range(3)), []) == items
+    with pytest.raises(ValueError, match="rank 2 is outside a world of 2"):
+        distributed.shard(items, 2, 2)
+
+
+def test_init_refuses_a_half_set_environment(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(RuntimeError, match="RANK, MASTER_ADDR"):
+        distributed.init_distributed()
+
+
+# ---------------------------------------------------------------------- helpers, two processes
+def _collectives(rank: int, port: int, results) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    try:
+        assert distributed.init_distributed() and distributed.init_distributed()  # idempotent
+        out = {"rank": distributed.rank(), "world": distributed.world_size()}
+        out["sum"] = distributed.all_reduce_sum([rank + 1, 0.5])
+        out["obj"] = distributed.broadcast_object({"from": rank})
+        used, unused, absent = (nn.Parameter(torch.zeros(3)) for _ in range(3))
+        used.grad = torch.full((3,), float(rank + 1))
+        if rank == 1:
+            unused.grad = torch.ones(3)  # a gradient on one rank only still counts
+        distributed.all_reduce_grads([used, unused, absent])
+        out["grads"] = [used.grad.tolist(), unused.grad.tolist(), absent.grad]
+        weight = nn.Parameter(torch.full((2,), float(rank)))
+        distributed.broadcast_params([weight])
+        out["broadcast"] = weight.tolist()
+        try:
+            distributed.run_on_main(lambda: (_ for _ in ()).throw(FileExistsError("output_dir taken")))
+        except FileExistsError as err:
+            out["error"] = str(err)
+        out["decided"] = distributed.run_on_main(lambda: f"decided by {distributed.rank()}")
+        results[rank] = out
+    finally:
+        distributed.destroy()
+
+
+def test_collectives_across_two_processes():
+    results = mp.Manager().dict()
+    mp.spawn(_collectives, args=(free_port(), results), nprocs=2, join=True)
+    for rank in (0, 1):
+        out = results[rank]
+        assert (out["rank"], out["world"]) == (rank, 2)
+        assert out["sum"] == [3.0, 1.0]
+        assert out["obj"] == {"from": 0}
+        assert out["grads"] == [[3.0] * 3, [1.0] * 3, None]
+        assert out["broadcast"] == [0.0, 0.0]
+        assert out["error"] == "output_dir taken"
+        assert out["decided"] == "decided by 0"
