@@ -73,8 +73,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .pipeline import run_training
     from .train.config import config_from_args
 
+    from .train import distributed
+
     result = run_training(config_from_args(args))
-    print(f"adapter saved in {result.output_dir}")
+    if distributed.is_main():
+        print(f"adapter saved in {result.output_dir}")
     return 0
 
 

@@ -24,6 +24,7 @@ from .fileio import atomic_write_text
 from .methods.lora import LoraConfig
 from .model import get_peft_model
 from .models import DEFAULT_MODEL, load_model, load_tokenizer
+from .train import distributed
 from .train.checkpoint import resolve_resume
 from .train.config import ConfigError, TrainConfig
 from .train.loop import Trainer, TrainResult, set_seed
@@ -115,6 +116,8 @@ def run_training(config: Union[None, str, os.PathLike, Mapping[str, Any], TrainC
     check_method(cfg)
     if not cfg.data:
         raise ConfigError("data is not set: give a training file (jsonl/json/csv/parquet) or a saved dataset folder")
+    distributed.init_distributed()  # before any CUDA work: each rank pins its own GPU
+    progress = progress and distributed.is_main()
     resolve_resume(cfg)  # refuses a non-empty output_dir early, before anything slow happens
 
     tokenizer = load_tokenizer(cfg.model)
@@ -129,13 +132,14 @@ def run_training(config: Union[None, str, os.PathLike, Mapping[str, Any], TrainC
         _say("eval data: " + eval_stats.summary(), progress)
 
     set_seed(cfg.seed)  # before the adapter is created, so its initial weights repeat
-    model = load_model(cfg.model, quantization=quantization_of(cfg))
+    model = load_model(cfg.model, quantization=quantization_of(cfg), device=distributed.local_device())
     model = graft(model, cfg)
     if progress and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
 
     result = Trainer(model, cfg, train_rows, eval_rows or None, tokenizer=tokenizer, progress=progress).train()
-    save_template(template, cfg.output_dir)
+    if distributed.is_main():
+        save_template(template, cfg.output_dir)
     result.metrics["data"] = stats.to_dict()
     return result
 

@@ -15,12 +15,13 @@ import argparse
 import dataclasses
 import difflib
 import os
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
 import yaml
+
+from ..fileio import atomic_write_text
 
 from ..data.tokenize import TRAIN_ON
 
@@ -45,8 +46,8 @@ class ConfigError(ValueError):
 class TrainConfig:
     """Everything one fine-tuning run needs, with documented defaults.
 
-    The effective batch of one optimizer step is ``batch_size * grad_accum``
-    examples; the loss of a step is the sum of per-token losses over all of
+    The effective batch of one optimizer step is ``batch_size * grad_accum * processes``
+    examples (processes = torchrun's world size, 1 by default); the loss of a step is the sum of per-token losses over all of
     its target tokens divided by their count (not a mean of micro-batch means).
     """
 
@@ -75,8 +76,8 @@ class TrainConfig:
     # --- optimisation
     max_steps: int = _f(-1, "Optimizer steps to run; -1 = derive from `num_epochs`. When > 0 it wins over `num_epochs`.")
     num_epochs: int = _f(1, "Passes over the training data (used when `max_steps` is -1).")
-    batch_size: int = _f(4, "Examples per micro-batch (halved automatically on out-of-memory).")
-    grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step (doubled when the micro-batch is halved).")
+    batch_size: int = _f(4, "Examples per micro-batch on each process (halved automatically on out-of-memory); one step is batch_size * grad_accum * processes examples.")
+    grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step on each process (doubled when the micro-batch is halved).")
     learning_rate: float = _f(2e-4, "Peak learning rate of AdamW.")
     lr_scheduler: str = _f("cosine", "Learning-rate schedule after warm-up: cosine, linear or constant.")
     warmup_steps: int = _f(0, "Steps of linear warm-up from 0 to `learning_rate`.")
@@ -298,21 +299,3 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     names = set(TrainConfig.field_names())
     overrides = {k: v for k, v in given.items() if k in names}
     return TrainConfig.load(given.get("config"), overrides)
-
-
-# ---------------------------------------------------------------------- files
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, fsync it, then rename it into place."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

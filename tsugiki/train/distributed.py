@@ -28,7 +28,7 @@ import atexit
 import datetime
 import os
 import pickle
-from typing import Any, Callable, Iterable, Sequence, TypeVar, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar, Union
 
 import torch
 import torch.distributed as dist
@@ -98,6 +98,13 @@ def world_size() -> int:
 def is_main() -> bool:
     """True on the one process that writes files and prints (rank 0)."""
     return rank() == 0
+
+
+def local_device() -> Optional[str]:
+    """``cuda:<LOCAL_RANK>`` for a multi-process CUDA run; None (the loader's own choice) otherwise."""
+    if env_world_size() > 1 and torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return None
 
 
 def barrier() -> None:

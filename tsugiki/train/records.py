@@ -18,12 +18,11 @@ import math
 import os
 import resource
 import sys
-import tempfile
 from typing import Any, Optional
 
 import torch
 
-from .config import atomic_write_text
+from ..fileio import atomic_write_text, atomic_write_with
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -196,15 +195,10 @@ def plot_loss_curve(output_dir: str) -> tuple[Optional[str], Optional[str]]:
     ax.legend()
     fig.tight_layout()
     path = os.path.join(output_dir, LOSS_CURVE_FILE)
-    fd, tmp = tempfile.mkstemp(prefix=".loss_curve.", suffix=".png", dir=output_dir)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png"))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path, None
 
 
