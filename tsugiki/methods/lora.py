@@ -178,6 +178,24 @@ class LoraLayer(AdapterLayer):
         self.scaling[name] = lora_scaling(r, alpha, use_rslora)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Base output plus the active adapter's update (per row in a mixed-adapter batch)."""
+        if self.disabled:
+            self.unmerge_all()
+            return self.base_layer(x, *args, **kwargs)
+        mixed = self._check_mixed_batch()
+        result = self.base_layer(x, *args, **kwargs)
+        if mixed is not None:
+            out = result.clone()
+            for name, rows in rows_per_adapter(mixed, x.shape[0]).items():
+                if name in self.adapter_names:
+                    out[rows] = out[rows] + self._lora_out(x[rows], name).to(result.dtype)
+            return out
+        name = self.active_adapter
+        if self.merged or name not in self.adapter_names:
+            return result
+        return result + self._lora_out(x, name).to(result.dtype)
+
     # merge/unmerge: subclasses give get_delta_weight() in the base weight's layout.
     def merge(self, name: str, safe_merge: bool = False) -> None:
         if name in self.merged_adapters:
@@ -211,7 +229,7 @@ class LoraLayer(AdapterLayer):
             w.data = (w.data.float() + delta).to(w.dtype)
 
 
-class LoraLinear(nn.Module, LoraLayer):
+class LoraLinear(LoraLayer, nn.Module):
     """LoRA around a linear-like layer: nn.Linear, Conv1D, or a bitsandbytes k-bit linear."""
 
     adapter_param_names = ("lora_A", "lora_B")
@@ -276,23 +294,6 @@ class LoraLinear(nn.Module, LoraLayer):
         x = x.to(A.weight.dtype)
         return self.lora_B[name](A(self.lora_dropout[name](x))) * self.scaling[name]
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disabled:
-            self.unmerge_all()
-            return self.base_layer(x, *args, **kwargs)
-        mixed = self._check_mixed_batch()
-        result = self.base_layer(x, *args, **kwargs)
-        if mixed is not None:
-            out = result.clone()
-            for name, rows in rows_per_adapter(mixed, x.shape[0]).items():
-                if name in self.lora_A:
-                    out[rows] = out[rows] + self._lora_out(x[rows], name).to(result.dtype)
-            return out
-        name = self.active_adapter
-        if self.merged or name not in self.lora_A:
-            return result
-        return result + self._lora_out(x, name).to(result.dtype)
-
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, fan_in_fan_out={self.fan_in_fan_out}"
 
@@ -306,7 +307,7 @@ def _linear_shape(layer: nn.Module, fan_in_fan_out: bool) -> tuple[int, int]:
     return (rows, cols) if fan_in_fan_out else (cols, rows)
 
 
-class LoraEmbedding(nn.Module, LoraLayer):
+class LoraEmbedding(LoraLayer, nn.Module):
     """LoRA around ``nn.Embedding``: ``E[x] + s * (A^T[x]) B^T`` with A: r x vocab, B: dim x r.
 
     Embedding adapters start with A = 0 and B ~ N(0, 1) (the reverse of linear layers),
@@ -350,22 +351,6 @@ class LoraEmbedding(nn.Module, LoraLayer):
                               base.norm_type, base.scale_grad_by_freq, base.sparse)
         return (after_A @ self.lora_embedding_B[name].T) * self.scaling[name]
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disabled:
-            self.unmerge_all()
-            return self.base_layer(x, *args, **kwargs)
-        mixed = self._check_mixed_batch()
-        result = self.base_layer(x, *args, **kwargs)
-        if mixed is not None:
-            out = result.clone()
-            for name, rows in rows_per_adapter(mixed, x.shape[0]).items():
-                if name in self.lora_embedding_A:
-                    out[rows] = out[rows] + self._lora_out(x[rows], name).to(result.dtype)
-            return out
-        name = self.active_adapter
-        if self.merged or name not in self.lora_embedding_A:
-            return result
-        return result + self._lora_out(x, name).to(result.dtype)
 
 
 def _conv1d_type() -> Optional[type]:
