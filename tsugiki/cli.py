@@ -42,6 +42,11 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="Prompts generated together (default: 8).")
 
 
+def _add_output_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--output", help=what)
+    p.add_argument("--overwrite", action="store_true", help="Replace --output if it exists.")
+
+
 def _settings(args: argparse.Namespace):
     from .generation import GenerationSettings
 
@@ -240,8 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.add_argument("--prompt", action="append", help="A prompt (the user's message); repeat for several.")
     p.add_argument("--input", help="JSONL/JSON/CSV/Parquet file of rows (any supported data format).")
-    p.add_argument("--output", help="Write JSONL here instead of standard output.")
-    p.add_argument("--overwrite", action="store_true", help="Replace --output if it exists.")
+    _add_output_options(p, "Write JSONL here instead of standard output.")
     _add_generation_options(p)
     p.set_defaults(func=cmd_generate)
 
@@ -260,8 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", type=int, default=5, help="Print this many sample answers (default: 5).")
     p.add_argument("--no-base", action="store_true", help="Skip the bare-base column.")
     p.add_argument("--no-loss", action="store_true", help="Skip loss/perplexity (generation only).")
-    p.add_argument("--output", help="Also write the scores as JSON here.")
-    p.add_argument("--overwrite", action="store_true", help="Replace --output if it exists.")
+    _add_output_options(p, "Also write the scores as JSON here.")
     _add_generation_options(p)
     p.set_defaults(func=cmd_eval, max_new_tokens=64)
 
