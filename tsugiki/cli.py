@@ -32,7 +32,7 @@ def _add_model_options(p: argparse.ArgumentParser, adapter_required: bool = Fals
 
 
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=128, help="Most tokens to generate per answer (default: 128).")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="Most tokens to generate per answer (default: %(default)s).")
     p.add_argument("--do-sample", action="store_true", help="Sample instead of greedy decoding.")
     p.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (default: 1.0).")
     p.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling threshold (default: 1.0 = off).")
