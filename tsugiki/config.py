@@ -14,7 +14,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 from .fileio import atomic_write_text
 
@@ -22,9 +22,19 @@ CONFIG_NAME = "adapter_config.json"
 
 
 class PeftType(str, enum.Enum):
-    """Method names as written in ``adapter_config.json`` (``peft_type``)."""
+    """Method names as written in ``adapter_config.json`` (``peft_type``; HF PEFT's names)."""
 
     LORA = "LORA"
+    ADALORA = "ADALORA"
+    LOHA = "LOHA"
+    LOKR = "LOKR"
+    IA3 = "IA3"
+    PROMPT_TUNING = "PROMPT_TUNING"
+    P_TUNING = "P_TUNING"
+    PREFIX_TUNING = "PREFIX_TUNING"
+    MULTITASK_PROMPT_TUNING = "MULTITASK_PROMPT_TUNING"
+    ADAPTION_PROMPT = "ADAPTION_PROMPT"
+    BOTTLENECK = "BOTTLENECK"  # tsugiki's own: series / parallel bottleneck adapters
 
 
 class TaskType(str, enum.Enum):
@@ -45,6 +55,38 @@ CONFIG_REGISTRY: dict[str, type["PeftConfig"]] = {}
 def register_config(cls: type["PeftConfig"]) -> type["PeftConfig"]:
     CONFIG_REGISTRY[cls.peft_type_name] = cls
     return cls
+
+
+# training-job method name (``method:`` in a train config / ``--method``) ->
+# builder(train_config, base_model_name) -> PeftConfig. Filled by the method modules.
+METHOD_BUILDERS: dict[str, Callable[[Any, str], "PeftConfig"]] = {}
+
+
+def register_method(*names: str):
+    """Function decorator: ``@register_method("ia3")`` lets ``tsugiki train --method ia3`` build the config.
+
+    The builder receives the :class:`~tsugiki.train.TrainConfig` (its ``method_args``
+    mapping holds the method's own hyperparameters) and the base model's name.
+    """
+    def wrap(fn: Callable[[Any, str], "PeftConfig"]) -> Callable[[Any, str], "PeftConfig"]:
+        for name in names:
+            METHOD_BUILDERS[name] = fn
+        return fn
+    return wrap
+
+
+def config_from_method_args(cls: type["PeftConfig"], method_args: Optional[dict], **fixed: Any) -> "PeftConfig":
+    """``cls(**fixed, **method_args)``, naming unknown keys with the closest valid one."""
+    import difflib
+
+    args = dict(method_args or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in args:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            raise ValueError(f"method_args: {key!r} is not a {cls.__name__} option"
+                             + (f"; did you mean {close[0]!r}?" if close else f"; options: {', '.join(sorted(known))}"))
+    return cls(**{**fixed, **args})
 
 
 @dataclass

@@ -24,11 +24,10 @@ from torch import nn
 from . import adapter_io
 from .config import PeftConfig, TaskType
 from .fileio import atomic_write_text, ensure_directory
-from .methods.lora import LoraConfig, LoraModel
-from .tuner import BASE_ADAPTER_NAME, BaseTuner, batch_adapter_names
+from . import methods  # noqa: F401  (registers every method's config and tuner)
+from .methods.lora import LoraConfig
+from .tuner import BASE_ADAPTER_NAME, TUNER_REGISTRY, BaseTuner, batch_adapter_names
 
-# peft_type -> tuner class; one entry per method family.
-TUNERS: dict[str, type[BaseTuner]] = {"LORA": LoraModel}
 
 # Head modules that SEQ_CLS / TOKEN_CLS adapters train in full and save (as HF PEFT does).
 CLASSIFIER_MODULE_NAMES = ["classifier", "score"]
@@ -38,9 +37,10 @@ CARD_MARKER = "<!-- written by tsugiki: safe to regenerate -->"
 
 def _tuner_for(config: PeftConfig) -> type[BaseTuner]:
     try:
-        return TUNERS[config.peft_type]
+        return TUNER_REGISTRY[config.peft_type]
     except KeyError:
-        raise ValueError(f"no tuner for peft_type={config.peft_type!r}") from None
+        raise ValueError(f"no tuner for peft_type={config.peft_type!r}; "
+                         f"available: {', '.join(sorted(TUNER_REGISTRY))}") from None
 
 
 def _prepare_config(config: PeftConfig, model: nn.Module) -> PeftConfig:
@@ -115,14 +115,11 @@ class PeftModel(nn.Module):
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
-        base = self.get_base_model()
-        if not hasattr(base, "generate"):
-            raise AttributeError(f"{type(base).__name__} has no generate(); it is not a generative model")
         if adapter_names is None:
-            return base.generate(*args, **kwargs)
+            return self.base_model.generate(*args, **kwargs)
         self._check_adapter_names(adapter_names, self._batch_size(args, kwargs))
         with batch_adapter_names(adapter_names):
-            return base.generate(*args, **kwargs)
+            return self.base_model.generate(*args, **kwargs)
 
     # -- adapters -------------------------------------------------------------
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False,

@@ -11,6 +11,7 @@ output folder → tokenizer → data (template, masking, eval split) → base mo
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from torch import nn
 from .data import build_dataset, get_template
 from .data.templates import Template
 from .fileio import atomic_write_text
-from .methods.lora import LoraConfig
+from .config import METHOD_BUILDERS, PeftConfig
 from .model import get_peft_model
 from .models import DEFAULT_MODEL, load_model, load_tokenizer
 from .train import distributed
@@ -32,8 +33,6 @@ from .train.loop import Trainer, TrainResult, set_seed
 logger = logging.getLogger("tsugiki")
 
 TEMPLATE_FILE = "tsugiki_template.json"
-ADAPTER_METHODS = ("lora", "qlora")
-METHODS = ADAPTER_METHODS + ("full",)
 
 
 def as_config(config: Union[None, str, os.PathLike, Mapping[str, Any], TrainConfig] = None,
@@ -46,6 +45,10 @@ def as_config(config: Union[None, str, os.PathLike, Mapping[str, Any], TrainConf
     return TrainConfig.load(os.fspath(config), overrides)
 
 
+def method_names() -> list[str]:
+    return sorted(METHOD_BUILDERS) + ["full"]
+
+
 def quantization_of(cfg: TrainConfig) -> Optional[str]:
     """``qlora`` means LoRA on a 4-bit base unless a quantization is named explicitly."""
     if cfg.quantization != "none":
@@ -54,27 +57,22 @@ def quantization_of(cfg: TrainConfig) -> Optional[str]:
 
 
 def check_method(cfg: TrainConfig) -> None:
-    if cfg.method not in METHODS:
+    if cfg.method not in method_names():
+        close = difflib.get_close_matches(cfg.method, method_names(), n=1)
         raise ConfigError(
-            f"method={cfg.method!r} is not available in this version; use one of {', '.join(METHODS)}")
+            f"method={cfg.method!r} is not available; use one of {', '.join(method_names())}"
+            + (f" (did you mean {close[0]!r}?)" if close else ""))
     if cfg.method == "full" and quantization_of(cfg):
         raise ConfigError(
             f"method='full' cannot train a {quantization_of(cfg)} base: quantized weights are frozen. "
             "Use method: qlora (LoRA on the quantized base) or quantization: none")
+    if cfg.method == "full" and cfg.method_args:
+        raise ConfigError("method_args: method 'full' takes no options")
 
 
-def adapter_config(cfg: TrainConfig, base_name: str) -> LoraConfig:
-    return LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=_targets(cfg.target_modules), task_type="CAUSAL_LM",
-        base_model_name_or_path=base_name,
-    )
-
-
-def _targets(value: Optional[list[str]]) -> Union[None, str, list[str]]:
-    if value and len(value) == 1 and value[0] == "all-linear":
-        return "all-linear"
-    return value or None
+def adapter_config(cfg: TrainConfig, base_name: str) -> PeftConfig:
+    """The adapter config the training job's ``method`` and keys describe."""
+    return METHOD_BUILDERS[cfg.method](cfg, base_name)
 
 
 def graft(model: nn.Module, cfg: TrainConfig) -> nn.Module:

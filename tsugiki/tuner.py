@@ -167,6 +167,18 @@ class ModulesToSaveWrapper(nn.Module):
             return getattr(self.current(), name)
 
 
+# peft_type -> tuner class; each method module registers its own (see tsugiki.methods).
+TUNER_REGISTRY: dict[str, type["BaseTuner"]] = {}
+
+
+def register_tuner(peft_type: str):
+    """Class decorator: ``@register_tuner("LORA")`` makes ``get_peft_model`` use the class for that method."""
+    def wrap(cls: type["BaseTuner"]) -> type["BaseTuner"]:
+        TUNER_REGISTRY[peft_type] = cls
+        return cls
+    return wrap
+
+
 class BaseTuner(nn.Module):
     """Holds the user's model and grafts one method's adapters onto it.
 
@@ -196,6 +208,12 @@ class BaseTuner(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """Generation through the wrapped model (prompt-based methods override this)."""
+        if not hasattr(self.model, "generate"):
+            raise AttributeError(f"{type(self.model).__name__} has no generate(); it is not a generative model")
+        return self.model.generate(*args, **kwargs)
 
     # -- grafting -------------------------------------------------------------
     def inject_adapter(self, config: PeftConfig, adapter_name: str, init_weights: bool = True) -> None:

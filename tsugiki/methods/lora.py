@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PeftConfig, PeftType, register_config
+from ..config import PeftConfig, PeftType, config_from_method_args, register_config, register_method
 from ..inject import bnb_linear_types, find_targets, linear_layer_types, replace_module, resolve_default_targets
-from ..tuner import AdapterLayer, BaseTuner, rows_per_adapter
+from ..tuner import AdapterLayer, BaseTuner, register_tuner, rows_per_adapter
 
 _INIT_CHOICES = (True, False, "gaussian", "pissa")
 
@@ -362,6 +362,7 @@ def _conv1d_type() -> Optional[type]:
         return None
 
 
+@register_tuner(PeftType.LORA.value)
 class LoraModel(BaseTuner):
     """``PeftModel.base_model`` for LoRA: grafts :class:`LoraLinear` / :class:`LoraEmbedding`."""
 
@@ -411,3 +412,14 @@ class LoraModel(BaseTuner):
             bias = getattr(target, "bias", None)
             if isinstance(bias, nn.Parameter):
                 bias.requires_grad_(True)
+
+
+@register_method("lora", "qlora")
+def lora_from_train_config(cfg: Any, base_name: str) -> LoraConfig:
+    """LoRA for ``tsugiki train``: the ``lora_*`` keys, plus any other LoraConfig option in ``method_args``."""
+    targets = cfg.target_modules
+    if targets and len(targets) == 1 and targets[0] == "all-linear":
+        targets = "all-linear"
+    return config_from_method_args(
+        LoraConfig, cfg.method_args, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=targets or None, task_type="CAUSAL_LM", base_model_name_or_path=base_name)

@@ -40,7 +40,7 @@ _TMP_RE = re.compile(r"^(\.checkpoint-\d+\.(tmp|old)|\.final\.tmp)$")
 # run of ours that never reached a checkpoint, and may be restarted.
 RUN_RECORDS = ("train_config.yaml", "metrics.jsonl", "summary.json", "loss_curve.png", "runs")
 # Keys whose change makes an old checkpoint a different run.
-RESUME_KEYS = ("model", "data", "method", "quantization", "lora_r", "lora_alpha", "target_modules",
+RESUME_KEYS = ("model", "data", "method", "method_args", "quantization", "lora_r", "lora_alpha", "target_modules",
                "learning_rate", "lr_scheduler", "warmup_steps", "seed", "max_length", "packing",
                "template", "train_on")
 

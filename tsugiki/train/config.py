@@ -66,6 +66,7 @@ class TrainConfig:
     lora_r: int = _f(8, "LoRA rank r.")
     lora_alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha / r.")
     lora_dropout: float = _f(0.05, "Dropout on the LoRA input, in [0, 1).")
+    method_args: Optional[dict] = _f(None, "The method's own options as a mapping, e.g. {num_virtual_tokens: 20} for prompt tuning, or any LoraConfig option for lora (use_rslora, rank_pattern, ...); on the command line key=value,key=value.")
     target_modules: Optional[list[str]] = _f(None, "Modules to adapt: names/suffixes (comma-separated on the command line), 'all-linear', or None for the per-architecture default.")
     # --- data shaping
     template: Optional[str] = _f(None, "Prompt template name (None = the tokenizer's chat template or the plain default).")
@@ -235,6 +236,15 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
             return None
         hint = next(a for a in args if a is not type(None))
+    if hint is dict or typing.get_origin(hint) is dict:
+        if isinstance(value, str):  # key=value,key=value; each value read as YAML (numbers, booleans, lists)
+            pairs = [part for part in value.split(",") if part.strip()]
+            if not all("=" in part for part in pairs):
+                raise TypeError("expected key=value pairs separated by commas")
+            value = {k.strip(): yaml.safe_load(v) for k, v in (part.split("=", 1) for part in pairs)}
+        if not isinstance(value, dict):
+            raise TypeError("expected a mapping of option: value")
+        return dict(value)
     if typing.get_origin(hint) is list:
         if isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]

@@ -18,6 +18,11 @@ flag) and fp32 otherwise. Under bf16/fp16 the frozen floating-point weights are
 cast to that dtype, trainable weights and the optimizer state stay fp32, and
 the forward runs under autocast. fp16 also uses a gradient scaler.
 
+Method hooks. A model (for a PeftModel: its tuner) may define
+``training_regularizer() -> scalar tensor``, whose gradient is added once per
+step, and ``on_optimizer_step(step, total_steps)``, called after every
+optimizer step while the gradients are still there (AdaLoRA uses both).
+
 Out of memory. When a micro-batch runs out of memory, the step is retried with
 the micro-batch halved (so twice as many accumulation steps): the effective
 batch, and the data order, stay the same.
@@ -156,6 +161,15 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
         return torch.optim.AdamW(groups, lr=config.learning_rate, fused=True)
     except (RuntimeError, TypeError, ValueError):  # fused needs a supported device/dtype
         return torch.optim.AdamW(groups, lr=config.learning_rate)
+
+
+def _method_hook(model: nn.Module, name: str) -> Optional[Callable]:
+    """A per-step hook the adapter method defines (through a PeftModel's tuner), or None."""
+    try:
+        hook = getattr(model, name)
+    except AttributeError:
+        return None
+    return hook if callable(hook) else None
 
 
 def is_oom(err: BaseException) -> bool:
@@ -329,6 +343,11 @@ class Trainer:
             distributed.all_reduce_grads(self.trainable)  # now every rank holds the whole step's gradient
             loss_sum, n_tokens = distributed.all_reduce_sum([loss_sum, n_tokens])
             n_targets, n_tokens = step_targets, int(n_tokens)
+        regularizer = _method_hook(self.model, "training_regularizer")
+        if regularizer is not None:  # e.g. AdaLoRA's orthogonality penalty, once per step
+            with self._autocast():
+                penalty = regularizer()
+            (self.scaler.scale(penalty) if self.scaler is not None else penalty).backward()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         clip = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
@@ -340,6 +359,9 @@ class Trainer:
         else:
             self.optimizer.step()
         self.scheduler.step()
+        on_step = _method_hook(self.model, "on_optimizer_step")
+        if on_step is not None:  # e.g. AdaLoRA re-allocating its rank budget; gradients are still there
+            on_step(self.state["step"] + 1, self.total_steps)
         return {"loss_sum": loss_sum, "targets": n_targets, "tokens": n_tokens, "grad_norm": grad_norm, "lr": lr}
 
     # ------------------------------------------------------------------ eval
