@@ -1,21 +1,27 @@
-"""How close is `tsugiki.plan` to the memory a real LoRA training step uses?
+"""How close is `tsugiki.plan` to the memory a real tsugiki LoRA training step uses?
 
 For each case this runs one real training step (forward, backward, AdamW step)
 in a fresh subprocess on random weights built from a config (no checkpoint is
 read), measures the peak resident set size (RSS) of that step, and compares it
 with the estimate `tsugiki.plan.estimate` makes from the config alone.
 
-The adapter comes from HF `peft` (allowed in benchmarks; the library never
-imports it). 4-bit bases are bitsandbytes `Linear4bit` (NF4) layers, quantized
-on the CPU from random bf16 weights.
+The step is the one tsugiki's Trainer takes, built from tsugiki's own parts:
+`tsugiki.get_peft_model` with a `tsugiki.LoraConfig` (fp32 adapters),
+`tsugiki.quant.quantize_model` + `prepare_model_for_kbit_training` for 4-bit
+bases (bitsandbytes NF4 `Linear4bit`, double quantization, bf16 compute,
+quantized on the CPU from random bf16 weights), then the Trainer's
+`apply_dtype_policy` (frozen weights at the compute dtype, trainable ones
+fp32), the forward under `torch.autocast` when the compute dtype is 16-bit,
+the Trainer's fp32 `token_loss_sum`, and AdamW (fused where torch allows, as
+`build_optimizer` does).
 
 Measured = peak RSS of the training step. Linux's `/proc/self/clear_refs`
 resets the high-water mark after the model is built, so the number covers the
 step, not the construction of the random model (a real 4-bit load streams
 shards and never holds the bf16 model). The runtime baseline (Python + torch +
-transformers + peft) is part of the measured RSS, as it is of the estimate.
+transformers + tsugiki) is part of the measured RSS, as it is of the estimate.
 
-Run:  python benchmarks/plan_accuracy.py            (all cases, ~9 min on 2 cores)
+Run:  python benchmarks/plan_accuracy.py            (all cases, ~8 min on 2 cores)
       python benchmarks/plan_accuracy.py --only smollm2-fp32
 """
 
@@ -78,33 +84,13 @@ def _release_freed_memory() -> None:
         pass
 
 
-def _quantize_linears_4bit(model, compute_dtype, double_quant: bool) -> None:
-    """Swap every decoder nn.Linear for a bitsandbytes NF4 Linear4bit, one at a time."""
-    import bitsandbytes as bnb
-    import torch
-
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if not isinstance(child, torch.nn.Linear) or child_name == "lm_head":
-                continue
-            q = bnb.nn.Linear4bit(
-                child.in_features, child.out_features, bias=child.bias is not None,
-                compute_dtype=compute_dtype, compress_statistics=double_quant,
-                quant_type="nf4", device="meta",
-            )
-            q.weight = bnb.nn.Params4bit(
-                child.weight.data, requires_grad=False, quant_type="nf4",
-                compress_statistics=double_quant,
-            ).to("cpu")  # .to() on an unquantized Params4bit quantizes it
-            setattr(module, child_name, q)
-            del child
-
-
 def run_child(spec: dict) -> dict:
     baseline_t0 = time.perf_counter()
     import torch
     import transformers
-    from peft import LoraConfig, get_peft_model
+
+    from tsugiki import LoraConfig, get_peft_model
+    from tsugiki.train.loop import apply_dtype_policy, enable_gradient_checkpointing, token_loss_sum
 
     if spec["quantization"]:
         import bitsandbytes  # noqa: F401  (counted in the runtime baseline, as in real QLoRA)
@@ -115,15 +101,27 @@ def run_child(spec: dict) -> dict:
     cfg = transformers.AutoConfig.for_model(**spec["config"])
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     if spec["quantization"] == "4bit":
-        _quantize_linears_4bit(model, dtype, spec.get("double_quant", True))
-    model.config.use_cache = False
-    if spec["gradient_checkpointing"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from tsugiki.quant import prepare_model_for_kbit_training, quantize_model
+
+        quantize_model(model, bits=4, quant_type="nf4", double_quant=spec.get("double_quant", True),
+                       compute_dtype=torch.bfloat16)
+        # What tsugiki's pipeline does for a quantized base before grafting the adapter.
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec["gradient_checkpointing"])
     lora = LoraConfig(task_type="CAUSAL_LM", target_modules=spec["target_modules"], **spec["lora"])
     model = get_peft_model(model, lora)
+    # What Trainer.prepare() does: dtype policy, then checkpointing, no KV cache.
+    apply_dtype_policy(model, dtype)
+    if spec["gradient_checkpointing"]:
+        enable_gradient_checkpointing(model)
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    try:
+        opt = torch.optim.AdamW(trainable, lr=1e-4, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        opt = torch.optim.AdamW(trainable, lr=1e-4)
     ids = torch.randint(0, cfg.vocab_size, (spec["batch_size"], spec["max_length"]))
+    n_targets = ids[:, 1:].numel()
+    autocast = torch.autocast(device_type="cpu", dtype=dtype, enabled=dtype != torch.float32)
 
     _release_freed_memory()
     built_rss = _rss_bytes("VmRSS")
@@ -131,7 +129,10 @@ def run_child(spec: dict) -> dict:
         f.write("5")  # reset the peak-RSS counter (VmHWM) to the current RSS
     t0 = time.perf_counter()
     for _ in range(spec["steps"]):
-        loss = model(input_ids=ids, labels=ids).loss
+        with autocast:
+            logits = model(input_ids=ids, use_cache=False).logits
+        loss = token_loss_sum(logits, ids) / n_targets
+        del logits
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
