@@ -136,3 +136,17 @@ def test_adapter_on_transformers_4bit_base_loads_in_hf_peft(tmp_path):
         expected = peft_model(ids).logits
         theirs = peft.PeftModel.from_pretrained(load_base(), str(tmp_path / "adapter"))
         torch.testing.assert_close(theirs(ids).logits, expected, atol=1e-4, rtol=0)
+
+
+def test_training_dtype_policy_keeps_kbit_norms_fp32():
+    from tsugiki.train.loop import apply_dtype_policy
+
+    model = quant.quantize_model(kbit_llama(), bits=4, compute_dtype=torch.bfloat16)
+    model = quant.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    peft_model = tsugiki.get_peft_model(model, tsugiki.LoraConfig(r=2))
+    apply_dtype_policy(peft_model, torch.bfloat16)
+    base = peft_model.base_model.model
+    assert base.model.layers[0].input_layernorm.weight.dtype == torch.float32
+    assert base.model.norm.weight.dtype == torch.float32
+    lora_a = base.model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    assert lora_a.dtype == torch.float32 and lora_a.requires_grad

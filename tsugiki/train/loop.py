@@ -110,9 +110,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def apply_dtype_policy(model: nn.Module, dtype: torch.dtype) -> None:
-    """Frozen floating weights -> ``dtype``; trainable weights -> fp32. Quantized (integer) weights are left alone."""
+    """Frozen floating weights -> ``dtype``; trainable weights -> fp32. Quantized (integer) weights are left alone.
+
+    On a 4-bit/8-bit base, frozen fp32 weights stay fp32: ``prepare_model_for_kbit_training``
+    put the small, numerically sensitive ones (norms) there on purpose.
+    """
+    kbit = bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
     for param in model.parameters():
         if not param.is_floating_point():
+            continue
+        if kbit and not param.requires_grad and param.dtype == torch.float32:
             continue
         target = torch.float32 if param.requires_grad else dtype
         if param.dtype != target:
