@@ -16,6 +16,7 @@ Matching follows HF PEFT so configs behave the same:
 from __future__ import annotations
 
 import re
+import sys
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
@@ -66,12 +67,16 @@ def linear_layer_types() -> tuple[type, ...]:
 
 
 def bnb_linear_types() -> tuple[type, ...]:
-    """bitsandbytes' Linear4bit / Linear8bitLt when bitsandbytes is importable, else ()."""
-    try:
-        import bitsandbytes as bnb  # noqa: F401
-    except Exception:  # missing, or no usable backend on this machine
+    """bitsandbytes' Linear4bit / Linear8bitLt if bitsandbytes is loaded, else ().
+
+    A model holding such layers has imported bitsandbytes already, so there is no
+    need to import it here (which is slow and prints backend warnings).
+    """
+    bnb = sys.modules.get("bitsandbytes")
+    nn_module = getattr(bnb, "nn", None)
+    if nn_module is None:
         return ()
-    return (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    return (nn_module.Linear4bit, nn_module.Linear8bitLt)
 
 
 def _output_head_names(model: nn.Module) -> set[str]:
