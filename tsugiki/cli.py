@@ -26,6 +26,9 @@ def _add_model_options(p: argparse.ArgumentParser, adapter_required: bool = Fals
                                                                        " (default: none, the bare base)."))
     p.add_argument("--quantization", choices=("none", "4bit", "8bit"), default="none",
                    help="Load the base quantized with bitsandbytes (default: none).")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="Base weights' dtype: auto = bf16 where the hardware runs it natively (as training "
+                        "does), else fp32 (default: auto).")
     p.add_argument("--template", default=None,
                    help="Prompt template: chat, alpaca, japanese, llama2 or your own string with {instruction} "
                         "and {response} (default: the one saved with the adapter, else the model's chat template).")
@@ -59,7 +62,8 @@ def _load(args: argparse.Namespace):
     from .generation import load_for_inference
 
     quant = None if args.quantization == "none" else args.quantization
-    return load_for_inference(args.model, args.adapter, quantization=quant, template=args.template)
+    return load_for_inference(args.model, args.adapter, quantization=quant, template=args.template,
+                              dtype=args.dtype)
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -177,7 +181,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if quant and args.dequantize == args.requantize:
         raise ValueError(f"merging into a {quant} base: pass --dequantize (an unquantized merged model, exact) "
                          "or --requantize (stays quantized; rounds the merged weights)")
-    loaded = load_for_inference(args.model, args.adapter, quantization=quant)
+    loaded = load_for_inference(args.model, args.adapter, quantization=quant,
+                                dtype=None if args.dtype == "auto" else args.dtype)
     merged = loaded.model.merge_and_unload(safe_merge=True, dequantize=bool(quant) and args.dequantize)
     ensure_directory(args.output, "output folder")
     merged.save_pretrained(args.output)

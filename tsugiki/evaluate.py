@@ -85,7 +85,8 @@ def _prompt_text(row: dict) -> str:
     for key in ("instruction", "prompt"):
         if row.get(key):
             extra = row.get("input") or row.get("context") or ""
-            return row[key] + (f" | {extra}" if extra else "")
+            # The input is what changes from row to row: keep it whole, shorten the instruction.
+            return (_clip(row[key], 40) + f" | {extra}") if extra else row[key]
     messages = row.get("messages") or []
     users = [m.get("content", "") for m in messages if m.get("role") == "user"]
     return users[-1] if users else str(row)

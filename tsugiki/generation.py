@@ -74,9 +74,12 @@ def _adapter_has_tokenizer(folder: str) -> bool:
 
 def load_for_inference(model: Optional[str] = None, adapter: Optional[str] = None,
                        quantization: Optional[str] = None, template: Optional[Union[str, dict]] = None,
-                       dtype: Optional[torch.dtype] = None) -> LoadedModel:
+                       dtype: Optional[str] = "auto") -> LoadedModel:
     """The base model (named, or the adapter's base, or the default) with the adapter if given.
 
+    ``dtype`` is the base weights' dtype: ``"auto"`` (default: bf16 where the hardware runs it
+    natively, as in training, else fp32), ``"bf16"``, ``"fp16"``, ``"fp32"``, or None to keep
+    the dtype the weights load in. Adapter weights stay fp32 on a half-precision base.
     The template is, in order: ``template`` if given, the one saved with the adapter,
     the tokenizer's chat template, the built-in ``alpaca``.
     """
@@ -90,7 +93,11 @@ def load_for_inference(model: Optional[str] = None, adapter: Optional[str] = Non
         base_name = model or config.base_model_name_or_path
     base_name = base_name or DEFAULT_MODEL
     tokenizer = load_tokenizer(adapter if adapter and _adapter_has_tokenizer(adapter) else base_name)
-    base = load_model(base_name, quantization=quantization, dtype=dtype)
+    base = load_model(base_name, quantization=quantization)
+    if dtype is not None and not quantization:
+        from .train.loop import resolve_dtype
+
+        base = base.to(resolve_dtype(dtype, next(base.parameters()).device))
     net: nn.Module = PeftModel.from_pretrained(base, adapter) if adapter else base
     net.eval()
     chosen = None

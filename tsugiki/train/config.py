@@ -86,6 +86,7 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "Clip the global gradient L2 norm to this value (0 = no clipping).")
     neftune_alpha: Optional[float] = _f(None, "NEFTune noise alpha (e.g. 5); None or 0 = off. Training only.")
     dtype: str = _f("auto", "Compute dtype: auto (bf16 where the hardware supports it, else fp32), bf16, fp16 or fp32. Trainable weights and optimizer state stay fp32.")
+    target_logits_only: bool = _f(True, "Compute the output layer only at positions that carry loss: the same loss and gradients as full logits, with less time and memory (Llama-, Qwen-, Mistral-, GPT-2-style models; others always use full logits).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory (slower).")
     seed: int = _f(42, "Random seed: same seed, same data, same config = same adapter.")
     # --- bookkeeping

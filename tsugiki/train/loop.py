@@ -54,9 +54,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.target_logits import (full_logits_loss_sum as token_loss_sum, shifted_targets,
+                                      split_causal_lm, target_logits_loss_sum)
 from ..data import IGNORE_INDEX, Collator, PackedCollator, batch_plan, pack, pad_token_id_for
 from . import distributed
 from .checkpoint import (check_resume_compatible, load_checkpoint, resolve_resume, save_checkpoint,
@@ -184,22 +185,6 @@ def is_oom(err: BaseException) -> bool:
 
 
 # ---------------------------------------------------------------------- batches and loss
-def shifted_targets(labels: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Labels aligned with logits[:, :-1]: position t is scored on label t+1 (-100 = not a target)."""
-    if position_ids is not None:  # a packed sequence's first token is not predictable from the one before
-        labels = labels.masked_fill(position_ids == 0, IGNORE_INDEX)
-    return labels[:, 1:]
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor,
-                   position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Sum (not mean) of next-token cross-entropy over target tokens, computed in fp32."""
-    targets = shifted_targets(labels, position_ids)
-    logits = logits[:, :-1, :].float()
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-
-
 def count_targets(batch: Batch) -> int:
     return int((shifted_targets(batch["labels"], batch.get("position_ids")) != IGNORE_INDEX).sum())
 
@@ -286,7 +271,10 @@ class Trainer:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         if self._pass_use_cache:
             inputs["use_cache"] = False  # packed position_ids are only honoured without a KV cache
+        parts = split_causal_lm(self.model) if self.config.target_logits_only else None
         with self._autocast():
+            if parts is not None:  # the output layer only where a token is scored
+                return target_logits_loss_sum(*parts, inputs, batch["labels"])
             out = self.model(**inputs)
         logits = out.logits if hasattr(out, "logits") else out[0]
         return token_loss_sum(logits, batch["labels"], batch.get("position_ids"))

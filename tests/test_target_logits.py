@@ -1,0 +1,65 @@
+"""The target-positions-only output layer equals the full-logits reference: loss and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tsugiki
+from tsugiki.kernels.target_logits import full_logits_loss_sum, split_causal_lm, target_logits_loss_sum
+from tiny_models import randomize_adapters, tiny_bert_classifier, tiny_gpt2, tiny_llama
+
+
+def _batch(seed=0, batch=3, length=11, vocab=64):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, length), generator=g)
+    labels = ids.clone()
+    labels[:, :4] = -100  # a masked prompt
+    labels[1, 8:] = -100  # a padded row
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    return {"input_ids": ids, "attention_mask": mask}, labels
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("make, config", [
+    (tiny_llama, dict(r=4, target_modules="all-linear", modules_to_save=["lm_head"])),
+    (tiny_gpt2, dict(r=4)),
+])
+def test_loss_and_gradients_equal_the_full_logits_reference(make, config):
+    model = tsugiki.get_peft_model(make(), tsugiki.LoraConfig(**config))
+    randomize_adapters(model)
+    inputs, labels = _batch()
+    parts = split_causal_lm(model)
+    assert parts is not None
+
+    reference = full_logits_loss_sum(model(**inputs).logits, labels)
+    reference.backward()
+    expected = _grads(model)
+    model.zero_grad()
+    fast = target_logits_loss_sum(*parts, inputs, labels)
+    fast.backward()
+    got = _grads(model)
+
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-6)
+    assert set(got) == set(expected) and len(got) >= 4
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5)
+
+
+def test_packed_rows_never_score_a_sequence_start():
+    model = tiny_llama()
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(1))
+    position_ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2]])
+    labels = ids.clone()
+    inputs = {"input_ids": ids, "position_ids": position_ids}
+    reference = full_logits_loss_sum(model(**inputs).logits, labels, position_ids)
+    fast = target_logits_loss_sum(*split_causal_lm(model), inputs, labels)
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-6)
+
+
+def test_models_without_a_plain_head_use_the_reference():
+    assert split_causal_lm(tiny_bert_classifier()) is None

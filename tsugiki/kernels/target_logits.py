@@ -1,0 +1,81 @@
+"""Next-token loss with the output layer applied only where a token is scored.
+
+In instruction tuning most positions carry no loss (the prompt is masked), yet
+the usual path computes logits for every position: a (batch, length, vocab)
+tensor, kept for the backward pass, that often dominates a small model's
+memory and a good part of its time. The loss only needs the rows whose next
+token is a target, so
+
+    loss_sum = sum over targets t of  -log softmax(head(h_t))[y_{t+1}]
+
+is computed from ``head(hidden[selected])`` alone: the same value and the same
+gradients as the reference :func:`full_logits_loss_sum`, with
+``N_targets x vocab`` logits instead of ``B x T x vocab``.
+
+The split into a decoder body and an output head holds for architectures whose
+logits are exactly ``head(last hidden state)``; :func:`split_causal_lm` names
+them and returns ``None`` for the rest (logit soft-capping, logit scaling), which
+then use the reference path.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+# model_type values whose CausalLM forward is logits = lm_head(body(...)[0]), nothing else.
+PLAIN_HEAD_MODEL_TYPES = frozenset({
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gpt2", "phi3",
+    "olmo", "olmo2", "smollm3", "stablelm", "starcoder2", "gpt_neox", "gptj",
+})
+
+
+def split_causal_lm(model: nn.Module) -> Optional[tuple[nn.Module, nn.Module]]:
+    """``(body, head)`` of a causal LM (or a PeftModel around one) with plain logits, else None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
+        return None
+    prefix = getattr(base, "base_model_prefix", "")
+    body = getattr(base, prefix, None) if prefix else None
+    get_head = getattr(base, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if not isinstance(body, nn.Module) or not isinstance(head, nn.Module):
+        return None
+    return body, head
+
+
+def shifted_targets(labels: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per position t, the label of token t+1 (-100 where nothing is scored), shape (B, T).
+
+    In a packed row a sequence's first token cannot be predicted from the previous
+    sequence, so it is never a target.
+    """
+    if position_ids is not None:
+        labels = labels.masked_fill(position_ids == 0, IGNORE_INDEX)
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    return targets
+
+
+def full_logits_loss_sum(logits: torch.Tensor, labels: torch.Tensor,
+                         position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Reference: summed next-token cross-entropy from full (B, T, V) logits, in fp32."""
+    targets = shifted_targets(labels, position_ids)
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def target_logits_loss_sum(body: nn.Module, head: nn.Module, inputs: dict[str, torch.Tensor],
+                           labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy computing ``head`` only at scored positions (fp32 loss)."""
+    hidden = body(**inputs)[0]  # (B, T, H)
+    targets = shifted_targets(labels, inputs.get("position_ids"))
+    selected = targets != IGNORE_INDEX
+    logits = head(hidden[selected])  # (N, V): N scored positions only
+    return F.cross_entropy(logits.float(), targets[selected], reduction="sum")
