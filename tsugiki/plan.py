@@ -33,7 +33,7 @@ and adds up what one training step holds at its peak::
   (measured 401 MiB with torch 2.13 / transformers 5.24), or the CUDA context.
 
 The CPU constants are calibrated by ``benchmarks/plan_accuracy.py`` (results in
-``benchmarks/PLAN_RESULTS.md``); the CUDA ones are not measured there.
+``benchmarks/README.md``); the CUDA ones are not measured there.
 Assumptions: no padding attention mask (SDPA's causal path), the optimizer
 states exist (any step after the first), loading transients are not counted.
 """
@@ -56,7 +56,7 @@ _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MiB = 1024**2
 GiB = 1024**3
 
-# Calibrated on CPU (see benchmarks/PLAN_RESULTS.md); CUDA values are typical, not measured here.
+# Calibrated on CPU (see benchmarks/README.md); CUDA values are typical, not measured here.
 RUNTIME_BYTES = {"cpu": 401 * MiB, "cuda": 500 * MiB}
 SLACK_FRACTION = {"cpu": 0.40, "cuda": 0.10}
 LOGITS_FP32_COPIES = 3
