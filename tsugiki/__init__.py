@@ -15,6 +15,7 @@ from .auto import (
 )
 from .config import PeftConfig, PeftType, TaskType
 from .inject import find_all_linear_names
+from .methods.adalora import AdaLoraConfig, AdaLoraModel
 from .methods.lora import LoraConfig, LoraModel
 from .model import (
     PeftModel,
@@ -53,6 +54,7 @@ def __getattr__(name: str):
     return module if attr is None else getattr(module, attr)
 
 __all__ = [
+    "AdaLoraConfig", "AdaLoraModel",
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
     "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification", "LoraConfig", "LoraModel", "PeftConfig", "PeftModel",

@@ -203,6 +203,7 @@ class PeftModel(nn.Module):
             config = self.peft_config[name]
             state = adapter_io.adapter_state_dict(self, name, self.base_model.adapter_attr_names(),
                                                   getattr(config, "bias", "none"))
+            state = self.base_model.adapter_state_to_save(name, state)
             adapter_io.save_adapter_weights(state, folder)
             saved = copy.deepcopy(config)
             saved.inference_mode = True

@@ -286,6 +286,11 @@ class BaseTuner(nn.Module):
         parts = param_name.split(".")
         return any(p in self.adapter_attr_names() or p == "modules_to_save" for p in parts)
 
+    def adapter_state_to_save(self, adapter_name: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The tensors ``save_pretrained`` writes for ``adapter_name`` (file keys); a method whose file form
+        differs from its in-memory one overrides this (AdaLoRA drops its pruned ranks)."""
+        return state
+
     def adapter_attr_names(self) -> tuple[str, ...]:
         names: list[str] = []
         for cls in self.layer_classes:
