@@ -15,7 +15,10 @@ from .auto import (
 )
 from .config import PeftConfig, PeftType, TaskType
 from .inject import find_all_linear_names
+from .methods.adaption_prompt import AdaptionPromptConfig, AdaptionPromptModel
 from .methods.adalora import AdaLoraConfig, AdaLoraModel
+from .methods.bottleneck import BottleneckConfig, BottleneckModel
+from .methods.ia3 import IA3Config, IA3Model
 from .methods.lora import LoraConfig, LoraModel
 from .model import (
     PeftModel,
@@ -54,6 +57,8 @@ def __getattr__(name: str):
     return module if attr is None else getattr(module, attr)
 
 __all__ = [
+    "AdaptionPromptConfig", "AdaptionPromptModel", "BottleneckConfig", "BottleneckModel",
+    "IA3Config", "IA3Model",
     "AdaLoraConfig", "AdaLoraModel",
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
     "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
