@@ -189,6 +189,9 @@ class BottleneckLayer(AdapterLayer, nn.Module):
             return out
         hidden = out[0] if isinstance(out, tuple) else out
         x = args[0] if args else kwargs.get("hidden_states", kwargs.get("input"))
+        if x is None and "parallel" in self.adapter_type.values():
+            raise ValueError(f"parallel bottleneck adapter around {type(self.base_layer).__name__}: cannot find its "
+                             "input (pass it first or as hidden_states=); target another module")
         mixed = self._check_mixed_batch()
         if mixed is not None:
             hidden = hidden.clone()
