@@ -278,7 +278,7 @@ def test_target_selection_rules():
     (dict(layers_pattern="layers"), "layers_pattern='layers'"),
     (dict(rank_pattern={"q_proj": 0}), "rank_pattern['q_proj']=0"),
     (dict(task_type="CAUSAL"), "task_type='CAUSAL'"),
-    (dict(use_dora=True), "use_dora=True"),
+    (dict(lora_bias=True), "lora_bias=True"),
 ])
 def test_invalid_config_values_are_rejected(kwargs, culprit):
     with pytest.raises(ValueError) as info:

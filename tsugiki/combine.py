@@ -288,6 +288,9 @@ def _check_args(peft_model, adapters, weights, adapter_name, combination_type, s
     for a in adapters:
         if not isinstance(known[a], LoraConfig):
             raise ValueError(f"adapter {a!r} is {known[a].peft_type}; only LoRA adapters can be combined")
+        if known[a].use_dora:
+            raise ValueError(f"adapter {a!r} is a DoRA adapter; its magnitude vector cannot be combined, "
+                             "only plain LoRA adapters can")
     if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank <= 0):
         raise ValueError(f"svd_rank={svd_rank!r} must be a positive integer (or None for the largest source rank)")
     if svd_clamp is not None and not (isinstance(svd_clamp, (int, float)) and 0 <= svd_clamp <= 1):

@@ -1,4 +1,4 @@
-"""LoRA: low-rank adaptation (Hu et al., 2021), with rsLoRA scaling and PiSSA init.
+"""LoRA: low-rank adaptation (Hu et al., 2021), with rsLoRA scaling, PiSSA init and DoRA.
 
 A frozen weight ``W0`` (out x in) gets a trainable low-rank update::
 
@@ -9,9 +9,19 @@ wrapped model first computes exactly what the base did. Merging adds
 ``s * B A`` to ``W0`` (computed in fp32, whatever the weight's dtype), which
 makes inference cost nothing extra; unmerging subtracts it again.
 
+DoRA (Liu et al., 2024; ``use_dora=True``) splits the adapted weight into a
+direction and a trainable magnitude ``m`` (one entry per output row)::
+
+    W' = m * (W0 + s B A) / ||W0 + s B A||_c,     m initialised to ||W0 + s B A||_c (= ||W0||_c)
+
+where ``||.||_c`` is the L2 norm of each output row of the (out x in) weight. As
+the paper suggests (section 4.3), the norm is treated as a constant: it gets no
+gradient, so ``m``, ``A`` and ``B`` learn only through the numerator.
+
 Layers covered: ``nn.Linear``, ``nn.Embedding``, transformers' GPT-2 ``Conv1D``
 (weight stored in x out, i.e. ``fan_in_fan_out``), and bitsandbytes
-``Linear4bit`` / ``Linear8bitLt`` (QLoRA).
+``Linear4bit`` / ``Linear8bitLt`` (QLoRA). DoRA covers the linear-like layers,
+not embeddings.
 """
 
 from __future__ import annotations
@@ -56,7 +66,9 @@ class LoraConfig(PeftConfig):
         init_lora_weights: ``True`` (A Kaiming-uniform, B zero), ``"gaussian"`` (A ~ N(0, 1/r)),
             ``"pissa"`` / ``"pissa_niter_<k>"`` (A, B from the top-r singular vectors of W; W keeps
             the residual), or ``False`` (both random: the adapter is not a no-op; for tests).
-        use_dora, lora_bias: accepted so HF PEFT files load; must be ``False`` here.
+        use_dora: weight-decomposed LoRA (DoRA, see the module docstring); linear-like layers only
+            (default False).
+        lora_bias: accepted so HF PEFT files load; must be ``False`` here.
     """
 
     peft_type_name = PeftType.LORA.value
@@ -125,8 +137,8 @@ class LoraConfig(PeftConfig):
         for key, pattern in self.alpha_pattern.items():
             if not isinstance(pattern, (int, float)) or pattern <= 0:
                 raise ValueError(f"LoraConfig: alpha_pattern[{key!r}]={pattern!r} must be a positive number")
-        if self.use_dora:
-            raise bad("use_dora", "DoRA is not available in this version of tsugiki; use plain LoRA")
+        if not isinstance(self.use_dora, bool):
+            raise bad("use_dora", "must be True or False")
         if self.lora_bias:
             raise bad("lora_bias", "a LoRA bias term is not available in this version of tsugiki")
 
@@ -189,12 +201,16 @@ class LoraLayer(AdapterLayer):
             out = result.clone()
             for name, rows in rows_per_adapter(mixed, x.shape[0]).items():
                 if name in self.adapter_names:
-                    out[rows] = out[rows] + self._lora_out(x[rows], name).to(result.dtype)
+                    out[rows] = out[rows] + self._adapter_out(x[rows], name, result[rows]).to(result.dtype)
             return out
         name = self.active_adapter
         if self.merged or name not in self.adapter_names:
             return result
-        return result + self._lora_out(x, name).to(result.dtype)
+        return result + self._adapter_out(x, name, result).to(result.dtype)
+
+    def _adapter_out(self, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
+        """What adapter ``name`` adds to the base output ``base_out`` (DoRA needs to see it)."""
+        return self._lora_out(x, name)
 
     # merge/unmerge: subclasses give get_delta_weight() in the base weight's layout.
     def merge(self, name: str, safe_merge: bool = False) -> None:
@@ -232,23 +248,28 @@ class LoraLayer(AdapterLayer):
 class LoraLinear(LoraLayer, nn.Module):
     """LoRA around a linear-like layer: nn.Linear, Conv1D, or a bitsandbytes k-bit linear."""
 
-    adapter_param_names = ("lora_A", "lora_B")
+    # lora_magnitude_vector holds DoRA's m only for adapters made with use_dora=True.
+    adapter_param_names = ("lora_A", "lora_B", "lora_magnitude_vector")
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
         super().__init__()
         self._init_lora(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self._dora_merge_factor: dict[str, torch.Tensor] = {}  # m / norm used at merge, to undo it
         self.fan_in_fan_out = fan_in_fan_out
         self.in_features, self.out_features = _linear_shape(base_layer, fan_in_fan_out)
 
     def update_layer(self, name: str, r: int, alpha: float, dropout: float, init: Union[bool, str],
-                     use_rslora: bool) -> None:
+                     use_rslora: bool, use_dora: bool = False) -> None:
         self._record(name, r, alpha, dropout, use_rslora)
         kw = {"dtype": self._adapter_dtype(), "device": self._base_device()}
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **kw)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **kw)
         self.reset_parameters(name, init)
+        if use_dora:
+            self._init_dora(name)
 
     def reset_parameters(self, name: str, init: Union[bool, str]) -> None:
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
@@ -293,6 +314,94 @@ class LoraLinear(LoraLayer, nn.Module):
         A = self.lora_A[name]
         x = x.to(A.weight.dtype)
         return self.lora_B[name](A(self.lora_dropout[name](x))) * self.scaling[name]
+
+    # -- DoRA -------------------------------------------------------------------------------
+    def _weight_out_in(self) -> torch.Tensor:
+        """The base weight as an (out, in) tensor (dequantized for k-bit bases; a view otherwise)."""
+        base = self.base_layer
+        if isinstance(base, bnb_linear_types()):
+            from ..quant import dequantize_weight
+
+            return dequantize_weight(base)
+        w = base.weight
+        return w.T if self.fan_in_fan_out else w
+
+    def _set_weight_out_in(self, weight: torch.Tensor) -> None:
+        base = self.base_layer
+        if isinstance(base, bnb_linear_types()):
+            from ..quant import requantize_like
+
+            requantize_like(base, weight)
+            return
+        w = base.weight
+        with torch.no_grad():
+            w.data = (weight.T if self.fan_in_fan_out else weight).to(w.dtype).contiguous()
+
+    def _dora_norm(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """``||W0 + s B A||`` per output row, without gradient (DoRA paper, section 4.3)."""
+        with torch.no_grad():
+            A, B = self.lora_A[name].weight, self.lora_B[name].weight
+            weight = self._weight_out_in().to(dtype) + self.scaling[name] * (B.to(dtype) @ A.to(dtype))
+            return torch.linalg.norm(weight, dim=1)
+
+    def _init_dora(self, name: str) -> None:
+        A = self.lora_A[name].weight
+        if A.is_meta:
+            self.lora_magnitude_vector[name] = nn.Parameter(torch.empty(self.out_features, dtype=A.dtype,
+                                                                        device="meta"))
+            return
+        self.lora_magnitude_vector[name] = nn.Parameter(self._dora_norm(name, A.dtype))
+
+    def _adapter_out(self, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
+        if name not in self.lora_magnitude_vector:
+            return self._lora_out(x, name)
+        # DoRA: m/n * (W x + s B A x) - W x, added to the base output.
+        A, B = self.lora_A[name], self.lora_B[name]
+        dropout, s = self.lora_dropout[name], self.scaling[name]
+        factor = self.lora_magnitude_vector[name] / self._dora_norm(name, A.weight.dtype)  # (out,)
+        x = x.to(A.weight.dtype)
+        if isinstance(dropout, nn.Identity) or not self.training:
+            bias = getattr(self.base_layer, "bias", None)
+            plain = base_out if bias is None else base_out - bias  # reuse W x from the base call
+            plain = plain.to(A.weight.dtype)
+        else:
+            # the dropped-out input goes through both W and B A, so recompute W x on it
+            x = dropout(x)
+            plain = F.linear(x, self._weight_out_in().to(A.weight.dtype))
+        return (factor - 1) * plain + factor * B(A(x)) * s
+
+    def merge(self, name: str, safe_merge: bool = False) -> None:
+        if name in self.merged_adapters:
+            return
+        dora = [n for n in self.merged_adapters + [name] if n in self.lora_magnitude_vector]
+        if dora and self.merged_adapters:
+            # DoRA's norm is of W0 + s B A; stacking merges would change which W0 it sees.
+            raise ValueError(f"cannot merge adapter {name!r} on top of {self.merged_adapters}: a DoRA adapter "
+                             f"({dora[0]!r}) is merged alone; unmerge the others first")
+        if name not in self.lora_magnitude_vector:
+            return super().merge(name, safe_merge)
+        weight = self._weight_out_in().float()
+        norm = self._dora_norm(name, torch.float32)
+        factor = self.lora_magnitude_vector[name].detach().float() / norm
+        new = factor[:, None] * (weight + self._delta_out_in(name))
+        if safe_merge and not torch.isfinite(new).all():
+            raise ValueError(f"refusing to merge DoRA adapter {name!r}: the merged weight contains NaN/Inf "
+                             f"(layer {type(self.base_layer).__name__} {tuple(new.shape)})")
+        self._set_weight_out_in(new)
+        self._dora_merge_factor[name] = factor
+        self.merged_adapters.append(name)
+
+    def unmerge(self, name: Optional[str] = None) -> None:
+        if name is None or name not in self._dora_merge_factor:
+            return super().unmerge(name)
+        factor = self._dora_merge_factor.pop(name)
+        weight = self._weight_out_in().float()
+        self._set_weight_out_in(weight / factor[:, None] - self._delta_out_in(name))
+        self.merged_adapters.remove(name)
+
+    def _delta_out_in(self, name: str) -> torch.Tensor:
+        delta = self.get_delta_weight(name)
+        return delta.T if self.fan_in_fan_out else delta
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, fan_in_fan_out={self.fan_in_fan_out}"
@@ -384,6 +493,9 @@ class LoraModel(BaseTuner):
         init = config.init_lora_weights if init_weights else False
         for name in targets:
             target = self.model.get_submodule(name)
+            if config.use_dora and isinstance(target, (nn.Embedding, LoraEmbedding)):
+                raise ValueError(f"use_dora=True: DoRA is not available for embedding layers ({name}); "
+                                 "leave embeddings out of target_modules, or use plain LoRA for them")
             r, alpha = config.rank_and_alpha(name)
             if isinstance(target, (LoraLinear, LoraEmbedding)):
                 layer = target
@@ -396,7 +508,11 @@ class LoraModel(BaseTuner):
                                   stacklevel=4)
                     fan_in_fan_out = config.fan_in_fan_out = True
                 layer = LoraLinear(target, fan_in_fan_out=fan_in_fan_out)
-            layer.update_layer(adapter_name, r, alpha, config.lora_dropout, init, config.use_rslora)
+            if isinstance(layer, LoraLinear):
+                layer.update_layer(adapter_name, r, alpha, config.lora_dropout, init, config.use_rslora,
+                                   use_dora=config.use_dora)
+            else:
+                layer.update_layer(adapter_name, r, alpha, config.lora_dropout, init, config.use_rslora)
             layer.set_adapter(self.active_adapter, trainable=False)
             if layer is not target:
                 replace_module(self.model, name, layer)
@@ -417,9 +533,22 @@ class LoraModel(BaseTuner):
 @register_method("lora", "qlora")
 def lora_from_train_config(cfg: Any, base_name: str) -> LoraConfig:
     """LoRA for ``tsugiki train``: the ``lora_*`` keys, plus any other LoraConfig option in ``method_args``."""
+    return _lora_config_for_training(cfg, base_name, cfg.method_args)
+
+
+@register_method("dora")
+def dora_from_train_config(cfg: Any, base_name: str) -> LoraConfig:
+    """DoRA for ``tsugiki train``: LoRA's keys with ``use_dora=True``."""
+    args = dict(cfg.method_args or {})
+    if args.pop("use_dora", True) is not True:
+        raise ValueError("method_args: use_dora must stay True for method 'dora'; use method 'lora' for plain LoRA")
+    return _lora_config_for_training(cfg, base_name, args, use_dora=True)
+
+
+def _lora_config_for_training(cfg: Any, base_name: str, method_args: Optional[dict], **extra: Any) -> LoraConfig:
     targets = cfg.target_modules
     if targets and len(targets) == 1 and targets[0] == "all-linear":
         targets = "all-linear"
     return config_from_method_args(
-        LoraConfig, cfg.method_args, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=targets or None, task_type="CAUSAL_LM", base_model_name_or_path=base_name)
+        LoraConfig, method_args, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=targets or None, task_type="CAUSAL_LM", base_model_name_or_path=base_name, **extra)

@@ -1,0 +1,179 @@
+"""DoRA (LoraConfig(use_dora=True)): W' = m * (W0 + s B A) / ||W0 + s B A||, the norm taken per output row."""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tsugiki
+from helpers_adapters import (check_generate, check_interop, check_merge, check_save_load_exact, logits,
+                              randomize, train_and_check, train_tiny_cli)
+from tiny_models import tiny_gpt2, tiny_llama, token_batch
+from tsugiki.methods.lora import LoraConfig, LoraLinear
+
+MARKERS = ("lora_",)
+
+
+def _model(make=tiny_llama, **kwargs):
+    kwargs.setdefault("target_modules", ["q_proj", "v_proj", "down_proj"] if make is tiny_llama else None)
+    return tsugiki.get_peft_model(make(), LoraConfig(r=4, lora_alpha=8, use_dora=True, task_type="CAUSAL_LM",
+                                                     **kwargs))
+
+
+def _dora_reference(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
+    """The formula written out: m / ||W + sBA||_rows (a constant) times (W + sBA) x, plus the bias."""
+    W = layer.base_layer.weight
+    W = W.T if layer.fan_in_fan_out else W  # (out, in)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    adapted = W + layer.scaling["default"] * B @ A
+    norm = torch.linalg.norm(adapted, dim=1).detach()
+    out = x @ (layer.lora_magnitude_vector["default"][:, None] * adapted / norm[:, None]).T
+    bias = layer.base_layer.bias
+    return out if bias is None else out + bias
+
+
+def test_magnitude_starts_at_the_row_norm_and_changes_nothing():
+    model = _model()
+    layer = model.base_model.model.model.layers[0].mlp.down_proj  # Linear(32 -> 16)
+    m = layer.lora_magnitude_vector["default"]
+    assert m.shape == (16,) and m.requires_grad
+    torch.testing.assert_close(m, torch.linalg.norm(layer.base_layer.weight, dim=1))
+    torch.testing.assert_close(logits(model, token_batch()), logits(tiny_llama(), token_batch()), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("make, path", [(tiny_llama, "model.layers.1.self_attn.q_proj"),
+                                        (tiny_gpt2, "transformer.h.0.attn.c_attn")])
+def test_output_and_gradients_follow_the_formula(make, path):
+    model = _model(make)
+    randomize(model, MARKERS)
+    layer = model.base_model.model.get_submodule(path)
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.lora_magnitude_vector["default"]]
+    out = layer(x)
+    ref = _dora_reference(layer, x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(out, params, g)
+    want = torch.autograd.grad(ref, params, g)  # the norm is detached, as in the DoRA paper
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_only_dora_trains_and_loss_falls():
+    model = _model()
+    train_and_check(model)
+    magnitudes = [p for n, p in model.named_parameters() if "lora_magnitude_vector" in n]
+    assert magnitudes and all(p.requires_grad for p in magnitudes)
+
+
+def test_save_load_round_trip_is_exact_with_hf_keys(tmp_path):
+    model = _model(target_modules="all-linear", rank_pattern={"o_proj": 2})
+    randomize(model, MARKERS)
+    check_save_load_exact(model, tiny_llama, tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.mlp.down_proj.lora_magnitude_vector"
+    assert saved[key].shape == (16,)
+    assert sum(k.endswith("lora_magnitude_vector") for k in saved) == 14  # 7 linear layers x 2 blocks
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_merge_unmerge_and_merge_and_unload(make):
+    model = _model(make)
+    randomize(model, MARKERS)
+    check_merge(model, LoraLinear)
+
+
+def test_dora_merges_alone():
+    model = _model(target_modules=["q_proj"])
+    model.add_adapter("plain", LoraConfig(r=2, target_modules=["q_proj"]))
+    model.merge_adapter(["plain"])
+    with pytest.raises(ValueError, match="DoRA adapter .'default'. is merged alone"):
+        model.merge_adapter(["default"])
+
+
+def test_generate():
+    model = _model()
+    randomize(model, MARKERS)
+    check_generate(model)
+
+
+@pytest.mark.parametrize("make, kwargs", [
+    (tiny_llama, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
+    (tiny_llama, dict(r=2, lora_alpha=4, target_modules="all-linear", use_rslora=True,
+                      rank_pattern={"o_proj": 3}, modules_to_save=["lm_head"])),
+    (tiny_gpt2, dict(r=4, lora_alpha=8)),
+])
+def test_interop_with_hf_peft(make, kwargs, tmp_path):
+    kwargs = dict(kwargs, use_dora=True, task_type="CAUSAL_LM")
+    check_interop(make, LoraConfig(**kwargs), peft.LoraConfig(**kwargs), MARKERS + ("modules_to_save",), tmp_path)
+
+
+def test_training_mode_dropout_matches_hf_peft(tmp_path):
+    # With dropout, both W and B A see the dropped-out input (the base call does not).
+    model = _model(lora_dropout=0.3)
+    randomize(model, MARKERS)
+    model.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path), is_trainable=True)
+    ids = token_batch()
+    model.train()
+    theirs.train()
+    torch.manual_seed(0)
+    ours_out = model(input_ids=ids).logits
+    torch.manual_seed(0)
+    torch.testing.assert_close(ours_out, theirs(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_mixed_adapter_batch():
+    model = _model(target_modules=["q_proj", "v_proj"])
+    model.add_adapter("other", LoraConfig(r=2, use_dora=True, target_modules=["q_proj", "v_proj"]))
+    randomize(model, MARKERS)
+    ids = token_batch(batch=3)
+    mixed = model(input_ids=ids, adapter_names=["other", "default", "__base__"]).logits.detach()
+    want = [None, logits(model, ids[1:2]), None]
+    model.set_adapter("other")
+    want[0] = logits(model, ids[:1])
+    with model.disable_adapter():
+        want[2] = logits(model, ids[2:])
+    torch.testing.assert_close(mixed, torch.cat(want), atol=1e-5, rtol=0)
+
+
+def test_kbit_base():
+    quant = pytest.importorskip("tsugiki.quant")
+    pytest.importorskip("bitsandbytes")
+    base = quant.quantize_model(tiny_llama(hidden_size=64, intermediate_size=128), bits=4,
+                                compute_dtype=torch.float32)
+    model = tsugiki.get_peft_model(base, LoraConfig(r=4, use_dora=True, target_modules=["q_proj"]))
+    randomize(model, MARKERS)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 64)
+    A, B, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+    norm = torch.linalg.norm(quant.dequantize_weight(layer.base_layer) + s * B @ A, dim=1)
+    factor = layer.lora_magnitude_vector["default"] / norm
+    # W x through the 4-bit kernel itself (it rounds differently from a dequantized matmul)
+    expected = factor * (layer.base_layer(x) + s * x @ A.T @ B.T)
+    torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_train_cli_method_dora(tmp_path):
+    saved = train_tiny_cli(tmp_path, "dora", {"use_rslora": True})
+    assert saved["peft_type"] == "LORA" and saved["use_dora"] is True and saved["use_rslora"] is True
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="DoRA is not available for embedding layers .model.embed_tokens."):
+        _model(target_modules=["q_proj", "embed_tokens"])
+    model = _model(target_modules=["q_proj"])
+    with pytest.raises(ValueError, match="'default' is a DoRA adapter"):
+        model.add_weighted_adapter(["default"], [1.0], "combined")
+    with pytest.raises(ValueError, match="use_dora='yes'"):
+        LoraConfig(use_dora="yes")
+    from types import SimpleNamespace
+
+    from tsugiki.config import METHOD_BUILDERS
+
+    cfg = SimpleNamespace(method_args={"use_dora": False}, target_modules=None, lora_r=4, lora_alpha=8,
+                          lora_dropout=0.0)
+    with pytest.raises(ValueError, match="use_dora must stay True"):
+        METHOD_BUILDERS["dora"](cfg, "base")
