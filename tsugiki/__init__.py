@@ -19,6 +19,8 @@ from .methods.adaption_prompt import AdaptionPromptConfig, AdaptionPromptModel
 from .methods.adalora import AdaLoraConfig, AdaLoraModel
 from .methods.bottleneck import BottleneckConfig, BottleneckModel
 from .methods.ia3 import IA3Config, IA3Model
+from .methods.loha import LoHaConfig, LoHaModel
+from .methods.lokr import LoKrConfig, LoKrModel
 from .methods.lora import LoraConfig, LoraModel
 from .model import (
     PeftModel,
@@ -59,6 +61,7 @@ def __getattr__(name: str):
 __all__ = [
     "AdaptionPromptConfig", "AdaptionPromptModel", "BottleneckConfig", "BottleneckModel",
     "IA3Config", "IA3Model",
+    "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel",
     "AdaLoraConfig", "AdaLoraModel",
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
     "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
