@@ -229,8 +229,7 @@ class PeftModel(nn.Module):
                 f"adapter {folder!r} does not fit {type(model).__name__}: {err}. It was made for "
                 f"{config.base_model_name_or_path or 'another model'}; load it onto that architecture"
             ) from err
-        adapter_io.load_adapter_weights(peft_model, state, adapter_name,
-                                        peft_model.base_model.adapter_attr_names(), folder, strict=strict)
+        _load_weights(peft_model, state, adapter_name, folder, strict)
         if not is_trainable:
             peft_model.eval()
         return peft_model
@@ -246,11 +245,22 @@ class PeftModel(nn.Module):
         state = adapter_io.read_adapter_weights(folder, allow_pickle=allow_pickle)
         self.add_adapter(adapter_name, config, _init_weights=False)
         try:
-            adapter_io.load_adapter_weights(self, state, adapter_name, self.base_model.adapter_attr_names(),
-                                            folder, strict=strict)
+            _load_weights(self, state, adapter_name, folder, strict)
         except BaseException:
             self.delete_adapter(adapter_name)  # leave the model as it was
             raise
+
+
+def _load_weights(peft_model: PeftModel, state: dict[str, torch.Tensor], adapter_name: str, folder: str,
+                  strict: bool) -> None:
+    """Copy file tensors into the adapter; a tuner whose file keys are not its parameter names
+    (prompt learning: ``prompt_embeddings``) loads them itself with ``load_adapter_state_dict``."""
+    tuner = peft_model.base_model
+    if hasattr(type(tuner), "load_adapter_state_dict"):
+        tuner.load_adapter_state_dict(state, adapter_name, folder, strict=strict)
+    else:
+        adapter_io.load_adapter_weights(peft_model, state, adapter_name, tuner.adapter_attr_names(), folder,
+                                        strict=strict)
 
 
 def _write_model_card(folder: str, config: PeftConfig, state: dict[str, torch.Tensor]) -> None:

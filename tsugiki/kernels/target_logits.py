@@ -37,6 +37,11 @@ PLAIN_HEAD_MODEL_TYPES = frozenset({
 
 def split_causal_lm(model: nn.Module) -> Optional[tuple[nn.Module, nn.Module]]:
     """``(body, head)`` of a causal LM (or a PeftModel around one) with plain logits, else None."""
+    from ..tuner import BaseTuner
+
+    tuner = getattr(model, "base_model", None)
+    if isinstance(tuner, BaseTuner) and type(tuner).forward is not BaseTuner.forward:
+        return None  # the method rewrites the inputs (prompt learning): only its own forward is right
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
     if getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
