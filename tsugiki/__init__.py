@@ -22,6 +22,15 @@ from .methods.ia3 import IA3Config, IA3Model
 from .methods.loha import LoHaConfig, LoHaModel
 from .methods.lokr import LoKrConfig, LoKrModel
 from .methods.lora import LoraConfig, LoraModel
+from .methods.prefix import PrefixTuningConfig, PrefixTuningModel
+from .methods.prompt import (
+    MultitaskPromptTuningConfig,
+    MultitaskPromptTuningModel,
+    PromptEncoderConfig,
+    PromptEncoderModel,
+    PromptTuningConfig,
+    PromptTuningModel,
+)
 from .model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -63,6 +72,8 @@ __all__ = [
     "IA3Config", "IA3Model",
     "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel",
     "AdaLoraConfig", "AdaLoraModel",
+    "MultitaskPromptTuningConfig", "MultitaskPromptTuningModel", "PrefixTuningConfig", "PrefixTuningModel",
+    "PromptEncoderConfig", "PromptEncoderModel", "PromptTuningConfig", "PromptTuningModel",
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
     "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification", "LoraConfig", "LoraModel", "PeftConfig", "PeftModel",
