@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
 from typing import Any, Iterator, Optional, Sequence
 
@@ -263,6 +264,25 @@ def _load_weights(peft_model: PeftModel, state: dict[str, torch.Tensor], adapter
                                         strict=strict)
 
 
+def _card_settings(config: PeftConfig) -> dict[str, Any]:
+    """The method's settings worth showing: target modules plus every field not at its default."""
+    skip = {f.name for f in dataclasses.fields(PeftConfig)}
+    shown: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        if f.name in skip or f.name.startswith("_"):
+            continue
+        value = getattr(config, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if value in (None, [], {}) or (value == default and f.name != "target_modules"):
+            continue
+        shown[f.name] = value
+    for key in ("r", "lora_alpha"):  # the defining numbers, even when left at their defaults
+        if hasattr(config, key):
+            shown.setdefault(key, getattr(config, key))
+    return dict(sorted(shown.items()))
+
+
 def _write_model_card(folder: str, config: PeftConfig, state: dict[str, torch.Tensor]) -> None:
     """A short README.md so the folder is ready to publish; never replaces a user's own card."""
     path = os.path.join(folder, "README.md")
@@ -271,9 +291,7 @@ def _write_model_card(folder: str, config: PeftConfig, state: dict[str, torch.Te
             if CARD_MARKER not in fh.read():
                 return
     n_params = sum(t.numel() for t in state.values())
-    settings = {k: v for k, v in config.to_dict().items()
-                if k in ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "bias",
-                         "modules_to_save", "init_lora_weights") and v not in (None, [], {})}
+    settings = _card_settings(config)
     front = ["---", "library_name: tsugiki"]
     if config.base_model_name_or_path:
         front.append(f"base_model: {config.base_model_name_or_path}")
