@@ -9,6 +9,10 @@ A checkpoint ``output_dir/checkpoint-{step}/`` holds:
     train_config.yaml      the resolved config
     COMPLETE               written last; a folder without it is never resumed from
 
+Under FSDP (:mod:`tsugiki.train.fsdp`) the same files hold whole tensors, gathered
+from the shards by every rank and written by rank 0, so a checkpoint written with
+``fsdp: true`` resumes with or without it (and the other way round).
+
 It is written into ``.checkpoint-{step}.tmp``, every file fsync'd, the marker
 written, then the folder renamed into place. Old checkpoints are deleted only
 after the new one is in place, so at any instant the newest complete
@@ -28,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import distributed
+from . import distributed, fsdp
 from .config import CONFIG_FILENAME, ConfigError, TrainConfig
 
 COMPLETE_MARKER = "COMPLETE"
@@ -213,12 +217,20 @@ def _fsync_dir(path: str) -> None:
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """Every parameter with ``requires_grad``, whole, on the CPU; for an FSDP-sharded model a collective."""
+    return fsdp.full_trainable_state(model)
 
 
 def save_checkpoint(output_dir: str, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler, config: TrainConfig, state: dict[str, Any], scaler=None) -> str:
-    """Write ``checkpoint-{step}`` atomically (tmp folder, fsync, COMPLETE marker, rename) and rotate old ones."""
+                    scheduler, config: TrainConfig, state: dict[str, Any], scaler=None,
+                    trainable: Optional[dict[str, torch.Tensor]] = None,
+                    optimizer_state: Optional[dict[str, Any]] = None) -> str:
+    """Write ``checkpoint-{step}`` atomically (tmp folder, fsync, COMPLETE marker, rename) and rotate old ones.
+
+    ``trainable`` and ``optimizer_state``: whole tensors gathered beforehand (by every rank of an
+    FSDP run, :func:`fsdp.full_trainable_state` / :func:`fsdp.full_optimizer_state`); by default
+    they are taken from ``model`` and ``optimizer`` here, which suits an unsharded model.
+    """
     os.makedirs(output_dir, exist_ok=True)
     tmp = os.path.join(output_dir, f".checkpoint-{step}.tmp")
     final = os.path.join(output_dir, f"checkpoint-{step}")
@@ -228,11 +240,11 @@ def save_checkpoint(output_dir: str, step: int, model: nn.Module, optimizer: tor
     try:
         if hasattr(model, "save_pretrained"):
             model.save_pretrained(tmp)
-        save_file(trainable_state(model), os.path.join(tmp, TRAINABLE_FILE))
+        save_file(trainable if trainable is not None else trainable_state(model), os.path.join(tmp, TRAINABLE_FILE))
         torch.save({
             **state,
             "step": step,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": rng_state(),
@@ -276,7 +288,11 @@ def rotate_checkpoints(output_dir: str, limit: Optional[int]) -> list[str]:
 # ---------------------------------------------------------------------- load
 def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
                     scaler=None, restore_rng: bool = True) -> dict[str, Any]:
-    """Load trainable weights, optimizer, scheduler (and scaler, RNG) from ``path``; returns the trainer state."""
+    """Load trainable weights, optimizer, scheduler (and scaler, RNG) from ``path``; returns the trainer state.
+
+    An FSDP-sharded model and its optimizer take their own shards of the saved whole tensors
+    (every rank reads the files; nothing travels between ranks).
+    """
     if not is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE_MARKER} file)")
     saved = load_file(os.path.join(path, TRAINABLE_FILE))
@@ -292,9 +308,12 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
             if saved[name].shape != param.shape:
                 raise ValueError(f"checkpoint {path}: {name} has shape {tuple(saved[name].shape)}, "
                                  f"the model has {tuple(param.shape)}")
-            param.copy_(saved[name])
+            fsdp.load_full_into(param, saved[name])
     state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state.pop("optimizer"))
+    optimizer_state = state.pop("optimizer")
+    if fsdp.is_sharded(model):
+        optimizer_state = fsdp.shard_optimizer_state(optimizer, optimizer_state)
+    optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(state.pop("scheduler"))
     scaler_state = state.pop("scaler", None)
     if scaler is not None and scaler_state is not None:

@@ -88,6 +88,7 @@ class TrainConfig:
     dtype: str = _f("auto", "Compute dtype: auto (bf16 where the hardware supports it, else fp32), bf16, fp16 or fp32. Trainable weights and optimizer state stay fp32.")
     target_logits_only: bool = _f(True, "Compute the output layer only at positions that carry loss: the same loss and gradients as full logits, with less time and memory (Llama-, Qwen-, Mistral-, GPT-2-style models; others always use full logits).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory (slower).")
+    fsdp: bool = _f(False, "Shard the model's weights across processes with FSDP2 (each process keeps about 1/N of them): for models too big for one device; needs torchrun with 2+ processes (--nproc_per_node 2+).")
     seed: int = _f(42, "Random seed: same seed, same data, same config = same adapter.")
     # --- bookkeeping
     logging_steps: int = _f(10, "Write a metrics line every N optimizer steps.")

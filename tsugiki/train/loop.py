@@ -39,10 +39,26 @@ effective batch up to float summation order, and every rank applies it
 identically. Only rank 0 writes files (checkpoints, records, the adapter).
 LoRA dropout draws the same random stream on every rank; runs with dropout are
 statistically, not bitwise, equivalent to one process.
+
+With ``fsdp: true`` (2+ processes) the weights are sharded across the ranks
+(see :mod:`tsugiki.train.fsdp`); the loss, the data split and the summed
+gradient are the same as above, so the adapter matches a single process's.
+Because every forward and backward then runs collectives:
+
+* every rank runs the same number of micro-batch forwards per step (and per
+  evaluation); a rank with fewer rows adds zero-weighted forwards of a
+  one-token batch without targets;
+* the micro-batch is not halved on out of memory (ranks would disagree on the
+  number of forwards): the run stops and says to lower ``batch_size``;
+* checkpoints and the final adapter hold whole tensors, gathered by every rank
+  and written by rank 0;
+* not supported (refused up front): fp16 (the grad scaler's overflow check
+  would differ per shard) and methods with per-step hooks (AdaLoRA).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import os
@@ -59,10 +75,10 @@ from torch import nn
 from ..kernels.target_logits import (full_logits_loss_sum as token_loss_sum, shifted_targets,
                                       split_causal_lm, target_logits_loss_sum)
 from ..data import IGNORE_INDEX, Collator, PackedCollator, batch_plan, pack, pad_token_id_for
-from . import distributed
+from . import distributed, fsdp
 from .checkpoint import (check_resume_compatible, load_checkpoint, resolve_resume, save_checkpoint,
                          TRAINABLE_FILE, trainable_state)
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .neftune import neftune
 from .records import files_size, make_recorder, peak_memory_bytes, plot_loss_curve, write_summary
 from .schedules import make_scheduler
@@ -240,6 +256,10 @@ class Trainer:
         self.callbacks = list(callbacks)
         distributed.init_distributed()
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        if config.fsdp and self.world_size < 2:
+            raise ConfigError("fsdp: true needs torchrun --nproc_per_node 2+ (this run is a single process); "
+                              "start it with torchrun, or set fsdp: false")
+        self.fsdp = bool(config.fsdp)
         self.progress = progress and self.rank == 0  # one bar and one summary, from rank 0
         self.rows_per_rank = config.batch_size * config.grad_accum
         self.examples_per_step = self.rows_per_rank * self.world_size
@@ -271,7 +291,7 @@ class Trainer:
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         if self._pass_use_cache:
             inputs["use_cache"] = False  # packed position_ids are only honoured without a KV cache
-        parts = split_causal_lm(self.model) if self.config.target_logits_only else None
+        parts = self._parts
         with self._autocast():
             if parts is not None:  # the output layer only where a token is scored
                 return target_logits_loss_sum(*parts, inputs, batch["labels"])
@@ -283,12 +303,14 @@ class Trainer:
         m = self.micro_batch_size
         return [self.collate_fn(list(examples[s:s + m])) for s in range(0, len(examples), m)]
 
-    def accumulate_gradients(self, examples: list[dict],
-                             step_targets: Optional[int] = None) -> tuple[float, int, int]:
+    def accumulate_gradients(self, examples: list[dict], step_targets: Optional[int] = None,
+                             forwards: int = 0) -> tuple[float, int, int]:
         """Forward/backward over ``examples`` in micro-batches; adds d(loss_sum / step_targets)/d(params).
 
         ``step_targets`` is the target-token count of the whole step (all ranks); default: the count
-        of ``examples`` themselves. Returns this call's (loss_sum, target count, token count).
+        of ``examples`` themselves. ``forwards``: run at least this many forwards, padding with
+        zero-weighted one-token batches (under FSDP every rank must run as many as the busiest one).
+        Returns this call's (loss_sum, target count, token count), padding not counted.
         """
         batches = self._micro_batches(examples)
         n_targets = sum(count_targets(b) for b in batches)
@@ -302,7 +324,16 @@ class Trainer:
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_sum += float(loss.detach())
             n_tokens += count_tokens(batch)
+        for _ in range(forwards - len(batches)):
+            # Gradients of exactly zero, but the same FSDP all-gathers and reduce-scatters as a real batch.
+            batch = {k: v.to(self.device) for k, v in self._padding_batch(self.train_examples, self.collate_fn).items()}
+            loss = self._forward_loss_sum(batch) * 0.0
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         return loss_sum, n_targets, n_tokens
+
+    def _padding_batch(self, examples: Sequence[dict], collate: Callable) -> Batch:
+        """A one-token batch without targets, built from the first of ``examples`` (see :func:`fsdp.zero_weight_batch`)."""
+        return fsdp.zero_weight_batch(examples[0], collate)
 
     def train_step(self, examples: list[dict]) -> dict[str, float]:
         """One optimizer step over ``examples`` (this rank's share of the effective batch).
@@ -310,19 +341,31 @@ class Trainer:
         Halves the micro-batch on OOM and retries (per rank: the micro-batch size does not change
         the result). Returns the step's loss sum, target and token counts summed over all ranks.
         """
-        step_targets = None
+        step_targets, forwards = None, 0
         if self.world_size > 1:
             # Every rank must divide by the same step-wide count, known before the first backward.
-            local = sum(count_targets(b) for b in self._micro_batches(examples))
-            step_targets = int(distributed.all_reduce_sum([local])[0])
+            batches = self._micro_batches(examples)
+            local = sum(count_targets(b) for b in batches)
+            # Under FSDP each rank also reports its number of micro-batches (slot `rank` of a
+            # one-hot vector, so one sum gives everyone's), to pad to the largest.
+            counts = [len(batches) if r == self.rank else 0 for r in range(self.world_size)] if self.fsdp else []
+            sums = distributed.all_reduce_sum([local, *counts])
+            step_targets = int(sums[0])
+            forwards = int(max(sums[1:])) if self.fsdp else 0
         while True:
             self.optimizer.zero_grad(set_to_none=True)
             try:
-                loss_sum, n_targets, n_tokens = self.accumulate_gradients(examples, step_targets)
+                loss_sum, n_targets, n_tokens = self.accumulate_gradients(examples, step_targets, forwards)
                 break
             except Exception as err:
                 if not is_oom(err):
                     raise
+                if self.fsdp:  # the other ranks are inside collectives this rank will not join
+                    raise RuntimeError(
+                        f"out of memory under fsdp with a micro-batch of {self.micro_batch_size} on rank {self.rank}; "
+                        "the micro-batch is not halved under FSDP (every rank must run the same forwards): lower "
+                        "batch_size (and raise grad_accum), lower max_length, set gradient_checkpointing: true, "
+                        "or add processes") from err
                 self.optimizer.zero_grad(set_to_none=True)
                 gc.collect()
                 if self.device.type == "cuda":
@@ -335,7 +378,8 @@ class Trainer:
                 self._say(f"out of memory: micro-batch halved to {self.micro_batch_size}, "
                           f"grad_accum now {self.grad_accum} (effective batch stays {self.examples_per_step})")
         if self.world_size > 1:
-            distributed.all_reduce_grads(self.trainable)  # now every rank holds the whole step's gradient
+            if not self.fsdp:  # under FSDP the backward already reduce-scattered (summed) each shard
+                distributed.all_reduce_grads(self.trainable)  # now every rank holds the whole step's gradient
             loss_sum, n_tokens = distributed.all_reduce_sum([loss_sum, n_tokens])
             n_targets, n_tokens = step_targets, int(n_tokens)
         regularizer = _method_hook(self.model, "training_regularizer")
@@ -346,7 +390,10 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         clip = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, clip))
+        total_norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip)
+        if fsdp.is_dtensor(total_norm):  # from sharded gradients: a DTensor, reduced over ranks on demand
+            total_norm = total_norm.full_tensor()
+        grad_norm = float(total_norm)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this update uses
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -372,12 +419,18 @@ class Trainer:
         self.model.eval()
         total, targets = 0.0, 0
         rows = distributed.shard(self.eval_examples, self.rank, self.world_size)
+        m = self.micro_batch_size
+        # Rank 0's share is the largest (distributed.shard), so its count of forwards is everyone's under FSDP.
+        forwards = math.ceil(math.ceil(len(self.eval_examples) / self.world_size) / m) if self.fsdp else 0
         try:
-            for s in range(0, len(rows), self.micro_batch_size):
-                batch = self.eval_collate_fn(list(rows[s:s + self.micro_batch_size]))
+            for s in range(0, len(rows), m):
+                batch = self.eval_collate_fn(list(rows[s:s + m]))
                 targets += count_targets(batch)
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 total += float(self._forward_loss_sum(batch))
+            for _ in range(forwards - math.ceil(len(rows) / m)):  # the same collectives as the busiest rank
+                batch = self._padding_batch(self.eval_examples, self.eval_collate_fn)
+                self._forward_loss_sum({k: v.to(self.device) for k, v in batch.items()})
         finally:
             self.model.train(was_training)
         total, targets = distributed.all_reduce_sum([total, targets])
@@ -407,8 +460,16 @@ class Trainer:
         self._pass_use_cache = model_config is not None and hasattr(model_config, "use_cache")
         if self._pass_use_cache:
             model_config.use_cache = False  # no KV cache while training
+        self._parts = split_causal_lm(self.model) if cfg.target_logits_only else None
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         distributed.broadcast_params(self.trainable)  # every rank starts from rank 0's weights
+        if self.fsdp:
+            self._shard()
+        local, full = fsdp.param_bytes(self.model)
+        self.param_bytes = full
+        # Each rank's resident parameter bytes, rank by rank (a one-hot sum: one collective).
+        self.local_param_bytes = [int(b) for b in distributed.all_reduce_sum(
+            [local if r == self.rank else 0 for r in range(self.world_size)])]
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg.lr_scheduler, cfg.warmup_steps, self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.compute_dtype == torch.float16 else None
@@ -430,15 +491,42 @@ class Trainer:
         self._prepared, self._resumed_from = True, resume_from
         return resume_from
 
+    def _shard(self) -> None:
+        """Shard the model with FSDP2 (called by ``prepare`` after the dtype policy), or refuse what it cannot run."""
+        if self.compute_dtype == torch.float16:
+            raise ConfigError("fsdp: true does not support dtype: fp16 (the gradient scaler would check each shard "
+                              "for overflow on its own and ranks could disagree on skipping a step); use bf16 or fp32")
+        hooks = [n for n in ("training_regularizer", "on_optimizer_step") if _method_hook(self.model, n) is not None]
+        if hooks:
+            raise ConfigError(f"fsdp: true does not support methods with per-step hooks ({', '.join(hooks)}: "
+                              f"method {self.config.method!r}); set fsdp: false")
+        if self._parts is not None and fsdp.tied_outside(self.model, self._parts[1]):
+            # A head tied to the input embeddings cannot be a unit apart from them: full logits instead
+            # (the same loss and gradients, computed for every position).
+            self._parts = None
+        fsdp.shard_model(self.model, entry_points=self._parts or ())
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+
     def _checkpoint(self, step: int) -> Optional[str]:
-        """Rank 0 writes ``checkpoint-{step}`` (every rank holds the same weights); others return None."""
-        if self.rank != 0:
-            return None
-        state = {k: v for k, v in self.state.items() if k != "step"}
-        state["micro_batch_size"] = self.micro_batch_size
-        state["examples_per_step"] = self.examples_per_step
-        return save_checkpoint(self.config.output_dir, step, self.model, self.optimizer, self.scheduler,
-                               self.config, state, self.scaler)
+        """Rank 0 writes ``checkpoint-{step}``; others return None.
+
+        Without FSDP every rank holds the same weights and only rank 0 does anything; under FSDP
+        every rank first gathers whole tensors from the shards (collectives), then rank 0 writes.
+        """
+        trainable = optimizer_state = None
+        with contextlib.ExitStack() as stack:
+            if self.fsdp:
+                gathered = stack.enter_context(fsdp.gathered_for_save(self.model))
+                trainable = {n: gathered[n] for n, p in self.model.named_parameters() if p.requires_grad}
+                optimizer_state = fsdp.full_optimizer_state(self.optimizer)
+            if self.rank != 0:
+                return None
+            state = {k: v for k, v in self.state.items() if k != "step"}
+            state["micro_batch_size"] = self.micro_batch_size
+            state["examples_per_step"] = self.examples_per_step
+            return save_checkpoint(self.config.output_dir, step, self.model, self.optimizer, self.scheduler,
+                                   self.config, state, self.scaler, trainable=trainable,
+                                   optimizer_state=optimizer_state)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> TrainResult:
@@ -485,7 +573,7 @@ class Trainer:
             if self.eval_examples and (not eval_metrics or st["last"].get("eval_step") != st["step"]):
                 eval_metrics = self.evaluate()
                 self.recorder.log({"step": st["step"], "epoch": self._epoch_float(), **eval_metrics})
-            adapter_files = self._save_final() if self.rank == 0 else []
+            adapter_files = self._save_final()
         finally:
             self.recorder.close()
             self.model.train(was_training)
@@ -516,6 +604,20 @@ class Trainer:
         return record
 
     def _save_final(self) -> list[str]:
+        """Rank 0 saves the adapter (and tokenizer) into output_dir; returns the adapter files ([] elsewhere).
+
+        Under FSDP every rank first gathers the adapter's whole tensors (collectives).
+        """
+        with contextlib.ExitStack() as stack:
+            gathered = stack.enter_context(fsdp.gathered_for_save(self.model)) if self.fsdp else None
+            if self.rank != 0:
+                return []
+            trainable = None
+            if gathered is not None:
+                trainable = {n: gathered[n] for n, p in self.model.named_parameters() if p.requires_grad}
+            return self._write_final(trainable)
+
+    def _write_final(self, trainable: Optional[dict[str, torch.Tensor]] = None) -> list[str]:
         """Save the adapter (and tokenizer) into output_dir via a temporary folder; returns the adapter files."""
         out = self.config.output_dir
         tmp = os.path.join(out, ".final.tmp")
@@ -526,7 +628,8 @@ class Trainer:
                 self.model.save_pretrained(os.path.join(tmp, "model"))
             else:
                 from safetensors.torch import save_file
-                save_file(trainable_state(self.model), os.path.join(tmp, "model", TRAINABLE_FILE))
+                save_file(trainable if trainable is not None else trainable_state(self.model),
+                          os.path.join(tmp, "model", TRAINABLE_FILE))
             if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
                 self.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
             adapter = []
@@ -564,6 +667,9 @@ class Trainer:
             "dtype": str(self.compute_dtype).replace("torch.", ""),
             "effective_batch": self.examples_per_step,
             "world_size": self.world_size,
+            "fsdp": self.fsdp,
+            "param_bytes": self.param_bytes,
+            "local_param_bytes": self.local_param_bytes,
             "micro_batch_size": self.micro_batch_size,
             "grad_accum": self.grad_accum,
             "resumed_from": resume_from,
