@@ -459,11 +459,11 @@ def forget_quantization(model: nn.Module) -> None:
     ``is_loaded_in_4bit/8bit`` and ``config.quantization_config``; a model that still
     carries them is saved and reloaded as a quantized one.
     """
-    for attr in ("hf_quantizer", "quantization_method", "is_quantized", "is_loaded_in_4bit", "is_loaded_in_8bit"):
+    for attr in ("quantization_method", "is_loaded_in_4bit", "is_loaded_in_8bit"):
         if attr in vars(model):
             delattr(model, attr)
-    if hasattr(model, "hf_quantizer"):
-        model.hf_quantizer = None
+    model.hf_quantizer = None  # transformers reads both directly
+    model.is_quantized = False
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "quantization_config"):
         del config.quantization_config
