@@ -117,6 +117,13 @@ class PeftConfig:
                 f"task_type={self.task_type!r} is not known; use one of "
                 f"{', '.join(TaskType.__members__)} (or None for a plain module)"
             )
+        # Module lists may arrive as sets or tuples (HF PEFT accepts both); store sorted lists.
+        for key in ("target_modules", "exclude_modules", "feedforward_modules"):
+            value = getattr(self, key, None)
+            if isinstance(value, (set, tuple)):
+                setattr(self, key, sorted(value))
+        if getattr(self, "modules_to_save", None) is not None:
+            self.modules_to_save = list(self.modules_to_save)
 
     @property
     def peft_type(self) -> str:

@@ -126,11 +126,6 @@ class AdaLoraConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for key in ("target_modules", "exclude_modules"):
-            if isinstance(getattr(self, key), (set, tuple)):
-                setattr(self, key, sorted(getattr(self, key)))
-        if self.modules_to_save is not None:
-            self.modules_to_save = list(self.modules_to_save)
         self.validate()
         if self.rank_pattern is not None:
             self.rank_pattern = {k: [bool(b) for b in v] for k, v in self.rank_pattern.items()}

@@ -95,11 +95,6 @@ class BottleneckConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for key in ("target_modules", "exclude_modules"):
-            if isinstance(getattr(self, key), (set, tuple)):
-                setattr(self, key, sorted(getattr(self, key)))
-        if self.modules_to_save is not None:
-            self.modules_to_save = list(self.modules_to_save)
         self.validate()
 
     def validate(self) -> None:

@@ -98,12 +98,6 @@ class IA3Config(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for key in ("target_modules", "feedforward_modules", "exclude_modules"):
-            value = getattr(self, key)
-            if isinstance(value, (set, tuple)):
-                setattr(self, key, sorted(value))
-        if self.modules_to_save is not None:
-            self.modules_to_save = list(self.modules_to_save)
         self.validate()
 
     def to_dict(self) -> dict[str, Any]:

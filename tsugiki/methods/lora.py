@@ -92,12 +92,6 @@ class LoraConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if isinstance(self.exclude_modules, (set, tuple)):
-            self.exclude_modules = sorted(self.exclude_modules)
-        if self.modules_to_save is not None:
-            self.modules_to_save = list(self.modules_to_save)
         self.validate()
 
     def validate(self) -> None:

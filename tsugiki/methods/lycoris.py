@@ -50,11 +50,6 @@ class LycorisConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for key in ("target_modules", "exclude_modules"):
-            if isinstance(getattr(self, key), (set, tuple)):
-                setattr(self, key, sorted(getattr(self, key)))
-        if self.modules_to_save is not None:
-            self.modules_to_save = list(self.modules_to_save)
         self.validate()
 
     def _bad(self, key: str, why: str) -> ValueError:
