@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Optional
 
 import torch
 from safetensors import SafetensorError

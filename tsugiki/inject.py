@@ -66,6 +66,15 @@ def linear_layer_types() -> tuple[type, ...]:
     return tuple(types)
 
 
+def conv1d_type() -> Optional[type]:
+    """transformers' GPT-2 ``Conv1D`` (a linear layer with its weight stored in x out), if available."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return Conv1D
+
+
 def bnb_linear_types() -> tuple[type, ...]:
     """bitsandbytes' Linear4bit / Linear8bitLt if bitsandbytes is loaded, else ().
 

@@ -100,6 +100,31 @@ class AdapterLayer:
         while self.merged_adapters:
             self.unmerge(self.merged_adapters[-1])
 
+    def additive_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``base_layer(x)`` plus the active adapter's ``_adapter_out(x, name, base_out)``.
+
+        In a mixed-adapter batch each row gets its own adapter's term; an adapter
+        whose ``_adapter_out`` returns None adds nothing (e.g. a dropped module).
+        """
+        if self.disabled:
+            self.unmerge_all()
+            return self.base_layer(x, *args, **kwargs)
+        mixed = self._check_mixed_batch()
+        result = self.base_layer(x, *args, **kwargs)
+        if mixed is not None:
+            out = result.clone()
+            for name, rows in rows_per_adapter(mixed, x.shape[0]).items():
+                if name in self.adapter_names:
+                    extra = self._adapter_out(x[rows], name, result[rows])
+                    if extra is not None:
+                        out[rows] = out[rows] + extra.to(result.dtype)
+            return out
+        name = self.active_adapter
+        if self.merged or name not in self.adapter_names:
+            return result
+        extra = self._adapter_out(x, name, result)
+        return result if extra is None else result + extra.to(result.dtype)
+
     def _check_mixed_batch(self) -> Optional[list[str]]:
         names = _batch_adapter_names.get()
         if names is not None and self.merged:

@@ -55,9 +55,10 @@ import torch
 from torch import nn
 
 from ..config import PeftConfig, PeftType, config_from_method_args, register_config, register_method
-from ..inject import bnb_linear_types, find_targets, linear_layer_types, replace_module, resolve_default_targets
+from ..inject import (bnb_linear_types, conv1d_type, find_targets, linear_layer_types, replace_module,
+                      resolve_default_targets)
 from ..tuner import register_tuner
-from .lora import LoraLayer, LoraModel, _conv1d_type, _linear_shape
+from .lora import LoraLayer, LoraModel, _linear_shape
 
 # HF PEFT's AdaLoRA defaults where they differ from the LoRA ones (others: tsugiki.inject.DEFAULT_TARGETS).
 ADALORA_DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -384,7 +385,7 @@ class AdaLoraModel(LoraModel):
         targets = find_targets(self.model, config.target_modules, exclude, config.layers_to_transform,
                                config.layers_pattern, allowed_types=linear_layer_types() + (AdaLoraLinear,))
         pattern = dict(config.rank_pattern or {})
-        conv1d = _conv1d_type()
+        conv1d = conv1d_type()
         for name in targets:
             target = self.model.get_submodule(name)
             if isinstance(target, bnb_linear_types()):

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..config import PeftConfig, PeftType, config_from_method_args, register_config, register_method
-from ..inject import bnb_linear_types, find_targets, linear_layer_types, replace_module
+from ..inject import bnb_linear_types, conv1d_type, find_targets, linear_layer_types, replace_module
 from ..tuner import AdapterLayer, BaseTuner, register_tuner, rows_per_adapter
 
 # model_type -> default targets / the feed-forward ones among them (HF PEFT's per-architecture defaults).
@@ -300,15 +300,6 @@ def _linear_shape(layer: nn.Module, fan_in_fan_out: bool) -> tuple[int, int]:
     return (rows, cols) if fan_in_fan_out else (cols, rows)
 
 
-def _conv1d_type() -> Optional[type]:
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        return Conv1D
-    except ImportError:  # pragma: no cover
-        return None
-
-
 @register_tuner(PeftType.IA3.value)
 class IA3Model(BaseTuner):
     """``PeftModel.base_model`` for (IA)^3: grafts :class:`IA3Linear` onto the targets."""
@@ -339,7 +330,7 @@ class IA3Model(BaseTuner):
             # HF PEFT has no layers_to_transform for (IA)^3: name the chosen modules exactly instead.
             config.feedforward_modules = [n for n in targets if is_feedforward(n, config.feedforward_modules)]
             config.target_modules = list(targets)
-        conv1d = _conv1d_type()
+        conv1d = conv1d_type()
         init = config.init_ia3_weights if init_weights else True
         for name in targets:
             target = self.model.get_submodule(name)

@@ -37,8 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PeftConfig, PeftType, config_from_method_args, register_config, register_method
-from ..inject import bnb_linear_types, find_targets, linear_layer_types, replace_module, resolve_default_targets
-from ..tuner import AdapterLayer, BaseTuner, register_tuner, rows_per_adapter
+from ..inject import (bnb_linear_types, conv1d_type, find_targets, linear_layer_types, replace_module,
+                      resolve_default_targets)
+from ..tuner import AdapterLayer, BaseTuner, register_tuner
 
 _INIT_CHOICES = (True, False, "gaussian", "pissa")
 
@@ -186,21 +187,7 @@ class LoraLayer(AdapterLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Base output plus the active adapter's update (per row in a mixed-adapter batch)."""
-        if self.disabled:
-            self.unmerge_all()
-            return self.base_layer(x, *args, **kwargs)
-        mixed = self._check_mixed_batch()
-        result = self.base_layer(x, *args, **kwargs)
-        if mixed is not None:
-            out = result.clone()
-            for name, rows in rows_per_adapter(mixed, x.shape[0]).items():
-                if name in self.adapter_names:
-                    out[rows] = out[rows] + self._adapter_out(x[rows], name, result[rows]).to(result.dtype)
-            return out
-        name = self.active_adapter
-        if self.merged or name not in self.adapter_names:
-            return result
-        return result + self._adapter_out(x, name, result).to(result.dtype)
+        return self.additive_forward(x, *args, **kwargs)
 
     def _adapter_out(self, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
         """What adapter ``name`` adds to the base output ``base_out`` (DoRA needs to see it)."""
@@ -456,15 +443,6 @@ class LoraEmbedding(LoraLayer, nn.Module):
 
 
 
-def _conv1d_type() -> Optional[type]:
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        return Conv1D
-    except ImportError:  # pragma: no cover
-        return None
-
-
 @register_tuner(PeftType.LORA.value)
 class LoraModel(BaseTuner):
     """``PeftModel.base_model`` for LoRA: grafts :class:`LoraLinear` / :class:`LoraEmbedding`."""
@@ -483,7 +461,7 @@ class LoraModel(BaseTuner):
             self.model, config.target_modules, exclude,
             config.layers_to_transform, config.layers_pattern, allowed_types=supported,
         )
-        conv1d = _conv1d_type()
+        conv1d = conv1d_type()
         init = config.init_lora_weights if init_weights else False
         for name in targets:
             target = self.model.get_submodule(name)

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..config import PeftConfig, config_from_method_args
 from ..inject import bnb_linear_types, find_targets, replace_module, resolve_default_targets
-from ..tuner import AdapterLayer, BaseTuner, rows_per_adapter
+from ..tuner import AdapterLayer, BaseTuner
 from .lora import _pattern_value
 
 
@@ -180,30 +180,13 @@ class LycorisLayer(AdapterLayer, nn.Module):
                             groups=base.groups)
         return F.linear(x, delta)
 
-    def _adapter_out(self, x: torch.Tensor, name: str) -> Optional[torch.Tensor]:
+    def _adapter_out(self, x: torch.Tensor, name: str, base_out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         if self.training and self.module_dropout[name] and torch.rand(1).item() <= self.module_dropout[name]:
             return None  # module dropout: this step runs without the adapter
         return self._apply_delta(x, self._delta_for_forward(name))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disabled:
-            self.unmerge_all()
-            return self.base_layer(x, *args, **kwargs)
-        mixed = self._check_mixed_batch()
-        result = self.base_layer(x, *args, **kwargs)
-        if mixed is not None:
-            out = result.clone()
-            for name, rows in rows_per_adapter(mixed, x.shape[0]).items():
-                if name in self.adapter_names:
-                    extra = self._adapter_out(x[rows], name)
-                    if extra is not None:
-                        out[rows] = out[rows] + extra.to(result.dtype)
-            return out
-        name = self.active_adapter
-        if self.merged or name not in self.adapter_names:
-            return result
-        extra = self._adapter_out(x, name)
-        return result if extra is None else result + extra.to(result.dtype)
+        return self.additive_forward(x, *args, **kwargs)
 
     # -- merging ----------------------------------------------------------------------------
     def merge(self, name: str, safe_merge: bool = False) -> None:
