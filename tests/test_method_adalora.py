@@ -308,3 +308,35 @@ def test_one_trainable_adapter_and_unknown_rank_pattern_keys():
         tsugiki.get_peft_model(tiny_llama(), _config(rank_pattern={"model.nowhere.lora_E": [True] * 6}))
     with pytest.warns(UserWarning, match="r is not used by AdaLoRA"):
         _config(r=4)
+
+
+def test_adalora_on_a_4bit_base_trains_prunes_and_reloads(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from tsugiki import quant
+
+    def four_bit():  # bitsandbytes' CPU 4-bit kernel needs out_features divisible by 32
+        return quant.quantize_model(tiny_llama(hidden_size=64, intermediate_size=128), bits=4,
+                                    compute_dtype=torch.float32)
+
+    model = tsugiki.get_peft_model(four_bit(), tsugiki.AdaLoraConfig(
+        init_r=6, target_r=2, total_step=6, tinit=1, tfinal=1, target_modules="all-linear", task_type="CAUSAL_LM"))
+    ids = token_batch(4, 10)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for step in range(1, 7):
+        loss = model(input_ids=ids, labels=ids).loss
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.update_and_allocate(step)
+    model.eval()
+    assert losses[-1] < losses[0]
+    assert model.peft_config["default"].rank_pattern  # the budget was fixed
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = tsugiki.PeftModel.from_pretrained(four_bit(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-5, rtol=0)

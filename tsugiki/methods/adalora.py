@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from ..config import PeftConfig, PeftType, config_from_method_args, register_config, register_method
-from ..inject import (bnb_linear_types, conv1d_type, find_targets, linear_layer_types, replace_module,
+from ..inject import (conv1d_type, find_targets, linear_layer_types, replace_module,
                       resolve_default_targets)
 from ..tuner import register_tuner
 from .lora import LoraLayer, LoraModel, _linear_shape
@@ -388,9 +388,6 @@ class AdaLoraModel(LoraModel):
         conv1d = conv1d_type()
         for name in targets:
             target = self.model.get_submodule(name)
-            if isinstance(target, bnb_linear_types()):
-                raise ValueError(f"{name} is a 4-bit/8-bit layer: AdaLoRA on a quantized base is not supported in "
-                                 "this version; use LoRA (method qlora) or an unquantized base")
             mask = pattern.pop(f"{name}.lora_E", None)
             r = sum(mask) if mask is not None else config.init_r
             if isinstance(target, AdaLoraLinear):
@@ -509,9 +506,6 @@ def adalora_from_train_config(cfg: Any, base_name: str) -> AdaLoraConfig:
     ``lora_alpha``, ``lora_dropout`` and ``target_modules`` come from the run's keys; any other
     AdaLoraConfig option goes in ``method_args``.
     """
-    if getattr(cfg, "quantization", "none") not in ("none", None):
-        raise ValueError(f"method 'adalora' cannot train a {cfg.quantization} base in this version; "
-                         "use quantization: none, or method: qlora")
     args = dict(cfg.method_args or {})
     fixed: dict[str, Any] = {}
     if "total_step" not in args:
