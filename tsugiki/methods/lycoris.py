@@ -154,7 +154,10 @@ class LycorisLayer(AdapterLayer, nn.Module):
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
-        return tuple(self.base_layer.weight.shape)
+        base = self.base_layer
+        if isinstance(base, bnb_linear_types()):  # the stored weight is packed; use the logical shape
+            return (base.out_features, base.in_features)
+        return tuple(base.weight.shape)
 
     def flat_shape(self) -> tuple[int, int]:
         """The base weight as a matrix: (out, in * kernel area)."""
@@ -208,6 +211,11 @@ class LycorisLayer(AdapterLayer, nn.Module):
         self.merged_adapters.remove(name)
 
     def _add_to_base_weight(self, delta: torch.Tensor) -> None:
+        if isinstance(self.base_layer, bnb_linear_types()):  # merge in fp32, quantize again
+            from ..quant import dequantize_weight, requantize_like
+
+            requantize_like(self.base_layer, dequantize_weight(self.base_layer) + delta)
+            return
         w = self.base_layer.weight
         with torch.no_grad():
             w.data = (w.data.float() + delta).to(w.dtype)
@@ -251,10 +259,7 @@ class LycorisTuner(BaseTuner):
 
     def _wrap(self, name: str, target: nn.Module) -> LycorisLayer:
         kbit = bnb_linear_types()
-        if kbit and isinstance(target, kbit):
-            raise ValueError(f"{self.method_name} cannot adapt the 4-bit/8-bit layer {name}; "
-                             "use LoRA (QLoRA) on quantized bases, or load the base unquantized")
-        if type(target) not in (nn.Linear, nn.Conv2d):
+        if type(target) not in (nn.Linear, nn.Conv2d) and not (kbit and isinstance(target, kbit)):
             raise ValueError(f"{self.method_name} supports nn.Linear and nn.Conv2d targets, but {name} is "
                              f"{type(target).__name__}; remove it from target_modules (or use LoRA, which "
                              "also covers GPT-2's Conv1D and embeddings)")

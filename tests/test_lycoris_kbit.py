@@ -1,0 +1,50 @@
+"""LoHa and LoKr on a bitsandbytes 4-bit base: train, reload, merge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tsugiki
+from tiny_models import tiny_llama, token_batch
+
+bnb = pytest.importorskip("bitsandbytes")
+quant = pytest.importorskip("tsugiki.quant")
+
+
+def four_bit():  # bitsandbytes' CPU 4-bit kernel needs out_features divisible by 32
+    return quant.quantize_model(tiny_llama(hidden_size=64, intermediate_size=128), bits=4,
+                                compute_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("config", [
+    tsugiki.LoHaConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"),
+    tsugiki.LoKrConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"),
+], ids=["loha", "lokr"])
+def test_on_a_4bit_base(config, tmp_path):
+    model = tsugiki.get_peft_model(four_bit(), config)
+    ids = token_batch(4, 10)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(4):
+        loss = model(input_ids=ids, labels=ids).loss
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+    with torch.no_grad():
+        unmerged = model(ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = tsugiki.PeftModel.from_pretrained(four_bit(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, unmerged, atol=1e-5, rtol=0)
+        merged = loaded.merge_and_unload(dequantize=True)
+        assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
+        # Only bitsandbytes' low-precision 4-bit matmul separates the merged fp32 model from it.
+        assert (merged(ids).logits - unmerged).abs().max() < 0.02 * unmerged.abs().max()
