@@ -1,4 +1,4 @@
-"""LoHa and LoKr on a bitsandbytes 4-bit base: train, reload, merge."""
+"""PEFT methods other than LoRA on a bitsandbytes 4-bit base (LoRA itself: test_lora_kbit.py)."""
 
 from __future__ import annotations
 
@@ -48,3 +48,30 @@ def test_on_a_4bit_base(config, tmp_path):
         assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
         # Only bitsandbytes' low-precision 4-bit matmul separates the merged fp32 model from it.
         assert (merged(ids).logits - unmerged).abs().max() < 0.02 * unmerged.abs().max()
+
+
+@pytest.mark.parametrize("config", [
+    tsugiki.IA3Config(task_type="CAUSAL_LM"),
+    tsugiki.BottleneckConfig(adapter_type="series", bottleneck_size=8, task_type="CAUSAL_LM"),
+    tsugiki.BottleneckConfig(adapter_type="parallel", bottleneck_size=8, task_type="CAUSAL_LM"),
+    tsugiki.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+    tsugiki.PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+    tsugiki.AdaptionPromptConfig(adapter_len=4, adapter_layers=2, task_type="CAUSAL_LM"),
+], ids=["ia3", "series", "parallel", "prompt_tuning", "prefix_tuning", "llama_adapter"])
+def test_methods_that_leave_base_weights_alone_train_and_generate_on_4bit(config):
+    model = tsugiki.get_peft_model(four_bit(), config)
+    ids = token_batch(2, 8)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(3):
+        loss = model(input_ids=ids, labels=ids).loss
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    assert losses[-1] < losses[0]
+    out = model.generate(input_ids=ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=3,
+                         do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 11)
