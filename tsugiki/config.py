@@ -12,6 +12,7 @@ import dataclasses
 import enum
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Optional
@@ -192,6 +193,21 @@ class PeftConfig:
         if not isinstance(data, dict):
             raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
         return cls.from_dict(data)
+
+
+def module_spec_problem(value: Any) -> Optional[str]:
+    """Why ``value`` is not a valid module spec (None, a list of names, or a regex string), else None."""
+    if value is None:
+        return None
+    if isinstance(value, list):
+        return None if all(isinstance(v, str) for v in value) else "every entry must be a module name (string)"
+    if not isinstance(value, str):
+        return "give a list of module names, a regex string, or 'all-linear'"
+    try:
+        re.compile(value)
+    except re.error as err:
+        return f"not a valid regular expression ({err})"
+    return None
 
 
 def field_list(default: Any = None) -> Any:

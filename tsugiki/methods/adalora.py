@@ -46,7 +46,6 @@ and transformers' GPT-2 ``Conv1D`` (``fan_in_fan_out``).
 
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -54,7 +53,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ..config import PeftConfig, PeftType, config_from_method_args, register_config, register_method
+from ..config import (PeftConfig, PeftType, config_from_method_args, module_spec_problem, register_config,
+                      register_method)
 from ..inject import (conv1d_type, find_targets, linear_layer_types, replace_module,
                       resolve_default_targets)
 from ..tuner import register_tuner
@@ -175,15 +175,9 @@ class AdaLoraConfig(PeftConfig):
             raise bad("init_lora_weights", "AdaLoRA has one initialisation: use True (or False for random "
                       "weights in tests); LoRA's 'gaussian'/'pissa' do not apply")
         for key in ("target_modules", "exclude_modules"):
-            value = getattr(self, key)
-            if value is not None and not (isinstance(value, str) or
-                                          (isinstance(value, list) and all(isinstance(v, str) for v in value))):
-                raise bad(key, "give a list of module names, a regex string, or 'all-linear'")
-            if isinstance(value, str):
-                try:
-                    re.compile(value)
-                except re.error as err:
-                    raise bad(key, f"not a valid regular expression ({err})") from err
+            problem = module_spec_problem(getattr(self, key))
+            if problem:
+                raise bad(key, problem)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise bad("layers_to_transform", "it cannot be combined with a regex/'all-linear' target_modules")
         if self.layers_pattern is not None and self.layers_to_transform is None:

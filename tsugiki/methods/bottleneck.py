@@ -32,7 +32,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ..config import PeftConfig, PeftType, config_from_method_args, register_config, register_method
+from ..config import (PeftConfig, PeftType, config_from_method_args, module_spec_problem, register_config,
+                      register_method)
 from ..inject import find_targets, replace_module
 from ..tuner import AdapterLayer, BaseTuner, register_tuner, rows_per_adapter
 
@@ -118,11 +119,9 @@ class BottleneckConfig(PeftConfig):
         if self.adapter_layers is not None and self.target_modules is not None:
             raise bad("adapter_layers", "it picks the default targets; with target_modules set, leave it None")
         for key in ("target_modules", "exclude_modules"):
-            value = getattr(self, key)
-            if value is not None and not isinstance(value, (str, list)):
-                raise bad(key, "give a list of module names or a regex string")
-            if isinstance(value, list) and not all(isinstance(v, str) for v in value):
-                raise bad(key, "every entry must be a module name (string)")
+            problem = module_spec_problem(getattr(self, key))
+            if problem:
+                raise bad(key, problem)
         if isinstance(self.target_modules, str) and self.target_modules.lower() == "all-linear":
             raise bad("target_modules", "'all-linear' is for LoRA-like methods; name the sub-layers to wrap")
         if self.layers_pattern is not None and self.layers_to_transform is None:

@@ -32,7 +32,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ..config import PeftConfig, PeftType, config_from_method_args, register_config, register_method
+from ..config import (PeftConfig, PeftType, config_from_method_args, module_spec_problem, register_config,
+                      register_method)
 from ..inject import bnb_linear_types, conv1d_type, find_targets, linear_layer_types, replace_module
 from ..tuner import AdapterLayer, BaseTuner, register_tuner, rows_per_adapter
 
@@ -113,16 +114,9 @@ class IA3Config(PeftConfig):
             return ValueError(f"IA3Config: {key}={getattr(self, key)!r} is invalid: {why}")
 
         for key in ("target_modules", "feedforward_modules", "exclude_modules"):
-            value = getattr(self, key)
-            if value is not None and not isinstance(value, (str, list)):
-                raise bad(key, "give a list of module names or a regex string")
-            if isinstance(value, list) and not all(isinstance(v, str) for v in value):
-                raise bad(key, "every entry must be a module name (string)")
-            if isinstance(value, str):
-                try:
-                    re.compile(value)
-                except re.error as err:
-                    raise bad(key, f"not a valid regular expression ({err})") from err
+            problem = module_spec_problem(getattr(self, key))
+            if problem:
+                raise bad(key, problem)
         if isinstance(self.target_modules, list) and isinstance(self.feedforward_modules, list):
             extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
             if extra:

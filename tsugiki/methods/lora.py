@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PeftConfig, PeftType, config_from_method_args, register_config, register_method
+from ..config import (PeftConfig, PeftType, config_from_method_args, module_spec_problem, register_config,
+                      register_method)
 from ..inject import (bnb_linear_types, conv1d_type, find_targets, linear_layer_types, replace_module,
                       resolve_default_targets)
 from ..tuner import AdapterLayer, BaseTuner, register_tuner
@@ -111,16 +112,9 @@ class LoraConfig(PeftConfig):
         if not (init in _INIT_CHOICES or (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init))):
             raise bad("init_lora_weights", "use True, False, 'gaussian', 'pissa' or 'pissa_niter_<k>'")
         for key in ("target_modules", "exclude_modules"):
-            value = getattr(self, key)
-            if value is not None and not isinstance(value, (str, list)):
-                raise bad(key, "give a list of module names, a regex string, or 'all-linear'")
-            if isinstance(value, list) and not all(isinstance(v, str) for v in value):
-                raise bad(key, "every entry must be a module name (string)")
-            if isinstance(value, str):
-                try:
-                    re.compile(value)
-                except re.error as err:
-                    raise bad(key, f"not a valid regular expression ({err})") from err
+            problem = module_spec_problem(getattr(self, key))
+            if problem:
+                raise bad(key, problem)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise bad("layers_to_transform", "it cannot be combined with a regex/'all-linear' target_modules; "
                       "list the module names instead, or put the layer indices into the regex")

@@ -14,7 +14,6 @@ module does the bookkeeping, the dropouts, merging and injection.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
 
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PeftConfig, config_from_method_args
+from ..config import PeftConfig, config_from_method_args, module_spec_problem
 from ..inject import bnb_linear_types, find_targets, replace_module, resolve_default_targets
 from ..tuner import AdapterLayer, BaseTuner
 from .lora import _pattern_value
@@ -70,16 +69,9 @@ class LycorisConfig(PeftConfig):
                    for c in self.init_choices):
             raise self._bad("init_weights", f"use one of {', '.join(map(repr, self.init_choices))}")
         for key in ("target_modules", "exclude_modules"):
-            value = getattr(self, key)
-            if value is not None and not isinstance(value, (str, list)):
-                raise self._bad(key, "give a list of module names, a regex string, or 'all-linear'")
-            if isinstance(value, list) and not all(isinstance(v, str) for v in value):
-                raise self._bad(key, "every entry must be a module name (string)")
-            if isinstance(value, str):
-                try:
-                    re.compile(value)
-                except re.error as err:
-                    raise self._bad(key, f"not a valid regular expression ({err})") from err
+            problem = module_spec_problem(getattr(self, key))
+            if problem:
+                raise self._bad(key, problem)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise self._bad("layers_to_transform", "it cannot be combined with a regex/'all-linear' "
                             "target_modules; list the module names instead")
