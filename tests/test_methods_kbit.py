@@ -17,6 +17,21 @@ def four_bit():  # bitsandbytes' CPU 4-bit kernel needs out_features divisible b
                                 compute_dtype=torch.float32)
 
 
+def train_steps(model, ids, steps):
+    """A few AdamW steps on a fixed batch; returns the losses (the model ends in eval mode)."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return losses
+
+
 @pytest.mark.parametrize("config", [
     tsugiki.LoHaConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"),
     tsugiki.LoKrConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"),
@@ -25,16 +40,7 @@ def test_on_a_4bit_base(config, tmp_path):
     model = tsugiki.get_peft_model(four_bit(), config)
     ids = token_batch(4, 10)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(4):
-        loss = model(input_ids=ids, labels=ids).loss
-        losses.append(loss.item())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    losses = train_steps(model, ids, 4)
     assert losses[-1] < losses[0]
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
 
@@ -61,16 +67,7 @@ def test_on_a_4bit_base(config, tmp_path):
 def test_methods_that_leave_base_weights_alone_train_and_generate_on_4bit(config):
     model = tsugiki.get_peft_model(four_bit(), config)
     ids = token_batch(2, 8)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(3):
-        loss = model(input_ids=ids, labels=ids).loss
-        losses.append(loss.item())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    losses = train_steps(model, ids, 3)
     assert losses[-1] < losses[0]
     out = model.generate(input_ids=ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=3,
                          do_sample=False, pad_token_id=0)
