@@ -80,8 +80,8 @@ def test_breakdown_sums_to_total_and_scales_with_tokens():
 
 
 def test_activation_formula_matches_what_autograd_saves():
-    """The per-block bytes equal the tensors a real peft-LoRA Llama block saves for backward."""
-    peft = pytest.importorskip("peft")
+    """The per-block bytes equal the tensors a tsugiki-LoRA Llama block saves for backward (as the Trainer runs it)."""
+    from tsugiki import LoraConfig, get_peft_model
     kw = dict(model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True)
     B, T = 2, 32
@@ -90,7 +90,7 @@ def test_activation_formula_matches_what_autograd_saves():
         cfg = transformers.AutoConfig.for_model(**{**kw, "num_hidden_layers": layers})
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-        model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=targets, lora_dropout=dropout))
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=targets, lora_dropout=dropout))
         model.train()
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         storages = {}
@@ -100,7 +100,8 @@ def test_activation_formula_matches_what_autograd_saves():
             return t
 
         ids = torch.randint(0, 100, (B, T))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
             model(input_ids=ids, labels=ids)
         return sum(n for ptr, n in storages.items() if ptr not in params)
 

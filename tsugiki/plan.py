@@ -323,11 +323,11 @@ def block_activation_bytes(shape: Shape, s: int, *, full: bool, adapted: set[str
     (s * (2 q_dim + 2 kv_dim)) plus an fp32 logsumexp per head (4 H); the gated
     MLP keeps gate, act(gate) and up (3 s I). GPT-2/BERT: LayerNorm inputs
     (2 s h) and the GELU input (s I). A frozen linear keeps nothing (its input
-    gradient needs only the weight); an adapted one keeps its input in the
-    adapter's fp32: one shared copy when nothing casts, one per module when a
-    16-bit input is cast, plus the dropout output and mask (fp32 mask on CPU,
-    1-byte on CUDA) when ``lora_dropout > 0``; and the r-wide ``lora_A`` output.
-    Full fine-tuning keeps every linear input at ``s``.
+    gradient needs only the weight). LoRA linears take the fused path
+    (:mod:`tsugiki.kernels.lora_fused`): each keeps its input at the compute
+    dtype, one copy per input site (q/k/v share one; none when another op keeps
+    it already), and its r-wide ``A`` product; dropout keeps nothing (the mask
+    is re-drawn in backward). Full fine-tuning keeps every linear input at ``s``.
     """
     h, i = shape.hidden, shape.intermediate
     q_dim, kv_dim = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
@@ -338,20 +338,10 @@ def block_activation_bytes(shape: Shape, s: int, *, full: bool, adapted: set[str
         base = 2 * (s * h + 8) + attn + s * i
     extra = 0.0
     for width, names, saved in _input_sites(shape):
-        if full:
-            extra += 0 if saved else s * width
-            continue
         mods = [n for n in names if n in adapted]
-        if not mods:
-            continue
-        if lora_dropout > 0:
-            mask = 4 if device == "cpu" else 1
-            extra += len(mods) * (4 + mask) * width
-        elif s != 4:
-            extra += len(mods) * 4 * width
-        elif not saved:
-            extra += 4 * width
-        extra += len(mods) * 4 * lora_r
+        if full or mods:
+            extra += 0 if saved else s * width
+        extra += len(mods) * s * lora_r
     return base + extra
 
 

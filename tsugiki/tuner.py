@@ -42,6 +42,11 @@ def batch_adapter_names(names: Optional[Sequence[str]]) -> Iterator[None]:
         _batch_adapter_names.reset(token)
 
 
+def current_batch_adapters() -> Optional[list[str]]:
+    """The per-row adapter names set by :func:`batch_adapter_names`, or None outside a mixed batch."""
+    return _batch_adapter_names.get()
+
+
 def rows_per_adapter(names: Sequence[str], batch_size: int) -> dict[str, torch.Tensor]:
     """Group row indices by adapter name; expands names when generate repeats rows (beams)."""
     names = list(names)

@@ -40,7 +40,8 @@ from ..config import (PeftConfig, PeftType, config_from_method_args, module_spec
                       register_method)
 from ..inject import (bnb_linear_types, conv1d_type, find_targets, linear_layer_types, replace_module,
                       resolve_default_targets)
-from ..tuner import AdapterLayer, BaseTuner, register_tuner
+from ..kernels.lora_fused import lora_add
+from ..tuner import AdapterLayer, BaseTuner, current_batch_adapters, register_tuner
 
 _INIT_CHOICES = (True, False, "gaussian", "pissa")
 
@@ -284,6 +285,23 @@ class LoraLinear(LoraLayer, nn.Module):
         """``s * B @ A`` in fp32, laid out like the base weight (transposed for fan_in_fan_out)."""
         delta = self.lora_B[name].weight.float() @ self.lora_A[name].weight.float() * self.scaling[name]
         return delta.T if self.fan_in_fan_out else delta
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Base output plus the active adapter's update.
+
+        The common case (one unmerged plain-LoRA adapter, no mixed batch) goes through
+        :func:`tsugiki.kernels.lora_fused.lora_add`: the update is added in place and the
+        dropout mask is re-drawn in backward instead of stored. The rest takes the
+        composed reference path (``additive_forward``).
+        """
+        name = self.active_adapter
+        if (args or kwargs or self.disabled or self.merged or name not in self.adapter_names
+                or name in self.lora_magnitude_vector or current_batch_adapters() is not None):
+            return self.additive_forward(x, *args, **kwargs)
+        dropout = self.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        return lora_add(self.base_layer(x), x, self.lora_A[name].weight, self.lora_B[name].weight,
+                        self.scaling[name], p, self.training)
 
     def _lora_out(self, x: torch.Tensor, name: str) -> torch.Tensor:
         A = self.lora_A[name]
