@@ -63,3 +63,24 @@ def test_packed_rows_never_score_a_sequence_start():
 
 def test_models_without_a_plain_head_use_the_reference():
     assert split_causal_lm(tiny_bert_classifier()) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_cross_entropy_equals_full_logits_forward_and_gradient(monkeypatch, dtype):
+    from tsugiki.kernels import target_logits as tl
+
+    monkeypatch.setattr(tl, "CHUNK_ELEMENTS", 3 * 50)  # 3 rows of a 50-word vocabulary per chunk
+    torch.manual_seed(0)
+    weight = torch.randn(50, 16, dtype=dtype)
+    targets = torch.randint(0, 50, (10,))
+    hidden = torch.randn(10, 16, dtype=dtype, requires_grad=True)
+    hidden_ref = hidden.detach().clone().requires_grad_(True)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    with autocast:
+        fast = tl.ChunkedLinearCrossEntropy.apply(hidden, weight, targets, tl._compute_dtype(hidden))
+        ref = torch.nn.functional.cross_entropy((hidden_ref @ weight.t()).float(), targets, reduction="sum")
+    (fast * 0.5).backward()
+    (ref * 0.5).backward()
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(fast, ref, **tol)
+    torch.testing.assert_close(hidden.grad.float(), hidden_ref.grad.float(), **tol)

@@ -78,9 +78,68 @@ def full_logits_loss_sum(logits: torch.Tensor, labels: torch.Tensor,
 
 def target_logits_loss_sum(body: nn.Module, head: nn.Module, inputs: dict[str, torch.Tensor],
                            labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy computing ``head`` only at scored positions (fp32 loss)."""
+    """Summed next-token cross-entropy computing ``head`` only at scored positions (fp32 loss).
+
+    A frozen, bias-free ``nn.Linear`` head goes through :class:`ChunkedLinearCrossEntropy`
+    (no ``N x vocab`` tensor kept for backward); any other head through ``head()`` +
+    ``F.cross_entropy``.
+    """
     hidden = body(**inputs)[0]  # (B, T, H)
     targets = shifted_targets(labels, inputs.get("position_ids"))
     selected = targets != IGNORE_INDEX
-    logits = head(hidden[selected])  # (N, V): N scored positions only
-    return F.cross_entropy(logits.float(), targets[selected], reduction="sum")
+    rows, wanted = hidden[selected], targets[selected]  # N scored positions only
+    if type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad:
+        return ChunkedLinearCrossEntropy.apply(rows, head.weight, wanted, _compute_dtype(rows))
+    return F.cross_entropy(head(rows).float(), wanted, reduction="sum")
+
+
+CHUNK_ELEMENTS = 1 << 22  # logits per chunk (4M: 16 MiB in fp32)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """``sum_n -log softmax(h_n W^T)[y_n]`` for a frozen ``W``, ``CHUNK_ELEMENTS`` logits at a time.
+
+    Forward keeps only ``h`` and each row's log-sum-exp ``l_n``; backward recomputes
+    each chunk's logits ``z`` and returns ``dL/dh = (softmax(z) - onehot(y)) W * g``
+    with ``softmax(z) = exp(z - l)``. Logits are computed in ``dtype`` (the autocast
+    dtype, as ``head()`` under autocast would) and reduced in fp32, like the reference.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+        w = weight.to(dtype)
+        step = max(1, CHUNK_ELEMENTS // weight.shape[0])
+        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], step):
+                z = (hidden[start:start + step].to(dtype) @ w.t()).float()
+                lse[start:start + step] = torch.logsumexp(z, dim=-1)
+                picked = z.gather(1, targets[start:start + step, None]).squeeze(1)
+                total += (lse[start:start + step] - picked).sum()
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.dtype, ctx.step = dtype, step
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        dtype, step = ctx.dtype, ctx.step
+        w = weight.to(dtype)
+        grad_hidden = torch.empty_like(hidden)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], step):
+                z = (hidden[start:start + step].to(dtype) @ w.t()).float()
+                probs = z.sub_(lse[start:start + step, None]).exp_()  # softmax, in place of the logits
+                rows = torch.arange(probs.shape[0], device=probs.device)
+                probs[rows, targets[start:start + step]] -= 1.0
+                grad_hidden[start:start + step] = (probs.mul_(grad_total).to(dtype) @ w).to(hidden.dtype)
+        return grad_hidden, None, None, None
