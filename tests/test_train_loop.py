@@ -14,7 +14,7 @@ from tsugiki.train import checkpoint as ckpt
 from tsugiki.train import schedules
 from tsugiki.train.config import TrainConfig
 from tsugiki.data import Collator
-from tsugiki.train.loop import Trainer, token_loss_sum
+from tsugiki.train.loop import Trainer, split_rows, token_loss_sum
 
 VOCAB = 101
 
@@ -263,12 +263,14 @@ def test_oom_halves_the_micro_batch_and_keeps_the_effective_batch(tmp_path):
 
     model.forward = forward
     trainer, result = run(tmp_path / "oom", rows, model, batch_size=4, grad_accum=2, max_steps=2,
-                          target_logits_only=False)  # the fake OOM sits on forward(), which the fast loss skips
+                          target_logits_only=False,  # the fake OOM sits on forward(), which the fast loss skips
+                          max_forward_tokens=0)  # forwards of batch_size rows, not split by a token budget
     assert (trainer.micro_batch_size, trainer.grad_accum, trainer.examples_per_step) == (2, 4, 8)
     assert seen == [4, 2, 2, 2, 2, 2, 2, 2, 2]  # one failed try, then 4 micro-batches per step
     assert result.metrics["micro_batch_size"] == 2
 
-    reference, _ = run(tmp_path / "ref", rows, batch_size=2, grad_accum=4, max_steps=2, target_logits_only=False)
+    reference, _ = run(tmp_path / "ref", rows, batch_size=2, grad_accum=4, max_steps=2, target_logits_only=False,
+                       max_forward_tokens=0)
     assert_all_equal(trainable(trainer.model), trainable(reference.model))
 
 
@@ -319,3 +321,47 @@ def test_records_written(tmp_path):
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert TrainConfig.load(str(out / "train_config.yaml")) == trainer.config
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(out / "runs"))
+
+
+# ---------------------------------------------------------------------- forward token budget and order
+def test_split_rows_keeps_order_and_the_token_budget():
+    rows = [{"input_ids": [0] * n} for n in (5, 7, 3, 20, 2, 2)]
+    groups = split_rows(rows, max_rows=3, max_tokens=16)
+    assert [len(r["input_ids"]) for g in groups for r in g] == [5, 7, 3, 20, 2, 2]
+    assert [len(g) for g in groups] == [2, 1, 1, 2]  # 2x7 fits 16, 3x7 does not; 20 goes alone
+    assert all(len(g) * max(len(r["input_ids"]) for r in g) <= 16 for g in groups if len(g) > 1)
+    assert [len(g) for g in split_rows(rows, max_rows=4, max_tokens=0)] == [4, 2]
+
+
+def test_splitting_forwards_by_tokens_does_not_change_the_adapter(tmp_path):
+    rows = random_examples(16, seed=4)
+    whole, _ = run(tmp_path / "whole", rows, batch_size=4, grad_accum=2, max_steps=3, max_forward_tokens=0)
+    split, _ = run(tmp_path / "split", rows, batch_size=4, grad_accum=2, max_steps=3, max_forward_tokens=30)
+    assert split._micro_batches(rows[:4]) != whole._micro_batches(rows[:4])
+    a, b = trainable(whole.model), trainable(split.model)
+    for name in a:  # float summation order only (Adam's first steps magnify it to ~2e-6 here)
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_auto_forward_tokens_follows_the_weights_and_the_shape():
+    from tsugiki.train.loop import auto_forward_tokens
+
+    model = tiny_model()
+    budget = auto_forward_tokens(model, torch.float32)
+    assert budget >= 1
+    for p in model.parameters():  # twice the frozen bytes, about twice the budget
+        if not p.requires_grad:
+            p.data = torch.cat([p.data.reshape(-1)] * 2)
+    assert auto_forward_tokens(model, torch.float32) in (2 * budget, 2 * budget + 1)
+    assert auto_forward_tokens(torch.nn.Linear(4, 4), torch.float32) == 0  # no config: no limit
+
+
+def test_shuffle_false_keeps_the_file_order(tmp_path):
+    rows = random_examples(8)
+    seen = []
+    trainer = Trainer(tiny_model(), make_config(tmp_path / "o", batch_size=2, max_steps=4, shuffle=False), rows,
+                      progress=False)
+    real = trainer.accumulate_gradients
+    trainer.accumulate_gradients = lambda examples, *a: (seen.extend(examples), real(examples, *a))[1]
+    trainer.train()
+    assert seen == rows

@@ -15,7 +15,7 @@ import difflib
 import json
 import logging
 import os
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from torch import nn
 
@@ -104,11 +104,12 @@ def load_saved_template(folder: str, tokenizer: Any) -> Optional[Template]:
 
 
 def run_training(config: Union[None, str, os.PathLike, Mapping[str, Any], TrainConfig] = None,
-                 progress: bool = True, **overrides: Any) -> TrainResult:
+                 progress: bool = True, callbacks: Sequence[Callable] = (), **overrides: Any) -> TrainResult:
     """Fine-tune as ``config`` says; returns ``TrainResult(output_dir, metrics)``.
 
     ``config`` is a YAML path, a dict of keys, or a :class:`TrainConfig`;
     keyword arguments override its keys. See ``tsugiki train --help`` for every key.
+    ``callbacks``: functions ``f(trainer, record)`` called after every optimizer step.
     """
     cfg = as_config(config, **overrides)
     check_method(cfg)
@@ -135,7 +136,8 @@ def run_training(config: Union[None, str, os.PathLike, Mapping[str, Any], TrainC
     if progress and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
 
-    result = Trainer(model, cfg, train_rows, eval_rows or None, tokenizer=tokenizer, progress=progress).train()
+    result = Trainer(model, cfg, train_rows, eval_rows or None, tokenizer=tokenizer, progress=progress,
+                     callbacks=callbacks).train()
     if distributed.is_main():
         save_template(template, cfg.output_dir)
     result.metrics["data"] = stats.to_dict()

@@ -73,11 +73,14 @@ class TrainConfig:
     max_length: int = _f(1024, "Maximum tokens per example (longer ones are truncated).")
     packing: bool = _f(False, "Pack several examples into one row (no padding; attention kept per example via position_ids).")
     group_by_length: bool = _f(False, "Order batches so rows of similar length go together (less padding), still shuffled per epoch.")
+    shuffle: bool = _f(True, "Shuffle the rows each epoch (seeded by `seed`); false keeps the file's order.")
     train_on: str = _f("response", "Which tokens carry loss: 'response' (answers and EOS only) or 'all'.")
     # --- optimisation
     max_steps: int = _f(-1, "Optimizer steps to run; -1 = derive from `num_epochs`. When > 0 it wins over `num_epochs`.")
     num_epochs: int = _f(1, "Passes over the training data (used when `max_steps` is -1).")
     batch_size: int = _f(4, "Examples per micro-batch on each process (halved automatically on out-of-memory); one step is batch_size * grad_accum * processes examples.")
+    max_forward_tokens: Union[int, str] = _f("auto", "Most tokens (rows x padded length) one forward pass may hold: a micro-batch is split into smaller forwards to stay under it (at least one row each), which changes neither the loss nor the gradients. 'auto': as many tokens as keep the saved activations of a forward about the size of the frozen weights (estimated from the model's shape; no limit for architectures tsugiki.plan does not know); 0: no limit.")
+    pad_to_multiple_of: int = _f(64, "Pad each forward's rows to a multiple of this many tokens (1 = to the longest row only). Few distinct shapes keep the CPU matmul library's per-shape kernel caches small (each new sequence length costs ~10 MB that stays resident).")
     grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step on each process (doubled when the micro-batch is halved).")
     learning_rate: float = _f(2e-4, "Peak learning rate of AdamW.")
     lr_scheduler: str = _f("cosine", "Learning-rate schedule after warm-up: cosine, linear or constant.")
@@ -133,7 +136,7 @@ class TrainConfig:
         def bad(key: str, why: str):
             raise ConfigError(f"{key}={getattr(self, key)!r}: {why}")
 
-        for key in ("lora_r", "batch_size", "grad_accum", "max_length", "logging_steps", "num_epochs"):
+        for key in ("lora_r", "batch_size", "grad_accum", "max_length", "logging_steps", "num_epochs", "pad_to_multiple_of"):
             if getattr(self, key) < 1:
                 bad(key, "must be >= 1")
         for key in ("warmup_steps", "save_steps", "eval_steps", "seed"):
@@ -232,6 +235,13 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if isinstance(value, (str, os.PathLike)):
             return os.fspath(value)
         raise TypeError("expected 'auto', a checkpoint path, or false")
+    if key == "max_forward_tokens":  # 'auto' | int >= 0
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        number = int(float(value)) if isinstance(value, str) else value
+        if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+            raise TypeError("expected 'auto', 0 (no limit) or a positive number of tokens")
+        return number
     args = typing.get_args(hint)
     optional = typing.get_origin(hint) is Union and type(None) in args
     if optional:

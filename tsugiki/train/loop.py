@@ -129,14 +129,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def apply_dtype_policy(model: nn.Module, dtype: torch.dtype) -> None:
     """Frozen floating weights -> ``dtype``; trainable weights -> fp32. Quantized (integer) weights are left alone.
 
-    On a 4-bit/8-bit base, frozen fp32 weights stay fp32: ``prepare_model_for_kbit_training``
-    put the small, numerically sensitive ones (norms) there on purpose.
+    On a 4-bit/8-bit base, frozen fp32 vectors (norm weights, biases) stay fp32:
+    ``prepare_model_for_kbit_training`` put these small, numerically sensitive
+    ones there on purpose. Frozen fp32 matrices it upcast (embeddings, an
+    unquantized output head) go to ``dtype`` like any frozen weight.
     """
     kbit = bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
     for param in model.parameters():
         if not param.is_floating_point():
             continue
-        if kbit and not param.requires_grad and param.dtype == torch.float32:
+        if kbit and not param.requires_grad and param.dtype == torch.float32 and param.ndim < 2:
             continue
         target = torch.float32 if param.requires_grad else dtype
         if param.dtype != target:
@@ -165,6 +167,46 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     require = _find_attr(model, "enable_input_require_grads")
     if require is not None:
         require()
+
+
+def auto_forward_tokens(model: nn.Module, dtype: torch.dtype) -> int:
+    """``max_forward_tokens: auto``: tokens whose saved activations are about the frozen weights' bytes.
+
+    ``frozen_weight_bytes / activation_bytes_per_token``, the latter from
+    :func:`tsugiki.plan.block_activation_bytes` with every linear adapted; 0 (no
+    limit) for architectures the plan does not know.
+    """
+    from .. import plan
+
+    config = _find_attr(model, "config")
+    try:
+        shape = plan.model_shape(plan.load_config(config))
+    except Exception:  # an architecture the estimate has no formula for
+        return 0
+    s = torch.tensor([], dtype=dtype).element_size()
+    adapted = {lin.name for lin in shape.linears}
+    per_token = shape.layers * plan.block_activation_bytes(shape, s, full=False, adapted=adapted, lora_r=16,
+                                                           lora_dropout=0.0, device="cpu")
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    return max(1, int(frozen // max(per_token, 1)))
+
+
+def split_rows(examples: Sequence[dict], max_rows: int, max_tokens: int) -> list[list[dict]]:
+    """Consecutive groups of at most ``max_rows`` rows whose padded size (rows x longest) is at most
+    ``max_tokens`` (0 = no token limit); a row longer than ``max_tokens`` goes alone."""
+    groups: list[list[dict]] = []
+    longest = 0
+    for example in examples:
+        n = len(example["input_ids"])
+        group = groups[-1] if groups else None
+        if group is not None and len(group) < max_rows and (
+                not max_tokens or (len(group) + 1) * max(longest, n) <= max_tokens):
+            group.append(example)
+            longest = max(longest, n)
+        else:
+            groups.append([example])
+            longest = n
+    return groups
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -251,8 +293,9 @@ class Trainer:
         if config.packing:
             train_examples = pack(train_examples, config.max_length)
         self.train_examples, self.eval_examples = train_examples, eval_examples
-        self.collate_fn = collate_fn or (PackedCollator(pad) if config.packing else Collator(pad))
-        self.eval_collate_fn = Collator(pad) if config.packing else self.collate_fn
+        multiple = config.pad_to_multiple_of if config.pad_to_multiple_of > 1 else None
+        self.collate_fn = collate_fn or (PackedCollator(pad) if config.packing else Collator(pad, multiple))
+        self.eval_collate_fn = Collator(pad, multiple) if config.packing else self.collate_fn
         self.callbacks = list(callbacks)
         distributed.init_distributed()
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
@@ -279,7 +322,7 @@ class Trainer:
         """Row indices of each optimizer step of ``epoch``: a fixed function of (seed, epoch)."""
         if self._plan[0] != epoch:
             self._plan = (epoch, batch_plan(self._lengths, self.examples_per_step, self.config.group_by_length,
-                                            shuffle=True, seed=self.config.seed, epoch=epoch))
+                                            shuffle=self.config.shuffle, seed=self.config.seed, epoch=epoch))
         return self._plan[1]
 
     # ------------------------------------------------------------------ one step
@@ -300,8 +343,7 @@ class Trainer:
         return token_loss_sum(logits, batch["labels"], batch.get("position_ids"))
 
     def _micro_batches(self, examples: Sequence[dict]) -> list[Batch]:
-        m = self.micro_batch_size
-        return [self.collate_fn(list(examples[s:s + m])) for s in range(0, len(examples), m)]
+        return [self.collate_fn(group) for group in split_rows(examples, self.micro_batch_size, self.forward_tokens)]
 
     def accumulate_gradients(self, examples: list[dict], step_targets: Optional[int] = None,
                              forwards: int = 0) -> tuple[float, int, int]:
@@ -461,6 +503,8 @@ class Trainer:
         if self._pass_use_cache:
             model_config.use_cache = False  # no KV cache while training
         self._parts = split_causal_lm(self.model) if cfg.target_logits_only else None
+        self.forward_tokens = (auto_forward_tokens(self.model, self.compute_dtype)
+                               if cfg.max_forward_tokens == "auto" else cfg.max_forward_tokens)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         distributed.broadcast_params(self.trainable)  # every rank starts from rank 0's weights
         if self.fsdp:
