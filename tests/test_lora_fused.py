@@ -51,7 +51,8 @@ def test_fused_under_bf16_autocast_matches_the_composition():
     want = [ref.detach().float()] + [g.float() for g in _grads(ref, x2, A2, B2)]
     assert fused.dtype == torch.bfloat16 and A.grad.dtype == torch.float32
     for name, a, b in zip(("output", "dx", "dA", "dB"), got, want):
-        torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2, msg=name)
+        # bf16 rounds in different places (the keep scale multiplies A x, not x): ~1% of the scale
+        assert (a - b).abs().max() <= 1e-2 * b.abs().max(), name
 
 
 def test_dropout_mask_rate_scale_and_determinism():

@@ -7,6 +7,7 @@ package's own dependencies are not ours).
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -257,6 +258,21 @@ def _bnb_config(bits, quant_type, double_quant, compute_dtype, skip_modules):
     )
 
 
+def _detach_from_checkpoint_file(model: nn.Module) -> None:
+    """Copy the unquantized CPU tensors of a k-bit model out of the memory-mapped checkpoint.
+
+    transformers leaves the weights it does not quantize (embeddings, norms, the
+    head) as views of the mapped safetensors file, and one live view keeps every
+    page the quantizer read resident: a 4-bit Llama-3.2-1B held 1.9 GiB of file
+    pages after loading. Private copies let the mapping close.
+    """
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            if tensor.device.type == "cpu" and tensor.is_floating_point():
+                tensor.data = tensor.data.clone()
+    gc.collect()
+
+
 def load_model(
     name_or_path: str | os.PathLike | nn.Module | None = None,
     quantization: Literal["4bit", "8bit"] | None = None,
@@ -325,6 +341,7 @@ def load_model(
             bnb_config = _bnb_config(bits, quant_type, double_quant, compute_dtype, skips)
         model = _from_pretrained(resolved, auto_class, dtype, target, bnb_config)
         if on_load:
+            _detach_from_checkpoint_file(model)
             return model
     if bits:
         quant.quantize_model(

@@ -73,20 +73,31 @@ def _compute_dtype(x: torch.Tensor, adapter_dtype: torch.dtype) -> torch.dtype:
     return adapter_dtype
 
 
+def _masked(x: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+    return x if keep is None else torch.where(keep, x, 0.0)
+
+
 class FusedLoraAdd(torch.autograd.Function):
-    """``base_out += s * B (A drop(x))`` with the mask re-drawn in backward; see the module docstring."""
+    """``base_out += s * B (A drop(x))`` with the mask re-drawn in backward; see the module docstring.
+
+    The keep scale ``c = 1 / (1 - p)`` multiplies the r-wide products, not the
+    input-sized tensors: ``A drop(x) = c * A (x * keep)``.
+    """
 
     @staticmethod
     def forward(ctx, base_out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                 scale: float, p: float, seed: int) -> torch.Tensor:
         dtype = _compute_dtype(x, A.dtype)
+        keep_scale = 1.0 / (1.0 - dropout_rate(p))
         with torch.autocast(x.device.type, enabled=False):
-            xc = x.to(dtype)
-            a = _dropped(xc, p, seed) @ A.to(dtype).t()  # (..., r)
+            keep = keep_mask(x.shape, p, seed, x.device) if p else None
+            a = _masked(x.to(dtype), keep) @ A.to(dtype).t()  # (..., r)
+            if p:
+                a.mul_(keep_scale)
             base_out.add_(a @ B.to(dtype).t(), alpha=scale)
         ctx.mark_dirty(base_out)
         ctx.save_for_backward(x, A, B, a)
-        ctx.scale, ctx.p, ctx.seed, ctx.dtype = scale, p, seed, dtype
+        ctx.scale, ctx.p, ctx.seed, ctx.dtype, ctx.keep_scale = scale, p, seed, dtype, keep_scale
         return base_out
 
     @staticmethod
@@ -98,14 +109,14 @@ class FusedLoraAdd(torch.autograd.Function):
         grad_B = grad_A = grad_x = None
         if ctx.needs_input_grad[3]:
             grad_B = (g2.t() @ a2).mul_(s).to(B.dtype)
-        da = (g @ B.to(dtype)).mul_(s)  # (..., r)
-        keep = keep_mask(x.shape, p, ctx.seed, x.device) if p != 0.0 else None  # the forward's mask
+        da = (g @ B.to(dtype)).mul_(s * ctx.keep_scale)  # (..., r), with the keep scale folded in
+        keep = keep_mask(x.shape, p, ctx.seed, x.device) if p else None  # the forward's mask
         if ctx.needs_input_grad[2]:
-            dropped = _dropped(x.to(dtype), p, ctx.seed, keep)
-            grad_A = (da.reshape(-1, da.shape[-1]).t() @ dropped.reshape(-1, dropped.shape[-1])).to(A.dtype)
-            del dropped
+            kept = _masked(x.to(dtype), keep)
+            grad_A = (da.reshape(-1, da.shape[-1]).t() @ kept.reshape(-1, kept.shape[-1])).to(A.dtype)
+            del kept
         if ctx.needs_input_grad[1]:
-            grad_x = _dropped(da @ A.to(dtype), p, ctx.seed, keep).to(x.dtype)
+            grad_x = _masked(da @ A.to(dtype), keep).to(x.dtype)
         return grad_out, grad_x, grad_A, grad_B, None, None, None
 
 
@@ -114,19 +125,27 @@ def lora_add(base_out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.
     """``base_out + scale * B (A drop(x))``, written into ``base_out``; dropout only when ``training``.
 
     Without autograd (inference, or nothing requires grad) it is the same sum without
-    saving anything.
+    saving anything, on the shortest path: generation calls it once per adapted layer
+    per token, where a few microseconds of Python per call add up.
     """
-    p = p if training else 0.0
-    seed = int(torch.randint(0, 2**62, (1,))) if p else 0  # from torch's seeded generator
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
-                                              or base_out.requires_grad)
-    if needs_grad:
+    if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
+                                    or base_out.requires_grad):
+        p = p if training else 0.0
+        seed = int(torch.randint(0, 2**62, (1,))) if p else 0  # from torch's seeded generator
         if base_out._is_view():  # e.g. Conv1D's reshaped addmm: write into a copy, not the view
             base_out = base_out.clone()
         return FusedLoraAdd.apply(base_out, x, A, B, scale, p, seed)
-    dtype = _compute_dtype(x, A.dtype)
-    with torch.autocast(x.device.type, enabled=False):
-        a = _dropped(x.to(dtype), p, seed) @ A.to(dtype).t()
+    if training and p:
+        seed = int(torch.randint(0, 2**62, (1,)))
+        x = _dropped(x, p, seed)
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        if x.dtype != A.dtype:
+            x = x.to(A.dtype)
+        return base_out.add_(torch.matmul(torch.matmul(x, A.t()), B.t()), alpha=scale)
+    dtype = torch.get_autocast_dtype(device)
+    with torch.autocast(device, enabled=False):
+        a = x.to(dtype) @ A.to(dtype).t()
         return base_out.add_(a @ B.to(dtype).t(), alpha=scale)
 
 

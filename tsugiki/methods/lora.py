@@ -295,11 +295,11 @@ class LoraLinear(LoraLayer, nn.Module):
         composed reference path (``additive_forward``).
         """
         name = self.active_adapter
-        if (args or kwargs or self.disabled or self.merged or name not in self.adapter_names
+        if (args or kwargs or self.disabled or self.merged_adapters or name not in self.lora_A
                 or name in self.lora_magnitude_vector or current_batch_adapters() is not None):
             return self.additive_forward(x, *args, **kwargs)
         dropout = self.lora_dropout[name]
-        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        p = dropout.p if self.training and type(dropout) is nn.Dropout else 0.0
         return lora_add(self.base_layer(x), x, self.lora_A[name].weight, self.lora_B[name].weight,
                         self.scaling[name], p, self.training)
 

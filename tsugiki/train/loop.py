@@ -169,12 +169,16 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         require()
 
 
-def auto_forward_tokens(model: nn.Module, dtype: torch.dtype) -> int:
-    """``max_forward_tokens: auto``: tokens whose saved activations are about the frozen weights' bytes.
+AUTO_ACTIVATION_SHARE = 0.25  # max_forward_tokens: auto keeps a forward's activations under 1/4 of the weights
 
-    ``frozen_weight_bytes / activation_bytes_per_token``, the latter from
-    :func:`tsugiki.plan.block_activation_bytes` with every linear adapted; 0 (no
-    limit) for architectures the plan does not know.
+
+def auto_forward_tokens(model: nn.Module, dtype: torch.dtype) -> int:
+    """``max_forward_tokens: auto``: tokens whose saved activations are a quarter of the frozen weights' bytes.
+
+    ``AUTO_ACTIVATION_SHARE * frozen_weight_bytes / activation_bytes_per_token``, the
+    latter from :func:`tsugiki.plan.block_activation_bytes` with every linear adapted;
+    0 (no limit) for architectures the plan does not know. The weights then dominate
+    the peak; a row longer than the budget still runs whole, alone.
     """
     from .. import plan
 
@@ -188,7 +192,7 @@ def auto_forward_tokens(model: nn.Module, dtype: torch.dtype) -> int:
     per_token = shape.layers * plan.block_activation_bytes(shape, s, full=False, adapted=adapted, lora_r=16,
                                                            lora_dropout=0.0, device="cpu")
     frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
-    return max(1, int(frozen // max(per_token, 1)))
+    return max(1, int(AUTO_ACTIVATION_SHARE * frozen // max(per_token, 1)))
 
 
 def split_rows(examples: Sequence[dict], max_rows: int, max_tokens: int) -> list[list[dict]]:
