@@ -77,7 +77,7 @@ def test_chunked_cross_entropy_equals_full_logits_forward_and_gradient(monkeypat
     hidden_ref = hidden.detach().clone().requires_grad_(True)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
     with autocast:
-        fast = tl.ChunkedLinearCrossEntropy.apply(hidden, weight, targets, tl._compute_dtype(hidden))
+        fast = tl.ChunkedLinearCrossEntropy.apply(hidden, weight, targets, tl.compute_dtype(hidden, hidden.dtype))
         ref = torch.nn.functional.cross_entropy((hidden_ref @ weight.t()).float(), targets, reduction="sum")
     (fast * 0.5).backward()
     (ref * 0.5).backward()

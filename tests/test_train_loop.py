@@ -365,3 +365,12 @@ def test_shuffle_false_keeps_the_file_order(tmp_path):
     trainer.accumulate_gradients = lambda examples, *a: (seen.extend(examples), real(examples, *a))[1]
     trainer.train()
     assert seen == rows
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "1.5"])
+def test_bad_max_forward_tokens_names_the_key_and_what_is_allowed(tmp_path, value):
+    from tsugiki.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"max_forward_tokens=.*expected 'auto', 0 \(no limit\)"):
+        TrainConfig.load(None, {"max_forward_tokens": value})
+    assert TrainConfig.load(None, {"max_forward_tokens": "300"}).max_forward_tokens == 300

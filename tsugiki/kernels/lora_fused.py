@@ -66,11 +66,12 @@ def _dropped(x: torch.Tensor, p: float, seed: int, keep: Optional[torch.Tensor] 
     return torch.where(keep, x, 0.0).mul_(1.0 / (1.0 - dropout_rate(p)))
 
 
-def _compute_dtype(x: torch.Tensor, adapter_dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(x: torch.Tensor, fallback: torch.dtype) -> torch.dtype:
+    """The dtype a matmul on ``x`` runs in: autocast's when it is on for ``x``'s device, else ``fallback``."""
     device = x.device.type
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
-    return adapter_dtype
+    return fallback
 
 
 def _masked(x: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
@@ -87,7 +88,7 @@ class FusedLoraAdd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, base_out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                 scale: float, p: float, seed: int) -> torch.Tensor:
-        dtype = _compute_dtype(x, A.dtype)
+        dtype = compute_dtype(x, A.dtype)
         keep_scale = 1.0 / (1.0 - dropout_rate(p))
         with torch.autocast(x.device.type, enabled=False):
             keep = keep_mask(x.shape, p, seed, x.device) if p else None
@@ -152,7 +153,7 @@ def lora_add(base_out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.
 def reference_lora_add(base_out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
                        keep: Optional[torch.Tensor] = None, p: float = 0.0) -> torch.Tensor:
     """The plain composition ``base_out + scale * B (A (x * keep / (1 - p)))``, for tests."""
-    dtype = _compute_dtype(x, A.dtype)
+    dtype = compute_dtype(x, A.dtype)
     xc = x.to(dtype)
     if keep is not None:
         xc = xc * keep / (1.0 - dropout_rate(p))

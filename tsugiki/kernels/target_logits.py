@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .lora_fused import compute_dtype
+
 IGNORE_INDEX = -100
 
 # model_type values whose CausalLM forward is logits = lm_head(body(...)[0]), nothing else.
@@ -89,16 +91,11 @@ def target_logits_loss_sum(body: nn.Module, head: nn.Module, inputs: dict[str, t
     selected = targets != IGNORE_INDEX
     rows, wanted = hidden[selected], targets[selected]  # N scored positions only
     if type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad:
-        return ChunkedLinearCrossEntropy.apply(rows, head.weight, wanted, _compute_dtype(rows))
+        return ChunkedLinearCrossEntropy.apply(rows, head.weight, wanted, compute_dtype(rows, rows.dtype))
     return F.cross_entropy(head(rows).float(), wanted, reduction="sum")
 
 
 CHUNK_ELEMENTS = 1 << 22  # logits per chunk (4M: 16 MiB in fp32)
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):

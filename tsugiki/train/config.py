@@ -238,9 +238,13 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if key == "max_forward_tokens":  # 'auto' | int >= 0
         if isinstance(value, str) and value.strip().lower() == "auto":
             return "auto"
-        number = int(float(value)) if isinstance(value, str) else value
+        why = "expected 'auto', 0 (no limit) or a positive number of tokens"
+        try:
+            number = int(value) if isinstance(value, str) else value
+        except ValueError:
+            raise TypeError(why) from None
         if isinstance(number, bool) or not isinstance(number, int) or number < 0:
-            raise TypeError("expected 'auto', 0 (no limit) or a positive number of tokens")
+            raise TypeError(why)
         return number
     args = typing.get_args(hint)
     optional = typing.get_origin(hint) is Union and type(None) in args
