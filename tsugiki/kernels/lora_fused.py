@@ -44,12 +44,26 @@ def dropout_rate(p: float) -> float:
     return round(p * 65536) / 65536
 
 
+_GENERATORS: dict[torch.device, torch.Generator] = {}
+
+
+def _generator(device: torch.device) -> torch.Generator:
+    """One generator per device, re-seeded for every mask (making one per call costs more than the draw)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    gen = _GENERATORS.get(device)
+    if gen is None:
+        gen = _GENERATORS[device] = torch.Generator(device=device)
+    return gen
+
+
 def keep_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> torch.Tensor:
     """Boolean mask of ``shape``, True with probability ``1 - dropout_rate(p)``; a pure function of ``seed``."""
     n = 1
     for size in shape:
         n *= size
-    gen = torch.Generator(device=device)
+    gen = _generator(device)
     gen.manual_seed(seed)
     words = torch.empty((n + _LANES - 1) // _LANES, dtype=torch.int64, device=device)
     words.random_(-2**63, None, generator=gen)  # the full 64-bit range: every 16-bit lane uniform

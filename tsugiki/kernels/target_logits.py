@@ -78,18 +78,33 @@ def full_logits_loss_sum(logits: torch.Tensor, labels: torch.Tensor,
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def scored_positions(labels: torch.Tensor, position_ids: Optional[torch.Tensor] = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices (into ``B * T``) of the scored positions, and the token each must predict.
+
+    Computed where ``labels`` live; the trainer does it on the CPU copy of a batch, so
+    the GPU never waits for a data-dependent shape (a boolean mask would make it sync).
+    """
+    targets = shifted_targets(labels, position_ids).reshape(-1)
+    index = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    return index, targets.index_select(0, index)
+
+
 def target_logits_loss_sum(body: nn.Module, head: nn.Module, inputs: dict[str, torch.Tensor],
-                           labels: torch.Tensor) -> torch.Tensor:
+                           labels: torch.Tensor,
+                           scored: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """Summed next-token cross-entropy computing ``head`` only at scored positions (fp32 loss).
+
+    ``scored``: :func:`scored_positions` of ``labels``, already on the model's device
+    (default: computed here from ``labels``).
 
     A frozen, bias-free ``nn.Linear`` head goes through :class:`ChunkedLinearCrossEntropy`
     (no ``N x vocab`` tensor kept for backward); any other head through ``head()`` +
     ``F.cross_entropy``.
     """
     hidden = body(**inputs)[0]  # (B, T, H)
-    targets = shifted_targets(labels, inputs.get("position_ids"))
-    selected = targets != IGNORE_INDEX
-    rows, wanted = hidden[selected], targets[selected]  # N scored positions only
+    index, wanted = scored if scored is not None else scored_positions(labels, inputs.get("position_ids"))
+    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)  # N scored positions only
     if type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad:
         return ChunkedLinearCrossEntropy.apply(rows, head.weight, wanted, compute_dtype(rows, rows.dtype))
     return F.cross_entropy(head(rows).float(), wanted, reduction="sum")

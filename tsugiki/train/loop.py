@@ -72,7 +72,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..kernels.target_logits import (full_logits_loss_sum as token_loss_sum, shifted_targets,
+from ..kernels.target_logits import (full_logits_loss_sum as token_loss_sum, scored_positions, shifted_targets,
                                       split_causal_lm, target_logits_loss_sum)
 from ..data import IGNORE_INDEX, Collator, PackedCollator, batch_plan, pack, pad_token_id_for
 from . import distributed, fsdp
@@ -169,16 +169,22 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         require()
 
 
-AUTO_ACTIVATION_SHARE = 0.25  # max_forward_tokens: auto keeps a forward's activations under 1/4 of the weights
+AUTO_ACTIVATION_SHARE = 0.25  # max_forward_tokens: auto keeps a forward's activations under 1/4 of a reference
 
 
-def auto_forward_tokens(model: nn.Module, dtype: torch.dtype) -> int:
-    """``max_forward_tokens: auto``: tokens whose saved activations are a quarter of the frozen weights' bytes.
+def auto_forward_tokens(model: nn.Module, dtype: torch.dtype, device: torch.device = torch.device("cpu")) -> int:
+    """``max_forward_tokens: auto``: tokens whose saved activations are a quarter of a reference size.
 
-    ``AUTO_ACTIVATION_SHARE * frozen_weight_bytes / activation_bytes_per_token``, the
+    ``AUTO_ACTIVATION_SHARE * reference_bytes / activation_bytes_per_token``, the
     latter from :func:`tsugiki.plan.block_activation_bytes` with every linear adapted;
-    0 (no limit) for architectures the plan does not know. The weights then dominate
-    the peak; a row longer than the budget still runs whole, alone.
+    0 (no limit) for architectures the plan does not know. A row longer than the
+    budget still runs whole, alone.
+
+    The reference is the frozen weights' bytes on the CPU, so the weights dominate
+    the peak there (one short row per forward costs little speed on a CPU). On a
+    CUDA device it is the device's memory: each forward there pays a fixed launch
+    cost that makes short forwards several times slower per token, and an
+    out-of-memory error halves the micro-batch anyway.
     """
     from .. import plan
 
@@ -190,9 +196,12 @@ def auto_forward_tokens(model: nn.Module, dtype: torch.dtype) -> int:
     s = torch.tensor([], dtype=dtype).element_size()
     adapted = {lin.name for lin in shape.linears}
     per_token = shape.layers * plan.block_activation_bytes(shape, s, full=False, adapted=adapted, lora_r=16,
-                                                           lora_dropout=0.0, device="cpu")
-    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
-    return max(1, int(AUTO_ACTIVATION_SHARE * frozen // max(per_token, 1)))
+                                                           lora_dropout=0.0, device=device.type)
+    if device.type == "cuda":
+        reference = torch.cuda.get_device_properties(device).total_memory
+    else:
+        reference = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    return max(1, int(AUTO_ACTIVATION_SHARE * reference // max(per_token, 1)))
 
 
 def split_rows(examples: Sequence[dict], max_rows: int, max_tokens: int) -> list[list[dict]]:
@@ -339,12 +348,27 @@ class Trainer:
         if self._pass_use_cache:
             inputs["use_cache"] = False  # packed position_ids are only honoured without a KV cache
         parts = self._parts
+        scored = (batch["scored_index"], batch["scored_targets"]) if "scored_index" in batch else None
         with self._autocast():
             if parts is not None:  # the output layer only where a token is scored
-                return target_logits_loss_sum(*parts, inputs, batch["labels"])
+                return target_logits_loss_sum(*parts, inputs, batch["labels"], scored)
             out = self.model(**inputs)
         logits = out.logits if hasattr(out, "logits") else out[0]
         return token_loss_sum(logits, batch["labels"], batch.get("position_ids"))
+
+    def _on_device(self, batch: Batch) -> Batch:
+        """``batch`` on the model's device, its scored positions found on the CPU first.
+
+        Nothing here waits for the GPU (pinned, non-blocking copies; no data-dependent
+        shape on the device), so the next forward is queued while the last one runs.
+        """
+        if self._parts is not None:
+            batch = dict(batch)
+            batch["scored_index"], batch["scored_targets"] = scored_positions(batch["labels"],
+                                                                              batch.get("position_ids"))
+        if self.device.type == "cuda":
+            return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+        return {k: v.to(self.device) for k, v in batch.items()}
 
     def _micro_batches(self, examples: Sequence[dict]) -> list[Batch]:
         return [self.collate_fn(group) for group in split_rows(examples, self.micro_batch_size, self.forward_tokens)]
@@ -362,20 +386,20 @@ class Trainer:
         n_targets = sum(count_targets(b) for b in batches)
         # A step without targets gives zero gradients, not NaN.
         denom = max(n_targets if step_targets is None else step_targets, 1)
-        loss_sum, n_tokens = 0.0, 0
+        loss_sum, n_tokens = torch.zeros((), dtype=torch.float64, device=self.device), 0
         for batch in batches:
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            n_tokens += count_tokens(batch)
+            batch = self._on_device(batch)
             loss = self._forward_loss_sum(batch)
             scaled = loss / denom
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            loss_sum += float(loss.detach())
-            n_tokens += count_tokens(batch)
+            loss_sum += loss.detach()  # read once per step: a read per forward would wait for the GPU
         for _ in range(forwards - len(batches)):
             # Gradients of exactly zero, but the same FSDP all-gathers and reduce-scatters as a real batch.
             batch = {k: v.to(self.device) for k, v in self._padding_batch(self.train_examples, self.collate_fn).items()}
             loss = self._forward_loss_sum(batch) * 0.0
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        return loss_sum, n_targets, n_tokens
+        return float(loss_sum), n_targets, n_tokens
 
     def _padding_batch(self, examples: Sequence[dict], collate: Callable) -> Batch:
         """A one-token batch without targets, built from the first of ``examples`` (see :func:`fsdp.zero_weight_batch`)."""
@@ -472,8 +496,7 @@ class Trainer:
             for s in range(0, len(rows), m):
                 batch = self.eval_collate_fn(list(rows[s:s + m]))
                 targets += count_targets(batch)
-                batch = {k: v.to(self.device) for k, v in batch.items()}
-                total += float(self._forward_loss_sum(batch))
+                total += float(self._forward_loss_sum(self._on_device(batch)))
             for _ in range(forwards - math.ceil(len(rows) / m)):  # the same collectives as the busiest rank
                 batch = self._padding_batch(self.eval_examples, self.eval_collate_fn)
                 self._forward_loss_sum({k: v.to(self.device) for k, v in batch.items()})
@@ -507,7 +530,7 @@ class Trainer:
         if self._pass_use_cache:
             model_config.use_cache = False  # no KV cache while training
         self._parts = split_causal_lm(self.model) if cfg.target_logits_only else None
-        self.forward_tokens = (auto_forward_tokens(self.model, self.compute_dtype)
+        self.forward_tokens = (auto_forward_tokens(self.model, self.compute_dtype, self.device)
                                if cfg.max_forward_tokens == "auto" else cfg.max_forward_tokens)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         distributed.broadcast_params(self.trainable)  # every rank starts from rank 0's weights

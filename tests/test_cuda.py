@@ -1,0 +1,195 @@
+"""The fast paths and the k-bit path on a CUDA GPU, each against its reference (skipped without a GPU).
+
+The CPU tests cover the same code; these check what only a GPU runs: CUDA random
+draws for the dropout mask, bf16 autocast on CUDA, bitsandbytes' CUDA kernels and
+the trainer moving batches to the device.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tsugiki
+from tsugiki.kernels import target_logits as tl
+from tsugiki.kernels.lora_fused import FusedLoraAdd, keep_mask, reference_lora_add
+from tiny_models import randomize_adapters, tiny_llama, token_batch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = torch.device("cuda")
+
+
+def _lora_inputs(dtype, seed=0, tokens=(4, 33), in_features=64, out_features=96, r=8):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*tokens, in_features, generator=g).to(CUDA, dtype).requires_grad_(True)
+    W = (torch.randn(out_features, in_features, generator=g) / 8).to(CUDA, dtype)
+    A = (torch.randn(r, in_features, generator=g) / 8).to(CUDA).requires_grad_(True)
+    B = (torch.randn(out_features, r, generator=g) / 8).to(CUDA).requires_grad_(True)
+    return x, W, A, B
+
+
+def _backward(out, *tensors):
+    g = torch.Generator().manual_seed(5)
+    out.backward(torch.randn(out.shape, generator=g).to(out.device, out.dtype))
+    return [t.grad.float() for t in tensors]
+
+
+@pytest.mark.parametrize("dtype, p", [(torch.float32, 0.0), (torch.float32, 0.3), (torch.bfloat16, 0.05)])
+def test_fused_lora_on_cuda_equals_the_composition(dtype, p):
+    results = []
+    for fused in (True, False):
+        x, W, A, B = _lora_inputs(dtype)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            if fused:
+                out = FusedLoraAdd.apply(x @ W.t(), x, A, B, 2.0, p, 1234)
+            else:
+                keep = keep_mask(x.shape, p, 1234, x.device) if p else None
+                out = reference_lora_add(x @ W.t(), x, A, B, 2.0, keep, p)
+        results.append([out.detach().float()] + _backward(out, x, A, B))
+    for name, got, want in zip(("output", "dx", "dA", "dB"), *results):
+        tol = (1e-2 if dtype == torch.bfloat16 else 1e-5) * want.abs().max()
+        assert (got - want).abs().max() <= tol, name
+
+
+def test_cuda_dropout_mask_is_seeded_and_has_the_rate():
+    shape = torch.Size([1000, 1000])
+    keep = keep_mask(shape, 0.1, 7, CUDA)
+    assert keep.device.type == "cuda"
+    assert torch.equal(keep, keep_mask(shape, 0.1, 7, CUDA))
+    assert not torch.equal(keep, keep_mask(shape, 0.1, 8, CUDA))
+    assert 1 - keep.float().mean().item() == pytest.approx(0.1, abs=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_cross_entropy_on_cuda_equals_full_logits(monkeypatch, dtype):
+    monkeypatch.setattr(tl, "CHUNK_ELEMENTS", 7 * 300)
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(300, 32, generator=g).to(CUDA, dtype)
+    targets = torch.randint(0, 300, (40,), generator=g).to(CUDA)
+    hidden = torch.randn(40, 32, generator=g).to(CUDA, dtype).requires_grad_(True)
+    hidden_ref = hidden.detach().clone().requires_grad_(True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        fast = tl.ChunkedLinearCrossEntropy.apply(hidden, weight, targets, tl.compute_dtype(hidden, hidden.dtype))
+        logits = (hidden_ref @ weight.t()).float()
+    ref = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    fast.backward()
+    ref.backward()
+    tol = dict(atol=1e-3, rtol=1e-3) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)
+    torch.testing.assert_close(fast.float(), ref.float(), **tol)
+    torch.testing.assert_close(hidden.grad.float(), hidden_ref.grad.float(), **tol)
+
+
+def test_whole_model_fused_path_equals_the_reference_path_on_cuda():
+    results = []
+    for fused in (True, False):
+        model = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(r=4, target_modules="all-linear")).to(CUDA)
+        randomize_adapters(model)
+        model.train()
+        if not fused:
+            for module in model.modules():
+                if hasattr(module, "additive_forward") and hasattr(module, "lora_A"):
+                    module.forward = module.additive_forward
+        ids = token_batch(2, 12).to(CUDA)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (loss_f, g_f), (loss_r, g_r) = results
+    torch.testing.assert_close(loss_f, loss_r, atol=1e-5, rtol=1e-5)
+    for name in g_f:
+        torch.testing.assert_close(g_f[name], g_r[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_trainer_on_cuda_matches_the_cpu_run(tmp_path):
+    """A few fp32 optimizer steps on the GPU give the adapter the CPU gives (same rows, no dropout)."""
+    from test_train_loop import make_config, random_examples, tiny_model
+    from tsugiki.train.loop import Trainer
+
+    examples = random_examples(12)
+    adapters = []
+    for device in ("cpu", "cuda"):
+        model = tiny_model().to(device)
+        trainer = Trainer(model, make_config(tmp_path / device, max_steps=3, batch_size=4), examples, progress=False)
+        summary = trainer.train()
+        adapters.append({n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad})
+    assert summary.metrics["peak_memory_kind"] == "cuda_max_allocated"
+    for name in adapters[0]:
+        torch.testing.assert_close(adapters[1][name], adapters[0][name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_lora_on_a_cuda_kbit_base_trains_saves_and_reloads(bits, tmp_path):
+    quant = pytest.importorskip("tsugiki.quant")
+
+    def base():
+        return quant.quantize_model(tiny_llama(hidden_size=64, intermediate_size=128).to(CUDA), bits=bits,
+                                    compute_dtype=torch.bfloat16)
+
+    model = tsugiki.get_peft_model(base(), tsugiki.LoraConfig(r=4, target_modules="all-linear",
+                                                              task_type="CAUSAL_LM")).to(CUDA)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = token_batch(4, 10).to(CUDA)
+    losses = []
+    model.train()
+    for _ in range(4):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    model.eval()
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = tsugiki.PeftModel.from_pretrained(base(), tmp_path).to(CUDA)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-5, rtol=0)
+        merged = loaded.merge_and_unload(dequantize=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # dequantized to the bf16 compute dtype
+            merged_logits = merged(ids).logits
+        assert (merged_logits.float() - expected.float()).abs().max().item() < 0.1
+
+
+def test_adapter_on_a_transformers_4bit_cuda_base_loads_in_hf_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    quant = pytest.importorskip("tsugiki.quant")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_llama(hidden_size=64, intermediate_size=128).save_pretrained(tmp_path / "base")
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+
+    def load_base():
+        return AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb, device_map={"": 0})
+
+    model = tsugiki.get_peft_model(quant.prepare_model_for_kbit_training(load_base()),
+                                   tsugiki.LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    ids = token_batch(4, 10).to(CUDA)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        expected = model(ids).logits
+        theirs = peft.PeftModel.from_pretrained(load_base(), str(tmp_path / "adapter"))
+        torch.testing.assert_close(theirs(ids).logits, expected, atol=1e-3, rtol=0)
+
+
+def test_auto_forward_budget_on_cuda_follows_the_device_memory():
+    from tsugiki.train.loop import auto_forward_tokens
+
+    model = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(r=4, target_modules="all-linear"))
+    on_cpu = auto_forward_tokens(model, torch.bfloat16, torch.device("cpu"))
+    on_gpu = auto_forward_tokens(model.to(CUDA), torch.bfloat16, CUDA)
+    total = torch.cuda.get_device_properties(CUDA).total_memory
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    # Same rule, another reference size (the per-token estimate differs a little by device: the attention kernel).
+    assert on_gpu == pytest.approx(on_cpu * total / frozen, rel=0.15)
