@@ -82,11 +82,12 @@ def test_breakdown_sums_to_total_and_scales_with_tokens():
 def test_activation_formula_matches_what_autograd_saves():
     """The per-block bytes equal the tensors a tsugiki-LoRA Llama block saves for backward (as the Trainer runs it)."""
     from tsugiki import LoraConfig, get_peft_model
+    from tsugiki.kernels.block_fused import fused_blocks
     kw = dict(model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True)
     B, T = 2, 32
 
-    def saved(layers, dtype, targets, dropout):
+    def saved(layers, dtype, targets, dropout, fused):
         cfg = transformers.AutoConfig.for_model(**{**kw, "num_hidden_layers": layers})
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
@@ -101,18 +102,19 @@ def test_activation_formula_matches_what_autograd_saves():
 
         ids = torch.randint(0, 100, (B, T))
         autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast, fused_blocks(model, fused):
             model(input_ids=ids, labels=ids)
         return sum(n for ptr, n in storages.items() if ptr not in params)
 
     shape = plan.model_shape(transformers.AutoConfig.for_model(**kw))
     for dtype, name, targets, dropout in [(torch.float32, "fp32", ["q_proj", "v_proj"], 0.0),
                                           (torch.bfloat16, "bf16", "all-linear", 0.1)]:
-        per_block = (saved(3, dtype, targets, dropout) - saved(2, dtype, targets, dropout)) / (B * T)
-        adapted = {lin.name for lin in plan.targeted_linears(shape, targets)}
-        want = plan.block_activation_bytes(shape, plan.DTYPE_BYTES[name], full=False, adapted=adapted,
-                                           lora_r=4, lora_dropout=dropout, device="cpu")
-        assert per_block == pytest.approx(want, rel=0.02), (name, targets)
+        for fused in (True, False):
+            per_block = (saved(3, dtype, targets, dropout, fused) - saved(2, dtype, targets, dropout, fused)) / (B * T)
+            adapted = {lin.name for lin in plan.targeted_linears(shape, targets)}
+            want = plan.block_activation_bytes(shape, plan.DTYPE_BYTES[name], full=False, adapted=adapted,
+                                               lora_r=4, lora_dropout=dropout, device="cpu", fused_blocks=fused)
+            assert per_block == pytest.approx(want, rel=0.02), (name, targets, fused)
 
 
 def test_verdict_flips_and_suggestions_name_what_fits():

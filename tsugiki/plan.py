@@ -315,13 +315,16 @@ def _input_sites(shape: Shape) -> list[tuple[int, tuple[str, ...], bool]]:
 
 
 def block_activation_bytes(shape: Shape, s: int, *, full: bool, adapted: set[str], lora_r: int,
-                           lora_dropout: float, device: str) -> float:
+                           lora_dropout: float, device: str, fused_blocks: bool = True) -> float:
     """Bytes autograd saves per token in one block.
 
-    Llama block, compute dtype of ``s`` bytes: both RMSNorms keep an fp32 copy
-    of their input (2 * 4h); SDPA keeps q and k after RoPE, v and its output
-    (s * (2 q_dim + 2 kv_dim)) plus an fp32 logsumexp per head (4 H); the gated
-    MLP keeps gate, act(gate) and up (3 s I). GPT-2/BERT: LayerNorm inputs
+    Llama block, compute dtype of ``s`` bytes, as the trainer runs it
+    (``fused_blocks``, :mod:`tsugiki.kernels.block_fused`): both RMSNorms keep
+    their input and an fp32 scale per token (2 (s h + 4)); SDPA keeps q and k
+    after RoPE, v and its output (s * (2 q_dim + 2 kv_dim)) plus an fp32
+    logsumexp per head (4 H); the gated MLP keeps gate and up (2 s I). The
+    model's own modules (``fused_blocks=False``) keep an fp32 copy of each norm
+    input (2 * 4h) and act(gate) as well (3 s I). GPT-2/BERT: LayerNorm inputs
     (2 s h) and the GELU input (s I). A frozen linear keeps nothing (its input
     gradient needs only the weight). LoRA linears take the fused path
     (:mod:`tsugiki.kernels.lora_fused`): each keeps its input at the compute
@@ -332,7 +335,9 @@ def block_activation_bytes(shape: Shape, s: int, *, full: bool, adapted: set[str
     h, i = shape.hidden, shape.intermediate
     q_dim, kv_dim = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     attn = s * (2 * q_dim + 2 * kv_dim) + 4 * shape.heads
-    if shape.family == "llama":
+    if shape.family == "llama" and fused_blocks:
+        base = 2 * (s * h + 4) + attn + 2 * s * i
+    elif shape.family == "llama":
         base = 2 * 4 * h + attn + 3 * s * i
     else:
         base = 2 * (s * h + 8) + attn + s * i
