@@ -12,7 +12,8 @@ bases (bitsandbytes NF4 `Linear4bit`, double quantization, bf16 compute,
 quantized on the CPU from random bf16 weights), then the Trainer's
 `apply_dtype_policy` (frozen weights at the compute dtype, trainable ones
 fp32), the forward under `torch.autocast` when the compute dtype is 16-bit,
-the Trainer's fp32 `token_loss_sum`, and AdamW (fused where torch allows, as
+the Trainer's fp32 `token_loss_sum`, the fused RMSNorm and SiLU gate the
+Trainer swaps in (`fused_blocks`), and AdamW (fused where torch allows, as
 `build_optimizer` does).
 
 Measured = peak RSS of the training step. Linux's `/proc/self/clear_refs`
@@ -90,6 +91,7 @@ def run_child(spec: dict) -> dict:
     import transformers
 
     from tsugiki import LoraConfig, get_peft_model
+    from tsugiki.kernels.block_fused import fused_blocks
     from tsugiki.train.loop import apply_dtype_policy, enable_gradient_checkpointing, token_loss_sum
 
     if spec["quantization"]:
@@ -128,15 +130,16 @@ def run_child(spec: dict) -> dict:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak-RSS counter (VmHWM) to the current RSS
     t0 = time.perf_counter()
-    for _ in range(spec["steps"]):
-        with autocast:
-            logits = model(input_ids=ids, use_cache=False).logits
-        loss = token_loss_sum(logits, ids) / n_targets
-        del logits
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        del loss
+    with fused_blocks(model):  # as Trainer.train() runs the model
+        for _ in range(spec["steps"]):
+            with autocast:
+                logits = model(input_ids=ids, use_cache=False).logits
+            loss = token_loss_sum(logits, ids) / n_targets
+            del logits
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            del loss
     step_s = (time.perf_counter() - t0) / spec["steps"]
     return {
         "peak_rss": _rss_bytes("VmHWM"),
