@@ -12,7 +12,8 @@ checkpoint is downloaded or read):
 
 Both then get what tsugiki's Trainer does before training
 (`apply_dtype_policy(model, bf16)`: frozen floating weights bf16, adapters
-fp32) and take ``--steps`` steps of forward under bf16 autocast, the
+fp32) and take ``--steps`` steps of forward under bf16 autocast (with the
+fused RMSNorm and SiLU gate the Trainer swaps in), the
 Trainer's fp32 `token_loss_sum`, backward and AdamW, at a fixed batch x
 sequence of random tokens. No gradient checkpointing in either case, so the
 difference is the base weights alone.
@@ -136,6 +137,7 @@ def run_child(spec: dict) -> dict:
     import transformers
 
     from tsugiki import LoraConfig, get_peft_model
+    from tsugiki.kernels.block_fused import fused_blocks
     from tsugiki.train.loop import apply_dtype_policy, token_loss_sum
 
     if spec["quantization"]:
@@ -169,16 +171,17 @@ def run_child(spec: dict) -> dict:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := current RSS
     losses, t0 = [], time.perf_counter()
-    for _ in range(spec["steps"]):
-        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-            logits = model(input_ids=ids, use_cache=False).logits
-        loss = token_loss_sum(logits, ids) / n_targets
-        del logits
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        del loss
+    with fused_blocks(model):  # as Trainer.train() runs the model
+        for _ in range(spec["steps"]):
+            with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+                logits = model(input_ids=ids, use_cache=False).logits
+            loss = token_loss_sum(logits, ids) / n_targets
+            del logits
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            del loss
     step_s = (time.perf_counter() - t0) / spec["steps"]
     return {
         "step_peak": _status_bytes("VmHWM"),
