@@ -64,7 +64,8 @@ LOGITS_FP32_COPIES = 3
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
 SUPPORTED = LLAMA_LIKE + ("gpt2", "bert")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_8bit": 2, "sgd": 0}  # per fp32 trainable param
+# Per fp32 trainable param (the trainer's `optimizer` names; paged states count where they live).
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw": 8, "paged_adamw_8bit": 2, "sgd": 0}
 
 # nvidia-smi total memory of common cards, MiB.
 GPU_SIZES_MIB = {

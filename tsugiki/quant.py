@@ -44,13 +44,13 @@ FP32_UPCAST_LIMIT_BYTES = 512 * 2**20
 _INSTALL_HINT = 'pip install "tsugiki[bnb]"  (or: pip install bitsandbytes)'
 
 
-def require_bitsandbytes():
+def require_bitsandbytes(purpose: str = "4-bit/8-bit quantization"):
     """Import and return ``bitsandbytes``, or raise an ImportError saying how to install it."""
     try:
         return importlib.import_module("bitsandbytes")
     except ImportError as error:
         raise ImportError(
-            f"4-bit/8-bit quantization needs bitsandbytes, which could not be imported ({error}). "
+            f"{purpose} needs bitsandbytes, which could not be imported ({error}). "
             f"Install it with: {_INSTALL_HINT}"
         ) from error
 

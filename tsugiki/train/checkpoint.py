@@ -46,7 +46,7 @@ RUN_RECORDS = ("train_config.yaml", "metrics.jsonl", "summary.json", "loss_curve
 # Keys whose change makes an old checkpoint a different run.
 RESUME_KEYS = ("model", "data", "method", "method_args", "quantization", "lora_r", "lora_alpha", "target_modules",
                "learning_rate", "lr_scheduler", "warmup_steps", "seed", "max_length", "packing",
-               "template", "train_on")
+               "template", "train_on", "optimizer")
 
 
 # ---------------------------------------------------------------------- listing

@@ -27,6 +27,7 @@ from ..data.tokenize import TRAIN_ON
 
 CONFIG_FILENAME = "train_config.yaml"
 SCHEDULERS = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
 DTYPES = ("auto", "bf16", "fp32", "fp16")
 QUANTIZATIONS = ("none", "4bit", "8bit")
 
@@ -84,6 +85,7 @@ class TrainConfig:
     grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step on each process (doubled when the micro-batch is halved).")
     learning_rate: float = _f(2e-4, "Peak learning rate of AdamW.")
     lr_scheduler: str = _f("cosine", "Learning-rate schedule after warm-up: cosine, linear or constant.")
+    optimizer: str = _f("adamw", "adamw (torch, fused where the device allows; 8 bytes of state per trainable parameter), adamw_8bit (bitsandbytes' block-wise 8-bit states: 2 bytes), or paged_adamw / paged_adamw_8bit (bitsandbytes' states in CUDA unified memory, paged to the CPU under memory pressure; on a CPU the same as unpaged).")
     warmup_steps: int = _f(0, "Steps of linear warm-up from 0 to `learning_rate`.")
     weight_decay: float = _f(0.0, "AdamW decoupled weight decay; never applied to biases and norm weights (1-D parameters).")
     max_grad_norm: float = _f(1.0, "Clip the global gradient L2 norm to this value (0 = no clipping).")
@@ -160,7 +162,7 @@ class TrainConfig:
             bad("save_total_limit", "must be >= 1, or None to keep every checkpoint")
         if self.max_rows is not None and self.max_rows < 1:
             bad("max_rows", "must be >= 1, or None for all rows")
-        for key, allowed in (("lr_scheduler", SCHEDULERS), ("dtype", DTYPES),
+        for key, allowed in (("lr_scheduler", SCHEDULERS), ("optimizer", OPTIMIZERS), ("dtype", DTYPES),
                              ("quantization", QUANTIZATIONS), ("train_on", TRAIN_ON)):
             if getattr(self, key) not in allowed:
                 hint = difflib.get_close_matches(str(getattr(self, key)), allowed, n=1)

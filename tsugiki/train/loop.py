@@ -223,10 +223,17 @@ def split_rows(examples: Sequence[dict], max_rows: int, max_tokens: int) -> list
     return groups
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW(betas=(0.9, 0.999), eps=1e-8) over trainable parameters, fused when the device supports it.
+BNB_OPTIMIZERS = {"adamw_8bit": "AdamW8bit", "paged_adamw": "PagedAdamW", "paged_adamw_8bit": "PagedAdamW8bit"}
 
-    Weight decay applies to matrices only: 1-D parameters (biases, norm weights) get none.
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW(betas=(0.9, 0.999), eps=1e-8) over trainable parameters, as ``config.optimizer`` names it.
+
+    ``adamw``: torch's, fused when the device supports it. ``adamw_8bit`` /
+    ``paged_adamw`` / ``paged_adamw_8bit``: bitsandbytes' (8-bit block-wise
+    states for tensors of 4096+ elements, 32-bit below; paged states live in CUDA
+    unified memory). Weight decay applies to matrices only: 1-D parameters
+    (biases, norm weights) get none.
     """
     decay, no_decay = [], []
     for _name, param in model.named_parameters():
@@ -237,6 +244,14 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
                          "wrap it with get_peft_model(...) or unfreeze the weights to train")
     groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    if config.optimizer in BNB_OPTIMIZERS:
+        from ..quant import require_bitsandbytes
+
+        if config.fsdp:
+            raise ConfigError(f"optimizer: {config.optimizer} does not take FSDP's sharded parameters; "
+                              "use optimizer: adamw with fsdp: true")
+        bnb = require_bitsandbytes(f"optimizer: {config.optimizer}")
+        return getattr(bnb.optim, BNB_OPTIMIZERS[config.optimizer])(groups, lr=config.learning_rate)
     try:
         return torch.optim.AdamW(groups, lr=config.learning_rate, fused=True)
     except (RuntimeError, TypeError, ValueError):  # fused needs a supported device/dtype
