@@ -99,27 +99,48 @@ def _qwen2():
                                         num_attention_heads=4, num_key_value_heads=2))
 
 
+def _grafted(base):
+    """``base`` with LoRA on every linear, lora_B random (so adapters change the output), in train mode."""
+    model = tsugiki.get_peft_model(base, tsugiki.LoraConfig(r=4, target_modules="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(5))
+    return model.train()
+
+
+def _loss_fn(model):
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+
+    def forward():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(input_ids=ids, labels=ids).loss
+    return forward
+
+
+def _assert_trains_alike(results):
+    """Same loss; adapter gradients within bf16 rounding of the summed input gradients (~1e-3 of the largest)."""
+    (loss_ref, grads_ref), (loss, grads) = results
+    torch.testing.assert_close(loss, loss_ref, atol=1e-6, rtol=0)
+    for name in grads_ref:
+        assert (grads[name] - grads_ref[name]).abs().max() <= 3e-2 * grads_ref[name].abs().max(), name
+
+
+def _adapter_grads(model):
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
 @pytest.mark.parametrize("make", [_llama, _qwen2], ids=["llama", "qwen2"])
 def test_whole_model_under_fused_blocks_trains_like_the_modules(make):
     results = []
     for fused in (False, True):
-        model = tsugiki.get_peft_model(make(), tsugiki.LoraConfig(r=4, target_modules="all-linear"))
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(5))
-        model.train()
-        ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+        model = _grafted(make())
         with fused_blocks(model, enabled=fused) as switched:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = model(input_ids=ids, labels=ids).loss
+            loss = _loss_fn(model)()
             loss.backward()
         assert switched == (2 * 2 + 1 + 2 if fused else 0)  # 2 norms + 1 MLP per layer, the final norm
-        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+        results.append((loss.detach(), _adapter_grads(model)))
         assert not any("forward" in m.__dict__ for m in model.modules())  # the modules' own forwards are back
-    (loss_ref, grads_ref), (loss, grads) = results
-    torch.testing.assert_close(loss, loss_ref, atol=1e-6, rtol=0)
-    for name in grads_ref:  # bf16 rounding of the summed input gradients: a few 1e-3 of the largest entry
-        assert (grads[name] - grads_ref[name]).abs().max() <= 3e-2 * grads_ref[name].abs().max(), name
+    _assert_trains_alike(results)
 
 
 def test_modules_of_other_shapes_are_left_alone():
@@ -132,26 +153,17 @@ def test_fp32_norm_weights_under_autocast_feed_plain_linears_the_same_values_in_
     """k-bit bases keep norms in fp32; the fused norm hands the linear layers after it bf16 directly."""
     results, saved = [], []
     for fused in (False, True):
-        model = tsugiki.get_peft_model(_llama().to(torch.bfloat16), tsugiki.LoraConfig(r=4, target_modules="all-linear"))
-        for name, p in model.named_parameters():
+        model = _grafted(_llama().to(torch.bfloat16))
+        for p in model.parameters():
             if p.dim() == 1:
                 p.data = p.data.float()  # what the k-bit dtype policy does to the norms
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(5))
-        model.train()
-        ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
         with fused_blocks(model, enabled=fused):
-            def forward():
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    return model(input_ids=ids, labels=ids).loss
+            forward = _loss_fn(model)
             saved.append(_saved_bytes(forward))
             loss = forward()
             loss.backward()
-        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
-    (loss_ref, grads_ref), (loss, grads) = results
-    torch.testing.assert_close(loss, loss_ref, atol=1e-6, rtol=0)
-    for name in grads_ref:  # bf16 rounding of the summed input gradients: a few 1e-3 of the largest entry
-        assert (grads[name] - grads_ref[name]).abs().max() <= 3e-2 * grads_ref[name].abs().max(), name
+        results.append((loss.detach(), _adapter_grads(model)))
+    _assert_trains_alike(results)
     assert saved[1] < saved[0]
 
 
@@ -165,15 +177,10 @@ def test_on_a_kbit_base_the_activations_stay_16_bit():
     for fused in (False, True):
         base = quant.quantize_model(tiny_llama(hidden_size=64, intermediate_size=128), bits=4,
                                     compute_dtype=torch.bfloat16)
-        model = tsugiki.get_peft_model(quant.prepare_model_for_kbit_training(base, use_gradient_checkpointing=False),
-                                       tsugiki.LoraConfig(r=4, target_modules="all-linear"))
+        model = _grafted(quant.prepare_model_for_kbit_training(base, use_gradient_checkpointing=False))
         apply_dtype_policy(model, torch.bfloat16)  # norms fp32, as for every k-bit base
-        model.train()
-        ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
         with fused_blocks(model, enabled=fused):
-            def forward():
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    return model(input_ids=ids, labels=ids).loss
+            forward = _loss_fn(model)
             saved.append(_saved_bytes(forward))
             losses.append(forward().item())
     assert saved[1] < 0.75 * saved[0]  # bitsandbytes layers return fp32 after an fp32 norm
