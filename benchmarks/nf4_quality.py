@@ -25,7 +25,14 @@ per token.
 The default model is itself a Q4_1 GGUF dequantized to fp32, so "fp32" here
 means those weights exactly, and NF4 re-quantizes them.
 
+Part 3, the weights themselves: for every block linear of that model, how many
+distinct values each run of 32 consecutive weights holds (a Q4_1 block has at
+most 16), and the relative RMS error NF4 (blocks of 64) makes on it, next to
+the error it makes on a Gaussian matrix of the same shape and standard
+deviation (NF4's design case).
+
 Run:  python benchmarks/nf4_quality.py             (~3 min on 2 cores)
+      python benchmarks/nf4_quality.py --weights-only   (part 3 alone, seconds)
 """
 
 from __future__ import annotations
@@ -98,11 +105,45 @@ def sliding_window_logprobs(model, ids: torch.Tensor, window: int, stride: int) 
     return torch.cat(out_lp), torch.cat(out_tg)
 
 
+def nf4_relative_error(weight: torch.Tensor) -> float:
+    """``||dequantize(quantize_nf4(W)) - W|| / ||W||``, bitsandbytes' NF4 with blocks of 64."""
+    import bitsandbytes.functional as bnbf
+
+    packed, state = bnbf.quantize_4bit(weight, blocksize=64, quant_type="nf4")
+    return float((bnbf.dequantize_4bit(packed, state) - weight).norm() / weight.norm())
+
+
+def distinct_per_block(weight: torch.Tensor, block: int = 32) -> float:
+    """Mean number of distinct values in each run of ``block`` consecutive weights."""
+    rows = weight.reshape(-1, block).sort(dim=1).values
+    return float(1 + (rows[:, 1:] != rows[:, :-1]).sum(dim=1).float().mean())
+
+
+def weight_error_table(model) -> None:
+    """Part 3: the grid the weights sit on, and NF4's error on them vs on Gaussian weights."""
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            w = module.weight.detach().float()
+            gauss = torch.randn(w.shape, generator=g) * w.std()
+            rows.append((distinct_per_block(w), distinct_per_block(gauss), nf4_relative_error(w),
+                         nf4_relative_error(gauss)))
+    cols = list(zip(*rows))
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    print(f"\n## the weights ({len(rows)} block linears; median [min-max] over them)")
+    names = ("distinct values per 32 weights, model", "distinct values per 32 weights, Gaussian",
+             "NF4 relative RMS error, model", "NF4 relative RMS error, Gaussian")
+    for label, xs in zip(names, cols):
+        print(f"{label}: {med(xs):.3f} [{min(xs):.3f}-{max(xs):.3f}]")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--text", default=os.path.join(HERE, "data", "heldout.txt"))
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--stride", type=int, default=512)
+    ap.add_argument("--weights-only", action="store_true", help="part 3 only (the weights' grid and NF4 error)")
     ap.add_argument("--variants", nargs="*",
                     default=["fp32", "bf16", "nf4-dq", "nf4", "fp4-dq", "int8"])
     args = ap.parse_args(argv)
@@ -130,6 +171,9 @@ def main(argv=None) -> int:
     base.eval()
     tok = load_tokenizer()
     print(f"loaded SmolLM2-135M-Instruct fp32 in {time.perf_counter() - t0:.1f} s")
+    weight_error_table(base)
+    if args.weights_only:
+        return 0
     text = open(args.text, encoding="utf-8").read()
     ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
     probe = ids[:64].unsqueeze(0)
