@@ -428,6 +428,8 @@ def main() -> None:
     import trl
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA GPU here; use --device cpu (or auto)")
     where = (torch.cuda.get_device_name() if device == "cuda"
              else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     print(f"# {where}, torch {torch.__version__}, "
