@@ -1,5 +1,8 @@
 """The fast paths and the k-bit path on a CUDA GPU, each against its reference (skipped without a GPU).
 
+The whole-model fast path (tests/test_lora_fused.py) and the HF PEFT interop on a
+transformers 4-bit base (tests/test_lora_kbit.py) take a ``cuda`` parameter there.
+
 The CPU tests cover the same code; these check what only a GPU runs: CUDA random
 draws for the dropout mask, bf16 autocast on CUDA, bitsandbytes' CUDA kernels and
 the trainer moving batches to the device.
@@ -13,7 +16,7 @@ import torch
 import tsugiki
 from tsugiki.kernels import target_logits as tl
 from tsugiki.kernels.lora_fused import FusedLoraAdd, keep_mask, reference_lora_add
-from tiny_models import randomize_adapters, tiny_llama, token_batch
+from tiny_models import tiny_llama, token_batch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")
@@ -79,26 +82,6 @@ def test_chunked_cross_entropy_on_cuda_equals_full_logits(monkeypatch, dtype):
     torch.testing.assert_close(hidden.grad.float(), hidden_ref.grad.float(), **tol)
 
 
-def test_whole_model_fused_path_equals_the_reference_path_on_cuda():
-    results = []
-    for fused in (True, False):
-        model = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(r=4, target_modules="all-linear")).to(CUDA)
-        randomize_adapters(model)
-        model.train()
-        if not fused:
-            for module in model.modules():
-                if hasattr(module, "additive_forward") and hasattr(module, "lora_A"):
-                    module.forward = module.additive_forward
-        ids = token_batch(2, 12).to(CUDA)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
-    (loss_f, g_f), (loss_r, g_r) = results
-    torch.testing.assert_close(loss_f, loss_r, atol=1e-5, rtol=1e-5)
-    for name in g_f:
-        torch.testing.assert_close(g_f[name], g_r[name], atol=1e-5, rtol=1e-4, msg=name)
-
-
 def test_trainer_on_cuda_matches_the_cpu_run(tmp_path):
     """A few fp32 optimizer steps on the GPU give the adapter the CPU gives (same rows, no dropout)."""
     from test_train_loop import make_config, random_examples, tiny_model
@@ -151,36 +134,6 @@ def test_lora_on_a_cuda_kbit_base_trains_saves_and_reloads(bits, tmp_path):
         with torch.autocast("cuda", dtype=torch.bfloat16):  # dequantized to the bf16 compute dtype
             merged_logits = merged(ids).logits
         assert (merged_logits.float() - expected.float()).abs().max().item() < 0.1
-
-
-def test_adapter_on_a_transformers_4bit_cuda_base_loads_in_hf_peft(tmp_path):
-    peft = pytest.importorskip("peft")
-    quant = pytest.importorskip("tsugiki.quant")
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    tiny_llama(hidden_size=64, intermediate_size=128).save_pretrained(tmp_path / "base")
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.bfloat16)
-
-    def load_base():
-        return AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb, device_map={"": 0})
-
-    model = tsugiki.get_peft_model(quant.prepare_model_for_kbit_training(load_base()),
-                                   tsugiki.LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
-    ids = token_batch(4, 10).to(CUDA)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for _ in range(3):
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    model.save_pretrained(tmp_path / "adapter")
-    with torch.no_grad():
-        expected = model(ids).logits
-        theirs = peft.PeftModel.from_pretrained(load_base(), str(tmp_path / "adapter"))
-        torch.testing.assert_close(theirs(ids).logits, expected, atol=1e-3, rtol=0)
 
 
 def test_auto_forward_budget_on_cuda_follows_the_device_memory():

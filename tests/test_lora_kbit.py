@@ -1,4 +1,4 @@
-"""LoRA on bitsandbytes 4-bit and 8-bit linear layers (CPU)."""
+"""LoRA on bitsandbytes 4-bit and 8-bit linear layers (CPU; the HF PEFT interop also on a GPU when there is one)."""
 
 from __future__ import annotations
 
@@ -107,22 +107,28 @@ def test_merge_and_unload_dequantize_gives_a_plain_model_transformers_loads(bits
         torch.testing.assert_close(reloaded(ids).logits, merged(ids).logits, atol=1e-5, rtol=0)
 
 
-def test_adapter_on_transformers_4bit_base_loads_in_hf_peft(tmp_path):
+@pytest.mark.parametrize("device, compute_dtype, atol", [
+    ("cpu", torch.float32, 1e-4),
+    pytest.param("cuda", torch.bfloat16, 1e-3,
+                 marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
+])
+def test_adapter_on_transformers_4bit_base_loads_in_hf_peft(tmp_path, device, compute_dtype, atol):
     """The QLoRA path exactly as users write it, and interop with HF PEFT on the same 4-bit base."""
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kbit_llama().save_pretrained(tmp_path / "base")
     bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                    bnb_4bit_compute_dtype=torch.float32)
+                                    bnb_4bit_compute_dtype=compute_dtype)
+    placement = {"device_map": {"": 0}} if device == "cuda" else {}
 
     def load_base():
-        return AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb_config)
+        return AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb_config, **placement)
 
     model = quant.prepare_model_for_kbit_training(load_base(), use_gradient_checkpointing=False)
     peft_model = tsugiki.get_peft_model(model, tsugiki.LoraConfig(r=4, target_modules="all-linear",
                                                                   task_type="CAUSAL_LM"))
-    ids = token_batch(4, 10)
+    ids = token_batch(4, 10).to(device)
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     peft_model.train()
     for _ in range(3):
@@ -135,7 +141,7 @@ def test_adapter_on_transformers_4bit_base_loads_in_hf_peft(tmp_path):
     with torch.no_grad():
         expected = peft_model(ids).logits
         theirs = peft.PeftModel.from_pretrained(load_base(), str(tmp_path / "adapter"))
-        torch.testing.assert_close(theirs(ids).logits, expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(theirs(ids).logits, expected, atol=atol, rtol=0)
 
 
 def test_training_dtype_policy_keeps_kbit_norms_fp32():

@@ -412,8 +412,8 @@ class Trainer:
             loss_sum += loss.detach()  # read once per step: a read per forward would wait for the GPU
         for _ in range(forwards - len(batches)):
             # Gradients of exactly zero, but the same FSDP all-gathers and reduce-scatters as a real batch.
-            batch = {k: v.to(self.device) for k, v in self._padding_batch(self.train_examples, self.collate_fn).items()}
-            loss = self._forward_loss_sum(batch) * 0.0
+            padding = self._padding_batch(self.train_examples, self.collate_fn)
+            loss = self._forward_loss_sum(self._on_device(padding)) * 0.0
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         return float(loss_sum), n_targets, n_tokens
 
@@ -514,8 +514,8 @@ class Trainer:
                 targets += count_targets(batch)
                 total += float(self._forward_loss_sum(self._on_device(batch)))
             for _ in range(forwards - math.ceil(len(rows) / m)):  # the same collectives as the busiest rank
-                batch = self._padding_batch(self.eval_examples, self.eval_collate_fn)
-                self._forward_loss_sum({k: v.to(self.device) for k, v in batch.items()})
+                padding = self._padding_batch(self.eval_examples, self.eval_collate_fn)
+                self._forward_loss_sum(self._on_device(padding))
         finally:
             self.model.train(was_training)
         total, targets = distributed.all_reduce_sum([total, targets])
