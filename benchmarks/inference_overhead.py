@@ -7,7 +7,7 @@ denormals on) and builds three forms of it:
 
 * ``base``: the bare model;
 * ``unmerged``: base + ``get_peft_model(LoraConfig(r=16, lora_alpha=32,
-  target_modules="all-linear"))`` with ``lora_B`` set to small random values
+  target_modules="all-linear"))`` (``--targets default``: q_proj and v_proj) with ``lora_B`` set to small random values
   (so the adapter is not a no-op); adapter weights fp32, as tsugiki keeps them
   on a half-precision base;
 * ``merged``: a copy of ``unmerged`` after ``merge_and_unload()``.
@@ -75,7 +75,7 @@ def machine() -> dict:
             "transformers": transformers.__version__, "load": load}
 
 
-def build_forms(lora_b_std: float, seed: int):
+def build_forms(lora_b_std: float, seed: int, targets: str = "all-linear"):
     """(forms dict, tokenizer, template, base dtype) with the three models in eval mode."""
     import torch
 
@@ -86,8 +86,9 @@ def build_forms(lora_b_std: float, seed: int):
     base = loaded.model.eval()
     dtype = next(base.parameters()).dtype
     torch.manual_seed(seed)
+    target_modules = None if targets == "default" else targets  # None: the architecture's default (q/v)
     unmerged = get_peft_model(copy.deepcopy(base),
-                              LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+                              LoraConfig(r=16, lora_alpha=32, target_modules=target_modules, task_type="CAUSAL_LM"))
     with torch.no_grad():
         for name, p in unmerged.named_parameters():
             if "lora_B" in name:
@@ -175,7 +176,7 @@ def table(results: list[dict], info: dict, args, command: str, wall: float, dtyp
         f"Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}; "
         f"load average {info['load']}.",
         f"Model: SmolLM2-135M-Instruct (built-in GGUF, `load_for_inference`, base {str(dtype).replace('torch.', '')}); "
-        f"LoRA r=16, alpha 32, all-linear, fp32 adapter weights, lora_B ~ N(0, {args.lora_b_std}).",
+        f"LoRA r=16, alpha 32, targets {args.targets}, fp32 adapter weights, lora_B ~ N(0, {args.lora_b_std}).",
         f"Greedy, {len(PROMPTS)} prompts, {args.max_new_tokens} new tokens each (min_new_tokens = max_new_tokens), "
         f"1 warm-up + {args.rounds} interleaved rounds; wall {wall:.0f} s.",
         f"Command: `{command}`",
@@ -203,6 +204,9 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved measured rounds after the warm-up (default 5)")
     ap.add_argument("--batch-sizes", default="1,8")
+    ap.add_argument("--targets", default="all-linear",
+                    help="LoRA target_modules: all-linear (default; workflow 2), 'default' (the architecture's "
+                         "default, q_proj and v_proj for Llama; workflow 1) or a comma-separated list of names")
     ap.add_argument("--lora-b-std", type=float, default=0.01, help="std of the random lora_B values")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0,
@@ -224,7 +228,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     load_start = machine()["load"]
     t0 = time.perf_counter()
-    forms, tok, template, dtype = build_forms(args.lora_b_std, args.seed)
+    targets = args.targets if args.targets in ("all-linear", "default") else args.targets.split(",")
+    forms, tok, template, dtype = build_forms(args.lora_b_std, args.seed, targets)
     log(f"loaded in {time.perf_counter() - t0:.1f} s (base dtype {dtype})")
     results = []
     for bs in (int(b) for b in args.batch_sizes.split(",")):

@@ -63,6 +63,14 @@ def test_save_load_round_trip_is_exact(tmp_path):
     assert "LORA" in card and "`r`: `4`" in card
 
 
+def test_a_second_all_linear_adapter_finds_the_grafted_layers():
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model.add_adapter("b", LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM"))
+    first = {n.replace(".lora_A.default.weight", "") for n, _ in model.named_parameters() if ".lora_A.default." in n}
+    second = {n.replace(".lora_A.b.weight", "") for n, _ in model.named_parameters() if ".lora_A.b." in n}
+    assert first == second and len(first) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down); not lm_head
+
+
 def test_set_disable_delete_adapter():
     ids = token_batch()
     base_logits = tiny_llama()(ids).logits

@@ -159,4 +159,4 @@ def load_adapter_weights(peft_model: nn.Module, state: dict[str, torch.Tensor], 
             param = model_state[model_key]
             if param.is_meta:
                 continue
-            param.data.copy_(tensor.to(dtype=param.dtype, device=param.device))
+            param.copy_(tensor.to(dtype=param.dtype, device=param.device))  # bumps the version counter caches check

@@ -185,7 +185,10 @@ def find_targets(
         if not name or _is_adapter_internal(name):
             continue
         if all_linear:
-            if not isinstance(module, linear) or name in head:
+            # a layer already grafted counts as what it wraps, so a second adapter finds the same layers
+            wrapped = getattr(module, "base_layer", None)
+            layer = wrapped if isinstance(wrapped, nn.Module) else module
+            if not isinstance(layer, linear) or name in head:
                 continue
         elif not name_matches(name, target_modules):
             continue

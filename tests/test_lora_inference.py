@@ -1,0 +1,189 @@
+"""LoRA's inference path (eval mode, no autograd) against the training-time path, and its cache's freshness.
+
+``LoraLinear._inference_forward`` keeps ``s * B^T`` as a copy; these tests
+check that every way of changing an adapter (an optimizer step, an in-place
+edit, a reassigned ``.data``, loading, switching, deleting) is seen by the
+next call, and that the cases it does not handle still reach the general path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tsugiki
+from tsugiki import adapter_io
+from tsugiki.methods.lora import LoraLinear
+from tiny_models import randomize_adapters, tiny_gpt2, tiny_llama, token_batch
+
+
+def _grafted(model, **config):
+    config.setdefault("target_modules", "all-linear")
+    peft_model = tsugiki.get_peft_model(model, tsugiki.LoraConfig(r=4, lora_alpha=8, **config))
+    randomize_adapters(peft_model)
+    return peft_model.eval()
+
+
+def _reference(model, ids):
+    """Logits through the training-time path: autograd on, so the inference path is not taken."""
+    with torch.enable_grad():
+        return model(input_ids=ids).logits.detach()
+
+
+def _fast(model, ids):
+    with torch.inference_mode():
+        return model(input_ids=ids).logits
+
+
+def _plans(model):
+    return [m.__dict__.get("_inference_plan") for m in model.modules() if isinstance(m, LoraLinear)]
+
+
+@pytest.mark.parametrize("make,dtype", [(tiny_llama, torch.float32), (tiny_llama, torch.bfloat16),
+                                        (tiny_gpt2, torch.float32)])
+def test_inference_path_equals_the_training_path(make, dtype):
+    model = _grafted(make().to(dtype))
+    ids = token_batch()
+    fast = _fast(model, ids)
+    plans = _plans(model)
+    assert plans and all(p is not None and p.scaled_B_t is not None for p in plans), "inference path not taken"
+    want = _reference(model, ids)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(fast, want, atol=tol, rtol=tol)
+    # it really adds the adapter: the bare base differs
+    with model.disable_adapter():
+        assert (_fast(model, ids) - fast).abs().max() > 10 * tol
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_inference_path_on_a_kbit_base(bits):
+    pytest.importorskip("bitsandbytes")
+    quant = pytest.importorskip("tsugiki.quant")
+    base = quant.quantize_model(tiny_llama(hidden_size=64, intermediate_size=128), bits=bits,
+                                compute_dtype=torch.float32)
+    model = _grafted(base)
+    ids = token_batch()
+    torch.testing.assert_close(_fast(model, ids), _reference(model, ids), atol=1e-4, rtol=1e-4)
+    assert all(not p.plain_linear for p in _plans(model))  # bnb layers are called as modules
+
+
+def _edits():
+    """Ways of changing lora_B of one layer, each a function of the layer."""
+
+    def optimizer_step(layer):
+        B = layer.lora_B["default"].weight
+        opt = torch.optim.SGD([B], lr=0.5)
+        B.grad = torch.ones_like(B)
+        opt.step()
+
+    def in_place_no_grad(layer):
+        with torch.no_grad():
+            layer.lora_B["default"].weight.mul_(-3.0)
+
+    def data_reassigned(layer):
+        B = layer.lora_B["default"].weight
+        B.data = torch.randn_like(B)
+
+    def parameter_replaced(layer):
+        B = layer.lora_B["default"].weight
+        layer.lora_B["default"].weight = torch.nn.Parameter(torch.randn_like(B))
+
+    def data_edit_then_eval(layer):
+        layer.lora_B["default"].weight.data.mul_(-3.0)  # moves no version counter...
+        layer.eval()  # ...so the documented way to drop the plan
+
+    return [optimizer_step, in_place_no_grad, data_reassigned, parameter_replaced, data_edit_then_eval]
+
+
+@pytest.mark.parametrize("edit", _edits(), ids=lambda f: f.__name__)
+def test_a_changed_adapter_is_seen_by_the_next_inference_call(edit):
+    model = _grafted(tiny_llama())
+    ids = token_batch()
+    before = _fast(model, ids)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    edit(layer)
+    after = _fast(model, ids)
+    torch.testing.assert_close(after, _reference(model, ids), atol=1e-5, rtol=1e-5)
+    assert (after - before).abs().max() > 1e-3
+
+
+def test_load_switch_and_delete_adapters(tmp_path):
+    model = _grafted(tiny_llama())
+    model.add_adapter("second", tsugiki.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    randomize_adapters(model, seed=11)  # both adapters
+    ids = token_batch()
+    first = _fast(model, ids)
+    torch.testing.assert_close(first, _reference(model, ids), atol=1e-5, rtol=1e-5)
+    model.save_pretrained(tmp_path)  # the active adapter, "default"
+
+    model.set_adapter("second")
+    second = _fast(model, ids)
+    torch.testing.assert_close(second, _reference(model, ids), atol=1e-5, rtol=1e-5)
+    assert (second - first).abs().max() > 1e-3
+
+    model.set_adapter("default")
+    torch.testing.assert_close(_fast(model, ids), first, atol=1e-6, rtol=0)
+    randomize_adapters(model, seed=12)  # changes both adapters in place
+    assert (_fast(model, ids) - first).abs().max() > 1e-3
+    # what load_adapter does once the adapter exists: copy the file's tensors into the parameters
+    adapter_io.load_adapter_weights(model, adapter_io.read_adapter_weights(str(tmp_path)), "default",
+                                    model.base_model.adapter_attr_names(), str(tmp_path))
+    torch.testing.assert_close(_fast(model, ids), first, atol=1e-6, rtol=0)
+
+    model.set_adapter("second")
+    model.delete_adapter("default")
+    torch.testing.assert_close(_fast(model, ids), _reference(model, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_a_hook_on_the_base_layer_still_runs():
+    model = _grafted(tiny_llama())
+    ids = token_batch()
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    calls = []
+
+    def shift(module, args, output):
+        calls.append(1)
+        return output + 1.0
+
+    handle = layer.base_layer.register_forward_hook(shift)
+    try:
+        fast = _fast(model, ids)
+        assert calls
+        torch.testing.assert_close(fast, _reference(model, ids), atol=1e-5, rtol=1e-5)
+    finally:
+        handle.remove()
+    assert (fast - _fast(model, ids)).abs().max() > 1e-3
+
+
+def test_cases_the_inference_path_leaves_to_the_general_one():
+    ids = token_batch()
+    model = _grafted(tiny_llama())
+    with torch.inference_mode(), model.disable_adapter():
+        bare = model(input_ids=ids).logits
+    base = tiny_llama()
+    torch.testing.assert_close(bare, _fast(base, ids), atol=1e-6, rtol=0)
+
+    dora = _grafted(tiny_llama(), use_dora=True)
+    torch.testing.assert_close(_fast(dora, ids), _reference(dora, ids), atol=1e-5, rtol=1e-5)
+    assert all(p.scaled_B_t is None for p in _plans(dora))
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = _fast(model, ids)  # autocast: the general path, in bf16
+    torch.testing.assert_close(auto.float(), _reference(model, ids), atol=5e-2, rtol=5e-2)
+
+    model.merge_adapter()
+    merged = _fast(model, ids)
+    model.unmerge_adapter()
+    torch.testing.assert_close(merged, _fast(model, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_training_after_inference_uses_the_training_path():
+    model = _grafted(tiny_llama())
+    ids = token_batch()
+    _fast(model, ids)
+    model.train()
+    assert all(p is None for p in _plans(model))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
