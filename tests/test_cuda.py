@@ -15,7 +15,7 @@ import torch
 
 import tsugiki
 from tsugiki.kernels import target_logits as tl
-from tsugiki.kernels.lora_fused import FusedLoraAdd, keep_mask, reference_lora_add
+from tsugiki.kernels.lora_fused import DropoutMask, FusedLoraAdd, keep_mask, reference_lora_add
 from tiny_models import tiny_llama, token_batch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -46,8 +46,8 @@ def test_fused_lora_on_cuda_equals_the_composition(dtype, p):
             if fused:
                 out = FusedLoraAdd.apply(x @ W.t(), x, A, B, 2.0, p, 1234)
             else:
-                keep = keep_mask(x.shape, p, 1234, x.device) if p else None
-                out = reference_lora_add(x @ W.t(), x, A, B, 2.0, keep, p)
+                mask = DropoutMask(x.shape, p, 1234, x.device) if p else None
+                out = reference_lora_add(x @ W.t(), x, A, B, 2.0, mask)
         results.append([out.detach().float()] + _backward(out, x, A, B))
     for name, got, want in zip(("output", "dx", "dA", "dB"), *results):
         tol = (1e-2 if dtype == torch.bfloat16 else 1e-5) * want.abs().max()

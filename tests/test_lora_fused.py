@@ -6,7 +6,8 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from tsugiki import LoraConfig, get_peft_model
-from tsugiki.kernels.lora_fused import FusedLoraAdd, dropout_rate, keep_mask, lora_add, reference_lora_add
+from tsugiki.kernels.lora_fused import (DropoutMask, FusedLoraAdd, dropout_rate, dropped_positions, keep_mask,
+                                        lora_add, reference_lora_add)
 
 
 def _inputs(dtype=torch.float32, seed=0, out_features=24, in_features=16, r=4):
@@ -24,7 +25,7 @@ def _grads(out, *tensors, seed=1):
     return [t.grad.clone() for t in tensors]
 
 
-@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("p", [0.0, 0.05, 0.3])  # 0.05: dropped positions; 0.3: dense mask
 def test_fused_equals_the_composition_forward_and_gradients_fp32(p):
     seed = 1234
     x, W, A, B = _inputs()
@@ -32,8 +33,8 @@ def test_fused_equals_the_composition_forward_and_gradients_fp32(p):
     got = [fused.detach()] + _grads(fused, x, A, B)
 
     x2, W2, A2, B2 = _inputs()
-    keep = keep_mask(x2.shape, p, seed, x2.device) if p else None
-    ref = reference_lora_add(x2 @ W2.t(), x2, A2, B2, 2.0, keep, p)
+    mask = DropoutMask(x2.shape, p, seed, x2.device) if p else None
+    ref = reference_lora_add(x2 @ W2.t(), x2, A2, B2, 2.0, mask)
     want = [ref.detach()] + _grads(ref, x2, A2, B2)
     for name, a, b in zip(("output", "dx", "dA", "dB"), got, want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
@@ -47,7 +48,7 @@ def test_fused_under_bf16_autocast_matches_the_composition():
     got = [fused.detach().float()] + [g.float() for g in _grads(fused, x, A, B)]
     x2, W2, A2, B2 = _inputs(torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref = reference_lora_add(x2 @ W2.t(), x2, A2, B2, 2.0, keep_mask(x2.shape, 0.2, seed, x2.device), 0.2)
+        ref = reference_lora_add(x2 @ W2.t(), x2, A2, B2, 2.0, DropoutMask(x2.shape, 0.2, seed, x2.device))
     want = [ref.detach().float()] + [g.float() for g in _grads(ref, x2, A2, B2)]
     assert fused.dtype == torch.bfloat16 and A.grad.dtype == torch.float32
     for name, a, b in zip(("output", "dx", "dA", "dB"), got, want):
@@ -55,18 +56,44 @@ def test_fused_under_bf16_autocast_matches_the_composition():
         assert (a - b).abs().max() <= 1e-2 * b.abs().max(), name
 
 
-def test_dropout_mask_rate_scale_and_determinism():
-    p = 0.05
+def test_dense_mask_rate_scale_and_determinism():
+    p = 0.3
     keep = keep_mask(torch.Size([1000, 1000]), p, 99, torch.device("cpu"))
     assert torch.equal(keep, keep_mask(torch.Size([1000, 1000]), p, 99, torch.device("cpu")))
     assert not torch.equal(keep, keep_mask(torch.Size([1000, 1000]), p, 100, torch.device("cpu")))
-    assert dropout_rate(p) == pytest.approx(0.05, abs=1 / 65536)
+    assert dropout_rate(p) == pytest.approx(p, abs=1 / 65536)
     dropped = 1 - keep.float().mean().item()
-    assert dropped == pytest.approx(dropout_rate(p), abs=1e-3)  # 1e6 draws: std ~2e-4
+    assert dropped == pytest.approx(dropout_rate(p), abs=2e-3)  # 1e6 draws: std ~5e-4
+    mask = DropoutMask(torch.Size([1000, 1000]), p, 99, torch.device("cpu"))
+    assert mask.keep is not None and mask.rate == dropout_rate(p)
     # The keep scale uses the rate actually drawn, so drop(x) is unbiased.
-    x = torch.ones(1000, 1000)
-    d = torch.where(keep, x, 0.0) / (1 - dropout_rate(p))
-    assert d.mean().item() == pytest.approx(1.0, abs=1e-3)
+    d = mask.zeroed(torch.ones(1000, 1000)) * mask.keep_scale
+    assert d.mean().item() == pytest.approx(1.0, abs=3e-3)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.001, 0.25])
+def test_dropped_positions_are_an_iid_bernoulli_mask(p):
+    n = 2_000_000
+    pos = dropped_positions(n, p, 7, torch.device("cpu"))
+    assert torch.equal(pos, dropped_positions(n, p, 7, torch.device("cpu")))
+    assert not torch.equal(pos[:50], dropped_positions(n, p, 8, torch.device("cpu"))[:50])
+    assert pos.dtype == torch.int64 and int(pos[0]) >= 0 and int(pos[-1]) < n
+    assert bool((pos[1:] > pos[:-1]).all())  # sorted, no position twice
+    std = (p * (1 - p) / n) ** 0.5
+    assert len(pos) / n == pytest.approx(p, abs=5 * std)
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[pos] = False
+    dropped = ~keep
+    # independence of neighbours: P(both dropped) = p^2; and of the two halves
+    pair = (dropped[1:] & dropped[:-1]).double().mean().item()
+    assert pair == pytest.approx(p * p, abs=5 * (p * p / n) ** 0.5 + 1e-7)
+    halves = dropped.view(2, -1).double().mean(1)
+    assert (halves - p).abs().max().item() < 5 * std * 2 ** 0.5
+    mask = DropoutMask(torch.Size([1000, 2000]), p, 7, torch.device("cpu"))
+    assert mask.keep is None and mask.rate == p
+    assert torch.equal(mask.keep_tensor().view(-1), keep)
+    x = torch.randn(1000, 2000)
+    torch.testing.assert_close(mask.zeroed(x), torch.where(keep.view(1000, 2000), x, 0.0), atol=0, rtol=0)
 
 
 def test_no_grad_path_adds_in_place_and_equals_the_composition():

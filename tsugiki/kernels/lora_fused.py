@@ -11,8 +11,8 @@ for the backward pass: the dropout mask, the dropped-out copy of ``x`` and the
 scaled product, and draws the mask one random number per element.
 :class:`FusedLoraAdd` instead
 
-* draws the mask from a per-call seed, 16 bits per element (four elements per
-  64-bit draw), and draws it again in the backward pass instead of storing it;
+* draws the mask from a per-call seed and draws it again in the backward pass
+  instead of storing it (:class:`DropoutMask`);
 * saves only ``x`` (which q/k/v or gate/up projections share, so it is stored
   once) and the rank-r product ``a = A drop(x)``;
 * adds ``s * B a`` into the base output in place, and with ``p == 0`` makes no
@@ -22,16 +22,26 @@ Gradients, with ``g`` the output gradient and ``m = keep / (1 - p)``:
 
     dB = s * g^T a,   da = s * g B,   dA = da^T (x * m),   dx = da A * m   (+ the base layer's own dx)
 
-The mask keeps an element when a uniform 16-bit integer is at or above a
-threshold, so the dropout rate is ``p`` rounded to a multiple of 1/65536
-(``p = 0.05`` -> 0.0500030518) and the keep scale uses that same rate: the
-expectation of ``drop(x)`` is exactly ``x``. Products run in the autocast dtype
-when autocast is on (as the reference's linear layers do), else in the
-adapter's dtype.
+Two ways to draw the mask, both a pure function of (shape, p, seed, device):
+
+* **dropped positions** (CPU, ``p <= 0.25``): the gaps between dropped elements
+  of an i.i.d. Bernoulli(p) sequence are geometric, ``gap = 1 + floor(log(v) /
+  log(1 - p))`` with ``v`` uniform in (0, 1], so about ``n * p`` uniform draws
+  place every dropped element of ``n``, and zeroing them is an ``index_fill``.
+  The rate is ``p`` itself. (``v`` is a float32 uniform, so a gap is capped near
+  ``-17 / log(1 - p)``, a tail of probability below 1e-7.)
+* **dense mask** (GPU, or larger ``p``): one 16-bit lane of a 64-bit draw per
+  element, kept when at or above a threshold; the rate is ``p`` rounded to a
+  multiple of 1/65536 (``p = 0.05`` -> 0.0500030518).
+
+Either way the keep scale uses the rate actually drawn, so the expectation of
+``drop(x)`` is exactly ``x``. Products run in the autocast dtype when autocast
+is on (as the reference's linear layers do), else in the adapter's dtype.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -71,13 +81,75 @@ def keep_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> t
     return lanes >= round(p * 65536) - 32768
 
 
-def _dropped(x: torch.Tensor, p: float, seed: int, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x * keep / (1 - p)`` (``x`` itself when ``p == 0``); ``keep`` defaults to the mask of ``seed``."""
+SPARSE_MAX_P = 0.25  # above it, one 16-bit lane per element is cheaper than placing each dropped one
+
+
+def dropped_positions(numel: int, p: float, seed: int, device: torch.device) -> torch.Tensor:
+    """Sorted flat indices of the elements an i.i.d. Bernoulli(``p``) dropout zeroes among ``numel``.
+
+    Draws the geometric gaps between them (see the module docstring): about
+    ``numel * p`` uniform numbers, drawn in chunks until the positions pass ``numel``.
+    """
+    gen = _generator(device)
+    gen.manual_seed(seed)
+    log_q = math.log1p(-p)
+    mean = numel * p
+    chunk = int(mean + 8.0 * math.sqrt(mean * (1.0 - p)) + 64)  # almost always one chunk
+    parts, start = [], 0
+    while start < numel:
+        v = torch.empty(chunk, dtype=torch.float32, device=device).uniform_(generator=gen)
+        gaps = torch.log(v.neg_().add_(1.0)).div_(log_q).floor_().to(torch.int64).add_(1)  # 1 - u: in (0, 1]
+        positions = torch.cumsum(gaps, 0).add_(start - 1)
+        parts.append(positions)
+        start = int(positions[-1]) + 1
+    positions = parts[0] if len(parts) == 1 else torch.cat(parts)
+    end = int(torch.searchsorted(positions, numel))
+    return positions[:end]
+
+
+class DropoutMask:
+    """Which elements of a ``shape`` tensor dropout zeroes, for ``seed``; drawn the same way every time.
+
+    ``rate`` is the dropout rate actually drawn and ``keep_scale`` is ``1 / (1 - rate)``.
+    """
+
+    def __init__(self, shape: torch.Size, p: float, seed: int, device: torch.device):
+        device = torch.device(device)
+        self.shape = torch.Size(shape)
+        if device.type == "cpu" and p <= SPARSE_MAX_P:
+            self.dropped: Optional[torch.Tensor] = dropped_positions(self.shape.numel(), p, seed, device)
+            self.keep: Optional[torch.Tensor] = None
+            self.rate = p
+        else:
+            self.dropped, self.keep = None, keep_mask(self.shape, p, seed, device)
+            self.rate = dropout_rate(p)
+        self.keep_scale = 1.0 / (1.0 - self.rate)
+
+    def zeroed(self, t: torch.Tensor, dtype: Optional[torch.dtype] = None, in_place: bool = False) -> torch.Tensor:
+        """``t`` (cast to ``dtype``) with the dropped elements set to 0: a new tensor unless ``in_place``."""
+        if self.keep is not None:
+            t = t if dtype is None else t.to(dtype)
+            return torch.where(self.keep, t, 0.0)
+        if not in_place:
+            t = t.to(dtype=dtype or t.dtype, memory_format=torch.contiguous_format, copy=True)
+        t.view(-1).index_fill_(0, self.dropped, 0)
+        return t
+
+    def keep_tensor(self) -> torch.Tensor:
+        """The mask as a boolean tensor of ``shape`` (True = kept), for references and tests."""
+        if self.keep is not None:
+            return self.keep
+        keep = torch.ones(self.shape.numel(), dtype=torch.bool, device=self.dropped.device)
+        keep[self.dropped] = False
+        return keep.view(self.shape)
+
+
+def _dropped(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """``x * keep / (1 - rate)`` (``x`` itself when ``p == 0``) with the mask of ``seed``."""
     if p == 0.0:
         return x
-    if keep is None:
-        keep = keep_mask(x.shape, p, seed, x.device)
-    return torch.where(keep, x, 0.0).mul_(1.0 / (1.0 - dropout_rate(p)))
+    mask = DropoutMask(x.shape, p, seed, x.device)
+    return mask.zeroed(x).mul_(mask.keep_scale)
 
 
 def compute_dtype(x: torch.Tensor, fallback: torch.dtype) -> torch.dtype:
@@ -86,10 +158,6 @@ def compute_dtype(x: torch.Tensor, fallback: torch.dtype) -> torch.dtype:
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return fallback
-
-
-def _masked(x: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
-    return x if keep is None else torch.where(keep, x, 0.0)
 
 
 class FusedLoraAdd(torch.autograd.Function):
@@ -103,35 +171,40 @@ class FusedLoraAdd(torch.autograd.Function):
     def forward(ctx, base_out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                 scale: float, p: float, seed: int) -> torch.Tensor:
         dtype = compute_dtype(x, A.dtype)
-        keep_scale = 1.0 / (1.0 - dropout_rate(p))
         with torch.autocast(x.device.type, enabled=False):
-            keep = keep_mask(x.shape, p, seed, x.device) if p else None
-            a = _masked(x.to(dtype), keep) @ A.to(dtype).t()  # (..., r)
             if p:
-                a.mul_(keep_scale)
+                mask = DropoutMask(x.shape, p, seed, x.device)
+                a = mask.zeroed(x, dtype) @ A.to(dtype).t()  # (..., r)
+                a.mul_(mask.keep_scale)
+            else:
+                a = x.to(dtype) @ A.to(dtype).t()
             base_out.add_(a @ B.to(dtype).t(), alpha=scale)
         ctx.mark_dirty(base_out)
         ctx.save_for_backward(x, A, B, a)
-        ctx.scale, ctx.p, ctx.seed, ctx.dtype, ctx.keep_scale = scale, p, seed, dtype, keep_scale
+        ctx.scale, ctx.p, ctx.seed, ctx.dtype = scale, p, seed, dtype
         return base_out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, A, B, a = ctx.saved_tensors
         s, p, dtype = ctx.scale, ctx.p, ctx.dtype
+        mask = DropoutMask(x.shape, p, ctx.seed, x.device) if p else None  # the forward's mask
+        keep_scale = mask.keep_scale if mask is not None else 1.0
         g = grad_out.to(dtype)
         g2, a2 = g.reshape(-1, g.shape[-1]), a.reshape(-1, a.shape[-1])
         grad_B = grad_A = grad_x = None
         if ctx.needs_input_grad[3]:
             grad_B = (g2.t() @ a2).mul_(s).to(B.dtype)
-        da = (g @ B.to(dtype)).mul_(s * ctx.keep_scale)  # (..., r), with the keep scale folded in
-        keep = keep_mask(x.shape, p, ctx.seed, x.device) if p else None  # the forward's mask
+        da = (g @ B.to(dtype)).mul_(s * keep_scale)  # (..., r), with the keep scale folded in
         if ctx.needs_input_grad[2]:
-            kept = _masked(x.to(dtype), keep)
+            kept = mask.zeroed(x, dtype) if mask is not None else x.to(dtype)
             grad_A = (da.reshape(-1, da.shape[-1]).t() @ kept.reshape(-1, kept.shape[-1])).to(A.dtype)
             del kept
         if ctx.needs_input_grad[1]:
-            grad_x = _masked(da @ A.to(dtype), keep).to(x.dtype)
+            grad_x = da @ A.to(dtype)
+            if mask is not None:
+                grad_x = mask.zeroed(grad_x, in_place=grad_x.is_contiguous())
+            grad_x = grad_x.to(x.dtype)
         return grad_out, grad_x, grad_A, grad_B, None, None, None
 
 
@@ -165,10 +238,10 @@ def lora_add(base_out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.
 
 
 def reference_lora_add(base_out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
-                       keep: Optional[torch.Tensor] = None, p: float = 0.0) -> torch.Tensor:
-    """The plain composition ``base_out + scale * B (A (x * keep / (1 - p)))``, for tests."""
+                       mask: Optional[DropoutMask] = None) -> torch.Tensor:
+    """The plain composition ``base_out + scale * B (A (x * keep / (1 - rate)))``, for tests."""
     dtype = compute_dtype(x, A.dtype)
     xc = x.to(dtype)
-    if keep is not None:
-        xc = xc * keep / (1.0 - dropout_rate(p))
+    if mask is not None:
+        xc = xc * mask.keep_tensor() / (1.0 - mask.rate)
     return base_out + ((xc @ A.to(dtype).t()) @ B.to(dtype).t() * scale).to(base_out.dtype)
