@@ -450,8 +450,8 @@ def main() -> None:
         r = results[case] = run_case(case, steps, args.warmup, json.loads(args.tsugiki_options), stacks, device)
         if args.only:
             one = r[args.only]
-            print(f"| {case} ({args.only}) | {one['tokens_per_s']:.0f} tok/s | {one['peak_gib']:.2f} GiB | "
-                  f"loss {fmt_losses(one['losses'])} |", flush=True)
+            print(f"| {case} ({args.only}) | {one['tokens_per_s']:.0f} tok/s | {one['peak_gib']:.2f} GiB "
+                  f"(train {one['train_peak_gib']:.2f} GiB) | loss {fmt_losses(one['losses'])} |", flush=True)
             continue
         hf, ts = r["hf"], r["tsugiki"]
         print(f"| {case} | {hf['tokens_per_s']:.0f} | {ts['tokens_per_s']:.0f} | "
