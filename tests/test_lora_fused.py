@@ -10,9 +10,9 @@ from tsugiki.kernels.lora_fused import (DropoutMask, FusedLoraAdd, dropout_rate,
                                         lora_add, reference_lora_add)
 
 
-def _inputs(dtype=torch.float32, seed=0, out_features=24, in_features=16, r=4):
+def _inputs(dtype=torch.float32, seed=0, out_features=24, in_features=16, r=4, rows=(3, 5)):
     torch.manual_seed(seed)
-    x = torch.randn(3, 5, in_features, dtype=dtype, requires_grad=True)
+    x = torch.randn(*rows, in_features, dtype=dtype, requires_grad=True)
     W = torch.randn(out_features, in_features, dtype=dtype) / 4
     A = nn.Parameter(torch.randn(r, in_features) / 4)
     B = nn.Parameter(torch.randn(out_features, r) / 4)
@@ -25,15 +25,17 @@ def _grads(out, *tensors, seed=1):
     return [t.grad.clone() for t in tensors]
 
 
-@pytest.mark.parametrize("p", [0.0, 0.05, 0.3])  # 0.05: dropped positions; 0.3: dense mask
-def test_fused_equals_the_composition_forward_and_gradients_fp32(p):
+@pytest.mark.parametrize("p,size", [(0.0, {}), (0.3, {}),
+                                    (0.05, dict(rows=(4, 64), in_features=64))])  # 16384 elements: dropped positions
+def test_fused_equals_the_composition_forward_and_gradients_fp32(p, size):
     seed = 1234
-    x, W, A, B = _inputs()
+    x, W, A, B = _inputs(**size)
     fused = FusedLoraAdd.apply(x @ W.t(), x, A, B, 2.0, p, seed)
     got = [fused.detach()] + _grads(fused, x, A, B)
 
-    x2, W2, A2, B2 = _inputs()
+    x2, W2, A2, B2 = _inputs(**size)
     mask = DropoutMask(x2.shape, p, seed, x2.device) if p else None
+    assert mask is None or (mask.keep is None) == (p == 0.05)
     ref = reference_lora_add(x2 @ W2.t(), x2, A2, B2, 2.0, mask)
     want = [ref.detach()] + _grads(ref, x2, A2, B2)
     for name, a, b in zip(("output", "dx", "dA", "dB"), got, want):
@@ -42,11 +44,11 @@ def test_fused_equals_the_composition_forward_and_gradients_fp32(p):
 
 def test_fused_under_bf16_autocast_matches_the_composition():
     seed = 7
-    x, W, A, B = _inputs(torch.bfloat16)
+    x, W, A, B = _inputs(torch.bfloat16, rows=(4, 64), in_features=64)  # 16384 elements: dropped positions
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fused = FusedLoraAdd.apply(x @ W.t(), x, A, B, 2.0, 0.2, seed)
     got = [fused.detach().float()] + [g.float() for g in _grads(fused, x, A, B)]
-    x2, W2, A2, B2 = _inputs(torch.bfloat16)
+    x2, W2, A2, B2 = _inputs(torch.bfloat16, rows=(4, 64), in_features=64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = reference_lora_add(x2 @ W2.t(), x2, A2, B2, 2.0, DropoutMask(x2.shape, 0.2, seed, x2.device))
     want = [ref.detach().float()] + [g.float() for g in _grads(ref, x2, A2, B2)]
@@ -91,6 +93,7 @@ def test_dropped_positions_are_an_iid_bernoulli_mask(p):
     assert (halves - p).abs().max().item() < 5 * std * 2 ** 0.5
     mask = DropoutMask(torch.Size([1000, 2000]), p, 7, torch.device("cpu"))
     assert mask.keep is None and mask.rate == p
+    assert DropoutMask(torch.Size([16, 64]), p, 7, torch.device("cpu")).keep is not None  # small: dense
     assert torch.equal(mask.keep_tensor().view(-1), keep)
     x = torch.randn(1000, 2000)
     torch.testing.assert_close(mask.zeroed(x), torch.where(keep.view(1000, 2000), x, 0.0), atol=0, rtol=0)
@@ -150,16 +153,17 @@ def test_layer_fast_path_equals_reference_path_in_a_model(make, device):
         torch.testing.assert_close(g_f[name], g_r[name], msg=name, **tol)
 
 
-def test_dropout_recompute_under_gradient_checkpointing_matches_a_plain_backward():
+@pytest.mark.parametrize("p,ids_shape", [(0.3, (2, 12)), (0.05, (8, 64))])  # dense mask; dropped positions
+def test_dropout_recompute_under_gradient_checkpointing_matches_a_plain_backward(p, ids_shape):
     """Checkpointing replays the forward; the replayed mask must be the one the plain backward uses."""
     grads = []
     for checkpointing in (False, True):
-        model = get_peft_model(_tiny_llama(), LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.3))
+        model = get_peft_model(_tiny_llama(), LoraConfig(r=4, target_modules="all-linear", lora_dropout=p))
         _lora_b_nonzero(model)
         model.train()
         if checkpointing:
             model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+        ids = torch.randint(0, 64, ids_shape, generator=torch.Generator().manual_seed(3))
         torch.manual_seed(11)
         model(input_ids=ids, labels=ids).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})

@@ -24,13 +24,13 @@ Gradients, with ``g`` the output gradient and ``m = keep / (1 - p)``:
 
 Two ways to draw the mask, both a pure function of (shape, p, seed, device):
 
-* **dropped positions** (CPU, ``p <= 0.25``): the gaps between dropped elements
+* **dropped positions** (CPU, ``p <= 0.25``, 16384 elements or more): the gaps between dropped elements
   of an i.i.d. Bernoulli(p) sequence are geometric, ``gap = 1 + floor(log(v) /
   log(1 - p))`` with ``v`` uniform in (0, 1], so about ``n * p`` uniform draws
   place every dropped element of ``n``, and zeroing them is an ``index_fill``.
   The rate is ``p`` itself. (``v`` is a float32 uniform, so a gap is capped near
   ``-17 / log(1 - p)``, a tail of probability below 1e-7.)
-* **dense mask** (GPU, or larger ``p``): one 16-bit lane of a 64-bit draw per
+* **dense mask** (GPU, larger ``p`` or small inputs): one 16-bit lane of a 64-bit draw per
   element, kept when at or above a threshold; the rate is ``p`` rounded to a
   multiple of 1/65536 (``p = 0.05`` -> 0.0500030518).
 
@@ -81,7 +81,10 @@ def keep_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> t
     return lanes >= round(p * 65536) - 32768
 
 
-SPARSE_MAX_P = 0.25  # above it, one 16-bit lane per element is cheaper than placing each dropped one
+# Dropped positions pay off on a CPU for p up to SPARSE_MAX_P and from SPARSE_MIN_NUMEL elements
+# (2-core measurement: 37K elements 37 vs 52 us, 590K 181 vs 729 us; 9K 27 vs 23 us).
+SPARSE_MAX_P = 0.25
+SPARSE_MIN_NUMEL = 16384
 
 
 def dropped_positions(numel: int, p: float, seed: int, device: torch.device) -> torch.Tensor:
@@ -116,7 +119,7 @@ class DropoutMask:
     def __init__(self, shape: torch.Size, p: float, seed: int, device: torch.device):
         device = torch.device(device)
         self.shape = torch.Size(shape)
-        if device.type == "cpu" and p <= SPARSE_MAX_P:
+        if device.type == "cpu" and p <= SPARSE_MAX_P and self.shape.numel() >= SPARSE_MIN_NUMEL:
             self.dropped: Optional[torch.Tensor] = dropped_positions(self.shape.numel(), p, seed, device)
             self.keep: Optional[torch.Tensor] = None
             self.rate = p
