@@ -229,7 +229,10 @@ def main() -> None:
     load_start = machine()["load"]
     t0 = time.perf_counter()
     targets = args.targets if args.targets in ("all-linear", "default") else args.targets.split(",")
-    forms, tok, template, dtype = build_forms(args.lora_b_std, args.seed, targets)
+    try:
+        forms, tok, template, dtype = build_forms(args.lora_b_std, args.seed, targets)
+    except ValueError as err:  # e.g. a --targets name the model does not have
+        raise SystemExit(f"--targets {args.targets}: {err}") from None
     log(f"loaded in {time.perf_counter() - t0:.1f} s (base dtype {dtype})")
     results = []
     for bs in (int(b) for b in args.batch_sizes.split(",")):

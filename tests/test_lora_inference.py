@@ -155,6 +155,18 @@ def test_a_hook_on_the_base_layer_still_runs():
     assert (fast - _fast(model, ids)).abs().max() > 1e-3
 
 
+def test_a_global_module_hook_still_sees_the_base_layers():
+    model = _grafted(tiny_llama())
+    bases = {id(m.base_layer) for m in model.modules() if isinstance(m, LoraLinear)}
+    seen = set()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, out: seen.add(id(m)))
+    try:
+        _fast(model, token_batch())
+    finally:
+        handle.remove()
+    assert bases <= seen
+
+
 def test_cases_the_inference_path_leaves_to_the_general_one():
     ids = token_batch()
     model = _grafted(tiny_llama())

@@ -35,14 +35,14 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+from torch.nn.modules import module as _nn_module
 
 from ..config import (PeftConfig, PeftType, config_from_method_args, module_spec_problem, register_config,
                       register_method)
 from ..inject import (bnb_linear_types, conv1d_type, find_targets, linear_layer_types, replace_module,
                       resolve_default_targets)
 from ..kernels.lora_fused import lora_add
-from ..tuner import AdapterLayer, BaseTuner, _batch_adapter_names, current_batch_adapters, register_tuner
+from ..tuner import AdapterLayer, BaseTuner, current_batch_adapters, register_tuner
 
 _INIT_CHOICES = (True, False, "gaussian", "pissa")
 
@@ -327,11 +327,11 @@ class LoraLinear(LoraLayer, nn.Module):
         if plan is None or not plan.current(self):
             plan = self._inference_plan = _InferencePlan.build(self)
         if (plan.scaled_B_t is None or self.disabled or self.merged_adapters
-                or _batch_adapter_names.get() is not None or torch.is_autocast_enabled(plan.device_type)):
+                or current_batch_adapters() is not None or torch.is_autocast_enabled(plan.device_type)):
             return None
         base = self._modules["base_layer"]
-        if plan.plain_linear and not (base._forward_pre_hooks or base._forward_hooks
-                                      or _global_forward_pre_hooks or _global_forward_hooks):
+        if plan.plain_linear and not (base._forward_pre_hooks or base._forward_hooks or _GLOBAL_FORWARD_HOOKS[0]
+                                      or _GLOBAL_FORWARD_HOOKS[1]):
             out = F.linear(x, base._parameters["weight"], base._parameters["bias"])  # = nn.Linear.forward
         else:
             out = base(x)
@@ -439,6 +439,12 @@ class LoraLinear(LoraLayer, nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, fan_in_fan_out={self.fan_in_fan_out}"
+
+
+# nn.Module's global forward (pre-)hooks, which a direct F.linear call would skip; private torch names,
+# read once (registering a hook adds to these dicts), with "always present" as the safe fallback.
+_GLOBAL_FORWARD_HOOKS = (getattr(_nn_module, "_global_forward_pre_hooks", True),
+                         getattr(_nn_module, "_global_forward_hooks", True))
 
 
 class _InferencePlan:
