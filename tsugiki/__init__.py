@@ -40,6 +40,8 @@ from .model import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
     get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
 )
 
 __version__ = "0.1.0"
@@ -79,6 +81,7 @@ __all__ = [
     "AutoPeftModelForTokenClassification", "LoraConfig", "LoraModel", "PeftConfig", "PeftModel",
     "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
-    "PeftType", "TaskType", "TrainConfig", "find_all_linear_names", "get_peft_model", "load_model",
-    "load_tokenizer", "plan", "prepare_model_for_kbit_training", "quantize_model", "train",
+    "PeftType", "TaskType", "TrainConfig", "find_all_linear_names", "get_peft_model", "get_peft_model_state_dict",
+    "load_model",
+    "load_tokenizer", "plan", "prepare_model_for_kbit_training", "quantize_model", "set_peft_model_state_dict", "train",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import NamedTuple, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -32,20 +33,34 @@ class AdapterLoadError(ValueError):
     """An adapter file that does not fit the model it is loaded into."""
 
 
+class IncompatibleKeys(NamedTuple):
+    """What a non-strict load left out: adapter tensors the state had no value for
+    (model keys) and state keys that fit no adapter tensor (as given)."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
 def _adapter_attr_pattern(attrs: tuple[str, ...]) -> re.Pattern:
     return re.compile(rf"(^|\.)({'|'.join(map(re.escape, attrs))})\.([^.]+)(\.|$)")
 
 
 def adapter_state_dict(peft_model: nn.Module, adapter_name: str, adapter_attrs: tuple[str, ...],
-                       bias: str = "none") -> dict[str, torch.Tensor]:
-    """The tensors of one adapter, under HF PEFT's file keys (adapter name stripped)."""
+                       bias: str = "none", state: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+    """The tensors of one adapter, under HF PEFT's file keys (adapter name stripped).
+
+    ``state``: a full state dict of ``peft_model`` to take the tensors from
+    (default: ``peft_model.state_dict()``).
+    """
     out: dict[str, torch.Tensor] = {}
     pattern = _adapter_attr_pattern(adapter_attrs)
     lora_owners: set[str] = set()
     for name, module in peft_model.named_modules():
         if isinstance(module, AdapterLayer):
             lora_owners.add(name)
-    for name, tensor in peft_model.state_dict(keep_vars=True).items():
+    if state is None:
+        state = peft_model.state_dict(keep_vars=True)
+    for name, tensor in state.items():
         m = pattern.search(name)
         if m:
             if m.group(3) == adapter_name:
@@ -112,8 +127,12 @@ def file_key_to_model_key(key: str, adapter_name: str, adapter_attrs: tuple[str,
 
 
 def load_adapter_weights(peft_model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str,
-                         adapter_attrs: tuple[str, ...], source: str, strict: bool = True) -> None:
-    """Copy ``state`` (file keys) into ``peft_model``; strict checks name every bad key."""
+                         adapter_attrs: tuple[str, ...], source: str, strict: bool = True) -> IncompatibleKeys:
+    """Copy ``state`` (file keys) into ``peft_model``; strict checks name every bad key.
+
+    Everything is checked before anything is copied, so a failed load leaves the
+    adapter as it was. Returns the keys a non-strict load left out.
+    """
     wrappers = {n for n, m in peft_model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
     model_state = peft_model.state_dict(keep_vars=True)
     mapped: dict[str, torch.Tensor] = {}
@@ -160,3 +179,4 @@ def load_adapter_weights(peft_model: nn.Module, state: dict[str, torch.Tensor], 
             if param.is_meta:
                 continue
             param.copy_(tensor.to(dtype=param.dtype, device=param.device))  # bumps the version counter caches check
+    return IncompatibleKeys(missing, unexpected)

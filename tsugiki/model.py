@@ -202,9 +202,7 @@ class PeftModel(nn.Module):
             folder = save_directory if name == "default" else os.path.join(save_directory, name)
             ensure_directory(folder, "adapter folder")
             config = self.peft_config[name]
-            state = adapter_io.adapter_state_dict(self, name, self.base_model.adapter_attr_names(),
-                                                  getattr(config, "bias", "none"))
-            state = self.base_model.adapter_state_to_save(name, state)
+            state = get_peft_model_state_dict(self, adapter_name=name)
             adapter_io.save_adapter_weights(state, folder)
             saved = copy.deepcopy(config)
             saved.inference_mode = True
@@ -238,12 +236,20 @@ class PeftModel(nn.Module):
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
                      subfolder: Optional[str] = None, allow_pickle: bool = False, strict: bool = True,
                      **kwargs: Any) -> None:
-        """Load another saved adapter under ``adapter_name`` (the active adapter does not change)."""
+        """Load another saved adapter under ``adapter_name`` (the active adapter does not change).
+
+        Into an adapter that already exists under that name, as HF PEFT does, only the
+        weights are loaded: its config (rank, scaling, targets) stays, and a file that
+        does not fit it is an error that changes nothing.
+        """
         folder = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
         config = PeftConfig.from_pretrained(folder)
         config.inference_mode = not is_trainable
         object.__setattr__(config, "_user_modules_to_save", False)
         state = adapter_io.read_adapter_weights(folder, allow_pickle=allow_pickle)
+        if adapter_name in self.peft_config:
+            _load_weights(self, state, adapter_name, folder, strict)  # checks everything before copying
+            return
         self.add_adapter(adapter_name, config, _init_weights=False)
         try:
             _load_weights(self, state, adapter_name, folder, strict)
@@ -253,15 +259,54 @@ class PeftModel(nn.Module):
 
 
 def _load_weights(peft_model: PeftModel, state: dict[str, torch.Tensor], adapter_name: str, folder: str,
-                  strict: bool) -> None:
+                  strict: bool) -> adapter_io.IncompatibleKeys:
     """Copy file tensors into the adapter; a tuner whose file keys are not its parameter names
     (prompt learning: ``prompt_embeddings``) loads them itself with ``load_adapter_state_dict``."""
     tuner = peft_model.base_model
     if hasattr(type(tuner), "load_adapter_state_dict"):
-        tuner.load_adapter_state_dict(state, adapter_name, folder, strict=strict)
-    else:
-        adapter_io.load_adapter_weights(peft_model, state, adapter_name, tuner.adapter_attr_names(), folder,
-                                        strict=strict)
+        return tuner.load_adapter_state_dict(state, adapter_name, folder, strict=strict)
+    return adapter_io.load_adapter_weights(peft_model, state, adapter_name, tuner.adapter_attr_names(), folder,
+                                           strict=strict)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The PeftModel inside a ``torch.compile`` wrapper, or the model itself."""
+    return getattr(model, "_orig_mod", model)
+
+
+def get_peft_model_state_dict(model: PeftModel, state_dict: Optional[dict[str, torch.Tensor]] = None,
+                              adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """One adapter's tensors, keyed as ``adapter_model.safetensors`` stores them (HF PEFT's function).
+
+    The keys carry no adapter name (``base_model.model.<module>.lora_A.weight``);
+    the values are the live tensors, detached, not copies. ``state_dict``: a full
+    state dict of ``model`` to take them from (for example one gathered from
+    sharded ranks); default ``model.state_dict()``.
+    """
+    model = _unwrap(model)
+    if adapter_name not in model.peft_config:
+        raise ValueError(f"no adapter named {adapter_name!r}; the model has {list(model.peft_config)}")
+    config = model.peft_config[adapter_name]
+    tuner = model.base_model
+    state = adapter_io.adapter_state_dict(model, adapter_name, tuner.adapter_attr_names(),
+                                          getattr(config, "bias", "none"), state=state_dict)
+    return tuner.adapter_state_to_save(adapter_name, state)
+
+
+def set_peft_model_state_dict(model: PeftModel, peft_model_state_dict: dict[str, torch.Tensor],
+                              adapter_name: str = "default") -> adapter_io.IncompatibleKeys:
+    """Copy tensors keyed as :func:`get_peft_model_state_dict` returns them into an existing adapter.
+
+    Not strict, as in HF PEFT: keys that fit no tensor of the adapter and adapter
+    tensors without a value are returned as ``(missing_keys, unexpected_keys)``
+    and the rest is loaded. A tensor whose shape does not fit is an error, raised
+    before anything is copied.
+    """
+    model = _unwrap(model)
+    if adapter_name not in model.peft_config:
+        raise ValueError(f"no adapter named {adapter_name!r} to load into; the model has "
+                         f"{list(model.peft_config)} (add_adapter or load_adapter creates one)")
+    return _load_weights(model, peft_model_state_dict, adapter_name, "the given state dict", strict=False)
 
 
 def _card_settings(config: PeftConfig) -> dict[str, Any]:

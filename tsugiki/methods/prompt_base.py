@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import nn
 
 from ..config import PeftConfig, TaskType
 from ..tuner import BaseTuner, ModulesToSaveWrapper, _batch_adapter_names
+
+if TYPE_CHECKING:
+    from ..adapter_io import IncompatibleKeys
 
 @dataclass
 class PromptLearningConfig(PeftConfig):
@@ -163,9 +166,11 @@ class PromptLearningModel(BaseTuner):
         return out
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor], adapter_name: str, source: str,
-                                strict: bool = True) -> None:
-        """Copy a file's tensors (the keys :meth:`adapter_state_to_save` writes) into ``adapter_name``."""
-        from ..adapter_io import AdapterLoadError
+                                strict: bool = True) -> IncompatibleKeys:
+        """Copy a file's tensors (the keys :meth:`adapter_state_to_save` writes) into ``adapter_name``.
+
+        Returns the keys a non-strict load left out."""
+        from ..adapter_io import AdapterLoadError, IncompatibleKeys
 
         encoder = self.prompt_encoder[adapter_name]
         expected = {k: v.shape for k, v in encoder.to_save().items()}
@@ -192,6 +197,7 @@ class PromptLearningModel(BaseTuner):
                     target = module.state_dict()[param]
                     target.copy_(state[key].to(dtype=target.dtype, device=target.device))
         self.set_adapter(self.active_adapter)  # a folded encoder has new parameters: set their requires_grad
+        return IncompatibleKeys(missing, unexpected)
 
     def _wrappers(self, adapter_name: str):
         for name, module in self.model.named_modules():

@@ -1,0 +1,141 @@
+"""get_peft_model_state_dict / set_peft_model_state_dict, and load_adapter into an existing name."""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tsugiki
+from tsugiki.adapter_io import AdapterLoadError
+from tiny_models import randomize_adapters, tiny_llama, token_batch
+
+LORA = dict(r=4, lora_alpha=8, task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj", "down_proj"])
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _lora_values(model, name="default"):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if f".{name}." in k and "lora_" in k}
+
+
+def test_state_dict_is_what_save_pretrained_writes(tmp_path):
+    model = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(**LORA))
+    randomize_adapters(model)
+    state = tsugiki.get_peft_model_state_dict(model)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert sorted(state) == sorted(saved)
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in state
+    for key, tensor in saved.items():
+        assert torch.equal(state[key], tensor), key
+
+
+def test_state_dict_keys_match_hf_peft_and_load_both_ways():
+    ids = token_batch()
+    ours = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(**LORA))
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**LORA))
+    randomize_adapters(theirs, seed=11)
+    their_state = peft.get_peft_model_state_dict(theirs)
+    assert sorted(tsugiki.get_peft_model_state_dict(ours)) == sorted(their_state)
+
+    result = tsugiki.set_peft_model_state_dict(ours, their_state)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    torch.testing.assert_close(_logits(ours, ids), _logits(theirs, ids), atol=1e-5, rtol=0)
+
+    randomize_adapters(ours, seed=12)
+    peft.set_peft_model_state_dict(theirs, tsugiki.get_peft_model_state_dict(ours))
+    torch.testing.assert_close(_logits(theirs, ids), _logits(ours, ids), atol=1e-5, rtol=0)
+
+
+def test_state_dict_of_a_named_adapter_and_from_a_given_state():
+    model = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(**LORA))
+    model.add_adapter("other", tsugiki.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    randomize_adapters(model)
+    other = tsugiki.get_peft_model_state_dict(model, adapter_name="other")
+    assert all(".q_proj." in k for k in other) and len(other) == 2 * 2  # A and B in each of 2 layers
+    assert torch.equal(other["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"],
+                       model.base_model.model.model.layers[1].self_attn.q_proj.lora_B["other"].weight)
+    # From a separately held full state dict (e.g. gathered from shards): its values, not the live ones.
+    full = {k: v.clone() + 1 for k, v in model.state_dict().items()}
+    shifted = tsugiki.get_peft_model_state_dict(model, state_dict=full, adapter_name="other")
+    for key in other:
+        torch.testing.assert_close(shifted[key], other[key] + 1)
+    with pytest.raises(ValueError, match="no adapter named 'nope'"):
+        tsugiki.get_peft_model_state_dict(model, adapter_name="nope")
+
+
+def test_set_state_dict_reports_missing_and_unexpected_keys():
+    model = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(**LORA))
+    randomize_adapters(model)
+    state = {k: v.clone() for k, v in tsugiki.get_peft_model_state_dict(model).items()}
+    dropped = "base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"
+    del state[dropped]
+    state["base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight"] = torch.zeros(4, 16)
+    kept = "base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"
+    state[kept] = torch.full_like(state[kept], 0.5)
+    result = tsugiki.set_peft_model_state_dict(model, state)
+    assert result.missing_keys == ["base_model.model.model.layers.0.mlp.down_proj.lora_B.default.weight"]
+    assert result.unexpected_keys == ["base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight"]
+    assert torch.all(model.base_model.model.model.layers[1].self_attn.v_proj.lora_A["default"].weight == 0.5)
+    with pytest.raises(ValueError, match="no adapter named 'x' to load into"):
+        tsugiki.set_peft_model_state_dict(model, state, adapter_name="x")
+
+
+def test_set_state_dict_with_a_bad_shape_changes_nothing():
+    model = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(**LORA))
+    randomize_adapters(model)
+    before = _lora_values(model)
+    state = {k: torch.zeros_like(v) for k, v in tsugiki.get_peft_model_state_dict(model).items()}
+    state["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"] = torch.zeros(3, 32)
+    with pytest.raises(AdapterLoadError, match=r"down_proj.*shape \(3, 32\) in the file but \(4, 32\)"):
+        tsugiki.set_peft_model_state_dict(model, state)
+    after = _lora_values(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_prompt_tuning_state_dict_round_trips():
+    config = tsugiki.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    source = tsugiki.get_peft_model(tiny_llama(), config)
+    with torch.no_grad():
+        for p in source.prompt_encoder["default"].parameters():
+            p.normal_()
+    state = tsugiki.get_peft_model_state_dict(source)
+    assert list(state) == ["prompt_embeddings"]
+    target = tsugiki.get_peft_model(tiny_llama(), tsugiki.PromptTuningConfig(task_type="CAUSAL_LM",
+                                                                            num_virtual_tokens=4))
+    result = tsugiki.set_peft_model_state_dict(target, state)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    ids = token_batch()
+    torch.testing.assert_close(_logits(target, ids), _logits(source, ids), atol=0, rtol=0)
+
+
+def test_load_adapter_into_an_existing_name_replaces_its_weights(tmp_path):
+    ids = token_batch()
+    trained = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(**LORA))
+    randomize_adapters(trained, seed=21)
+    trained.save_pretrained(tmp_path / "a")
+
+    model = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(**LORA))
+    randomize_adapters(model, seed=22)
+    config_before = model.peft_config["default"]
+    model.load_adapter(tmp_path / "a", adapter_name="default")
+    assert model.peft_config["default"] is config_before
+    torch.testing.assert_close(_logits(model, ids), _logits(trained, ids), atol=0, rtol=0)
+
+
+def test_load_adapter_into_an_existing_name_that_does_not_fit_changes_nothing(tmp_path):
+    wider = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(**{**LORA, "r": 8}))
+    wider.save_pretrained(tmp_path / "r8")
+    model = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(**LORA))
+    randomize_adapters(model)
+    before = _lora_values(model)
+    with pytest.raises(AdapterLoadError, match=r"shape \(8, \d+\) in the file but \(4, \d+\) in the model"):
+        model.load_adapter(tmp_path / "r8", adapter_name="default")
+    after = _lora_values(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert list(model.peft_config) == ["default"]
