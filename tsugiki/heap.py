@@ -10,12 +10,12 @@ few tensor-sized temporaries most later ones land in the heap.
 Loading a model makes and frees many such temporaries (bf16 copies read from the
 checkpoint, quantization scratch). Which of them end up in the heap depends on
 their order, and how much of the heap stays resident after the load varied by
-~500 MB between identical 4-bit loads of SmolLM2-135M (``benchmarks/README.md``).
+up to ~450 MB between identical 4-bit loads of SmolLM2-135M (``benchmarks/README.md``).
 :func:`loading` removes that variance:
 
 * during the load the threshold is held at 128 KiB, so each large temporary is
   its own ``mmap`` and returns to the system as soon as it is freed;
-* after it, the thresholds are fixed at the values the dynamic rule ends up at
+* after it, the thresholds are fixed at the most the dynamic rule reaches
   (mmap 32 MiB, trim 64 MiB), so training allocates as a warmed-up process
   would (serving every large tensor by ``mmap`` halves the speed of a CPU
   training step), and ``malloc_trim(0)`` hands back what the heap holds free.
