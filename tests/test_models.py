@@ -177,6 +177,53 @@ def test_load_model_skip_modules_on_load_still_keeps_the_head(llama_dir):
     assert type(model.lm_head) is nn.Linear
 
 
+def _mapped_load(monkeypatch, *args, **kwargs):
+    """load_model with the checkpoint memory-mapped, as transformers reads it by default."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def no_state_dict(resolved):
+        yield None
+
+    with monkeypatch.context() as patch:
+        patch.setattr(models, "_read_not_mapped", no_state_dict)
+        return models.load_model(*args, **kwargs)
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_kbit_load_reading_the_checkpoint_equals_the_mapped_load(tmp_path, monkeypatch, ids, quantization, shards):
+    """The pread-backed load gives the same model as transformers' own (mapped) one, one file or shards."""
+    folder = tmp_path / "model"
+    tiny_llama().save_pretrained(folder, max_shard_size="50KB" if shards > 1 else "1GB")
+    files = models._safetensors_files(str(folder))
+    assert (len(files) > 1) == (shards > 1)
+    (folder / "generation_config.json").write_text('{"eos_token_id": 1, "max_new_tokens": 7}')
+    with models._read_not_mapped(models.resolve_model(folder)) as slices:  # what the read load is given
+        assert slices is not None and len(slices) == len(tiny_llama().state_dict())
+
+    read = models.load_model(folder, quantization=quantization, device="cpu")
+    mapped = _mapped_load(monkeypatch, folder, quantization=quantization, device="cpu")
+    with torch.no_grad():
+        assert torch.equal(read(ids).logits, mapped(ids).logits)
+    read_state, mapped_state = read.state_dict(), mapped.state_dict()
+    assert sorted(read_state) == sorted(mapped_state)
+    assert all(torch.equal(read_state[k], mapped_state[k]) for k in read_state)
+    assert read.config.to_dict() == mapped.config.to_dict()
+    assert read.name_or_path == mapped.name_or_path == str(folder.resolve())
+    assert read.generation_config.max_new_tokens == 7 == mapped.generation_config.max_new_tokens
+
+
+def test_kbit_load_without_safetensors_files_uses_the_mapped_path(tmp_path):
+    folder = tmp_path / "bin-model"
+    reference = tiny_llama()
+    reference.config.save_pretrained(folder)
+    torch.save(reference.state_dict(), folder / "pytorch_model.bin")
+    assert models._safetensors_files(str(folder)) is None
+    model = models.load_model(folder, quantization="4bit", device="cpu")
+    assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+
+
 def test_load_model_quantizes_a_given_module_in_place(ids):
     reference = tiny_llama()
     model = tiny_llama()
