@@ -199,7 +199,7 @@ def test_kbit_load_reading_the_checkpoint_equals_the_mapped_load(tmp_path, monke
     files = models._safetensors_files(str(folder))
     assert (len(files) > 1) == (shards > 1)
     (folder / "generation_config.json").write_text('{"eos_token_id": 1, "max_new_tokens": 7}')
-    with models._read_not_mapped(models.resolve_model(folder)) as slices:  # what the read load is given
+    with models._read_not_mapped(files) as slices:  # what the read load is given
         assert slices is not None and len(slices) == len(tiny_llama().state_dict())
 
     read = models.load_model(folder, quantization=quantization, device="cpu")
@@ -212,6 +212,15 @@ def test_kbit_load_reading_the_checkpoint_equals_the_mapped_load(tmp_path, monke
     assert read.config.to_dict() == mapped.config.to_dict()
     assert read.name_or_path == mapped.name_or_path == str(folder.resolve())
     assert read.generation_config.max_new_tokens == 7 == mapped.generation_config.max_new_tokens
+
+
+def test_kbit_load_of_a_truncated_checkpoint_names_the_file(tmp_path):
+    folder = tmp_path / "model"
+    tiny_llama().save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(OSError, match=r"model\.safetensors is corrupt or truncated .*re-download or re-save"):
+        models.load_model(folder, quantization="4bit", device="cpu")
 
 
 def test_kbit_load_without_safetensors_files_uses_the_mapped_path(tmp_path):

@@ -67,6 +67,8 @@ def test_state_dict_of_a_named_adapter_and_from_a_given_state():
         torch.testing.assert_close(shifted[key], other[key] + 1)
     with pytest.raises(ValueError, match="no adapter named 'nope'"):
         tsugiki.get_peft_model_state_dict(model, adapter_name="nope")
+    with pytest.raises(TypeError, match="expected a PeftModel .* got LlamaForCausalLM"):
+        tsugiki.get_peft_model_state_dict(tiny_llama())
 
 
 def test_set_state_dict_reports_missing_and_unexpected_keys():

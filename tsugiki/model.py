@@ -269,9 +269,13 @@ def _load_weights(peft_model: PeftModel, state: dict[str, torch.Tensor], adapter
                                            strict=strict)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The PeftModel inside a ``torch.compile`` wrapper, or the model itself."""
-    return getattr(model, "_orig_mod", model)
+def _peft_model(model: nn.Module) -> PeftModel:
+    """``model``, or the PeftModel inside its ``torch.compile`` wrapper; TypeError for anything else."""
+    model = getattr(model, "_orig_mod", model)
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"expected a PeftModel (from get_peft_model or PeftModel.from_pretrained), "
+                        f"got {type(model).__name__}")
+    return model
 
 
 def get_peft_model_state_dict(model: PeftModel, state_dict: Optional[dict[str, torch.Tensor]] = None,
@@ -283,7 +287,7 @@ def get_peft_model_state_dict(model: PeftModel, state_dict: Optional[dict[str, t
     state dict of ``model`` to take them from (for example one gathered from
     sharded ranks); default ``model.state_dict()``.
     """
-    model = _unwrap(model)
+    model = _peft_model(model)
     if adapter_name not in model.peft_config:
         raise ValueError(f"no adapter named {adapter_name!r}; the model has {list(model.peft_config)}")
     config = model.peft_config[adapter_name]
@@ -302,7 +306,7 @@ def set_peft_model_state_dict(model: PeftModel, peft_model_state_dict: dict[str,
     and the rest is loaded. A tensor whose shape does not fit is an error, raised
     before anything is copied.
     """
-    model = _unwrap(model)
+    model = _peft_model(model)
     if adapter_name not in model.peft_config:
         raise ValueError(f"no adapter named {adapter_name!r} to load into; the model has "
                          f"{list(model.peft_config)} (add_adapter or load_adapter creates one)")

@@ -214,74 +214,76 @@ def _safetensors_files(folder: str) -> list[str] | None:
     return None
 
 
-class _LazySlices(dict):
-    """Checkpoint slices by name; copying gives the same object (an open file cannot be copied, and
-    ``AutoModel*.from_pretrained`` deep-copies its keyword arguments)."""
-
-    def __deepcopy__(self, memo: dict) -> "_LazySlices":
-        return self
-
-
 @contextlib.contextmanager
-def _read_not_mapped(resolved: ResolvedModel) -> Iterator[dict | None]:
-    """The checkpoint's tensors as lazy slices that read with ``pread``, or None where that does not apply.
+def _read_not_mapped(files: list[str]) -> Iterator[dict | None]:
+    """The checkpoint's tensors as lazy slices that read with ``pread``; None for a safetensors without that backend.
 
     transformers memory-maps safetensors files; while it quantizes on load, every
     page it has read stays in the process's RSS until the file is closed (2.3 GiB
     for a 1B bf16 checkpoint, on top of the 4-bit result). Slices on safetensors'
     ``pread`` backend read each tensor into a private buffer that is freed once it
-    is quantized. Yields None (the usual mapped load) for anything but a local
-    folder of safetensors files, or a safetensors without that backend.
+    is quantized.
     """
-    files = _safetensors_files(resolved.path) if resolved.kind == "hf_dir" else None
-    if not files:
-        yield None
-        return
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     with contextlib.ExitStack() as stack:
-        state = _LazySlices()
+        state: dict = {}
         for file in files:
             try:
                 handle = stack.enter_context(safe_open(file, framework="pt", device="cpu", backend="pread"))
             except TypeError:  # safetensors before the backend argument
                 yield None
                 return
+            except SafetensorError as error:
+                raise OSError(f"{file} is corrupt or truncated ({error}); re-download or re-save the model") from error
             state.update((key, handle.get_slice(key)) for key in handle.keys())
         yield state
 
 
-def _from_pretrained(resolved, auto_class, dtype, device, bnb_config):
-    if bnb_config is not None and device.type == "cpu" and _has_model_class(resolved, auto_class):
-        with _read_not_mapped(resolved) as state:
-            return _from_pretrained_with(resolved, auto_class, dtype, device, bnb_config, state)
-    return _from_pretrained_with(resolved, auto_class, dtype, device, bnb_config, None)
+def _readable_checkpoint(resolved: ResolvedModel, auto_class):
+    """(files, config, model class) when a k-bit load can read the checkpoint instead of mapping it, else None.
 
-
-def _has_model_class(resolved: ResolvedModel, auto_class) -> bool:
-    """Whether the folder's architecture is one transformers' ``auto_class`` maps to a class of its own."""
-    if resolved.kind != "hf_dir":
-        return False
+    That needs a local folder of safetensors files and an architecture ``auto_class``
+    maps to a class: transformers takes weights as a state dict only without a
+    model path, and its Auto classes refuse a None path.
+    """
+    files = _safetensors_files(resolved.path) if resolved.kind == "hf_dir" else None
+    if not files:
+        return None
     from transformers import AutoConfig
 
     try:
-        return type(AutoConfig.from_pretrained(resolved.path)) in auto_class._model_mapping
+        config = AutoConfig.from_pretrained(resolved.path)
     except (ValueError, KeyError, OSError):
-        return False
+        return None
+    model_class = auto_class._model_mapping.get(type(config), None)
+    return (files, config, model_class) if model_class is not None else None
 
 
-def _from_pretrained_with(resolved, auto_class, dtype, device, bnb_config, state_dict):
+def _from_pretrained(resolved, auto_class, dtype, device, bnb_config):
+    """The model from transformers; a k-bit load on a CPU reads a local checkpoint rather than mapping it."""
+    readable = _readable_checkpoint(resolved, auto_class) if bnb_config is not None and device.type == "cpu" else None
+    if readable is not None:
+        files, config, model_class = readable
+        with _read_not_mapped(files) as state:
+            if state is not None:
+                model = _call_from_pretrained(resolved, model_class, dtype, device, bnb_config,
+                                              state_dict=state, config=config)
+                _as_if_loaded_from(model, resolved.path)
+                return model
+    model = _call_from_pretrained(resolved, auto_class, dtype, device, bnb_config)
+    if bnb_config is not None:
+        _detach_from_checkpoint_file(model)
+    return model
+
+
+def _call_from_pretrained(resolved, model_class, dtype, device, bnb_config, **weights):
+    """``model_class.from_pretrained`` with tsugiki's arguments; ``weights``: ``state_dict`` + ``config``
+    to load from instead of the path."""
     path, kwargs = resolved.from_pretrained_args()
-    folder = path
-    if state_dict is not None:
-        # read, not mapped (see _read_not_mapped): transformers takes weights from a state dict
-        # only without a model path, so the config comes from the folder here.
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(path)
-        model_class = auto_class._model_mapping[type(config)]  # the Auto classes refuse a None path
-        kwargs.update(state_dict=state_dict, config=config)
-        path, auto_class = None, model_class
+    if weights:
+        kwargs.update(weights)
+        path = None
     if resolved.kind == "gguf":
         kwargs.update(_gguf_dequantize_config())
         # GGUF blocks are dequantized; float32 is exact for them and trains safely on CPU.
@@ -293,7 +295,7 @@ def _from_pretrained_with(resolved, auto_class, dtype, device, bnb_config, state
         if device.type != "cpu":
             kwargs["device_map"] = {"": str(device)}
     try:
-        model = auto_class.from_pretrained(path, **kwargs)
+        model = model_class.from_pretrained(path, **kwargs)
     except OSError as error:
         if resolved.kind == "hub_id":
             raise _hub_hint(resolved, error) from error
@@ -302,13 +304,11 @@ def _from_pretrained_with(resolved, auto_class, dtype, device, bnb_config, state
         if bnb_config is None:
             raise
         raise RuntimeError(
-            f"bitsandbytes could not quantize {path!r} on load for device '{device}': {error}. "
+            f"bitsandbytes could not quantize {resolved.path!r} on load for device '{device}': {error}. "
             "Try device='cpu' or 'cuda', or quantization=None."
         ) from error
     if resolved.kind == "gguf":
         _strip_gguf_quantizer(model)
-    if state_dict is not None:
-        _as_if_loaded_from(model, folder)
     if bnb_config is None:
         model.to(device)
     return model
@@ -443,7 +443,6 @@ def load_model(
                 bnb_config = _bnb_config(bits, quant_type, double_quant, compute_dtype, skips)
             model = _from_pretrained(resolved, auto_class, dtype, target, bnb_config)
             if on_load:
-                _detach_from_checkpoint_file(model)
                 return model
         if bits:
             quant.quantize_model(
