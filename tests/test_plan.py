@@ -82,12 +82,13 @@ def test_breakdown_sums_to_total_and_scales_with_tokens():
 def test_activation_formula_matches_what_autograd_saves():
     """The per-block bytes equal the tensors a tsugiki-LoRA Llama block saves for backward (as the Trainer runs it)."""
     from tsugiki import LoraConfig, get_peft_model
+    from tsugiki.kernels.attention import fast_attention
     from tsugiki.kernels.block_fused import fused_blocks
     kw = dict(model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True)
     B, T = 2, 32
 
-    def saved(layers, dtype, targets, dropout, fused):
+    def saved(layers, dtype, targets, dropout, fused, fast):
         cfg = transformers.AutoConfig.for_model(**{**kw, "num_hidden_layers": layers})
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
@@ -102,19 +103,25 @@ def test_activation_formula_matches_what_autograd_saves():
 
         ids = torch.randint(0, 100, (B, T))
         autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast, fused_blocks(model, fused):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast, fused_blocks(model, fused), \
+                fast_attention(model, fast):
             model(input_ids=ids, labels=ids)
         return sum(n for ptr, n in storages.items() if ptr not in params)
 
     shape = plan.model_shape(transformers.AutoConfig.for_model(**kw))
-    for dtype, name, targets, dropout in [(torch.float32, "fp32", ["q_proj", "v_proj"], 0.0),
-                                          (torch.bfloat16, "bf16", "all-linear", 0.1)]:
+    cases = [(torch.float32, "fp32", ["q_proj", "v_proj"], 0.0, False),
+             (torch.bfloat16, "bf16", "all-linear", 0.1, False),
+             (torch.bfloat16, "bf16", "all-linear", 0.1, True),  # tsugiki's CPU attention keeps q, k, v only
+             (torch.bfloat16, "bf16", ["q_proj", "v_proj"], 0.0, True)]  # ... and o_proj's input is not kept
+    for dtype, name, targets, dropout, fast in cases:
         for fused in (True, False):
-            per_block = (saved(3, dtype, targets, dropout, fused) - saved(2, dtype, targets, dropout, fused)) / (B * T)
+            args = (dtype, targets, dropout, fused, fast)
+            per_block = (saved(3, *args) - saved(2, *args)) / (B * T)
             adapted = {lin.name for lin in plan.targeted_linears(shape, targets)}
             want = plan.block_activation_bytes(shape, plan.DTYPE_BYTES[name], full=False, adapted=adapted,
-                                               lora_r=4, lora_dropout=dropout, device="cpu", fused_blocks=fused)
-            assert per_block == pytest.approx(want, rel=0.02), (name, targets, fused)
+                                               lora_r=4, lora_dropout=dropout, device="cpu", fused_blocks=fused,
+                                               fast_attention=fast)
+            assert per_block == pytest.approx(want, rel=0.02), (name, targets, fused, fast)
 
 
 def test_verdict_flips_and_suggestions_name_what_fits():
@@ -184,3 +191,17 @@ def test_gguf_metadata_gives_the_smollm2_config():
     for key, value in SMOLLM2.items():
         assert getattr(cfg, key) == value, key
     assert plan.count_parameters(cfg)["total"] == 134_515_008
+
+
+def test_the_estimate_counts_tsugiki_attention_where_the_trainer_uses_it():
+    smol = plan.load_config(SMOLLM2)
+    shape = plan.model_shape(smol)  # 9 heads over 3 key heads: rows up to ~1.67k tokens fit a chunk
+    assert plan.uses_fast_attention(shape, smol, "bf16", "cpu", 1024)
+    assert not plan.uses_fast_attention(shape, smol, "fp32", "cpu", 1024)
+    assert not plan.uses_fast_attention(shape, smol, "bf16", "cuda", 1024)
+    assert not plan.uses_fast_attention(shape, smol, "bf16", "cpu", 2048)
+    gpt2 = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4)  # attention dropout 0.1: SDPA
+    assert not plan.uses_fast_attention(plan.model_shape(gpt2), gpt2, "bf16", "cpu", 128)
+    short = plan.estimate(SMOLLM2, dtype="bf16", max_length=1024, target_modules=["q_proj", "v_proj"])
+    long = plan.estimate(SMOLLM2, dtype="bf16", max_length=2048, target_modules=["q_proj", "v_proj"])
+    assert long.parts["activations"] > 2 * short.parts["activations"]  # SDPA keeps its output as well

@@ -19,9 +19,9 @@ and adds up what one training step holds at its peak::
   them at the model dtype, as ``torch.optim.AdamW`` does.
 * ``activations``: tensors autograd saves for backward, per token per layer,
   derived op by op for Llama-style blocks with SDPA attention (O(T), no T x T
-  matrix) and checked against ``torch.autograd.graph.saved_tensors_hooks``
-  counts; with gradient checkpointing only each block's input plus one
-  recomputed block.
+  matrix; on a CPU in bf16, tsugiki's attention, which keeps a little less)
+  and checked against ``torch.autograd.graph.saved_tensors_hooks`` counts; with
+  gradient checkpointing only each block's input plus one recomputed block.
 * ``logits``: ``12 * B * T * vocab`` bytes: the fp32 log-softmax kept for
   backward, its gradient and the gradient of the fp32 logits, alive together
   when backward starts.
@@ -302,28 +302,44 @@ def linear_weight_bytes(lin: Linear, quantization, double_quant: bool, dtype_byt
 
 
 # Sites: one tensor fed to one or more linears, (input width, linear names, already saved by another op).
-def _input_sites(shape: Shape) -> list[tuple[int, tuple[str, ...], bool]]:
+# The attention output is saved by SDPA (``kept``), not by tsugiki's CPU attention.
+def _input_sites(shape: Shape, attention_keeps_output: bool = True) -> list[tuple[int, tuple[str, ...], bool]]:
     names = [lin.name for lin in shape.linears]
     q_dim = shape.heads * shape.head_dim
+    kept = attention_keeps_output
     if shape.family == "llama":
-        return [(shape.hidden, tuple(names[0:3]), False), (q_dim, (names[3],), True),
+        return [(shape.hidden, tuple(names[0:3]), False), (q_dim, (names[3],), kept),
                 (shape.hidden, tuple(names[4:6]), False), (shape.intermediate, (names[6],), False)]
     if shape.family == "gpt2":
-        return [(shape.hidden, (names[0],), False), (shape.hidden, (names[1],), True),
+        return [(shape.hidden, (names[0],), False), (shape.hidden, (names[1],), kept),
                 (shape.hidden, (names[2],), False), (shape.intermediate, (names[3],), False)]
-    return [(shape.hidden, tuple(names[0:3]), False), (shape.hidden, (names[3],), True),
+    return [(shape.hidden, tuple(names[0:3]), False), (shape.hidden, (names[3],), kept),
             (shape.hidden, (names[4],), False), (shape.intermediate, (names[5],), False)]
 
 
+def uses_fast_attention(shape: Shape, config, dtype: str, device: str, max_length: int) -> bool:
+    """Whether the trainer's attention (``fast_attention``, :mod:`tsugiki.kernels.attention`) takes rows of
+    ``max_length``: a CPU, bf16, no attention dropout, a score matrix within its chunk limit."""
+    from .kernels.attention import MAX_CHUNK_SCORES
+
+    dropout = next((getattr(config, name) for name in ("attention_dropout", "attn_pdrop",
+                                                       "attention_probs_dropout_prob") if hasattr(config, name)), 0.0)
+    group = shape.heads // shape.kv_heads
+    return device == "cpu" and dtype == "bf16" and not dropout and group * max_length ** 2 <= MAX_CHUNK_SCORES
+
+
 def block_activation_bytes(shape: Shape, s: int, *, full: bool, adapted: set[str], lora_r: int,
-                           lora_dropout: float, device: str, fused_blocks: bool = True) -> float:
+                           lora_dropout: float, device: str, fused_blocks: bool = True,
+                           fast_attention: bool = False) -> float:
     """Bytes autograd saves per token in one block.
 
     Llama block, compute dtype of ``s`` bytes, as the trainer runs it
     (``fused_blocks``, :mod:`tsugiki.kernels.block_fused`): both RMSNorms keep
     their input and an fp32 scale per token (2 (s h + 4)); SDPA keeps q and k
     after RoPE, v and its output (s * (2 q_dim + 2 kv_dim)) plus an fp32
-    logsumexp per head (4 H); the gated MLP keeps gate and up (2 s I). The
+    logsumexp per head (4 H), tsugiki's CPU attention (``fast_attention``,
+    :mod:`tsugiki.kernels.attention`) only q, k and v (s * (q_dim + 2 kv_dim));
+    the gated MLP keeps gate and up (2 s I). The
     model's own modules (``fused_blocks=False``) keep an fp32 copy of each norm
     input (2 * 4h) and act(gate) as well (3 s I). GPT-2/BERT: LayerNorm inputs
     (2 s h) and the GELU input (s I). A frozen linear keeps nothing (its input
@@ -335,7 +351,7 @@ def block_activation_bytes(shape: Shape, s: int, *, full: bool, adapted: set[str
     """
     h, i = shape.hidden, shape.intermediate
     q_dim, kv_dim = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    attn = s * (2 * q_dim + 2 * kv_dim) + 4 * shape.heads
+    attn = s * (q_dim + 2 * kv_dim) if fast_attention else s * (2 * q_dim + 2 * kv_dim) + 4 * shape.heads
     if shape.family == "llama" and fused_blocks:
         base = 2 * (s * h + 4) + attn + 2 * s * i
     elif shape.family == "llama":
@@ -343,7 +359,7 @@ def block_activation_bytes(shape: Shape, s: int, *, full: bool, adapted: set[str
     else:
         base = 2 * (s * h + 8) + attn + s * i
     extra = 0.0
-    for width, names, saved in _input_sites(shape):
+    for width, names, saved in _input_sites(shape, attention_keeps_output=not fast_attention):
         mods = [n for n in names if n in adapted]
         if full or mods:
             extra += 0 if saved else s * width
@@ -427,8 +443,9 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
         trainable = int(trainable_params)
         param_bytes = 4
 
+    fast = uses_fast_attention(shape, config, dtype, device, max_length)
     per_block = block_activation_bytes(shape, s, full=full, adapted=adapted, lora_r=lora_r,
-                                       lora_dropout=lora_dropout, device=device)
+                                       lora_dropout=lora_dropout, device=device, fast_attention=fast)
     if gradient_checkpointing:
         # Each block's input is kept; backward recomputes one block at a time.
         activations = tokens * (shape.layers * s * shape.hidden + per_block)

@@ -72,6 +72,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..kernels.attention import fast_attention
 from ..kernels.block_fused import fused_blocks
 from ..kernels.target_logits import (full_logits_loss_sum as token_loss_sum, scored_positions, shifted_targets,
                                       split_causal_lm, target_logits_loss_sum)
@@ -631,7 +632,8 @@ class Trainer:
         self.model.train()
         eval_metrics: dict[str, float] = dict(st["last"].get("eval", {}))
         try:
-            with neftune(self.model, cfg.neftune_alpha), fused_blocks(self.model, cfg.fused_blocks):
+            with neftune(self.model, cfg.neftune_alpha), fused_blocks(self.model, cfg.fused_blocks), \
+                    fast_attention(self.model, cfg.fast_attention):
                 while st["step"] < self.total_steps:
                     plan = self.epoch_plan(st["epoch"])
                     t0 = time.perf_counter()
