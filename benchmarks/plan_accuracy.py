@@ -12,8 +12,8 @@ bases (bitsandbytes NF4 `Linear4bit`, double quantization, bf16 compute,
 quantized on the CPU from random bf16 weights), then the Trainer's
 `apply_dtype_policy` (frozen weights at the compute dtype, trainable ones
 fp32), the forward under `torch.autocast` when the compute dtype is 16-bit,
-the Trainer's fp32 `token_loss_sum`, the fused RMSNorm and SiLU gate the
-Trainer swaps in (`fused_blocks`), and AdamW (fused where torch allows, as
+the Trainer's fp32 `token_loss_sum`, the fused RMSNorm and SiLU gate and the
+bf16 CPU attention the Trainer swaps in (`fused_blocks`, `fast_attention`), and AdamW (fused where torch allows, as
 `build_optimizer` does).
 
 Measured = peak RSS of the training step. Linux's `/proc/self/clear_refs`
@@ -91,6 +91,7 @@ def run_child(spec: dict) -> dict:
     import transformers
 
     from tsugiki import LoraConfig, get_peft_model
+    from tsugiki.kernels.attention import fast_attention
     from tsugiki.kernels.block_fused import fused_blocks
     from tsugiki.train.loop import apply_dtype_policy, enable_gradient_checkpointing, token_loss_sum
 
@@ -130,7 +131,7 @@ def run_child(spec: dict) -> dict:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak-RSS counter (VmHWM) to the current RSS
     t0 = time.perf_counter()
-    with fused_blocks(model):  # as Trainer.train() runs the model
+    with fused_blocks(model), fast_attention(model):  # as Trainer.train() runs the model
         for _ in range(spec["steps"]):
             with autocast:
                 logits = model(input_ids=ids, use_cache=False).logits

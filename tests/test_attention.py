@@ -120,7 +120,7 @@ def test_chunked_rows_give_the_same_result_as_one_chunk(monkeypatch, mask_kind):
     mask = _padding_mask(3, 16) if mask_kind else None
     run = lambda q, k, v: GroupedAttention.apply(q, k, v, mask, mask is None, 0.25)  # noqa: E731
     whole = _run(run, q, k, v, grad)
-    monkeypatch.setattr(attention, "MAX_CHUNK_SCORES", 2 * 16 * 16)  # one (batch, key head) row per chunk
+    monkeypatch.setattr(attention, "CHUNK_SCORES", 2 * 16 * 16)  # one (batch, key head) row per chunk
     chunked = _run(run, q, k, v, grad)
     for a, b in zip(whole, chunked):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
@@ -142,7 +142,7 @@ def test_calls_it_does_not_cover_run_transformers_sdpa_unchanged(monkeypatch, ch
     elif change == "float-mask":
         mask = torch.zeros(2, 1, 16, 16).masked_fill_(~_padding_mask(2, 16), float("-inf")).to(BF16)
     elif change == "too-long":
-        monkeypatch.setattr(attention, "MAX_CHUNK_SCORES", 3 * 16 * 16 - 1)
+        monkeypatch.setattr(attention, "MAX_ROW_SCORES", 3 * 16 * 16 - 1)
     elif change == "crop-keys":
         k, v = torch.cat([k, k], 2), torch.cat([v, v], 2)
     assert not attention.covers(q, k, v, mask, kwargs.get("dropout", 0.0), causal=mask is None)

@@ -320,12 +320,12 @@ def _input_sites(shape: Shape, attention_keeps_output: bool = True) -> list[tupl
 def uses_fast_attention(shape: Shape, config, dtype: str, device: str, max_length: int) -> bool:
     """Whether the trainer's attention (``fast_attention``, :mod:`tsugiki.kernels.attention`) takes rows of
     ``max_length``: a CPU, bf16, no attention dropout, a score matrix within its chunk limit."""
-    from .kernels.attention import MAX_CHUNK_SCORES
+    from .kernels.attention import MAX_ROW_SCORES
 
     dropout = next((getattr(config, name) for name in ("attention_dropout", "attn_pdrop",
                                                        "attention_probs_dropout_prob") if hasattr(config, name)), 0.0)
     group = shape.heads // shape.kv_heads
-    return device == "cpu" and dtype == "bf16" and not dropout and group * max_length ** 2 <= MAX_CHUNK_SCORES
+    return device == "cpu" and dtype == "bf16" and not dropout and group * max_length ** 2 <= MAX_ROW_SCORES
 
 
 def block_activation_bytes(shape: Shape, s: int, *, full: bool, adapted: set[str], lora_r: int,

@@ -31,8 +31,9 @@ use :func:`attention_forward` for the duration of a ``with`` block (training).
 Calls it does not cover run transformers' own SDPA function unchanged: another
 device or dtype, attention dropout, a float mask, position bias, soft-capping,
 a key length other than the query length without a mask, or a row whose score
-matrix exceeds :data:`MAX_CHUNK_SCORES` (about 1.5k tokens at 9 heads), where
-the flash kernel's blocking pays off.
+matrix exceeds :data:`MAX_ROW_SCORES` (the ``g`` heads of one key head: about
+1.2k tokens at ``g = 3``, 1k at ``g = 4``), where the flash kernel's blocking
+pays off (``benchmarks/attention_cpu.py``).
 """
 
 from __future__ import annotations
@@ -44,8 +45,11 @@ import torch
 from torch import nn
 
 KEY = "tsugiki_sdpa"
-# Elements of the score matrix computed at once (16 MiB in bf16; backward holds about four of them).
-MAX_CHUNK_SCORES = 1 << 23
+# Score-matrix elements computed at once: rows (batch x key head) are grouped up to 4 MiB of bf16, which
+# measured faster than 8 or 16 MiB (the softmax passes stay in cache); backward holds about four such.
+CHUNK_SCORES = 1 << 21
+# A single row above 8 MiB of scores goes to SDPA: beyond it the flash kernel measured as fast or faster.
+MAX_ROW_SCORES = 1 << 22
 
 _bias_cache: dict = {}
 
@@ -128,11 +132,11 @@ def _chunks(B: int, Hk: int, g: int, Tq: int, Tk: int, mask: Optional[torch.Tens
             dtype: torch.dtype, device: torch.device):
     """Yield (row slice of the ``B * Hk`` stacked rows, bias, dead queries) covering every row once.
 
-    A chunk's score matrix holds at most :data:`MAX_CHUNK_SCORES` elements (at
+    A chunk's score matrix holds at most :data:`CHUNK_SCORES` elements (at
     least one row); with a per-example mask a chunk stays inside one example,
     so its bias broadcasts over the chunk.
     """
-    per_row = max(1, MAX_CHUNK_SCORES // (g * Tq * Tk))
+    per_row = max(1, CHUNK_SCORES // (g * Tq * Tk))
     if mask is None or mask.shape[0] == 1:
         bias = dead = None
         if mask is not None:
@@ -173,7 +177,7 @@ def covers(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attentio
     elif not (attention_mask.dtype == torch.bool and attention_mask.dim() == 4 and attention_mask.shape[1] == 1
               and attention_mask.shape[0] in (1, B) and tuple(attention_mask.shape[2:]) == (Tq, Tk)):
         return False
-    return (H // key.shape[1]) * Tq * Tk <= MAX_CHUNK_SCORES
+    return (H // key.shape[1]) * Tq * Tk <= MAX_ROW_SCORES
 
 
 def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
