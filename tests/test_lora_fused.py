@@ -39,7 +39,8 @@ def test_fused_equals_the_composition_forward_and_gradients_fp32(p, size):
     ref = reference_lora_add(x2 @ W2.t(), x2, A2, B2, 2.0, mask)
     want = [ref.detach()] + _grads(ref, x2, A2, B2)
     for name, a, b in zip(("output", "dx", "dA", "dB"), got, want):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+        # fp32 sums in another order (the kernels' blocking differs between CPUs): ~1e-7 of the scale
+        torch.testing.assert_close(a, b, atol=2e-6 * b.abs().max().item(), rtol=1e-5, msg=name)
 
 
 def test_fused_under_bf16_autocast_matches_the_composition():
