@@ -2,7 +2,7 @@
 
 torch's CPU flash-attention kernel runs bf16 attention no faster than fp32
 (about 80 GFLOP/s here, forward and backward), while the same CPU multiplies
-bf16 matrices at about 800. At training lengths (up to ~1.5k tokens a row) the
+bf16 matrices at about 800. At training lengths (up to ~1k tokens a row) the
 whole score matrix of a few heads fits in a few MiB, so :class:`GroupedAttention`
 computes it with plain batched products:
 
@@ -23,8 +23,9 @@ also sums their ``dK`` and ``dV``.
 The precision is that of transformers' eager attention in bf16 (scores and
 probabilities rounded to bf16, the softmax itself in fp32), with one rounding
 of the scaled scores where eager has two; the flash kernel keeps both in fp32.
-Relative errors against an fp32 reference are about 6e-3 (flash: 2e-3), below
-what one bf16 linear layer adds; ``tests/test_attention.py`` holds the numbers.
+Relative errors against an fp32 reference are 5e-3 to 8e-3, as eager's are
+(flash: 2e-3 to 7e-3); ``benchmarks/attention_cpu.py`` prints them, and
+``tests/test_attention.py`` holds the path to eager's precision.
 
 :func:`fast_attention` makes a model whose attention is transformers' ``"sdpa"``
 use :func:`attention_forward` for the duration of a ``with`` block (training).
