@@ -203,3 +203,14 @@ def test_models_not_on_sdpa_are_left_alone():
     with fast_attention(model) as switched:
         assert switched == 0
         assert model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("probe,limit", [(lambda: True, 1 << 20), (lambda: False, 1 << 22), (None, 1 << 22),
+                                         (lambda: 1 / 0, 1 << 22)])
+def test_the_row_limit_follows_the_cpu(monkeypatch, probe, limit):
+    """AMX CPUs run SDPA's flash kernel faster, so tsugiki's path stops at shorter rows there."""
+    if probe is None:
+        monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    else:
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", probe, raising=False)
+    assert attention._row_limit() == limit

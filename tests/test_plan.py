@@ -6,6 +6,7 @@ import torch
 import transformers
 
 from tsugiki import plan
+from tsugiki.kernels.attention import MAX_ROW_SCORES
 
 SMOLLM2 = dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
@@ -195,13 +196,14 @@ def test_gguf_metadata_gives_the_smollm2_config():
 
 def test_the_estimate_counts_tsugiki_attention_where_the_trainer_uses_it():
     smol = plan.load_config(SMOLLM2)
-    shape = plan.model_shape(smol)  # 9 heads over 3 key heads: rows up to ~1.18k tokens
-    assert plan.uses_fast_attention(shape, smol, "bf16", "cpu", 1024)
-    assert not plan.uses_fast_attention(shape, smol, "fp32", "cpu", 1024)
-    assert not plan.uses_fast_attention(shape, smol, "bf16", "cuda", 1024)
-    assert not plan.uses_fast_attention(shape, smol, "bf16", "cpu", 1536)
+    shape = plan.model_shape(smol)  # 9 heads over 3 key heads: rows of 3 T^2 scores
+    longest = int((MAX_ROW_SCORES / 3) ** 0.5)  # the CPU's limit (lower with AMX)
+    assert plan.uses_fast_attention(shape, smol, "bf16", "cpu", longest)
+    assert not plan.uses_fast_attention(shape, smol, "fp32", "cpu", longest)
+    assert not plan.uses_fast_attention(shape, smol, "bf16", "cuda", longest)
+    assert not plan.uses_fast_attention(shape, smol, "bf16", "cpu", longest + 1)
     gpt2 = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4)  # attention dropout 0.1: SDPA
     assert not plan.uses_fast_attention(plan.model_shape(gpt2), gpt2, "bf16", "cpu", 128)
-    short = plan.estimate(SMOLLM2, dtype="bf16", max_length=1024, target_modules=["q_proj", "v_proj"])
-    long = plan.estimate(SMOLLM2, dtype="bf16", max_length=2048, target_modules=["q_proj", "v_proj"])
+    short = plan.estimate(SMOLLM2, dtype="bf16", max_length=longest, target_modules=["q_proj", "v_proj"])
+    long = plan.estimate(SMOLLM2, dtype="bf16", max_length=2 * longest, target_modules=["q_proj", "v_proj"])
     assert long.parts["activations"] > 2 * short.parts["activations"]  # SDPA keeps its output as well

@@ -32,9 +32,13 @@ use :func:`attention_forward` for the duration of a ``with`` block (training).
 Calls it does not cover run transformers' own SDPA function unchanged: another
 device or dtype, attention dropout, a float mask, position bias, soft-capping,
 a key length other than the query length without a mask, or a row whose score
-matrix exceeds :data:`MAX_ROW_SCORES` (the ``g`` heads of one key head: about
-1.2k tokens at ``g = 3``, 1k at ``g = 4``), where the flash kernel's blocking
-pays off (``benchmarks/attention_cpu.py``).
+matrix exceeds :data:`MAX_ROW_SCORES` (the ``g`` heads of one key head), where
+the flash kernel's blocking pays off (``benchmarks/attention_cpu.py``). Where
+that happens depends on the CPU: without AMX (an AMD EPYC with AVX512-BF16)
+the flash kernel caught up above ~1.2k tokens at ``g = 3`` and 1k at ``g = 4``;
+with AMX (a Xeon) its forward is 2x faster than there, and fwd + bwd caught
+up at 1k tokens (``g = 3``: 0.96x, ``g = 4``: 0.74x), so rows stop at 1 Mi
+scores (~590 tokens at ``g = 3``, 512 at ``g = 4``).
 """
 
 from __future__ import annotations
@@ -49,8 +53,23 @@ KEY = "tsugiki_sdpa"
 # Score-matrix elements computed at once: rows (batch x key head) are grouped up to 4 MiB of bf16, which
 # measured faster than 8 or 16 MiB (the softmax passes stay in cache); backward holds about four such.
 CHUNK_SCORES = 1 << 21
-# A single row above 8 MiB of scores goes to SDPA: beyond it the flash kernel measured as fast or faster.
-MAX_ROW_SCORES = 1 << 22
+
+
+def _has_amx() -> bool:
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private in torch; absent means "do not know"
+    try:
+        return bool(probe()) if probe is not None else False
+    except Exception:  # noqa: BLE001 - a failing probe must not stop an import
+        return False
+
+
+def _row_limit() -> int:
+    """Scores of the longest row computed here: beyond it the flash kernel measured as fast or faster
+    (2 MiB of bf16 on a CPU with AMX, 8 MiB without; see the module docstring)."""
+    return 1 << 20 if _has_amx() else 1 << 22
+
+
+MAX_ROW_SCORES = _row_limit()  # a single row above this many scores goes to SDPA
 
 _bias_cache: dict = {}
 
