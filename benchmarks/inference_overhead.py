@@ -12,6 +12,13 @@ denormals on) and builds three forms of it:
   on a half-precision base;
 * ``merged``: a copy of ``unmerged`` after ``merge_and_unload()``.
 
+Each form generates as tsugiki's generation runs it: inside
+``tsugiki.kernels.decode.single_row_decoding`` (one-row bf16 products as
+matrix-vector ones), as ``PeftModel.generate``, ``tsugiki generate``, ``chat``
+and ``eval`` do, so the three forms compute their base products alike. A
+fourth form, ``plain base``, is the bare model's own ``generate`` as
+transformers runs it (``--no-row-decoding``: every form that way).
+
 Each form answers the same fixed prompts (chat template, left padding) with
 greedy decoding and ``min_new_tokens = max_new_tokens``, so every form makes
 exactly the same number of new tokens, at batch size 1 (one ``generate`` call
@@ -19,7 +26,7 @@ per prompt) and at batch size 8 (one call for all prompts). After one warm-up
 round, the forms run interleaved for ``--rounds`` rounds (the order rotates
 every round: ABC, BCA, CAB, ...); one measurement is new tokens / wall seconds
 of a whole round of that form, and the table shows the median per form with
-the min-max spread, and the ratios to ``base``. Greedy texts of the merged
+the min-max spread, and the ratios to ``base`` and to ``plain base``. Greedy texts of the merged
 and unmerged forms are compared prompt by prompt (bf16 rounding of the merged
 weights can make a few diverge).
 
@@ -53,7 +60,7 @@ PROMPTS = [
     "Summarize the plot of Romeo and Juliet in one sentence.",
     "List four uses of a paperclip.",
 ]
-FORMS = ("base", "unmerged", "merged")
+FORMS = ("plain base", "base", "unmerged", "merged")
 
 
 def machine() -> dict:
@@ -75,8 +82,23 @@ def machine() -> dict:
             "transformers": transformers.__version__, "load": load}
 
 
-def build_forms(lora_b_std: float, seed: int, targets: str = "all-linear"):
-    """(forms dict, tokenizer, template, base dtype) with the three models in eval mode."""
+def generate_call(model, row_decoding: bool):
+    """The form's ``generate``: inside ``single_row_decoding`` as tsugiki generates, or transformers' own."""
+    from tsugiki import PeftModel
+    from tsugiki.kernels.decode import single_row_decoding
+
+    if not row_decoding:  # a PeftModel's generate routes by itself: call the model it wraps instead
+        return (model.get_base_model() if isinstance(model, PeftModel) else model).generate
+
+    def generate(**kwargs):
+        with single_row_decoding(model):
+            return model.generate(**kwargs)
+
+    return generate
+
+
+def build_forms(lora_b_std: float, seed: int, targets: str = "all-linear", row_decoding: bool = True):
+    """(form name -> its generate call, tokenizer, template, base dtype); the models are in eval mode."""
     import torch
 
     from tsugiki import LoraConfig, get_peft_model
@@ -97,7 +119,10 @@ def build_forms(lora_b_std: float, seed: int, targets: str = "all-linear"):
     merged = copy.deepcopy(unmerged).merge_and_unload().eval()
     for m in (base, unmerged, merged):
         m.requires_grad_(False)
-    return {"base": base, "unmerged": unmerged, "merged": merged}, loaded.tokenizer, loaded.template, dtype
+    forms = {"plain base": generate_call(base, False)}
+    forms.update((name, generate_call(m, row_decoding))
+                 for name, m in (("base", base), ("unmerged", unmerged), ("merged", merged)))
+    return forms, loaded.tokenizer, loaded.template, dtype
 
 
 def encode_batches(tok, template, batch_size: int) -> list[dict]:
@@ -111,7 +136,7 @@ def encode_batches(tok, template, batch_size: int) -> list[dict]:
         tok.padding_side = old
 
 
-def run_round(model, tok, batches: list[dict], new_tokens: int) -> tuple[float, int, list[list[int]]]:
+def run_round(generate, tok, batches: list[dict], new_tokens: int) -> tuple[float, int, list[list[int]]]:
     """Generate for every batch; (seconds, new tokens made, new token ids per prompt)."""
     import torch
 
@@ -123,7 +148,7 @@ def run_round(model, tok, batches: list[dict], new_tokens: int) -> tuple[float, 
     with torch.inference_mode():
         t0 = time.perf_counter()
         for enc in batches:
-            out = model.generate(**enc, **kw)
+            out = generate(**enc, **kw)
             new = out[:, enc["input_ids"].shape[1]:]
             made += new.numel()
             outs.extend(new.tolist())
@@ -141,7 +166,7 @@ def measure(forms: dict, tok, template, batch_size: int, new_tokens: int, rounds
         log(f"  bs {batch_size} warm-up {name}: {made / s:.1f} tok/s")
     speeds: dict[str, list[float]] = {n: [] for n in FORMS}
     for r in range(rounds):
-        order = FORMS[r % 3:] + FORMS[:r % 3]
+        order = FORMS[r % len(FORMS):] + FORMS[:r % len(FORMS)]
         for name in order:
             s, made, _ = run_round(forms[name], tok, batches, new_tokens)
             speeds[name].append(made / s)
@@ -152,7 +177,9 @@ def measure(forms: dict, tok, template, batch_size: int, new_tokens: int, rounds
     same_prefix = [next((i for i, (p, q) in enumerate(zip(a, b)) if p != q), len(a))
                    for a, b in zip(texts["merged"], texts["unmerged"])]
     differ_from_base = sum(a != b for a, b in zip(texts["unmerged"], texts["base"]))
+    same_as_plain = {n: sum(a == b for a, b in zip(texts[n], texts["plain base"])) for n in FORMS}
     return {"batch_size": batch_size, "speeds": speeds, "median": med, "merged_eq_unmerged": match,
+            "same_as_plain": same_as_plain,
             "unmerged_ne_base": differ_from_base, "texts": texts,
             "same_prefix": statistics.mean(same_prefix)}
 
@@ -178,23 +205,25 @@ def table(results: list[dict], info: dict, args, command: str, wall: float, dtyp
         f"Model: SmolLM2-135M-Instruct (built-in GGUF, `load_for_inference`, base {str(dtype).replace('torch.', '')}); "
         f"LoRA r=16, alpha 32, targets {args.targets}, fp32 adapter weights, lora_B ~ N(0, {args.lora_b_std}).",
         f"Greedy, {len(PROMPTS)} prompts, {args.max_new_tokens} new tokens each (min_new_tokens = max_new_tokens), "
-        f"1 warm-up + {args.rounds} interleaved rounds; wall {wall:.0f} s.",
+        f"1 warm-up + {args.rounds} interleaved rounds; wall {wall:.0f} s; base, unmerged and merged generate "
+        + ("inside `single_row_decoding`, as tsugiki does." if args.row_decoding else "as transformers does."),
         f"Command: `{command}`",
         "",
-        "| batch | form | tokens/s (median) | min-max over rounds | vs base "
+        "| batch | form | tokens/s (median) | min-max over rounds | vs base | vs plain base | text = plain base "
         "| merged = unmerged text (mean common prefix) | unmerged != base text |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for res in results:
         med = res["median"]
         for name in FORMS:
             v = res["speeds"][name]
-            ratio = med[name] / med["base"]
+            ratio, plain = med[name] / med["base"], med[name] / med["plain base"]
             n = len(PROMPTS)
             extra = (f"{res['merged_eq_unmerged']}/{n} ({res['same_prefix']:.1f} tokens)",
                      f"{res['unmerged_ne_base']}/{n}") if name == "unmerged" else ("", "")
             lines.append(f"| {res['batch_size']} | {name} | {med[name]:.1f} | {min(v):.1f}-{max(v):.1f} "
-                         f"| {ratio:.3f} ({100 * (ratio - 1):+.1f}%) | {extra[0]} | {extra[1]} |")
+                         f"| {ratio:.3f} ({100 * (ratio - 1):+.1f}%) | {plain:.2f}x | {res['same_as_plain'][name]}/{n} "
+                         f"| {extra[0]} | {extra[1]} |")
     return "\n".join(lines)
 
 
@@ -212,6 +241,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (default 0: torch's default, one per core). On a shared machine use "
                          "--threads 1: with every core in use, a busy core stalls each multi-threaded op")
+    ap.add_argument("--no-row-decoding", dest="row_decoding", action="store_false",
+                    help="generate every form as transformers does, without tsugiki's one-row matrix-vector "
+                         "products (tsugiki.kernels.decode)")
     ap.add_argument("--profile", action="store_true", help="also print torch.profiler op tables (bs 1)")
     ap.add_argument("--show-texts", action="store_true", help="print the greedy answers of each form")
     args = ap.parse_args()
@@ -230,7 +262,7 @@ def main() -> None:
     t0 = time.perf_counter()
     targets = args.targets if args.targets in ("all-linear", "default") else args.targets.split(",")
     try:
-        forms, tok, template, dtype = build_forms(args.lora_b_std, args.seed, targets)
+        forms, tok, template, dtype = build_forms(args.lora_b_std, args.seed, targets, args.row_decoding)
     except ValueError as err:  # e.g. a --targets name the model does not have
         raise SystemExit(f"--targets {args.targets}: {err}") from None
     log(f"loaded in {time.perf_counter() - t0:.1f} s (base dtype {dtype})")

@@ -19,6 +19,7 @@ from torch import nn
 from .config import PeftConfig
 from .data import get_template
 from .data.templates import Template
+from .kernels.decode import single_row_decoding
 from .model import PeftModel
 from .models import DEFAULT_MODEL, load_model, load_tokenizer
 
@@ -150,11 +151,12 @@ def generate_answers(loaded: LoadedModel, rows: Sequence[Row], settings: Optiona
             enc = {k: v.to(device) for k, v in enc.items()}
             kwargs = dict(**enc, **settings.generate_kwargs(), pad_token_id=tok.pad_token_id,
                           eos_token_id=tok.eos_token_id)
-            if isinstance(net, PeftModel) and not use_adapter:
-                with net.disable_adapter():
+            with single_row_decoding(net):  # a bare base too, as PeftModel.generate does
+                if isinstance(net, PeftModel) and not use_adapter:
+                    with net.disable_adapter():
+                        out = net.generate(**kwargs)
+                else:
                     out = net.generate(**kwargs)
-            else:
-                out = net.generate(**kwargs)
             new_tokens = out[:, enc["input_ids"].shape[1]:]
             answers.extend(t.strip() for t in tok.batch_decode(new_tokens, skip_special_tokens=True))
             if progress is not None:
@@ -178,7 +180,7 @@ def stream_answer(loaded: LoadedModel, messages_or_prompt: Union[str, dict], set
                   eos_token_id=tok.eos_token_id)
 
     def work() -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), single_row_decoding(net):
             net.generate(**kwargs)
 
     thread = Thread(target=work, daemon=True)

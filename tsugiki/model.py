@@ -26,6 +26,7 @@ from . import adapter_io
 from .config import PeftConfig, TaskType
 from .fileio import atomic_write_text, ensure_directory
 from . import methods  # noqa: F401  (registers every method's config and tuner)
+from .kernels.decode import single_row_decoding
 from .methods.lora import LoraConfig
 from .tuner import BASE_ADAPTER_NAME, TUNER_REGISTRY, BaseTuner, batch_adapter_names
 
@@ -116,11 +117,14 @@ class PeftModel(nn.Module):
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
-        if adapter_names is None:
-            return self.base_model.generate(*args, **kwargs)
-        self._check_adapter_names(adapter_names, self._batch_size(args, kwargs))
-        with batch_adapter_names(adapter_names):
-            return self.base_model.generate(*args, **kwargs)
+        """The base model's ``generate``, with one-row bf16 CPU products as matrix-vector ones
+        (:mod:`tsugiki.kernels.decode`); ``adapter_names`` as in :meth:`forward`."""
+        with single_row_decoding(self):
+            if adapter_names is None:
+                return self.base_model.generate(*args, **kwargs)
+            self._check_adapter_names(adapter_names, self._batch_size(args, kwargs))
+            with batch_adapter_names(adapter_names):
+                return self.base_model.generate(*args, **kwargs)
 
     # -- adapters -------------------------------------------------------------
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False,

@@ -41,6 +41,7 @@ from ..config import (PeftConfig, PeftType, config_from_method_args, module_spec
                       register_method)
 from ..inject import (bnb_linear_types, conv1d_type, find_targets, linear_layer_types, replace_module,
                       resolve_default_targets)
+from ..kernels import decode
 from ..kernels.lora_fused import lora_add
 from ..tuner import AdapterLayer, BaseTuner, current_batch_adapters, register_tuner
 
@@ -330,9 +331,12 @@ class LoraLinear(LoraLayer, nn.Module):
                 or current_batch_adapters() is not None or torch.is_autocast_enabled(plan.device_type)):
             return None
         base = self._modules["base_layer"]
-        if plan.plain_linear and not (base._forward_pre_hooks or base._forward_hooks or _GLOBAL_FORWARD_HOOKS[0]
-                                      or _GLOBAL_FORWARD_HOOKS[1]):
-            out = F.linear(x, base._parameters["weight"], base._parameters["bias"])  # = nn.Linear.forward
+        replaced = base.__dict__.get("forward")  # set by accelerate's hooks, or by decode.single_row_decoding
+        if plan.plain_linear and (replaced is None or decode.routed(base)) and not (
+                base._forward_pre_hooks or base._forward_hooks or _GLOBAL_FORWARD_HOOKS[0] or _GLOBAL_FORWARD_HOOKS[1]):
+            # = the layer's own forward, one nn.Module call less
+            run = F.linear if replaced is None else decode.linear
+            out = run(x, base._parameters["weight"], base._parameters["bias"])
         else:
             out = base(x)
         if x.dtype != plan.dtype:
@@ -470,9 +474,9 @@ class _InferencePlan:
         if name not in layer.lora_A or name in layer.lora_magnitude_vector:  # absent here, or DoRA
             return plan
         base = layer.base_layer
-        # A plain nn.Linear is run as F.linear (one nn.Module call less) while nothing hooks it;
-        # a replaced forward (e.g. accelerate's offload hooks) rules that out.
-        plan.plain_linear = type(base) is nn.Linear and "forward" not in base.__dict__
+        # A plain nn.Linear is run as F.linear (one nn.Module call less) while nothing hooks it and its
+        # forward is its class's (or decode's, then run as decode.linear); checked at each call.
+        plan.plain_linear = type(base) is nn.Linear
         plan.a_params = layer.lora_A[name]._parameters
         plan.b_params = layer.lora_B[name]._parameters
         plan.B = B = plan.b_params["weight"]

@@ -1,0 +1,124 @@
+"""One-row bf16 linear layers as matrix-vector products (tsugiki.kernels.decode) against F.linear."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tsugiki
+from tsugiki.kernels import decode
+from tsugiki.kernels.decode import is_single_row, single_row_decoding
+from tsugiki.methods.lora import LoraLinear
+from tiny_models import TinyMLP, randomize_adapters, tiny_llama, token_batch
+
+
+def _operands(rows, in_features=96, out_features=80, bias=True, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*rows, in_features, generator=g).to(dtype)
+    w = (torch.randn(out_features, in_features, generator=g) / in_features ** 0.5).to(dtype)
+    b = torch.randn(out_features, generator=g).to(dtype) if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("rows", [(1, 1), (1,), ()])
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_bf16_row_equals_f_linear_to_rounding(rows, bias):
+    x, w, b = _operands(rows, bias=bias)
+    assert is_single_row(x, w)
+    got, want = decode.linear(x, w, b), F.linear(x, w, b)
+    assert got.shape == want.shape and got.dtype == torch.bfloat16
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+    # both accumulate in fp32 and round once to bf16: each is within half a bf16 step of the exact value
+    step = exact.abs().clamp(min=1e-3) * 2.0 ** -7
+    assert ((got.double() - exact).abs() <= step).all()
+    torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("case", ["two rows", "fp32", "fp16", "needs grad"])
+def test_other_inputs_go_through_f_linear_unchanged(case):
+    x, w, b = _operands((2, 1) if case == "two rows" else (1, 1),
+                        dtype={"fp32": torch.float32, "fp16": torch.float16}.get(case, torch.bfloat16))
+    if case == "needs grad":
+        w.requires_grad_(True)
+    assert not is_single_row(x, w)
+    with mock.patch.object(torch, "mv", side_effect=AssertionError("mv used")):
+        got = decode.linear(x, w, b)
+    assert torch.equal(got, F.linear(x, w, b))
+    if case == "needs grad":
+        got.sum().backward()
+        assert w.grad is not None
+
+
+def test_single_row_decoding_routes_plain_linears_and_restores_them():
+    model = TinyMLP()
+    hooked = nn.Linear(4, 4)
+    hooked.forward = lambda x: x  # a replaced forward (as accelerate's hooks do) is left alone
+    model.extra = hooked
+    model.sub = type("Sub", (nn.Linear,), {})(4, 4)  # subclasses (k-bit layers) too
+    with single_row_decoding(model) as routed:
+        assert routed == 2
+        assert decode.routed(model.lin0) and decode.routed(model.lin1)
+        assert not decode.routed(model.sub) and hooked.forward(7) == 7
+        with single_row_decoding(model) as inner:
+            assert inner == 0  # already routed: the outer block owns them
+        assert decode.routed(model.lin0)
+    assert "forward" not in model.lin0.__dict__ and "forward" not in model.lin1.__dict__
+    assert hooked.forward(7) == 7
+    with pytest.raises(RuntimeError):
+        with single_row_decoding(model):
+            raise RuntimeError("boom")
+    assert not decode.routed(model.lin0)
+    with single_row_decoding(model, enabled=False) as routed:
+        assert routed == 0 and not decode.routed(model.lin0)
+
+
+def _decode_step_logits(model, ids, routed):
+    with torch.inference_mode(), single_row_decoding(model, enabled=routed):
+        out = model(input_ids=ids[:, :-1], use_cache=True)
+        return model(input_ids=ids[:, -1:], cache=out.past_key_values).logits
+
+
+@pytest.mark.parametrize("adapter", [False, True])
+def test_a_decode_step_matches_the_plain_model(adapter):
+    model = tiny_llama(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+    if adapter:
+        model = tsugiki.get_peft_model(model, tsugiki.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        randomize_adapters(model)
+        model.eval()
+    model = model.to(torch.bfloat16)
+    ids = token_batch(batch=1, length=6)
+    with mock.patch.object(torch, "mv", wraps=torch.mv) as mv:
+        fast = _decode_step_logits(model, ids, routed=True)
+    plain = _decode_step_logits(model, ids, routed=False)
+    # every linear layer of the one-token step took the path (2 blocks x 7 linears + the head); the
+    # 5-token prefill did not
+    assert mv.call_count == 15
+    torch.testing.assert_close(fast, plain, atol=3e-2, rtol=3e-2)
+    if adapter:
+        with torch.inference_mode(), model.disable_adapter():
+            bare = model(input_ids=ids).logits[:, -1:]
+        assert (bare - fast).abs().max() > 0.1  # the adapter's update is in the fast result
+        plans = [m.__dict__.get("_inference_plan") for m in model.modules() if isinstance(m, LoraLinear)]
+        assert plans and all(p is not None and p.scaled_B_t is not None for p in plans)
+
+
+def test_peft_generate_routes_and_gives_the_plain_tokens():
+    model = tsugiki.get_peft_model(tiny_llama(hidden_size=64, intermediate_size=128),
+                                   tsugiki.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    randomize_adapters(model)
+    model = model.eval().to(torch.bfloat16)
+    ids = token_batch(batch=1, length=5)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    with torch.inference_mode(), mock.patch.object(decode, "linear", wraps=decode.linear) as spy:
+        fast = model.generate(input_ids=ids, **kw)
+    assert spy.call_count > 0
+    assert not any(decode.routed(m) for m in model.modules())
+    with torch.inference_mode():
+        plain = model.base_model.generate(input_ids=ids, **kw)  # the transformers model's own generate
+    # the first new token's scores (later ones follow each stack's own greedy choices)
+    torch.testing.assert_close(fast.scores[0], plain.scores[0], atol=3e-2, rtol=3e-2)
+    assert fast.sequences.shape == plain.sequences.shape
