@@ -37,7 +37,8 @@ from tsugiki.kernels.attention import MAX_ROW_SCORES, GroupedAttention
 SHAPES = {"smollm2-135m": (9, 3, 64), "llama-3.2-1b": (32, 8, 64)}
 
 
-def _median_ms(fn, repeats: int) -> float:
+def median_ms(fn, repeats: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls after 3 untimed ones, in ms."""
     for _ in range(3):
         fn()
     times = []
@@ -98,8 +99,8 @@ def main(argv=None) -> None:
             ref = _outputs(_sdpa, q.float(), k.float(), v.float(), grad.float())
             errors = [_errors(_outputs(fn, q, k, v, grad), ref) for fn in (_sdpa, _tsugiki, _eager)]
             leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-            fwd = [_median_ms(lambda fn=fn: fn(*leaves), args.repeats) for fn in (_sdpa, _tsugiki)]
-            both = [_median_ms(lambda fn=fn: fn(*leaves).backward(grad), args.repeats) for fn in (_sdpa, _tsugiki)]
+            fwd = [median_ms(lambda fn=fn: fn(*leaves), args.repeats) for fn in (_sdpa, _tsugiki)]
+            both = [median_ms(lambda fn=fn: fn(*leaves).backward(grad), args.repeats) for fn in (_sdpa, _tsugiki)]
             flop = 6 * H * T * T * D  # six products of 2 H T T D, causal half each
             print(f"| {name} | {T} | {fwd[0]:.2f} | {fwd[1]:.2f} | {both[0]:.2f} | {both[1]:.2f} | "
                   f"**{both[0] / both[1]:.2f}x** | {'tsugiki' if H // Hk * T * T <= MAX_ROW_SCORES else 'sdpa'} | "

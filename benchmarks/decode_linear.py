@@ -15,26 +15,14 @@ Run:  python benchmarks/decode_linear.py   (~30 s)
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from attention_cpu import median_ms  # same folder: run as python benchmarks/decode_linear.py
 from tsugiki.kernels import decode
 
 SHAPES = [(576, 576), (576, 1536), (1536, 576), (576, 49152), (2048, 8192)]
-
-
-def _median_us(fn, repeats: int) -> float:
-    for _ in range(max(3, repeats // 10)):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e6 * statistics.median(times)
 
 
 def main(argv=None) -> None:
@@ -53,8 +41,8 @@ def main(argv=None) -> None:
                 exact = x.double() @ weight.double().t()
                 errors = [float((fn(x, weight).double() - exact).abs().max() / exact.abs().max())
                           for fn in (F.linear, decode.linear)]
-                plain = _median_us(lambda: F.linear(x, weight), args.repeats)
-                fast = _median_us(lambda: decode.linear(x, weight), args.repeats)
+                plain = 1e3 * median_ms(lambda: F.linear(x, weight), args.repeats)
+                fast = 1e3 * median_ms(lambda: decode.linear(x, weight), args.repeats)
                 print(f"| {n_in} x {n_out} | {rows} | {plain:.1f} | {fast:.1f} | **{plain / fast:.2f}x** "
                       f"| {errors[0]:.1e} | {errors[1]:.1e} |")
 

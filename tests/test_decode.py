@@ -54,15 +54,16 @@ def test_other_inputs_go_through_f_linear_unchanged(case):
 
 
 def test_single_row_decoding_routes_plain_linears_and_restores_them():
-    model = TinyMLP()
-    hooked = nn.Linear(4, 4)
+    model = TinyMLP().to(torch.bfloat16)
+    hooked = nn.Linear(4, 4, dtype=torch.bfloat16)
     hooked.forward = lambda x: x  # a replaced forward (as accelerate's hooks do) is left alone
     model.extra = hooked
-    model.sub = type("Sub", (nn.Linear,), {})(4, 4)  # subclasses (k-bit layers) too
+    model.sub = type("Sub", (nn.Linear,), {})(4, 4, dtype=torch.bfloat16)  # subclasses (k-bit layers) too
+    model.fp32 = nn.Linear(4, 4)  # nothing to gain outside bf16
     with single_row_decoding(model) as routed:
         assert routed == 2
         assert decode.routed(model.lin0) and decode.routed(model.lin1)
-        assert not decode.routed(model.sub) and hooked.forward(7) == 7
+        assert not decode.routed(model.sub) and not decode.routed(model.fp32) and hooked.forward(7) == 7
         with single_row_decoding(model) as inner:
             assert inner == 0  # already routed: the outer block owns them
         assert decode.routed(model.lin0)

@@ -61,17 +61,20 @@ def routed(module: nn.Module) -> bool:
 
 @contextmanager
 def single_row_decoding(model: nn.Module, enabled: bool = True) -> Iterator[int]:
-    """Inside the block, ``model``'s plain ``nn.Linear`` layers compute through :func:`linear`.
+    """Inside the block, ``model``'s plain bf16 CPU ``nn.Linear`` layers compute through :func:`linear`.
 
-    Yields how many layers were routed. Layers whose ``forward`` is already
-    replaced (accelerate's offload hooks, an enclosing block) are left alone;
-    on exit each routed layer gets its class's ``forward`` back. Subclasses of
-    ``nn.Linear`` (bitsandbytes' k-bit layers among them) are not touched.
+    Yields how many layers were routed. Layers on another device or in another
+    dtype (nothing to gain there), layers whose ``forward`` is already replaced
+    (accelerate's offload hooks, an enclosing block) and subclasses of
+    ``nn.Linear`` (bitsandbytes' k-bit layers among them) are left alone; on
+    exit each routed layer gets its class's ``forward`` back.
     """
     routed_layers = []
     if enabled:
         for module in model.modules():
-            if type(module) is nn.Linear and "forward" not in module.__dict__:
+            weight = getattr(module, "weight", None)
+            if (type(module) is nn.Linear and "forward" not in module.__dict__ and weight is not None
+                    and weight.dtype is torch.bfloat16 and weight.device.type == "cpu"):
                 module.forward = types.MethodType(_linear_forward, module)
                 routed_layers.append(module)
     try:
