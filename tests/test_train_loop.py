@@ -356,6 +356,36 @@ def test_auto_forward_tokens_follows_the_weights_and_the_shape():
     assert auto_forward_tokens(torch.nn.Linear(4, 4), torch.float32) == 0  # no config: no limit
 
 
+def test_auto_forward_tokens_under_checkpointing_counts_block_inputs_and_one_block():
+    from tsugiki import plan
+    from tsugiki.train.loop import AUTO_ACTIVATION_SHARE, auto_forward_tokens
+
+    model = tiny_model()
+    shape = plan.model_shape(plan.load_config(model.config))
+    adapted = {lin.name for lin in shape.linears}
+    block = plan.block_activation_bytes(shape, 4, full=False, adapted=adapted, lora_r=16, lora_dropout=0.0,
+                                        device="cpu")
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    plain = auto_forward_tokens(model, torch.float32)
+    checkpointed = auto_forward_tokens(model, torch.float32, gradient_checkpointing=True)
+    assert plain == max(1, int(AUTO_ACTIVATION_SHARE * frozen // (shape.layers * block)))
+    assert checkpointed == max(1, int(AUTO_ACTIVATION_SHARE * frozen // (shape.layers * shape.hidden * 4 + block)))
+    assert checkpointed > plain  # fewer bytes kept a token: longer forwards
+
+
+def test_the_trainer_sizes_forwards_for_checkpointing(tmp_path):
+    from tsugiki.train.loop import auto_forward_tokens
+
+    budgets = {}
+    for on in (False, True):
+        trainer = Trainer(tiny_model(), make_config(tmp_path / str(on), gradient_checkpointing=on, max_steps=1),
+                          random_examples(2), progress=False)
+        trainer.prepare()
+        budgets[on] = trainer.forward_tokens
+    assert budgets[True] > budgets[False]
+    assert budgets[True] == auto_forward_tokens(tiny_model(), torch.float32, gradient_checkpointing=True)
+
+
 def test_shuffle_false_keeps_the_file_order(tmp_path):
     rows = random_examples(8)
     seen = []

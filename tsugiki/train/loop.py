@@ -174,11 +174,14 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 AUTO_ACTIVATION_SHARE = 0.25  # max_forward_tokens: auto keeps a forward's activations under 1/4 of a reference
 
 
-def auto_forward_tokens(model: nn.Module, dtype: torch.dtype, device: torch.device = torch.device("cpu")) -> int:
+def auto_forward_tokens(model: nn.Module, dtype: torch.dtype, device: torch.device = torch.device("cpu"),
+                        gradient_checkpointing: bool = False) -> int:
     """``max_forward_tokens: auto``: tokens whose saved activations are a quarter of a reference size.
 
     ``AUTO_ACTIVATION_SHARE * reference_bytes / activation_bytes_per_token``, the
-    latter from :func:`tsugiki.plan.block_activation_bytes` with every linear adapted;
+    latter from :func:`tsugiki.plan.block_activation_bytes` with every linear adapted
+    (``layers * block`` bytes a token; under gradient checkpointing each block's input
+    plus one block, ``layers * hidden * s + block``, as ``tsugiki.plan`` counts them);
     0 (no limit) for architectures the plan does not know. A row longer than the
     budget still runs whole, alone.
 
@@ -197,8 +200,9 @@ def auto_forward_tokens(model: nn.Module, dtype: torch.dtype, device: torch.devi
         return 0
     s = torch.tensor([], dtype=dtype).element_size()
     adapted = {lin.name for lin in shape.linears}
-    per_token = shape.layers * plan.block_activation_bytes(shape, s, full=False, adapted=adapted, lora_r=16,
-                                                           lora_dropout=0.0, device=device.type)
+    block = plan.block_activation_bytes(shape, s, full=False, adapted=adapted, lora_r=16, lora_dropout=0.0,
+                                        device=device.type)
+    per_token = shape.layers * shape.hidden * s + block if gradient_checkpointing else shape.layers * block
     if device.type == "cuda":
         reference = torch.cuda.get_device_properties(device).total_memory
     else:
@@ -547,7 +551,8 @@ class Trainer:
         if self._pass_use_cache:
             model_config.use_cache = False  # no KV cache while training
         self._parts = split_causal_lm(self.model) if cfg.target_logits_only else None
-        self.forward_tokens = (auto_forward_tokens(self.model, self.compute_dtype, self.device)
+        self.forward_tokens = (auto_forward_tokens(self.model, self.compute_dtype, self.device,
+                                                   cfg.gradient_checkpointing)
                                if cfg.max_forward_tokens == "auto" else cfg.max_forward_tokens)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         distributed.broadcast_params(self.trainable)  # every rank starts from rank 0's weights
