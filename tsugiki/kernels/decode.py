@@ -3,8 +3,8 @@
 Generating for one prompt multiplies every weight by a single row per token.
 torch sends a bf16 ``(1, in) x (in, out)`` product on a CPU through oneDNN's
 matrix-matrix kernel, which at one row is slow: on a 2-core Xeon with AMX,
-576 x 1536 takes 57 us where ``torch.mv`` on the same operands takes 32 us,
-and 2048 x 8192 0.99 ms against 0.73 ms (``benchmarks/decode_linear.py``;
+576 x 1536 takes 54 us where ``torch.mv`` on the same operands takes 32 us,
+and 2048 x 8192 0.99 ms against 0.69 ms (``benchmarks/decode_linear.py``;
 ``benchmarks/inference_overhead.py`` times whole generations). Both
 accumulate in fp32 and round once to bf16, with the same errors against an
 fp64 product. From two rows on the two kernels take the same time, and
