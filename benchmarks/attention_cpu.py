@@ -83,6 +83,8 @@ def main(argv=None) -> None:
     parser.add_argument("--lengths", default="128,256,512,1024", help="tokens per row, comma-separated")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per measurement (median)")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: must be at least 1")
     with heap.loading():  # leaves the thresholds a trained model runs with
         pass
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads; bf16, batch 1, causal; "

@@ -29,6 +29,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=200, help="timed calls per measurement (median)")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: must be at least 1")
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads; bf16 x and W, no bias")
     print("| in x out | rows | F.linear us | decode.linear us | speed-up | error F.linear | error decode.linear |")
     print("|---|---|---|---|---|---|---|")

@@ -3,7 +3,7 @@
 One process loads the default model (SmolLM2-135M-Instruct, the built-in GGUF)
 the way ``tsugiki generate`` / ``tsugiki eval`` do (``load_for_inference``:
 base weights in bf16 where the CPU runs bf16 natively, else fp32; flush
-denormals on) and builds three forms of it:
+denormals on) and builds three models from it:
 
 * ``base``: the bare model;
 * ``unmerged``: base + ``get_peft_model(LoraConfig(r=16, lora_alpha=32,

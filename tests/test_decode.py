@@ -123,3 +123,14 @@ def test_peft_generate_routes_and_gives_the_plain_tokens():
     # the first new token's scores (later ones follow each stack's own greedy choices)
     torch.testing.assert_close(fast.scores[0], plain.scores[0], atol=3e-2, rtol=3e-2)
     assert fast.sequences.shape == plain.sequences.shape
+
+
+def test_tsugiki_generation_routes_a_bare_base_too():
+    from tsugiki import generation
+
+    model = tiny_llama(hidden_size=64, intermediate_size=128).to(torch.bfloat16)
+    kw = dict(input_ids=token_batch(batch=1, length=5), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with torch.inference_mode(), mock.patch.object(torch, "mv", wraps=torch.mv) as mv:
+        out = generation._generate(model, kw)
+    assert mv.call_count > 0 and out.shape == (1, 8)
+    assert not any(decode.routed(m) for m in model.modules())

@@ -131,6 +131,14 @@ def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start:start + size]
 
 
+def _generate(net: nn.Module, kwargs: dict) -> Any:
+    """``net.generate(**kwargs)``; a bare base inside ``single_row_decoding``, as ``PeftModel.generate`` runs."""
+    if isinstance(net, PeftModel):
+        return net.generate(**kwargs)
+    with single_row_decoding(net):
+        return net.generate(**kwargs)
+
+
 @torch.inference_mode()
 def generate_answers(loaded: LoadedModel, rows: Sequence[Row], settings: Optional[GenerationSettings] = None,
                      use_adapter: bool = True, progress: Optional[Iterable] = None) -> list[str]:
@@ -151,12 +159,11 @@ def generate_answers(loaded: LoadedModel, rows: Sequence[Row], settings: Optiona
             enc = {k: v.to(device) for k, v in enc.items()}
             kwargs = dict(**enc, **settings.generate_kwargs(), pad_token_id=tok.pad_token_id,
                           eos_token_id=tok.eos_token_id)
-            with single_row_decoding(net):  # a bare base too, as PeftModel.generate does
-                if isinstance(net, PeftModel) and not use_adapter:
-                    with net.disable_adapter():
-                        out = net.generate(**kwargs)
-                else:
-                    out = net.generate(**kwargs)
+            if isinstance(net, PeftModel) and not use_adapter:
+                with net.disable_adapter():
+                    out = _generate(net, kwargs)
+            else:
+                out = _generate(net, kwargs)
             new_tokens = out[:, enc["input_ids"].shape[1]:]
             answers.extend(t.strip() for t in tok.batch_decode(new_tokens, skip_special_tokens=True))
             if progress is not None:
@@ -180,8 +187,8 @@ def stream_answer(loaded: LoadedModel, messages_or_prompt: Union[str, dict], set
                   eos_token_id=tok.eos_token_id)
 
     def work() -> None:
-        with torch.inference_mode(), single_row_decoding(net):
-            net.generate(**kwargs)
+        with torch.inference_mode():
+            _generate(net, kwargs)
 
     thread = Thread(target=work, daemon=True)
     thread.start()
