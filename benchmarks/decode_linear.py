@@ -1,15 +1,18 @@
-"""One bf16 row times a weight on a CPU: F.linear (oneDNN's matrix-matrix kernel) vs torch.mv.
+"""One bf16 row times a weight on a CPU: oneDNN's F.linear against tsugiki's row kernels.
 
 For the weight shapes of SmolLM2-135M (576 x 576, 576 x 1536, 1536 x 576, the
 576 x 49152 output layer) and Llama-3.2-1B (2048 x 8192), the median time of
-``F.linear(x, W)`` and of ``tsugiki.kernels.decode.linear(x, W)`` (``torch.mv``
-for one row) at 1, 2 and 8 rows (the latter falls back to F.linear from two
-rows on), and the largest error of each against an fp64 product, relative to
-the largest output. Weights are re-used call after call, so the smaller ones
-sit in cache: these are the kernels' own costs, not a model's
-(``benchmarks/inference_overhead.py`` times whole generations).
+``F.linear(x, W)`` as torch runs it (oneDNN's matrix-matrix kernel) and of each
+of ``tsugiki.kernels.decode``'s row kernels (``mv``: ``torch.mv``; ``native``:
+``F.linear`` with oneDNN switched off) at 1, 2 and 8 rows (from two rows on
+``decode.linear`` is F.linear; ``mv`` takes one row only, and ``native`` is
+timed there to show why more rows stay with oneDNN), and the largest error of each against an fp64 product, relative
+to the largest output. The last column names the kernel ``decode.linear``
+takes on this CPU (``decode.ROW_KERNEL``). Weights are re-used call after
+call, so the smaller ones sit in cache: these are the kernels' own costs, not
+a model's (``benchmarks/inference_overhead.py`` times whole generations).
 
-Run:  python benchmarks/decode_linear.py   (~30 s)
+Run:  python benchmarks/decode_linear.py   (~1 min)
 """
 
 from __future__ import annotations
@@ -31,9 +34,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats}: must be at least 1")
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads; bf16 x and W, no bias")
-    print("| in x out | rows | F.linear us | decode.linear us | speed-up | error F.linear | error decode.linear |")
-    print("|---|---|---|---|---|---|---|")
+    kernels = {name: decode.ROW_KERNELS[name] for name in ("mv", "native")}
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads; bf16 x and W, no bias; "
+          f"decode.linear takes `{decode.ROW_KERNEL}` here")
+    print("| in x out | rows | F.linear us | mv us | native us | mv speed-up | native speed-up "
+          "| error F.linear | error mv | error native |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         for n_in, n_out in SHAPES:
@@ -41,12 +47,16 @@ def main(argv=None) -> None:
             for rows in (1, 2, 8):
                 x = torch.randn(rows, 1, n_in, generator=gen).to(torch.bfloat16)
                 exact = x.double() @ weight.double().t()
-                errors = [float((fn(x, weight).double() - exact).abs().max() / exact.abs().max())
-                          for fn in (F.linear, decode.linear)]
-                plain = 1e3 * median_ms(lambda: F.linear(x, weight), args.repeats)
-                fast = 1e3 * median_ms(lambda: decode.linear(x, weight), args.repeats)
-                print(f"| {n_in} x {n_out} | {rows} | {plain:.1f} | {fast:.1f} | **{plain / fast:.2f}x** "
-                      f"| {errors[0]:.1e} | {errors[1]:.1e} |")
+                fns = {"F.linear": F.linear}
+                fns.update((name, lambda a, w, k=k: k(a, w, None)) for name, k in kernels.items()
+                           if rows == 1 or name != "mv")  # torch.mv takes one row only
+                errors = {name: float((fn(x, weight).double() - exact).abs().max() / exact.abs().max())
+                          for name, fn in fns.items()}
+                times = {name: 1e3 * median_ms(lambda fn=fn: fn(x, weight), args.repeats) for name, fn in fns.items()}
+                cells = [f"{times[n]:.1f}" if n in times else "-" for n in ("F.linear", "mv", "native")]
+                cells += [f"**{times['F.linear'] / times[n]:.2f}x**" if n in times else "-" for n in ("mv", "native")]
+                cells += [f"{errors[n]:.1e}" if n in errors else "-" for n in ("F.linear", "mv", "native")]
+                print(f"| {n_in} x {n_out} | {rows} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

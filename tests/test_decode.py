@@ -1,4 +1,4 @@
-"""One-row bf16 linear layers as matrix-vector products (tsugiki.kernels.decode) against F.linear."""
+"""One-row bf16 linear layers through the CPU's fastest kernel (tsugiki.kernels.decode) against F.linear."""
 
 from __future__ import annotations
 
@@ -24,9 +24,27 @@ def _operands(rows, in_features=96, out_features=80, bias=True, dtype=torch.bflo
     return x, w, b
 
 
+KERNELS = sorted(decode.ROW_KERNELS)
+
+
+@pytest.fixture(params=KERNELS)
+def kernel(request, monkeypatch):
+    """Each row kernel in turn, whichever this CPU would choose."""
+    monkeypatch.setattr(decode, "ROW_KERNEL", request.param)
+    return request.param
+
+
+def _counting(monkeypatch, name):
+    """Count the calls of row kernel ``name``; returns the list the calls are appended to."""
+    calls = []
+    real = decode.ROW_KERNELS[name]
+    monkeypatch.setitem(decode.ROW_KERNELS, name, lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
 @pytest.mark.parametrize("rows", [(1, 1), (1,), ()])
 @pytest.mark.parametrize("bias", [False, True])
-def test_one_bf16_row_equals_f_linear_to_rounding(rows, bias):
+def test_one_bf16_row_equals_f_linear_to_rounding(kernel, rows, bias):
     x, w, b = _operands(rows, bias=bias)
     assert is_single_row(x, w)
     got, want = decode.linear(x, w, b), F.linear(x, w, b)
@@ -39,18 +57,75 @@ def test_one_bf16_row_equals_f_linear_to_rounding(rows, bias):
 
 
 @pytest.mark.parametrize("case", ["two rows", "fp32", "fp16", "needs grad"])
-def test_other_inputs_go_through_f_linear_unchanged(case):
+def test_other_inputs_go_through_f_linear_unchanged(monkeypatch, case):
     x, w, b = _operands((2, 1) if case == "two rows" else (1, 1),
                         dtype={"fp32": torch.float32, "fp16": torch.float16}.get(case, torch.bfloat16))
     if case == "needs grad":
         w.requires_grad_(True)
     assert not is_single_row(x, w)
-    with mock.patch.object(torch, "mv", side_effect=AssertionError("mv used")):
-        got = decode.linear(x, w, b)
+    for name in KERNELS:
+        monkeypatch.setitem(decode.ROW_KERNELS, name, mock.Mock(side_effect=AssertionError(f"{name} used")))
+    got = decode.linear(x, w, b)
     assert torch.equal(got, F.linear(x, w, b))
     if case == "needs grad":
         got.sum().backward()
         assert w.grad is not None
+
+
+def test_a_strided_multi_row_input_does_not_copy_the_weight():
+    """The first token's logits come from hidden[:, -1:, :]: matmul would copy the weight once per row."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestOutput(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    hidden, w, b = _operands((4, 7))
+    x = hidden[:, -1:, :]  # (4, 1, 96), rows 7 * 96 elements apart
+    assert not x.is_contiguous()
+    with torch.inference_mode(), LargestOutput() as seen:
+        got = decode.linear(x, w, b)
+    assert seen.largest < w.numel() * 2  # with the strided view, matmul made a (4, 96, 80) copy of w
+    assert torch.equal(got, F.linear(x.contiguous(), w, b))
+    torch.testing.assert_close(got, F.linear(x, w, b), atol=1e-2, rtol=1e-2)
+
+
+def test_the_native_kernel_switches_onednn_off_for_its_product_only(monkeypatch):
+    x, w, b = _operands((1, 1))
+    seen = []
+    real_linear = F.linear
+
+    def spy(*args):
+        seen.append(torch._C._get_mkldnn_enabled())
+        return real_linear(*args)
+
+    monkeypatch.setattr(decode, "ROW_KERNEL", "native")
+    before = torch._C._get_mkldnn_enabled()
+    with mock.patch.object(F, "linear", side_effect=spy):
+        decode.linear(x, w, b)
+    assert seen == [False] and torch._C._get_mkldnn_enabled() == before
+    with mock.patch.object(F, "linear", side_effect=RuntimeError("boom")), pytest.raises(RuntimeError):
+        decode.linear(x, w, b)
+    assert torch._C._get_mkldnn_enabled() == before  # restored after an error too
+
+
+@pytest.mark.parametrize("amx,choice", [(True, "mv"), (False, "native")])
+def test_the_row_kernel_follows_the_cpu(monkeypatch, amx, choice):
+    """torch.mv measured fastest with AMX (a Xeon); oneDNN switched off without it (an AMD EPYC)."""
+    import importlib
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    try:
+        assert importlib.reload(decode).ROW_KERNEL == choice
+    finally:
+        monkeypatch.undo()
+        importlib.reload(decode)
 
 
 def test_single_row_decoding_routes_plain_linears_and_restores_them():
@@ -84,7 +159,7 @@ def _decode_step_logits(model, ids, routed):
 
 
 @pytest.mark.parametrize("adapter", [False, True])
-def test_a_decode_step_matches_the_plain_model(adapter):
+def test_a_decode_step_matches_the_plain_model(monkeypatch, kernel, adapter):
     model = tiny_llama(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
     if adapter:
         model = tsugiki.get_peft_model(model, tsugiki.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
@@ -92,12 +167,12 @@ def test_a_decode_step_matches_the_plain_model(adapter):
         model.eval()
     model = model.to(torch.bfloat16)
     ids = token_batch(batch=1, length=6)
-    with mock.patch.object(torch, "mv", wraps=torch.mv) as mv:
-        fast = _decode_step_logits(model, ids, routed=True)
+    calls = _counting(monkeypatch, kernel)
+    fast = _decode_step_logits(model, ids, routed=True)
     plain = _decode_step_logits(model, ids, routed=False)
     # every linear layer of the one-token step took the path (2 blocks x 7 linears + the head); the
     # 5-token prefill did not
-    assert mv.call_count == 15
+    assert len(calls) == 15
     torch.testing.assert_close(fast, plain, atol=3e-2, rtol=3e-2)
     if adapter:
         with torch.inference_mode(), model.disable_adapter():
@@ -125,12 +200,13 @@ def test_peft_generate_routes_and_gives_the_plain_tokens():
     assert fast.sequences.shape == plain.sequences.shape
 
 
-def test_tsugiki_generation_routes_a_bare_base_too():
+def test_tsugiki_generation_routes_a_bare_base_too(monkeypatch):
     from tsugiki import generation
 
     model = tiny_llama(hidden_size=64, intermediate_size=128).to(torch.bfloat16)
     kw = dict(input_ids=token_batch(batch=1, length=5), max_new_tokens=3, do_sample=False, pad_token_id=0)
-    with torch.inference_mode(), mock.patch.object(torch, "mv", wraps=torch.mv) as mv:
+    calls = _counting(monkeypatch, decode.ROW_KERNEL)
+    with torch.inference_mode():
         out = generation._generate(model, kw)
-    assert mv.call_count > 0 and out.shape == (1, 8)
+    assert calls and out.shape == (1, 8)
     assert not any(decode.routed(m) for m in model.modules())

@@ -49,24 +49,18 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from .cpu import has_amx
+
 KEY = "tsugiki_sdpa"
 # Score-matrix elements computed at once: rows (batch x key head) are grouped up to 4 MiB of bf16, which
 # measured faster than 8 or 16 MiB (the softmax passes stay in cache); backward holds about four such.
 CHUNK_SCORES = 1 << 21
 
 
-def _has_amx() -> bool:
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private in torch; absent means "do not know"
-    try:
-        return bool(probe()) if probe is not None else False
-    except Exception:  # noqa: BLE001 - a failing probe must not stop an import
-        return False
-
-
 def _row_limit() -> int:
     """Scores of the longest row computed here: beyond it the flash kernel measured as fast or faster
     (2 MiB of bf16 on a CPU with AMX, 8 MiB without; see the module docstring)."""
-    return 1 << 20 if _has_amx() else 1 << 22
+    return 1 << 20 if has_amx() else 1 << 22
 
 
 MAX_ROW_SCORES = _row_limit()  # a single row above this many scores goes to SDPA

@@ -1,18 +1,30 @@
-"""Linear layers on one row of bf16 activations on a CPU, as a matrix-vector product.
+"""Linear layers on one row of bf16 activations on a CPU, by the kernel that is fastest there.
 
 Generating for one prompt multiplies every weight by a single row per token.
 torch sends a bf16 ``(1, in) x (in, out)`` product on a CPU through oneDNN's
-matrix-matrix kernel, which at one row is slow: on a 2-core Xeon with AMX,
-576 x 1536 takes 54 us where ``torch.mv`` on the same operands takes 32 us,
-and 2048 x 8192 0.99 ms against 0.69 ms (``benchmarks/decode_linear.py``;
-``benchmarks/inference_overhead.py`` times whole generations). Both
-accumulate in fp32 and round once to bf16, with the same errors against an
-fp64 product. From two rows on the two kernels take the same time, and
-fp16's matrix-vector kernel is 3x slower than its matrix-matrix one, so only
-one bf16 row takes the other path:
+matrix-matrix kernel, which at one row is slow. Two other kernels compute the
+same product, and which is faster depends on the CPU
+(``benchmarks/decode_linear.py``, median of 200 calls):
 
-    linear(x, W, b) = addmv(b, W, x)   (x one bf16 row on a CPU, no autograd)
-                    = F.linear(x, W, b) otherwise
+* ``"mv"``, ``torch.mv``: on a 2-core Xeon with AMX, 1.2-1.7x oneDNN's speed
+  (576 x 1536: 32 us against 54 us; 2048 x 8192: 0.69 ms against 0.99 ms);
+  on a 2-core AMD EPYC with AVX512-BF16 and no AMX, 0.57-0.66x;
+* ``"native"``, ``F.linear`` with oneDNN switched off for the call (torch's
+  own CPU matrix product): on that EPYC, 1.1-2.6x oneDNN's speed (576 x 576:
+  23 us against 37 us; the 576 x 49152 output layer 1.9 ms against 5.0 ms).
+
+:data:`ROW_KERNEL` is ``"mv"`` where torch reports AMX tiles, ``"native"``
+elsewhere. All three accumulate in fp32 and round once to bf16, with the same
+errors against an fp64 product. From two rows on oneDNN is as fast or faster
+(8 rows: 2-4x faster than ``"native"``), and fp16's matrix-vector kernel is 3x
+slower than its matrix-matrix one, so only one bf16 row takes the other path:
+
+    linear(x, W, b) = row_kernel(x, W, b)   (x one bf16 row on a CPU, no autograd)
+                    = F.linear(x, W, b)     otherwise
+
+``"native"`` switches oneDNN off through torch's process-wide flag for the
+length of one product: another thread's bf16 product at that moment takes
+torch's own kernel too (the same result to rounding, at that kernel's speed).
 
 :func:`single_row_decoding` routes a model's plain ``nn.Linear`` layers through
 :func:`linear` for the duration of a ``with`` block; tsugiki's generation
@@ -32,21 +44,57 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cpu import has_amx
+
+# torch's switch for oneDNN (private; without it "native" is plain F.linear)
+_get_onednn = getattr(torch._C, "_get_mkldnn_enabled", None)
+_set_onednn = getattr(torch._C, "_set_mkldnn_enabled", None)
+
+
+def _mv_row(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    row = x.reshape(-1)
+    out = torch.mv(weight, row) if bias is None else torch.addmv(bias, weight, row)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _native_row(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    if _set_onednn is None:
+        return F.linear(x, weight, bias)
+    enabled = _get_onednn()
+    _set_onednn(False)
+    try:
+        return F.linear(x, weight, bias)
+    finally:
+        _set_onednn(enabled)
+
+
+ROW_KERNELS = {"mv": _mv_row, "native": _native_row}
+# The one measured fastest on a CPU of each kind (see the module docstring).
+ROW_KERNEL = "mv" if has_amx() else "native"
+
 
 def is_single_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether :func:`linear` takes the matrix-vector path for ``x`` and ``weight``."""
+    """Whether :func:`linear` takes :data:`ROW_KERNEL` for ``x`` and ``weight``."""
     return (x.numel() == x.shape[-1] and x.dtype is torch.bfloat16 and weight.dtype is torch.bfloat16
             and x.device.type == "cpu" and weight.dim() == 2
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; one bf16 CPU row without autograd goes through ``torch.mv``."""
+    """``F.linear(x, weight, bias)``; one bf16 CPU row without autograd goes through :data:`ROW_KERNEL`.
+
+    A strided input of several rows is made contiguous first. transformers
+    computes the first new token's logits from ``hidden[:, -1:, :]``, a view
+    whose rows are not adjacent; ``matmul`` then multiplies it batch by batch
+    against a copy of the weight per row (8 rows: 8 copies of SmolLM2's 56 MB
+    output layer, 0.35-0.7 s per ``generate`` call on a 2-core CPU), where
+    copying the rows costs a few microseconds.
+    """
     if not is_single_row(x, weight):
+        if x.dim() > 2 and not x.is_contiguous():
+            x = x.contiguous()
         return F.linear(x, weight, bias)
-    row = x.reshape(-1)
-    out = torch.mv(weight, row) if bias is None else torch.addmv(bias, weight, row)
-    return out.view(*x.shape[:-1], weight.shape[0])
+    return ROW_KERNELS[ROW_KERNEL](x, weight, bias)
 
 
 def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -63,11 +111,12 @@ def routed(module: nn.Module) -> bool:
 def single_row_decoding(model: nn.Module, enabled: bool = True) -> Iterator[int]:
     """Inside the block, ``model``'s plain bf16 CPU ``nn.Linear`` layers compute through :func:`linear`.
 
-    Yields how many layers were routed. Layers on another device or in another
-    dtype (nothing to gain there), layers whose ``forward`` is already replaced
-    (accelerate's offload hooks, an enclosing block) and subclasses of
-    ``nn.Linear`` (bitsandbytes' k-bit layers among them) are left alone; on
-    exit each routed layer gets its class's ``forward`` back.
+    Yields how many layers were routed (none with ``enabled=False``). Layers on
+    another device or in another dtype (nothing to gain there), layers whose
+    ``forward`` is already replaced (accelerate's offload hooks, an enclosing
+    block) and subclasses of ``nn.Linear`` (bitsandbytes' k-bit layers among
+    them) are left alone; on exit each routed layer gets its class's
+    ``forward`` back.
     """
     routed_layers = []
     if enabled:
