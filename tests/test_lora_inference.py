@@ -13,7 +13,7 @@ import torch
 
 import tsugiki
 from tsugiki import adapter_io
-from tsugiki.methods.lora import LoraLinear
+from tsugiki.methods.lora import LoraLinear, decoding_forwards
 from tiny_models import randomize_adapters, tiny_gpt2, tiny_llama, token_batch
 
 
@@ -64,7 +64,10 @@ def test_inference_path_on_a_kbit_base(bits):
     model = _grafted(base)
     ids = token_batch()
     torch.testing.assert_close(_fast(model, ids), _reference(model, ids), atol=1e-4, rtol=1e-4)
-    assert all(not p.plain_linear for p in _plans(model))  # bnb layers are called as modules
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    assert layers and all(m._direct_base_linear() is None for m in layers)  # bnb layers are called as modules
+    with decoding_forwards(model) as count:
+        assert count == 0
 
 
 def _edits():
@@ -199,3 +202,95 @@ def test_training_after_inference_uses_the_training_path():
     loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+# -- decoding_forwards: per-layer forwards made for one generate call ------------------------------------
+
+def _installed(model):
+    return [m for m in model.modules() if isinstance(m, LoraLinear) and "forward" in m.__dict__]
+
+
+@pytest.mark.parametrize("dtype,routed", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+def test_decoding_forwards_compute_what_the_inference_path_computes(dtype, routed):
+    from tsugiki.kernels.decode import single_row_decoding
+
+    model = _grafted(tiny_llama().to(dtype))
+    ids = token_batch(batch=1)
+    step = ids[:, -1:]  # one row, as a decode step; routed layers then take torch.mv
+    want_all, want_step = _fast(model, ids), _fast(model, step)
+    with single_row_decoding(model, enabled=routed), decoding_forwards(model) as count:
+        assert count == 14 and len(_installed(model)) == 14  # 2 blocks x 7 linears
+        got_all, got_step = _fast(model, ids), _fast(model, step)
+    assert not _installed(model)
+    # the same products in the same order as _inference_forward: equal bit for bit
+    assert torch.equal(got_all, want_all)
+    if routed:  # decode.linear at one row against F.linear: the same sums, rounded once to bf16
+        torch.testing.assert_close(got_step, want_step, atol=3e-2, rtol=3e-2)
+    else:
+        assert torch.equal(got_step, want_step)
+
+
+def test_decoding_forwards_fall_back_when_the_call_needs_the_general_path():
+    model = _grafted(tiny_llama())
+    ids = token_batch()
+    want = _reference(model, ids)
+    with decoding_forwards(model) as count:
+        assert count == 14
+        assert torch.equal(_reference(model, ids), want)  # autograd on: the general path
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        assert all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)
+        with torch.inference_mode():
+            names = ["default", "__base__"] * (ids.shape[0] // 2)
+            mixed = model(input_ids=ids, adapter_names=names).logits
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                auto = model(input_ids=ids).logits
+    with torch.inference_mode():
+        torch.testing.assert_close(mixed, model(input_ids=ids, adapter_names=names).logits, atol=1e-6, rtol=0)
+    torch.testing.assert_close(auto.float(), _reference(model, ids), atol=5e-2, rtol=5e-2)
+
+
+def test_decoding_forwards_skip_layers_that_need_the_general_path():
+    ids = token_batch()
+    model = _grafted(tiny_llama())
+    hooked = model.base_model.model.model.layers[0].mlp.down_proj
+    handle = hooked.base_layer.register_forward_hook(lambda m, a, out: out + 1.0)
+    try:
+        with decoding_forwards(model) as count:
+            assert count == 13 and hooked not in _installed(model)
+            torch.testing.assert_close(_fast(model, ids), _reference(model, ids), atol=1e-5, rtol=1e-5)
+    finally:
+        handle.remove()
+    with model.disable_adapter(), decoding_forwards(model) as count:
+        assert count == 0
+    model.merge_adapter()
+    with decoding_forwards(model) as count:
+        assert count == 0
+    model.unmerge_adapter()
+    dora = _grafted(tiny_llama(), use_dora=True)
+    with decoding_forwards(dora) as count:
+        assert count == 0
+    model.train()
+    with decoding_forwards(model) as count:
+        assert count == 0
+    model.eval()
+    with pytest.raises(RuntimeError), decoding_forwards(model):
+        raise RuntimeError("boom")
+    assert not _installed(model)
+
+
+def test_peft_generate_runs_with_decoding_forwards():
+    from unittest import mock
+
+    from tsugiki.methods import lora
+
+    model = _grafted(tiny_llama())
+    ids = token_batch(batch=1)
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        with mock.patch.object(LoraLinear, "_decoding_forward", autospec=True,
+                               side_effect=lora.LoraLinear._decoding_forward) as made:
+            fast = model.generate(input_ids=ids, **kw)
+        plain = model.base_model.model.generate(input_ids=ids, **kw)  # transformers' own loop, no forwards made
+    assert made.call_count == 14 and not _installed(model)
+    assert torch.equal(fast, plain)

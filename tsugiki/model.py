@@ -27,7 +27,7 @@ from .config import PeftConfig, TaskType
 from .fileio import atomic_write_text, ensure_directory
 from . import methods  # noqa: F401  (registers every method's config and tuner)
 from .kernels.decode import single_row_decoding
-from .methods.lora import LoraConfig
+from .methods.lora import LoraConfig, decoding_forwards
 from .tuner import BASE_ADAPTER_NAME, TUNER_REGISTRY, BaseTuner, batch_adapter_names
 
 
@@ -117,11 +117,16 @@ class PeftModel(nn.Module):
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
-        """The base model's ``generate``, with one-row bf16 CPU products as matrix-vector ones
-        (:mod:`tsugiki.kernels.decode`); ``adapter_names`` as in :meth:`forward`."""
+        """The base model's ``generate``; ``adapter_names`` as in :meth:`forward`.
+
+        On a CPU with AMX, one-row bf16 products run as matrix-vector ones
+        (:mod:`tsugiki.kernels.decode`); LoRA layers run a forward made for the
+        call (:func:`tsugiki.methods.lora.decoding_forwards`).
+        """
         with single_row_decoding(self):
             if adapter_names is None:
-                return self.base_model.generate(*args, **kwargs)
+                with decoding_forwards(self):
+                    return self.base_model.generate(*args, **kwargs)
             self._check_adapter_names(adapter_names, self._batch_size(args, kwargs))
             with batch_adapter_names(adapter_names):
                 return self.base_model.generate(*args, **kwargs)

@@ -26,11 +26,12 @@ not embeddings.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -324,26 +325,75 @@ class LoraLinear(LoraLayer, nn.Module):
         lookups as long again, so what the call needs is kept in an
         :class:`_InferencePlan` and checked, not looked up.
         """
-        plan = self.__dict__.get("_inference_plan")
-        if plan is None or not plan.current(self):
-            plan = self._inference_plan = _InferencePlan.build(self)
+        plan = self._current_plan()
         if (plan.scaled_B_t is None or self.disabled or self.merged_adapters
                 or current_batch_adapters() is not None or torch.is_autocast_enabled(plan.device_type)):
             return None
         base = self._modules["base_layer"]
-        replaced = base.__dict__.get("forward")  # set by accelerate's hooks, or by decode.single_row_decoding
-        if plan.plain_linear and (replaced is None or decode.routed(base)) and not (
-                base._forward_pre_hooks or base._forward_hooks or _GLOBAL_FORWARD_HOOKS[0] or _GLOBAL_FORWARD_HOOKS[1]):
-            # = the layer's own forward, one nn.Module call less
-            run = F.linear if replaced is None else decode.linear
-            out = run(x, base._parameters["weight"], base._parameters["bias"])
-        else:
-            out = base(x)
+        run = self._direct_base_linear()
+        out = base(x) if run is None else run(x, base._parameters["weight"], base._parameters["bias"])
         if x.dtype != plan.dtype:
             x = x.float() if plan.dtype is torch.float32 else x.to(plan.dtype)
         update = torch.matmul(F.linear(x, plan.a_params["weight"]), plan.scaled_B_t)
         # out is the base layer's fresh output: adding in place is safe without autograd.
         return out.add_(update) if out.is_contiguous() else out + update
+
+    def _current_plan(self) -> "_InferencePlan":
+        plan = self.__dict__.get("_inference_plan")
+        if plan is None or not plan.current(self):
+            plan = self._inference_plan = _InferencePlan.build(self)
+        return plan
+
+    def _direct_base_linear(self):
+        """The function that computes the base layer's forward when nothing hooks it, else None.
+
+        A plain ``nn.Linear`` whose forward is its class's is ``F.linear`` (one
+        ``nn.Module`` call less); one routed by ``decode.single_row_decoding`` is
+        ``decode.linear``. Other layers, replaced forwards (accelerate's hooks)
+        and any forward hook, the layer's own or a global one, need the module call.
+        """
+        base = self._modules["base_layer"]
+        if type(base) is not nn.Linear or base._forward_pre_hooks or base._forward_hooks or (
+                _GLOBAL_FORWARD_HOOKS[0] or _GLOBAL_FORWARD_HOOKS[1]):
+            return None
+        replaced = base.__dict__.get("forward")
+        if replaced is None:
+            return F.linear
+        return decode.linear if decode.routed(base) else None
+
+    def _decoding_forward(self):
+        """A forward for this layer as it is now, or None when the general one must run.
+
+        Made by :func:`decoding_forwards` for the length of one ``generate`` call,
+        when the layer would take :meth:`_inference_forward`'s path: its checks
+        and lookups are done once here instead of at every token. It still falls
+        back to :meth:`forward` when gradients, training, a mixed batch or
+        autocast appear during the call.
+        """
+        plan = self._current_plan()
+        run = self._direct_base_linear()
+        if (plan.scaled_B_t is None or run is None or self.disabled or self.merged_adapters
+                or self._forward_pre_hooks or self._forward_hooks):
+            return None
+        base = self._modules["base_layer"]
+        weight, bias = base._parameters["weight"], base._parameters["bias"]
+        A_t, scaled_B_t, dtype, device_type = (plan.a_params["weight"].t(), plan.scaled_B_t, plan.dtype,
+                                               plan.device_type)
+        in_features, out_features = self.in_features, self.out_features
+        general = LoraLinear.forward.__get__(self)
+        mm = torch.mm
+
+        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if (args or kwargs or self.training or torch.is_grad_enabled() or current_batch_adapters() is not None
+                    or torch.is_autocast_enabled(device_type)):
+                return general(x, *args, **kwargs)
+            out = run(x, weight, bias)
+            rows = x.reshape(-1, in_features)  # 2-D products: matmul's folding of 3-D inputs costs a few us a call
+            update = mm(mm(rows if rows.dtype is dtype else rows.to(dtype), A_t), scaled_B_t)
+            out.view(-1, out_features).add_(update)  # a fresh, contiguous product: safe to add into without autograd
+            return out
+
+        return forward
 
     def train(self, mode: bool = True) -> "LoraLinear":
         self.__dict__.pop("_inference_plan", None)  # also the way to drop a plan after edits through .data
@@ -445,6 +495,35 @@ class LoraLinear(LoraLayer, nn.Module):
         return f"in={self.in_features}, out={self.out_features}, fan_in_fan_out={self.fan_in_fan_out}"
 
 
+@contextlib.contextmanager
+def decoding_forwards(model: nn.Module) -> Iterator[int]:
+    """Inside the block, LoRA linear layers on the inference path run a forward made for them.
+
+    Generation calls every adapted layer once per new token, and on a small
+    model the per-call Python of :meth:`LoraLinear._inference_forward` (its
+    checks, plan and module lookups) is a measurable part of the adapter's cost.
+    For the length of the block the layers' state is taken as fixed, so each
+    layer that would take that path (one unmerged plain-LoRA adapter active,
+    a plain ``nn.Linear`` base, no hooks) gets an instance ``forward`` that only
+    computes ``base(x) + (x A^T) (s B^T)``; on exit each gets its class's
+    ``forward`` back. Layers whose ``forward`` is already replaced are left
+    alone. Enter it inside ``decode.single_row_decoding``, so that routed base
+    layers are seen as such. Yields how many layers got one.
+    """
+    installed = []
+    for module in model.modules():
+        if isinstance(module, LoraLinear) and "forward" not in module.__dict__ and not module.training:
+            forward = module._decoding_forward()
+            if forward is not None:
+                module.forward = forward
+                installed.append(module)
+    try:
+        yield len(installed)
+    finally:
+        for module in installed:
+            module.__dict__.pop("forward", None)
+
+
 # nn.Module's global forward (pre-)hooks, which a direct F.linear call would skip; private torch names,
 # read once (registering a hook adds to these dicts), with "always present" as the safe fallback.
 _GLOBAL_FORWARD_HOOKS = (getattr(_nn_module, "_global_forward_pre_hooks", True),
@@ -463,7 +542,7 @@ class _InferencePlan:
     """
 
     __slots__ = ("name", "a_params", "b_params", "B", "b_version", "b_ptr", "scaled_B_t", "dtype",
-                 "device_type", "plain_linear")
+                 "device_type")
 
     @classmethod
     def build(cls, layer: "LoraLinear") -> "_InferencePlan":
@@ -473,10 +552,6 @@ class _InferencePlan:
         plan.B = plan.scaled_B_t = None
         if name not in layer.lora_A or name in layer.lora_magnitude_vector:  # absent here, or DoRA
             return plan
-        base = layer.base_layer
-        # A plain nn.Linear is run as F.linear (one nn.Module call less) while nothing hooks it and its
-        # forward is its class's (or decode's, then run as decode.linear); checked at each call.
-        plan.plain_linear = type(base) is nn.Linear
         plan.a_params = layer.lora_A[name]._parameters
         plan.b_params = layer.lora_B[name]._parameters
         plan.B = B = plan.b_params["weight"]
