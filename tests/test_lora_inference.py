@@ -294,3 +294,19 @@ def test_peft_generate_runs_with_decoding_forwards():
         plain = model.base_model.model.generate(input_ids=ids, **kw)  # transformers' own loop, no forwards made
     assert made.call_count == 14 and not _installed(model)
     assert torch.equal(fast, plain)
+
+
+def test_a_hook_on_the_adapted_layer_runs_around_its_decoding_forward():
+    model = _grafted(tiny_llama())
+    ids = token_batch()
+    layer = model.base_model.model.model.layers[1].self_attn.o_proj
+    want = _fast(model, ids)
+    handle = layer.register_forward_hook(lambda m, a, out: out * 2.0)
+    try:
+        with decoding_forwards(model) as count:
+            assert count == 14 and "forward" in layer.__dict__
+            hooked = _fast(model, ids)
+        torch.testing.assert_close(hooked, _fast(model, ids), atol=1e-6, rtol=0)  # the same hook, class forward
+    finally:
+        handle.remove()
+    assert (hooked - want).abs().max() > 1e-3

@@ -31,7 +31,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -344,7 +344,7 @@ class LoraLinear(LoraLayer, nn.Module):
             plan = self._inference_plan = _InferencePlan.build(self)
         return plan
 
-    def _direct_base_linear(self):
+    def _direct_base_linear(self) -> Optional[Callable[..., torch.Tensor]]:
         """The function that computes the base layer's forward when nothing hooks it, else None.
 
         A plain ``nn.Linear`` whose forward is its class's is ``F.linear`` (one
@@ -361,7 +361,7 @@ class LoraLinear(LoraLayer, nn.Module):
             return F.linear
         return decode.linear if decode.routed(base) else None
 
-    def _decoding_forward(self):
+    def _decoding_forward(self) -> Optional[Callable[..., torch.Tensor]]:
         """A forward for this layer as it is now, or None when the general one must run.
 
         Made by :func:`decoding_forwards` for the length of one ``generate`` call,
@@ -372,8 +372,7 @@ class LoraLinear(LoraLayer, nn.Module):
         """
         plan = self._current_plan()
         run = self._direct_base_linear()
-        if (plan.scaled_B_t is None or run is None or self.disabled or self.merged_adapters
-                or self._forward_pre_hooks or self._forward_hooks):
+        if plan.scaled_B_t is None or run is None or self.disabled or self.merged_adapters:
             return None
         base = self._modules["base_layer"]
         weight, bias = base._parameters["weight"], base._parameters["bias"]
