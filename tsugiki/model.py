@@ -119,9 +119,9 @@ class PeftModel(nn.Module):
     def generate(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
         """The base model's ``generate``; ``adapter_names`` as in :meth:`forward`.
 
-        On a CPU with AMX, one-row bf16 products run as matrix-vector ones
-        (:mod:`tsugiki.kernels.decode`); LoRA layers run a forward made for the
-        call (:func:`tsugiki.methods.lora.decoding_forwards`).
+        On a CPU, one-row bf16 products run through the CPU's fastest row
+        kernel (:mod:`tsugiki.kernels.decode`); LoRA layers run a forward made
+        for the call (:func:`tsugiki.methods.lora.decoding_forwards`).
         """
         with single_row_decoding(self):
             if adapter_names is None:

@@ -7,17 +7,22 @@ same product, and which is faster depends on the CPU
 (``benchmarks/decode_linear.py``, median of 200 calls):
 
 * ``"mv"``, ``torch.mv``: on a 2-core Xeon with AMX, 1.2-1.7x oneDNN's speed
-  (576 x 1536: 32 us against 54 us; 2048 x 8192: 0.69 ms against 0.99 ms);
-  on a 2-core AMD EPYC with AVX512-BF16 and no AMX, 0.57-0.66x;
+  (576 x 1536: 32 us against 54 us; 2048 x 8192: 0.69 ms against 0.99 ms),
+  and generation 1.28x transformers' own; on a 2-core AMD EPYC with
+  AVX512-BF16 and no AMX, 0.47-0.69x, and generation 0.82x;
 * ``"native"``, ``F.linear`` with oneDNN switched off for the call (torch's
-  own CPU matrix product): on that EPYC, 1.1-2.6x oneDNN's speed (576 x 576:
-  23 us against 37 us; the 576 x 49152 output layer 1.9 ms against 5.0 ms).
+  own CPU matrix product): on that EPYC, 0.9-2.3x oneDNN's speed with the
+  weight in cache (even on SmolLM2's MLP shapes; the 576 x 49152 output layer
+  2.4 ms against 4.6 ms), and generation 1.8x transformers' own
+  (``benchmarks/inference_overhead.py``), where each weight comes from memory.
 
 :data:`ROW_KERNEL` is ``"mv"`` where torch reports AMX tiles, ``"native"``
 elsewhere. All three accumulate in fp32 and round once to bf16, with the same
-errors against an fp64 product. From two rows on oneDNN is as fast or faster
-(8 rows: 2-4x faster than ``"native"``), and fp16's matrix-vector kernel is 3x
-slower than its matrix-matrix one, so only one bf16 row takes the other path:
+errors against an fp64 product (and the same agreement with an fp32 model's
+next token, ``decode_linear.py --model``). From two rows on oneDNN is as fast
+or faster (8 rows: 2-6x faster than ``"native"``), and fp16's matrix-vector
+kernel is 3x slower than its matrix-matrix one, so only one bf16 row takes the
+other path:
 
     linear(x, W, b) = row_kernel(x, W, b)   (x one bf16 row on a CPU, no autograd)
                     = F.linear(x, W, b)     otherwise
