@@ -134,11 +134,13 @@ def test_single_row_decoding_routes_plain_linears_and_restores_them():
     hooked.forward = lambda x: x  # a replaced forward (as accelerate's hooks do) is left alone
     model.extra = hooked
     model.sub = type("Sub", (nn.Linear,), {})(4, 4, dtype=torch.bfloat16)  # subclasses (k-bit layers) too
-    model.fp32 = nn.Linear(4, 4)  # nothing to gain outside bf16
+    model.fp32 = nn.Linear(4, 4)  # routed too (a strided batch must not copy its weight), but F.linear at one row
+    model.meta = nn.Linear(4, 4, device="meta")  # another device: left alone
     with single_row_decoding(model) as routed:
-        assert routed == 2
+        assert routed == 3
         assert decode.routed(model.lin0) and decode.routed(model.lin1)
-        assert not decode.routed(model.sub) and not decode.routed(model.fp32) and hooked.forward(7) == 7
+        assert decode.routed(model.fp32) and not decode.routed(model.meta)
+        assert not decode.routed(model.sub) and hooked.forward(7) == 7
         with single_row_decoding(model) as inner:
             assert inner == 0  # already routed: the outer block owns them
         assert decode.routed(model.lin0)

@@ -310,3 +310,26 @@ def test_a_hook_on_the_adapted_layer_runs_around_its_decoding_forward():
     finally:
         handle.remove()
     assert (hooked - want).abs().max() > 1e-3
+
+
+def test_a_non_contiguous_base_output_gets_the_update_in_its_own_dtype():
+    model = _grafted(tiny_llama().to(torch.bfloat16))
+    ids = token_batch()
+    layer = model.base_model.model.model.layers[0].mlp.up_proj
+    seen = []
+
+    def strided(module, args, output):  # same values, laid out column-major
+        out = output.transpose(-1, -2).contiguous().transpose(-1, -2)
+        assert not out.is_contiguous()
+        return out
+
+    handle = layer.base_layer.register_forward_hook(strided)
+    up = layer.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    try:
+        fast = _fast(model, ids)
+        want = _reference(model, ids)
+    finally:
+        handle.remove()
+        up.remove()
+    assert seen[0] == torch.bfloat16
+    torch.testing.assert_close(fast, want, atol=2e-2, rtol=2e-2)

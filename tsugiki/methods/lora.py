@@ -332,11 +332,7 @@ class LoraLinear(LoraLayer, nn.Module):
         base = self._modules["base_layer"]
         run = self._direct_base_linear()
         out = base(x) if run is None else run(x, base._parameters["weight"], base._parameters["bias"])
-        if x.dtype != plan.dtype:
-            x = x.float() if plan.dtype is torch.float32 else x.to(plan.dtype)
-        update = torch.matmul(F.linear(x, plan.a_params["weight"]), plan.scaled_B_t)
-        # out is the base layer's fresh output: adding in place is safe without autograd.
-        return out.add_(update) if out.is_contiguous() else out + update
+        return _add_low_rank_update(out, x, plan.a_params["weight"].t(), plan.scaled_B_t, plan.dtype)
 
     def _current_plan(self) -> "_InferencePlan":
         plan = self.__dict__.get("_inference_plan")
@@ -378,19 +374,13 @@ class LoraLinear(LoraLayer, nn.Module):
         weight, bias = base._parameters["weight"], base._parameters["bias"]
         A_t, scaled_B_t, dtype, device_type = (plan.a_params["weight"].t(), plan.scaled_B_t, plan.dtype,
                                                plan.device_type)
-        in_features, out_features = self.in_features, self.out_features
         general = LoraLinear.forward.__get__(self)
-        mm = torch.mm
 
         def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             if (args or kwargs or self.training or torch.is_grad_enabled() or current_batch_adapters() is not None
                     or torch.is_autocast_enabled(device_type)):
                 return general(x, *args, **kwargs)
-            out = run(x, weight, bias)
-            rows = x.reshape(-1, in_features)  # 2-D products: matmul's folding of 3-D inputs costs a few us a call
-            update = mm(mm(rows if rows.dtype is dtype else rows.to(dtype), A_t), scaled_B_t)
-            out.view(-1, out_features).add_(update)  # a fresh, contiguous product: safe to add into without autograd
-            return out
+            return _add_low_rank_update(run(x, weight, bias), x, A_t, scaled_B_t, dtype)
 
         return forward
 
@@ -492,6 +482,22 @@ class LoraLinear(LoraLayer, nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, fan_in_fan_out={self.fan_in_fan_out}"
+
+
+def _add_low_rank_update(out: torch.Tensor, x: torch.Tensor, A_t: torch.Tensor, scaled_B_t: torch.Tensor,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """``out + (x A^T) (s B^T)``, the products in the adapter's ``dtype``, added into ``out`` in place.
+
+    ``out`` is the base layer's fresh output, so adding into it is safe without
+    autograd (a non-contiguous one is copied first); it keeps its dtype. The
+    products run on 2-D views: ``matmul``'s folding of a 3-D input costs a few
+    microseconds a call, which at one row is as much as the product.
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    update = torch.mm(torch.mm(rows if rows.dtype is dtype else rows.to(dtype), A_t), scaled_B_t)
+    out = out.contiguous()
+    out.view(-1, out.shape[-1]).add_(update)
+    return out
 
 
 @contextlib.contextmanager
