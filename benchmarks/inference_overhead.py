@@ -40,6 +40,8 @@ Run:  python benchmarks/inference_overhead.py            (~5 min on 2 cores)
       python benchmarks/inference_overhead.py --quick    (a few tokens; < 1 min)
       python benchmarks/inference_overhead.py --profile  (also: torch.profiler op table, bs 1)
       python benchmarks/inference_overhead.py --threads 1  (on a machine other jobs share; see --help)
+      python benchmarks/inference_overhead.py --model DIR --prompts 2 --max-new-tokens 32 --batch-sizes 1
+                                                          (another base, e.g. vs_hf_stack.py's 1B folder)
 """
 
 from __future__ import annotations
@@ -103,14 +105,15 @@ def generate_call(model, row_decoding: bool):
     return generate
 
 
-def build_forms(lora_b_std: float, seed: int, targets: str = "all-linear", row_decoding: bool = True):
+def build_forms(lora_b_std: float, seed: int, targets: str = "all-linear", row_decoding: bool = True,
+                model_name=None):
     """(form name -> its generate call, tokenizer, template, base dtype); the models are in eval mode."""
     import torch
 
     from tsugiki import LoraConfig, get_peft_model
     from tsugiki.generation import load_for_inference
 
-    loaded = load_for_inference(None)  # default model, dtype "auto", as `tsugiki generate` loads it
+    loaded = load_for_inference(model_name)  # None: the default model; dtype "auto", as `tsugiki generate` loads it
     base = loaded.model.eval()
     dtype = next(base.parameters()).dtype
     torch.manual_seed(seed)
@@ -235,7 +238,8 @@ def table(results: list[dict], info: dict, args, command: str, wall: float, dtyp
         f"Machine: {info['cpu']}, {info['cores']} cores (torch threads {info['threads']}); "
         f"Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}; "
         f"load average {info['load']}.",
-        f"Model: SmolLM2-135M-Instruct (built-in GGUF, `load_for_inference`, base {str(dtype).replace('torch.', '')}); "
+        f"Model: {args.model or 'SmolLM2-135M-Instruct (built-in GGUF)'} (`load_for_inference`, base "
+        f"{str(dtype).replace('torch.', '')}); "
         f"LoRA r=16, alpha 32, targets {args.targets}, fp32 adapter weights, lora_B ~ N(0, {args.lora_b_std}).",
         f"Greedy, {len(PROMPTS)} prompts, {args.max_new_tokens} new tokens each (min_new_tokens = max_new_tokens), "
         f"1 warm-up + {args.rounds} interleaved rounds; wall {wall:.0f} s; base, unmerged and merged generate "
@@ -268,6 +272,10 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved measured rounds after the warm-up (default 5)")
     ap.add_argument("--batch-sizes", default="1,8")
+    ap.add_argument("--model", default=None,
+                    help="base model: a Hugging Face folder or GGUF file (default: the built-in SmolLM2-135M-Instruct)")
+    ap.add_argument("--prompts", type=int, default=len(PROMPTS),
+                    help=f"answer the first N of the {len(PROMPTS)} fixed prompts (default: all; fewer for a large model)")
     ap.add_argument("--targets", default="all-linear",
                     help="LoRA target_modules: all-linear (default; workflow 2), 'default' (the architecture's "
                          "default, q_proj and v_proj for Llama; workflow 1) or a comma-separated list of names")
@@ -284,6 +292,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.max_new_tokens, args.rounds = 4, 2
+    if not 1 <= args.prompts <= len(PROMPTS):
+        ap.error(f"--prompts must be between 1 and {len(PROMPTS)}, got {args.prompts}")
+    del PROMPTS[args.prompts:]
     command = "python benchmarks/inference_overhead.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
 
     def log(msg: str) -> None:
@@ -297,9 +308,12 @@ def main() -> None:
     t0 = time.perf_counter()
     targets = args.targets if args.targets in ("all-linear", "default") else args.targets.split(",")
     try:
-        forms, tok, template, dtype = build_forms(args.lora_b_std, args.seed, targets, args.row_decoding)
+        forms, tok, template, dtype = build_forms(args.lora_b_std, args.seed, targets, args.row_decoding,
+                                                  args.model)
     except ValueError as err:  # e.g. a --targets name the model does not have
         raise SystemExit(f"--targets {args.targets}: {err}") from None
+    except FileNotFoundError as err:
+        raise SystemExit(f"--model {args.model}: {err}") from None
     log(f"loaded in {time.perf_counter() - t0:.1f} s (base dtype {dtype})")
     results = []
     for bs in (int(b) for b in args.batch_sizes.split(",")):

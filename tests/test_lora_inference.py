@@ -333,3 +333,118 @@ def test_a_non_contiguous_base_output_gets_the_update_in_its_own_dtype():
         up.remove()
     assert seen[0] == torch.bfloat16
     torch.testing.assert_close(fast, want, atol=2e-2, rtol=2e-2)
+
+
+# -- one-row decoding from the [W; A] stack -------------------------------------------------------------
+
+def _stacked_mlp(kernel_name, monkeypatch, bias=True):
+    """TinyMLP in bf16 with LoRA on both linears (a bias on each), decoding through ``kernel_name``."""
+    from tiny_models import TinyMLP
+    from tsugiki.kernels import decode
+
+    monkeypatch.setattr(decode, "ROW_KERNEL", kernel_name)
+    base = TinyMLP().to(torch.bfloat16)
+    if not bias:
+        base.lin0.bias = None
+    model = tsugiki.get_peft_model(base, tsugiki.LoraConfig(r=4, lora_alpha=8, target_modules=["lin0", "lin1"]))
+    randomize_adapters(model, scale=0.3)
+    return model.eval(), model.base_model.model.lin0
+
+
+def _exact(layer, x):
+    """``x W^T + b + s (x A^T) B^T`` in fp64, from the weights as stored (the adapter's fp32 A and B)."""
+    name = layer.active_adapter
+    W = layer.base_layer.weight.double()
+    A, B = layer.lora_A[name].weight.double(), layer.lora_B[name].weight.double()
+    out = x.double() @ W.T + layer.scaling[name] * (x.double() @ A.T) @ B.T
+    return out if layer.base_layer.bias is None else out + layer.base_layer.bias.double()
+
+
+def _decode_row(model, layer, x):
+    from tsugiki.kernels.decode import single_row_decoding
+
+    with torch.inference_mode(), single_row_decoding(model), decoding_forwards(model):
+        return layer(x)
+
+
+@pytest.mark.parametrize("kernel_name", ["mv", "native"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_one_row_takes_the_update_from_the_stacked_product(kernel_name, bias, monkeypatch):
+    model, layer = _stacked_mlp(kernel_name, monkeypatch, bias)
+    x = torch.randn(1, 1, 8).to(torch.bfloat16)
+    weight = layer.base_layer.weight
+    before = weight.detach().clone()
+    got = _decode_row(model, layer, x)
+    stack = layer.__dict__["_decode_stack"]
+    # the stack is [W; A]: the weight lives in its first rows, the adapter's A (in bf16) in the rest
+    assert stack.shape == (16 + 4, 8) and weight.data_ptr() == stack.data_ptr()
+    assert torch.equal(weight, before) and torch.equal(stack[16:], layer.lora_A["default"].weight.to(torch.bfloat16))
+    want = _exact(layer, x)
+    with torch.inference_mode():
+        general = layer._inference_forward(x)  # fp32 A, fp32 products
+    # the same accuracy as the general path: within the bf16 rounding of the output
+    scale = want.abs().max().item()
+    assert (got.double() - want).abs().max() <= 2 ** -7 * scale
+    assert (got.double() - general.double()).abs().max() <= 2 ** -7 * scale
+    assert got.dtype == torch.bfloat16 and got.shape == (1, 1, 16) and got.is_contiguous()
+    with model.disable_adapter(), torch.inference_mode():
+        bare = layer(x)
+    assert (got.double() - bare.double()).abs().max() > 20 * 2 ** -7 * scale  # the update is really there
+
+
+def test_the_stack_follows_the_adapter_and_lets_go_of_replaced_weights(monkeypatch):
+    model, layer = _stacked_mlp("native", monkeypatch)
+    x = torch.randn(1, 1, 8).to(torch.bfloat16)
+    _decode_row(model, layer, x)
+    stack = layer.__dict__["_decode_stack"]
+    # a trained A is seen by the next generate call, in the same stack
+    with torch.no_grad():
+        layer.lora_A["default"].weight.mul_(-2.0)
+    got = _decode_row(model, layer, x)
+    assert layer.__dict__["_decode_stack"] is stack
+    want = _exact(layer, x)
+    assert (got.double() - want).abs().max() <= 2 ** -7 * want.abs().max()
+    # merging replaces the weight: the stack goes with it, and the merged layer computes W + s B A
+    model.merge_adapter()
+    assert "_decode_stack" not in layer.__dict__
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x).double(), want, atol=5e-2, rtol=5e-2)
+    model.unmerge_adapter()
+    got = _decode_row(model, layer, x)
+    assert layer.__dict__["_decode_stack"] is not stack
+    assert layer.base_layer.weight.data_ptr() == layer.__dict__["_decode_stack"].data_ptr()
+    # another rank: the stack is made again with that many rows
+    model.add_adapter("wide", tsugiki.LoraConfig(r=6, lora_alpha=6, target_modules=["lin0", "lin1"]))
+    model.set_adapter("wide")
+    randomize_adapters(model, seed=5, scale=0.3)
+    got = _decode_row(model, layer, x)
+    assert layer.__dict__["_decode_stack"].shape == (16 + 6, 8)
+    want = _exact(layer, x)
+    assert (got.double() - want).abs().max() <= 2 ** -7 * want.abs().max()
+    # a dtype change moves every weight out of its stack: the stack is dropped, fp32 decodes without one
+    model.float()
+    assert "_decode_stack" not in layer.__dict__
+    got = _decode_row(model, layer, x.float())
+    assert "_decode_stack" not in layer.__dict__
+    torch.testing.assert_close(got.double(), _exact(layer, x.float()), atol=1e-5, rtol=1e-5)
+
+
+def test_a_stacked_weight_saves_loads_and_copies_as_itself(monkeypatch, tmp_path):
+    import copy
+
+    from safetensors.torch import load_file, save_file
+
+    model, layer = _stacked_mlp("native", monkeypatch)
+    x = torch.randn(1, 1, 8).to(torch.bfloat16)
+    want = _decode_row(model, layer, x)
+    state = {k: v for k, v in model.get_base_model().state_dict().items() if "lora_" not in k}
+    save_file(state, tmp_path / "base.safetensors")
+    loaded = load_file(tmp_path / "base.safetensors")
+    key = next(k for k in loaded if k.endswith("lin0.base_layer.weight"))
+    assert loaded[key].shape == (16, 8) and torch.equal(loaded[key], layer.base_layer.weight)
+    twin = copy.deepcopy(model)
+    twin_layer = twin.base_model.model.lin0
+    assert torch.equal(_decode_row(twin, twin_layer, x), want)
+    with torch.no_grad():
+        twin_layer.base_layer.weight.zero_()
+    assert layer.base_layer.weight.abs().sum() > 0  # the copy does not share the original's stack
