@@ -582,9 +582,10 @@ def decoding_forwards(model: nn.Module) -> Iterator[int]:
     a plain ``nn.Linear`` base, no hooks) gets an instance ``forward`` that only
     computes ``base(x) + (x A^T) (s B^T)`` (one bf16 row on a CPU: from the
     ``[W; A]`` stack of :meth:`LoraLinear._row_stack`, which the base weight
-    then lives in); on exit each gets its class's ``forward`` back. Layers whose ``forward`` is already replaced are left
-    alone. Enter it inside ``decode.single_row_decoding``, so that routed base
-    layers are seen as such. Yields how many layers got one.
+    then lives in); on exit each gets its class's ``forward`` back. Layers
+    whose ``forward`` is already replaced are left alone. Enter it inside
+    ``decode.single_row_decoding``, so that routed base layers are seen as
+    such. Yields how many layers got one.
     """
     installed = []
     for module in model.modules():
