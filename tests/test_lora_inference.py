@@ -448,3 +448,18 @@ def test_a_stacked_weight_saves_loads_and_copies_as_itself(monkeypatch, tmp_path
     with torch.no_grad():
         twin_layer.base_layer.weight.zero_()
     assert layer.base_layer.weight.abs().sum() > 0  # the copy does not share the original's stack
+
+
+def test_weights_over_the_size_limit_keep_the_two_product_path(monkeypatch):
+    from tsugiki.methods import lora
+
+    model, lin0 = _stacked_mlp("native", monkeypatch)
+    lin1 = model.base_model.model.lin1
+    monkeypatch.setattr(lora, "ROW_STACK_MAX_ELEMENTS", 100)  # lin0's 16 x 8 weight is over it, lin1's 4 x 16 not
+    x = torch.randn(1, 1, 8).to(torch.bfloat16)
+    before = lin0.base_layer.weight.data_ptr()
+    got = _decode_row(model, lin0, x)
+    assert "_decode_stack" not in lin0.__dict__ and lin0.base_layer.weight.data_ptr() == before
+    assert "_decode_stack" in lin1.__dict__
+    want = _exact(lin0, x)
+    assert (got.double() - want).abs().max() <= 2 ** -7 * want.abs().max()
