@@ -394,29 +394,26 @@ class LoraLinear(LoraLayer, nn.Module):
         A_t, scaled_B_t, dtype, device_type = A.t(), plan.scaled_B_t, plan.dtype, plan.device_type
         general = LoraLinear.forward.__get__(self)
 
-        def fallback(x: torch.Tensor, *args: Any, **kwargs: Any) -> bool:
+        def needs_general(args: tuple, kwargs: dict) -> bool:
             return bool(args or kwargs or self.training or torch.is_grad_enabled()
                         or current_batch_adapters() is not None or torch.is_autocast_enabled(device_type))
 
+        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if needs_general(args, kwargs):
+                return general(x, *args, **kwargs)
+            return _add_low_rank_update(run(x, weight, bias), x, A_t, scaled_B_t, dtype)
+
         stack = self._row_stack(weight, A) if run is decode.linear else None
         if stack is None:
-            def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-                if fallback(x, *args, **kwargs):
-                    return general(x, *args, **kwargs)
-                return _add_low_rank_update(run(x, weight, bias), x, A_t, scaled_B_t, dtype)
-
             return forward
-
         row_kernel = decode.ROW_KERNELS[decode.ROW_KERNEL]
         sizes = [weight.shape[0], A.shape[0]]
         bias_in_dtype = None if bias is None else bias.detach().to(dtype)
 
         def stacked_forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            if fallback(x, *args, **kwargs):
-                return general(x, *args, **kwargs)
-            if x.dtype is not torch.bfloat16 or x.numel() != x.shape[-1]:
-                return _add_low_rank_update(run(x, weight, bias), x, A_t, scaled_B_t, dtype)
-            # split_with_sizes, float and a 3-D matmul: the fewest and cheapest calls for the job
+            if x.dtype is not torch.bfloat16 or x.numel() != x.shape[-1] or needs_general(args, kwargs):
+                return forward(x, *args, **kwargs)
+            # three calls: split_with_sizes (a C++ call; .split is Python), float, and matmul on the 3-D z
             y, z = row_kernel(x, stack, None).split_with_sizes(sizes, -1)  # y: one row, a contiguous view
             update = torch.matmul(z.float() if dtype is torch.float32 else z.to(dtype), scaled_B_t)
             if bias_in_dtype is not None:
