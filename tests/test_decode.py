@@ -115,6 +115,53 @@ def test_the_native_kernel_switches_onednn_off_for_its_product_only(monkeypatch)
     assert torch._C._get_mkldnn_enabled() == before  # restored after an error too
 
 
+def _stacked_operands(bias, out_features=1536, in_features=576, r=16, seed=0):
+    """x, [W; A], [b; 0] (or None), U as the column-major view stacked_row takes, and the fp64 W x + b + U A x."""
+    x, w, b = _operands((1, 1), in_features, out_features, bias, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    A = (torch.randn(r, in_features, generator=g) / in_features ** 0.5).to(torch.bfloat16)
+    U = (0.3 * torch.randn(out_features, r, generator=g) / r ** 0.5).to(torch.bfloat16)
+    stack = torch.cat([w, A])
+    b_row = None if b is None else torch.cat([b, torch.zeros(r, dtype=torch.bfloat16)])
+    update = U.t().contiguous().t()
+    xd = x.double()
+    want = xd @ w.double().T + (xd @ A.double().T) @ U.double().T
+    return x, stack, b_row, update, (want if b is None else want + b.double())
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_stacked_row_adds_the_low_rank_update_to_the_stacked_product(kernel, bias):
+    x, stack, b_row, update, want = _stacked_operands(bias)
+    out = want.shape[-1]
+    got = decode.stacked_row(x, stack, b_row, [out, stack.shape[0] - out], update)
+    assert got.shape == (*x.shape[:-1], out) and got.dtype == torch.bfloat16 and got.is_contiguous()
+    # bf16 y, z and U: a few roundings of the output, far below the update's own size
+    scale = want.abs().max().item()
+    assert (got.double() - want).abs().max() <= 2 ** -7 * scale
+    no_update = F.linear(x, stack[:out], None if b_row is None else b_row[:out]).double()
+    assert (no_update - want).abs().max() > 8 * 2 ** -7 * scale
+
+
+def test_stacked_row_switches_onednn_off_and_back(monkeypatch):
+    x, stack, b_row, update, want = _stacked_operands(True, out_features=80, in_features=96, r=4)
+    seen = []
+    real_addmv = torch.Tensor.addmv_
+
+    def spy(self, *args):
+        seen.append(torch._C._get_mkldnn_enabled())
+        return real_addmv(self, *args)
+
+    for kernel_name in KERNELS:
+        monkeypatch.setattr(decode, "ROW_KERNEL", kernel_name)
+        before = torch._C._get_mkldnn_enabled()
+        with mock.patch.object(torch.Tensor, "addmv_", spy):
+            decode.stacked_row(x, stack, b_row, [80, 4], update)
+        assert seen[-1] is False and torch._C._get_mkldnn_enabled() == before
+        with mock.patch.object(torch.Tensor, "addmv_", side_effect=RuntimeError("boom")), pytest.raises(RuntimeError):
+            decode.stacked_row(x, stack, b_row, [80, 4], update)
+        assert torch._C._get_mkldnn_enabled() == before  # restored after an error too
+
+
 @pytest.mark.parametrize("amx,choice", [(True, "mv"), (False, "native")])
 def test_the_row_kernel_follows_the_cpu(monkeypatch, amx, choice):
     """torch.mv measured fastest with AMX (a Xeon); oneDNN switched off without it (an AMD EPYC)."""

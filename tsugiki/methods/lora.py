@@ -369,20 +369,25 @@ class LoraLinear(LoraLayer, nn.Module):
 
         A base routed through ``decode.single_row_decoding`` (bf16 weights on a
         CPU, up to :data:`ROW_STACK_MAX_ELEMENTS`) computes one bf16 row from the
-        :meth:`_row_stack` ``[W; A]``::
+        :meth:`_row_stack` ``[W; A]`` (:func:`decode.stacked_row`)::
 
-            [y; z] = row_kernel([W; A], x)        (one product: y = W x and z = A x, in bf16)
-            y     += z (s B^T)                    (in the adapter's dtype, added in place)
+            [y; z] = row_kernel([W; A], x) + [b; 0]   (one product: y = W x + b and z = A x)
+            y     += (s B) z                          (one addmv_, s B as a bf16 copy)
 
         At one row each operator costs a few microseconds whatever its size, so
-        this saves the separate ``x A^T`` product and its cast: on SmolLM2-135M
-        with every linear adapted, generation at batch size 1 runs at 0.86 of
-        the bare base's tokens/s against 0.83 with two products, and 0.80 with
-        :func:`_add_low_rank_update` (``benchmarks/inference_overhead.py``).
-        ``A`` and ``z`` are rounded to bf16, a relative error of 2^-9 of the
-        update, itself a fraction of ``y``: the output is within the rounding
-        of ``y`` of the general forward's. Other inputs (several rows, or not
-        bf16) take :func:`_add_low_rank_update`.
+        what the adapter costs follows the number of calls: on SmolLM2-135M
+        with every linear adapted, generation at batch size 1 runs at 0.92 of
+        the bare base's tokens/s with these two, against 0.85-0.87 with the
+        product followed by a cast, a ``matmul`` and an ``add_`` in fp32, 0.83
+        with two products, and 0.80 with :func:`_add_low_rank_update`
+        (``benchmarks/inference_overhead.py``). ``A``, ``z`` and ``s B`` are
+        rounded to bf16, a relative error of about 2^-8 of the update, itself a
+        fraction of ``y``: the output is within a rounding or two of ``y`` of
+        the general forward's. Other inputs (several rows, or not bf16) take
+        :func:`_add_low_rank_update` in the adapter's dtype: at several rows the
+        same stack through oneDNN and an ``addmm`` measured no faster (0.837 of
+        the base at batch size 8, as before) and moved the greedy texts further
+        from the merged model's.
         """
         plan = self._current_plan()
         run = self._direct_base_linear()
@@ -406,20 +411,16 @@ class LoraLinear(LoraLayer, nn.Module):
         stack = self._row_stack(weight, A) if run is decode.linear else None
         if stack is None:
             return forward
-        row_kernel = decode.ROW_KERNELS[decode.ROW_KERNEL]
-        sizes = [weight.shape[0], A.shape[0]]
-        bias_in_dtype = None if bias is None else bias.detach().to(dtype)
+        out, r = weight.shape[0], A.shape[0]
+        sizes = [out, r]
+        update = scaled_B_t.to(torch.bfloat16).t()  # s B, out x r, column-major: what addmv_ walks fastest
+        bias_row = None if bias is None else torch.cat([bias.detach().to(torch.bfloat16),
+                                                        bias.new_zeros(r, dtype=torch.bfloat16)])
 
         def stacked_forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             if x.dtype is not torch.bfloat16 or x.numel() != x.shape[-1] or needs_general(args, kwargs):
                 return forward(x, *args, **kwargs)
-            # three calls: split_with_sizes (a C++ call; .split is Python), float, and matmul on the 3-D z
-            y, z = row_kernel(x, stack, None).split_with_sizes(sizes, -1)  # y: one row, a contiguous view
-            update = torch.matmul(z.float() if dtype is torch.float32 else z.to(dtype), scaled_B_t)
-            if bias_in_dtype is not None:
-                update += bias_in_dtype
-            y.add_(update)
-            return y
+            return decode.stacked_row(x, stack, bias_row, sizes, update)
 
         return stacked_forward
 
