@@ -49,6 +49,7 @@ bigger on a GPU (SHAPES_CUDA).
 
 Run:  python benchmarks/vs_hf_stack.py                  # every case (~40 min on 2 cores)
       python benchmarks/vs_hf_stack.py --cases smollm2-lora-fixed --steps 6
+      python benchmarks/vs_hf_stack.py --only tsugiki --cases smollm2-lora-fixed --compile-layers
 The model folders and data files are cached in benchmarks/.cache (or
 $TSUGIKI_BENCH_CACHE); a GPU machine without the GGUF needs only the tokenizer
 folder ``tokenizer`` there.
@@ -330,6 +331,9 @@ def run_tsugiki(spec: dict) -> dict:
     original_train = loop.Trainer.train
 
     def train_and_start(self):
+        if spec.get("compile_layers"):  # --compile-layers: inductor on each decoder layer, compiled in step 1
+            for layer in self.model.get_base_model().model.layers:
+                layer.compile()
         meter.start()
         return original_train(self)
 
@@ -371,13 +375,13 @@ def summarise(result: dict, warmup: int) -> dict:
 
 
 def run_case(case: str, steps: int, warmup: int, tsugiki_options: dict, stacks=("hf", "tsugiki"),
-             device: str = "cpu") -> dict:
+             device: str = "cpu", compile_layers: bool = False) -> dict:
     model, method, kind = case.split("-")
     shape = (SHAPES_CUDA if device == "cuda" else SHAPES)[model]
     rows = steps * shape["batch"] * shape["grad_accum"]
     base = dict(model_dir=model_dir(model), data=data_file(kind, model, rows, shape), method=method,
                 batch=shape["batch"], grad_accum=shape["grad_accum"], steps=steps, hparams=HPARAMS,
-                tsugiki_options=tsugiki_options, device=device)
+                tsugiki_options=tsugiki_options, device=device, compile_layers=compile_layers)
     out = {}
     for stack in stacks:
         spec = dict(base, stack=stack)
@@ -412,6 +416,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="steps left out of the median (default 1)")
     parser.add_argument("--tsugiki-options", default="{}", help="extra tsugiki.train keys as JSON")
     parser.add_argument("--only", choices=("hf", "tsugiki"), help="run one stack only (no ratios)")
+    parser.add_argument("--compile-layers", action="store_true",
+                        help="tsugiki side: torch.compile each decoder layer before step 1 (Llama-shaped models; "
+                             "compilation falls in step 1, which --warmup leaves out)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto (default): cuda when torch sees a GPU, else cpu")
@@ -447,7 +454,8 @@ def main() -> None:
             raise SystemExit(f"unknown case {case!r} on {device}; choose from {', '.join(known)}")
         stacks = (args.only,) if args.only else ("hf", "tsugiki")
         steps = args.steps or default_steps(case, device)
-        r = results[case] = run_case(case, steps, args.warmup, json.loads(args.tsugiki_options), stacks, device)
+        r = results[case] = run_case(case, steps, args.warmup, json.loads(args.tsugiki_options), stacks, device,
+                                     args.compile_layers)
         if args.only:
             one = r[args.only]
             print(f"| {case} ({args.only}) | {one['tokens_per_s']:.0f} tok/s | {one['peak_gib']:.2f} GiB "
