@@ -38,8 +38,8 @@ inside it. LoRA layers do the same for their base product
 (``LoraLinear._inference_forward``), so a bare base and an adapted model
 compute their base products alike; for the length of a ``generate`` call a
 LoRA layer's base weight of up to 2^21 elements carries the adapter's ``A``
-in extra rows, and at one row :func:`stacked_row` computes ``W x`` and ``A x`` in one
-product.
+in extra rows, and at one row :func:`stacked_row` computes ``W x`` and
+``A x`` in one product and adds the update with one more call.
 """
 
 from __future__ import annotations
