@@ -424,6 +424,14 @@ def main() -> None:
                         help="auto (default): cuda when torch sees a GPU, else cpu")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    try:
+        tsugiki_options = json.loads(args.tsugiki_options)
+    except json.JSONDecodeError as err:
+        parser.error(f"--tsugiki-options is not JSON ({err}); write e.g. '{{\"fast_attention\": false}}'")
+    if args.compile_layers and args.only == "hf":
+        parser.error("--compile-layers compiles the tsugiki side only; drop --only hf")
+    if not isinstance(tsugiki_options, dict):
+        parser.error(f"--tsugiki-options must be a JSON object of tsugiki.train keys, got {args.tsugiki_options}")
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
@@ -454,7 +462,7 @@ def main() -> None:
             raise SystemExit(f"unknown case {case!r} on {device}; choose from {', '.join(known)}")
         stacks = (args.only,) if args.only else ("hf", "tsugiki")
         steps = args.steps or default_steps(case, device)
-        r = results[case] = run_case(case, steps, args.warmup, json.loads(args.tsugiki_options), stacks, device,
+        r = results[case] = run_case(case, steps, args.warmup, tsugiki_options, stacks, device,
                                      args.compile_layers)
         if args.only:
             one = r[args.only]
