@@ -222,12 +222,12 @@ def test_decoding_forwards_compute_what_the_inference_path_computes(dtype, route
         assert count == 14 and len(_installed(model)) == 14  # 2 blocks x 7 linears
         got_all, got_step = _fast(model, ids), _fast(model, step)
     assert not _installed(model)
-    # the same products in the same order as _inference_forward: equal bit for bit
-    assert torch.equal(got_all, want_all)
-    if routed:  # one row: the [W; A] stack (decode.stacked_row; bf16 A, z and s B), within bf16 rounding
+    if dtype is torch.float32:  # the same products in the same order as _inference_forward: equal bit for bit
+        assert torch.equal(got_all, want_all) and torch.equal(got_step, want_step)
+    else:  # bf16 A and s B: the C kernel for several rows (native.LowRankRows, where it builds) and,
+        # routed, the [W; A] stack for one row (decode.stacked_row): within bf16 rounding
+        torch.testing.assert_close(got_all, want_all, atol=3e-2, rtol=3e-2)
         torch.testing.assert_close(got_step, want_step, atol=3e-2, rtol=3e-2)
-    else:
-        assert torch.equal(got_step, want_step)
 
 
 def test_decoding_forwards_fall_back_when_the_call_needs_the_general_path():

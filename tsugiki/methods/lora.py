@@ -42,7 +42,7 @@ from ..config import (PeftConfig, PeftType, config_from_method_args, module_spec
                       register_method)
 from ..inject import (bnb_linear_types, conv1d_type, find_targets, linear_layer_types, replace_module,
                       resolve_default_targets)
-from ..kernels import decode
+from ..kernels import decode, native
 from ..kernels.lora_fused import lora_add
 from ..tuner import AdapterLayer, BaseTuner, current_batch_adapters, register_tuner
 
@@ -383,11 +383,15 @@ class LoraLinear(LoraLayer, nn.Module):
         (``benchmarks/inference_overhead.py``). ``A``, ``z`` and ``s B`` are
         rounded to bf16, a relative error of about 2^-8 of the update, itself a
         fraction of ``y``: the output is within a rounding or two of ``y`` of
-        the general forward's. Other inputs (several rows, or not bf16) take
-        :func:`_add_low_rank_update` in the adapter's dtype: at several rows the
-        same stack through oneDNN and an ``addmm`` measured no faster (0.837 of
-        the base at batch size 8, as before) and moved the greedy texts further
-        from the merged model's.
+        the general forward's.
+
+        Other bf16 CPU inputs of up to ``native.MAX_ROWS`` rows (a decoding
+        batch, or one row of a base too large to stack) get the update from
+        :class:`tsugiki.kernels.native.LowRankRows`, one C call (``A`` and ``s B``
+        in bf16, as in the stack; sums in fp32) where the CPU and a compiler
+        allow it: at 8 rows torch's cast, two products and add cost 25-55 us a
+        layer, the call 5-10 us. Everything else takes
+        :func:`_add_low_rank_update` in the adapter's dtype.
         """
         plan = self._current_plan()
         run = self._direct_base_linear()
@@ -403,10 +407,15 @@ class LoraLinear(LoraLayer, nn.Module):
             return bool(args or kwargs or self.training or torch.is_grad_enabled()
                         or current_batch_adapters() is not None or torch.is_autocast_enabled(device_type))
 
+        rows_update = native.LowRankRows.build(A, scaled_B_t) if weight.dtype is torch.bfloat16 else None
+
         def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             if needs_general(args, kwargs):
                 return general(x, *args, **kwargs)
-            return _add_low_rank_update(run(x, weight, bias), x, A_t, scaled_B_t, dtype)
+            out = run(x, weight, bias)
+            if rows_update is not None and rows_update.add_(out, x):
+                return out
+            return _add_low_rank_update(out, x, A_t, scaled_B_t, dtype)
 
         stack = self._row_stack(weight, A) if run is decode.linear else None
         if stack is None:
