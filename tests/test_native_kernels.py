@@ -102,7 +102,6 @@ def test_inputs_that_are_not_its_case_are_refused_untouched(kernel):
     update = native.LowRankRows(kernel, A, scaled_B_t)
     for out, inp in [(y.clone(), x),                                  # too many rows (a prompt)
                      (y[:4].clone(), x[:4].float()),                  # fp32 input
-                     (y[:4].float(), x[:4]),                          # fp32 output
                      (y[:4].clone(), torch.cat([x[:4], x[:4]], 1)[:, :16])]:  # rows not adjacent
         before = out.clone()
         assert not update.add_(out, inp)
@@ -164,7 +163,8 @@ def test_without_the_kernel_torch_keeps_the_update(how, reason, fresh_loader, mo
 
 
 @needs_kernel
-def test_adapted_layers_take_the_kernel_for_a_decoding_batch(kernel, monkeypatch):
+@pytest.mark.parametrize("routed", [True, False])
+def test_adapted_layers_take_the_kernel_for_a_decoding_batch(kernel, routed, monkeypatch):
     model = tsugiki.get_peft_model(tiny_llama().to(torch.bfloat16),
                                    tsugiki.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     randomize_adapters(model, scale=0.3)
@@ -183,10 +183,31 @@ def test_adapted_layers_take_the_kernel_for_a_decoding_batch(kernel, monkeypatch
         want = model(input_ids=step).logits  # the general inference path: torch's fp32 products
         with model.disable_adapter():
             bare = model(input_ids=step).logits
-        with single_row_decoding(model), decoding_forwards(model):
+        with single_row_decoding(model, enabled=routed), decoding_forwards(model):
             got = model(input_ids=step).logits
     assert calls == [True] * 14  # every adapted linear of the 2 blocks, once
     layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
     assert not any("forward" in m.__dict__ for m in layers)
     torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=3e-2)
     assert (got.float() - bare.float()).abs().max() > 0.1  # the adapter acts
+
+
+@needs_kernel
+def test_a_biased_layer_keeps_its_bias_in_a_decoding_batch(kernel):
+    from tiny_models import TinyMLP
+
+    model = tsugiki.get_peft_model(TinyMLP().to(torch.bfloat16),
+                                   tsugiki.LoraConfig(r=4, lora_alpha=8, target_modules=["lin0", "lin1"]))
+    randomize_adapters(model, scale=0.3)
+    model.eval()
+    layer = model.base_model.model.lin0
+    x = torch.randn(5, 1, 8).to(torch.bfloat16)
+    with torch.inference_mode(), single_row_decoding(model), decoding_forwards(model):
+        got = layer(x)
+    W, b = layer.base_layer.weight.double(), layer.base_layer.bias.double()
+    A, B = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    exact = x.double() @ W.T + b + layer.scaling["default"] * (x.double() @ A.T) @ B.T
+    assert got.shape == (5, 1, 16) and got.is_contiguous()
+    # bf16 A and s B, one rounding of the output: within a few bf16 steps of the exact value
+    assert (got.double() - exact).abs().max() <= 2 ** -6 * exact.abs().max()
+    assert (got.double() - (x.double() @ W.T + b)).abs().max() > 2 ** -4 * exact.abs().max()  # update there
