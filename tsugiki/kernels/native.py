@@ -4,10 +4,12 @@ Generating for a batch of prompts adds, at every new token and in every adapted
 layer, ``(x A^T)(s B^T)`` for a handful of rows. torch computes it with a cast,
 two small products and an add, and at 8 rows each of those calls costs 10-25 us
 whatever its size (oneDNN's bf16 products 20-22 us, MKL's fp32 ``mm`` 9-21 us):
-on SmolLM2-135M with every linear adapted, 44 us per layer inside the model,
-17% of the bare base's tokens/s at batch 8. ``lowrank_rows.c`` does the whole
-update in one call, 5-10 us on SmolLM2's shapes at 8 rows
-(``benchmarks/inference_overhead.py``, Generation section of its README).
+25-45 us a layer in a hot loop, and SmolLM2-135M with every linear adapted
+generated at 0.80-0.84 of the bare base's tokens/s at batch 8.
+``lowrank_rows.c`` does the whole update in one call, 5.5-10 us on SmolLM2's
+shapes in a hot loop and 10-19 us inside the model, which then generates at
+0.91 of the base (``benchmarks/inference_overhead.py``; the Generation
+section of ``benchmarks/README.md``).
 
 The kernel needs AVX-512 (F, BW, VL: torch's ``"AVX512"`` CPU capability and
 up) and a C compiler (``$CC``, else ``cc`` or ``gcc``). It is compiled once

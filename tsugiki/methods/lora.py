@@ -389,7 +389,7 @@ class LoraLinear(LoraLayer, nn.Module):
         batch, or one row of a base too large to stack) get the update from
         :class:`tsugiki.kernels.native.LowRankRows`, one C call (``A`` and ``s B``
         in bf16, as in the stack; sums in fp32) where the CPU and a compiler
-        allow it: at 8 rows torch's cast, two products and add cost 25-55 us a
+        allow it: at 8 rows torch's cast, two products and add cost 25-45 us a
         layer, the call 5-10 us. Everything else takes
         :func:`_add_low_rank_update` in the adapter's dtype.
         """
