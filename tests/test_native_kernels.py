@@ -98,15 +98,32 @@ def test_nan_and_infinity_propagate_per_row(kernel):
 
 @needs_kernel
 def test_inputs_that_are_not_its_case_are_refused_untouched(kernel):
-    x, y, A, scaled_B_t = _operands(native.MAX_ROWS + 1, 16, 20, 4)
+    x, y, A, scaled_B_t = _operands(4, 16, 20, 4)
     update = native.LowRankRows(kernel, A, scaled_B_t)
-    for out, inp in [(y.clone(), x),                                  # too many rows (a prompt)
-                     (y[:4].clone(), x[:4].float()),                  # fp32 input
-                     (y[:4].clone(), torch.cat([x[:4], x[:4]], 1)[:, :16])]:  # rows not adjacent
+    for out, inp in [(y.clone(), x.float()),                               # fp32 input
+                     (y.clone(), torch.cat([x, x], 1)[:, :16])]:           # rows not adjacent
         before = out.clone()
         assert not update.add_(out, inp)
         assert torch.equal(out, before)
     assert native.LowRankRows.build(torch.randn(native.MAX_RANK + 1, 16), torch.randn(native.MAX_RANK + 1, 20)) is None
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_a_prompts_many_rows_are_split_across_threads(kernel, threads):
+    rows = 301  # over SPLIT_ROWS; 3 threads: blocks of 104, 104 and 93 rows
+    assert rows > native.SPLIT_ROWS
+    x, y, A, scaled_B_t = _operands(rows, 48, 40, 8)
+    want = _torch_update(y, x, A, scaled_B_t)
+    got = y.clone()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert native.LowRankRows(kernel, A, scaled_B_t).add_(got, x)
+    finally:
+        torch.set_num_threads(before)
+    assert (got != want).float().mean() < 0.01
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-5 * want.abs().max().item())
 
 
 @needs_kernel

@@ -39,6 +39,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
 import torch
@@ -47,9 +48,9 @@ log = logging.getLogger("tsugiki.kernels")
 
 SOURCE = Path(__file__).with_name("lowrank_rows.c")
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fPIC", "-shared")
-# Up to this many rows (a decoding batch) take the kernel; a prompt's many rows take torch's products,
-# which use every core where the kernel uses one.
-MAX_ROWS = 64
+# Inputs of more rows than this (a prompt rather than a decoding step) are split into one block of rows per
+# torch thread, run by a thread each: ctypes lets go of the GIL for the call.
+SPLIT_ROWS = 128
 # The kernel's z buffer holds 64 ranks per row (MAX_RANK in lowrank_rows.c).
 MAX_RANK = 64
 
@@ -134,14 +135,14 @@ def lowrank_rows_kernel() -> Optional[Callable[..., None]]:
 
 
 class LowRankRows:
-    """LoRA's update ``(x A^T)(s B^T)`` on up to :data:`MAX_ROWS` bf16 rows, in one call of the C kernel.
+    """LoRA's update ``(x A^T)(s B^T)`` on bf16 rows, in one call of the C kernel (a few for many rows).
 
     Holds bf16 copies of ``A^T`` (in x rp) and ``s B^T`` (rp x out), the rank
     padded with zeros to ``rp``, a multiple of 16; build one with :meth:`build`
     for as long as the adapter stays as it is (one ``generate`` call).
     """
 
-    __slots__ = ("_kernel", "_A_t", "_U_t", "_a_ptr", "_u_ptr", "_inputs", "_outputs", "_padded_rank", "_max_inputs")
+    __slots__ = ("_kernel", "_A_t", "_U_t", "_a_ptr", "_u_ptr", "_inputs", "_outputs", "_padded_rank", "_split_inputs")
 
     def __init__(self, kernel: Callable[..., None], A: torch.Tensor, scaled_B_t: torch.Tensor) -> None:
         rank, self._inputs = A.shape
@@ -153,7 +154,7 @@ class LowRankRows:
         self._U_t[:rank] = scaled_B_t.detach()
         self._a_ptr, self._u_ptr = self._A_t.data_ptr(), self._U_t.data_ptr()
         self._kernel = kernel
-        self._max_inputs = MAX_ROWS * self._inputs
+        self._split_inputs = SPLIT_ROWS * self._inputs
 
     @classmethod
     def build(cls, A: torch.Tensor, scaled_B_t: torch.Tensor) -> Optional["LowRankRows"]:
@@ -166,14 +167,47 @@ class LowRankRows:
     def add_(self, out: torch.Tensor, x: torch.Tensor) -> bool:
         """Add the update for ``x`` into ``out``, the base layer's fresh output for it, and return True.
 
-        Returns False, changing nothing, for inputs that are not its case: ``x``
-        not bf16, not contiguous, or of more than :data:`MAX_ROWS` rows. ``out``
-        must be what a bf16 CPU linear layer returned for ``x`` (contiguous,
-        bf16, ``out`` features a row): the caller's promise, not checked here,
-        where every microsecond counts.
+        Returns False, changing nothing, when ``x`` is not a contiguous bf16
+        tensor. ``out`` must be what a bf16 CPU linear layer returned for ``x``
+        (contiguous, bf16, ``out`` features a row): the caller's promise, not
+        checked here, where every microsecond counts. More than
+        :data:`SPLIT_ROWS` rows are split across torch's thread count.
         """
-        if x.dtype is not torch.bfloat16 or not x.is_contiguous() or x.numel() > self._max_inputs:
+        if x.dtype is not torch.bfloat16 or not x.is_contiguous():
             return False
-        self._kernel(x.numel() // self._inputs, self._inputs, self._outputs, self._padded_rank, x.data_ptr(),
-                     self._inputs, self._a_ptr, self._u_ptr, out.data_ptr(), self._outputs)
+        rows, x_ptr, out_ptr = x.numel() // self._inputs, x.data_ptr(), out.data_ptr()
+        if x.numel() > self._split_inputs and torch.get_num_threads() > 1:
+            self._add_split(rows, x_ptr, out_ptr, torch.get_num_threads())
+        else:
+            self._run(rows, x_ptr, out_ptr)
         return True
+
+    def _run(self, rows: int, x_ptr: int, out_ptr: int) -> None:
+        self._kernel(rows, self._inputs, self._outputs, self._padded_rank, x_ptr, self._inputs,
+                     self._a_ptr, self._u_ptr, out_ptr, self._outputs)
+
+    def _add_split(self, rows: int, x_ptr: int, out_ptr: int, threads: int) -> None:
+        """The kernel on ``threads`` blocks of rows at once, the first in this thread (2 bytes an element)."""
+        block = -(-rows // (threads * 8)) * 8  # whole blocks of the kernel's 8 rows
+        starts = range(block, rows, block)
+        pool = _thread_pool(threads - 1)
+        pending = [pool.submit(self._run, min(block, rows - start), x_ptr + 2 * start * self._inputs,
+                               out_ptr + 2 * start * self._outputs) for start in starts]
+        try:
+            self._run(min(block, rows), x_ptr, out_ptr)
+        finally:
+            for done in pending:
+                done.result()
+
+
+_pool: Optional[ThreadPoolExecutor] = None
+_pool_owner = (0, 0)  # (process id, workers) the pool was made for
+
+
+def _thread_pool(workers: int) -> ThreadPoolExecutor:
+    """A pool of ``workers`` threads, made again in a forked child (whose copy has no threads) or for another size."""
+    global _pool, _pool_owner
+    if _pool is None or _pool_owner != (os.getpid(), workers):
+        _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tsugiki-lowrank")
+        _pool_owner = (os.getpid(), workers)
+    return _pool

@@ -385,8 +385,8 @@ class LoraLinear(LoraLayer, nn.Module):
         fraction of ``y``: the output is within a rounding or two of ``y`` of
         the general forward's.
 
-        Other bf16 CPU inputs of up to ``native.MAX_ROWS`` rows (a decoding
-        batch, or one row of a base too large to stack) get the update from
+        Other bf16 CPU inputs (a decoding batch, a prompt, or one row of a base
+        too large to stack) get the update from
         :class:`tsugiki.kernels.native.LowRankRows`, one C call (``A`` and ``s B``
         in bf16, as in the stack; sums in fp32) where the CPU and a compiler
         allow it: at 8 rows torch's cast, two products and add cost 25-45 us a
