@@ -38,8 +38,8 @@ import logging
 import os
 import shutil
 import subprocess
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
