@@ -1,4 +1,4 @@
-"""A C kernel for LoRA's update on a few bf16 rows on a CPU, built on first use; torch's products otherwise.
+"""A C kernel for LoRA's update on bf16 rows on a CPU, built on first use; torch's products otherwise.
 
 Generating for a batch of prompts adds, at every new token and in every adapted
 layer, ``(x A^T)(s B^T)`` for a handful of rows. torch computes it with a cast,
@@ -8,7 +8,7 @@ whatever its size (oneDNN's bf16 products 20-22 us, MKL's fp32 ``mm`` 9-21 us):
 generated at 0.80-0.84 of the bare base's tokens/s at batch 8.
 ``lowrank_rows.c`` does the whole update in one call, 5.5-10 us on SmolLM2's
 shapes in a hot loop and 10-19 us inside the model, which then generates at
-0.91 of the base (``benchmarks/inference_overhead.py``; the Generation
+0.92-0.94 of the base (``benchmarks/inference_overhead.py``; the Generation
 section of ``benchmarks/README.md``).
 
 The kernel needs AVX-512 (F, BW, VL: torch's ``"AVX512"`` CPU capability and
@@ -176,8 +176,9 @@ class LowRankRows:
         if x.dtype is not torch.bfloat16 or not x.is_contiguous():
             return False
         rows, x_ptr, out_ptr = x.numel() // self._inputs, x.data_ptr(), out.data_ptr()
-        if x.numel() > self._split_inputs and torch.get_num_threads() > 1:
-            self._add_split(rows, x_ptr, out_ptr, torch.get_num_threads())
+        threads = torch.get_num_threads() if x.numel() > self._split_inputs else 1
+        if threads > 1:
+            self._add_split(rows, x_ptr, out_ptr, threads)
         else:
             self._run(rows, x_ptr, out_ptr)
         return True
