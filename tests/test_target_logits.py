@@ -84,3 +84,36 @@ def test_chunked_cross_entropy_equals_full_logits_forward_and_gradient(monkeypat
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(fast, ref, **tol)
     torch.testing.assert_close(hidden.grad.float(), hidden_ref.grad.float(), **tol)
+
+
+def test_chunked_cross_entropy_gradient_comes_from_the_forward(monkeypatch):
+    """The forward computes dL/dh with the logits at hand: backward multiplies, it runs no product with W;
+    and without a gradient to compute (evaluation) the forward returns the same loss."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tsugiki.kernels import target_logits as tl
+
+    class CountProducts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.products = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.matmul.default, torch.ops.aten.addmm.default):
+                self.products += 1
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(tl, "CHUNK_ELEMENTS", 4 * 50)
+    torch.manual_seed(1)
+    weight = torch.randn(50, 16)
+    targets = torch.randint(0, 50, (10,))
+    hidden = torch.randn(10, 16, requires_grad=True)
+    loss = tl.ChunkedLinearCrossEntropy.apply(hidden, weight, targets, torch.float32)
+    with CountProducts() as counter:
+        (loss * 3.0).backward()
+    assert counter.products == 0
+    frozen = tl.ChunkedLinearCrossEntropy.apply(hidden.detach(), weight, targets, torch.float32)
+    torch.testing.assert_close(frozen, loss.detach(), rtol=0, atol=0)
+    ref_hidden = hidden.detach().clone().requires_grad_(True)
+    (torch.nn.functional.cross_entropy(ref_hidden @ weight.t(), targets, reduction="sum") * 3.0).backward()
+    torch.testing.assert_close(hidden.grad, ref_hidden.grad, atol=1e-5, rtol=1e-5)

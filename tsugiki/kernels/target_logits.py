@@ -116,10 +116,17 @@ CHUNK_ELEMENTS = 1 << 22  # logits per chunk (4M: 16 MiB in fp32)
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """``sum_n -log softmax(h_n W^T)[y_n]`` for a frozen ``W``, ``CHUNK_ELEMENTS`` logits at a time.
 
-    Forward keeps only ``h`` and each row's log-sum-exp ``l_n``; backward recomputes
-    each chunk's logits ``z`` and returns ``dL/dh = (softmax(z) - onehot(y)) W * g``
-    with ``softmax(z) = exp(z - l)``. Logits are computed in ``dtype`` (the autocast
-    dtype, as ``head()`` under autocast would) and reduced in fp32, like the reference.
+    The loss is a scalar at the end of the graph, so its gradient is the
+    output gradient ``g`` times ``dL/dh = (softmax(z) - onehot(y)) W``, and that
+    factor is computed in the forward pass, chunk by chunk, while the chunk's
+    logits ``z`` are at hand; backward only scales it by ``g``. Nothing of size
+    ``N x vocab`` is kept and nothing recomputed: two products with ``W`` per
+    chunk instead of three (forward, recompute, gradient). Per chunk, with
+    ``m = max z`` and ``e = exp(z - m)``: ``loss = m + log(sum e) - z[y]`` and
+    ``softmax(z) = e / sum e``. When ``h`` needs no gradient (evaluation) the
+    forward computes the loss alone. Logits are computed in ``dtype`` (the
+    autocast dtype, as ``head()`` under autocast would) and reduced in fp32,
+    like the reference.
     """
 
     @staticmethod
@@ -127,31 +134,27 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 dtype: torch.dtype) -> torch.Tensor:
         w = weight.to(dtype)
         step = max(1, CHUNK_ELEMENTS // weight.shape[0])
-        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], step):
-                z = (hidden[start:start + step].to(dtype) @ w.t()).float()
-                lse[start:start + step] = torch.logsumexp(z, dim=-1)
-                picked = z.gather(1, targets[start:start + step, None]).squeeze(1)
-                total += (lse[start:start + step] - picked).sum()
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.dtype, ctx.step = dtype, step
+                rows = slice(start, start + step)
+                wanted = targets[rows]
+                z = (hidden[rows].to(dtype) @ w.t()).float()
+                picked = z.gather(1, wanted[:, None]).squeeze(1)
+                peak = z.amax(1, keepdim=True)
+                e = z.sub_(peak).exp_()  # exp(z - m), in place of the logits
+                sums = e.sum(1)
+                total += (peak.squeeze(1) + sums.log() - picked).sum()
+                if grad is not None:
+                    probs = e.div_(sums[:, None])  # softmax
+                    probs[torch.arange(probs.shape[0], device=probs.device), wanted] -= 1.0
+                    grad[rows] = (probs.to(dtype) @ w).to(hidden.dtype)
+        if grad is not None:
+            ctx.save_for_backward(grad)
         return total
 
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
-        hidden, weight, targets, lse = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        dtype, step = ctx.dtype, ctx.step
-        w = weight.to(dtype)
-        grad_hidden = torch.empty_like(hidden)
-        with torch.autocast(hidden.device.type, enabled=False):
-            for start in range(0, hidden.shape[0], step):
-                z = (hidden[start:start + step].to(dtype) @ w.t()).float()
-                probs = z.sub_(lse[start:start + step, None]).exp_()  # softmax, in place of the logits
-                rows = torch.arange(probs.shape[0], device=probs.device)
-                probs[rows, targets[start:start + step]] -= 1.0
-                grad_hidden[start:start + step] = (probs.mul_(grad_total).to(dtype) @ w).to(hidden.dtype)
-        return grad_hidden, None, None, None
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total, None, None, None
