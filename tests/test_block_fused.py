@@ -79,6 +79,22 @@ def test_fused_silu_mul_gradients_are_bit_identical(dtype):
         assert torch.equal(a, b)
 
 
+def test_fused_silu_mul_with_mixed_dtypes_matches_autograd():
+    """bf16 gate, fp32 up: the fp32 product is kept (nothing written in place into a bf16 buffer)."""
+    gate = torch.randn(4, 9, 40, generator=torch.Generator().manual_seed(1)).bfloat16().requires_grad_(True)
+    up = torch.randn(4, 9, 40, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+    grad = torch.randn(4, 9, 40, generator=torch.Generator().manual_seed(3))
+    out = FusedSiluMul.apply(gate, up)
+    out.backward(grad)
+    ref_gate, ref_up = gate.detach().clone().requires_grad_(True), up.detach().clone().requires_grad_(True)
+    reference = torch.nn.functional.silu(ref_gate) * ref_up
+    reference.backward(grad)
+    assert out.dtype == torch.float32 and gate.grad.dtype == torch.bfloat16 and up.grad.dtype == torch.float32
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
+    torch.testing.assert_close(up.grad, ref_up.grad, rtol=0, atol=0)
+    torch.testing.assert_close(gate.grad.float(), ref_gate.grad.float(), rtol=1e-2, atol=1e-2)
+
+
 def test_fused_silu_mul_keeps_two_of_three_tensors():
     gate = torch.randn(8, 64, dtype=torch.bfloat16, requires_grad=True)
     up = torch.randn(8, 64, dtype=torch.bfloat16, requires_grad=True)

@@ -16,8 +16,9 @@ the bytes) and ``r`` (one float per token), and recomputes ``n`` in backward:
 
 SiLU gate (``down(silu(gate(x)) * up(x))``): the module's autograd keeps ``gate``,
 ``silu(gate)`` and ``up``; :class:`FusedSiluMul` keeps ``gate`` and ``up`` and
-recomputes ``silu(gate)`` in backward, with the same operations autograd would run
-(so its gradients are bit-identical):
+recomputes ``silu(gate)`` in backward, with the same operations autograd would run,
+each product written in place over a temporary it just made (so its gradients are
+bit-identical where ``gate``, ``up`` and ``dy`` share a dtype):
 
     d_up = dy * silu(gate),   d_gate = silu_backward(dy * up, gate)
 
@@ -89,16 +90,19 @@ class FusedSiluMul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
+        out = F.silu(gate)
+        return out.mul_(up) if out.dtype == up.dtype else out * up  # in place: one buffer, not two
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         gate, up = ctx.saved_tensors
         grad_gate = grad_up = None
         if ctx.needs_input_grad[1]:
-            grad_up = (grad_out * F.silu(gate)).to(up.dtype)
+            act = F.silu(gate)
+            grad_up = (act.mul_(grad_out) if act.dtype == grad_out.dtype else grad_out * act).to(up.dtype)
         if ctx.needs_input_grad[0]:
-            grad_gate = torch.ops.aten.silu_backward(grad_out * up, gate).to(gate.dtype)
+            product = grad_out * up  # silu's derivative is written over the product it scales
+            grad_gate = torch.ops.aten.silu_backward.grad_input(product, gate, grad_input=product).to(gate.dtype)
         return grad_gate, grad_up
 
 
