@@ -24,29 +24,16 @@ Run:  python benchmarks/attention_cpu.py   (~1 min on 2 cores)
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from tsugiki import heap
 from tsugiki.kernels.attention import MAX_ROW_SCORES, GroupedAttention
 
+from kernel_timing import median_ms, relative_errors, trained_heap  # benchmarks/, beside this script
+
 SHAPES = {"smollm2-135m": (9, 3, 64), "llama-3.2-1b": (32, 8, 64)}
-
-
-def median_ms(fn, repeats: int) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls after 3 untimed ones, in ms."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def _eager(q, k, v):
@@ -74,10 +61,6 @@ def _outputs(fn, q, k, v, grad):
     return [out.detach().float()] + [t.grad.float() for t in leaves]
 
 
-def _errors(got, ref) -> str:
-    return " / ".join(f"{float((a - b).norm() / b.norm()):.1e}" for a, b in zip(got, ref))
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", default="128,256,512,1024", help="tokens per row, comma-separated")
@@ -85,8 +68,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats}: must be at least 1")
-    with heap.loading():  # leaves the thresholds a trained model runs with
-        pass
+    trained_heap()
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads; bf16, batch 1, causal; "
           f"fast_attention takes rows of up to {MAX_ROW_SCORES} scores on this CPU")
     print("| shape | tokens | sdpa fwd ms | tsugiki fwd ms | sdpa fwd+bwd ms | tsugiki fwd+bwd ms | speed-up "
@@ -99,7 +81,7 @@ def main(argv=None) -> None:
             v = torch.randn(1, Hk, T, D, generator=gen).to(torch.bfloat16)
             grad = torch.randn(1, H, T, D, generator=gen).to(torch.bfloat16)
             ref = _outputs(_sdpa, q.float(), k.float(), v.float(), grad.float())
-            errors = [_errors(_outputs(fn, q, k, v, grad), ref) for fn in (_sdpa, _tsugiki, _eager)]
+            errors = [relative_errors(_outputs(fn, q, k, v, grad), ref) for fn in (_sdpa, _tsugiki, _eager)]
             leaves = [t.clone().requires_grad_() for t in (q, k, v)]
             fwd = [median_ms(lambda fn=fn: fn(*leaves), args.repeats) for fn in (_sdpa, _tsugiki)]
             both = [median_ms(lambda fn=fn: fn(*leaves).backward(grad), args.repeats) for fn in (_sdpa, _tsugiki)]

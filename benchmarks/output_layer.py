@@ -27,29 +27,16 @@ Run:  python benchmarks/output_layer.py   (~1 min on 2 cores)
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
-from tsugiki import heap
 from tsugiki.kernels.target_logits import CHUNK_ELEMENTS, ChunkedLinearCrossEntropy
+
+from kernel_timing import median_ms, relative_errors, trained_heap  # benchmarks/, beside this script
 
 SHAPES = {"smollm2-135m": (576, 49152), "llama-3.2-1b": (2048, 128256)}
 LOGIT_STD = 4.0
-
-
-def median_ms(fn, repeats: int) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls after 2 untimed ones, in ms."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def _plain(h, w, y):
@@ -67,10 +54,6 @@ def _loss_and_grad(fn, h, w, y):
     return loss.detach().double(), leaf.grad.double()
 
 
-def _errors(got, ref) -> str:
-    return " / ".join(f"{float((a - b).norm() / b.norm()):.1e}" for a, b in zip(got, ref))
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="128,512", help="scored positions per call, comma-separated")
@@ -78,8 +61,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats}: must be at least 1")
-    with heap.loading():  # leaves the thresholds a trained model runs with
-        pass
+    trained_heap()
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads; bf16; "
           f"tsugiki chunks of {CHUNK_ELEMENTS} logits")
     print("| shape | rows | plain fwd+bwd ms | tsugiki fwd+bwd ms | speed-up | plain keeps | tsugiki keeps "
@@ -92,9 +74,10 @@ def main(argv=None) -> None:
             h = torch.randn(N, H, generator=gen).mul_(LOGIT_STD / H ** 0.5).to(torch.bfloat16)
             y = torch.randint(0, V, (N,), generator=gen)
             ref = _loss_and_grad(_plain, h.float(), w.float(), y)
-            errors = [_errors(_loss_and_grad(fn, h, w, y), ref) for fn in (_plain, _tsugiki)]
+            errors = [relative_errors(_loss_and_grad(fn, h, w, y), ref) for fn in (_plain, _tsugiki)]
             leaf = h.clone().requires_grad_()
-            times = [median_ms(lambda fn=fn: fn(leaf, w, y).backward(), args.repeats) for fn in (_plain, _tsugiki)]
+            times = [median_ms(lambda fn=fn: fn(leaf, w, y).backward(), args.repeats, warmup=2)
+                     for fn in (_plain, _tsugiki)]
             plain_keeps = N * V * (2 + 4)  # bf16 logits (the cast's input) and their fp32 copy
             tsugiki_keeps = N * H * 2  # dL/dh, bf16
             print(f"| {name} | {N} | {times[0]:.1f} | {times[1]:.1f} | **{times[0] / times[1]:.2f}x** | "
