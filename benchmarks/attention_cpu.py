@@ -31,7 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tsugiki.kernels.attention import MAX_ROW_SCORES, GroupedAttention
 
-from kernel_timing import median_ms, relative_errors, trained_heap  # benchmarks/, beside this script
+from kernel_timing import median_ms, positive_ints, relative_errors, trained_heap  # benchmarks/, beside this script
 
 SHAPES = {"smollm2-135m": (9, 3, 64), "llama-3.2-1b": (32, 8, 64)}
 
@@ -63,7 +63,8 @@ def _outputs(fn, q, k, v, grad):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lengths", default="128,256,512,1024", help="tokens per row, comma-separated")
+    parser.add_argument("--lengths", type=positive_ints, default="128,256,512,1024",
+                        help="tokens per row, comma-separated")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per measurement (median)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -75,7 +76,7 @@ def main(argv=None) -> None:
           "| fast_attention uses | tsugiki GFLOP/s | rel. error out / dQ / dK / dV: sdpa | tsugiki | eager |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, (H, Hk, D) in SHAPES.items():
-        for T in (int(t) for t in args.lengths.split(",")):
+        for T in args.lengths:
             gen = torch.Generator().manual_seed(0)
             q, k = (torch.randn(1, h, T, D, generator=gen).mul_(1.5).to(torch.bfloat16) for h in (H, Hk))
             v = torch.randn(1, Hk, T, D, generator=gen).to(torch.bfloat16)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
@@ -30,3 +31,14 @@ def trained_heap() -> None:
     temporary is a fresh ``mmap``, and its page faults, not the arithmetic, dominate."""
     with heap.loading():
         pass
+
+
+def positive_ints(text: str) -> list[int]:
+    """argparse type: ``"128,512"`` -> ``[128, 512]``; anything else is a usage error naming the bad part."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected whole numbers separated by commas, e.g. 128,512")
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every number must be at least 1")
+    return values

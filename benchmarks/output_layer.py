@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from tsugiki.kernels.target_logits import CHUNK_ELEMENTS, ChunkedLinearCrossEntropy
 
-from kernel_timing import median_ms, relative_errors, trained_heap  # benchmarks/, beside this script
+from kernel_timing import median_ms, positive_ints, relative_errors, trained_heap  # benchmarks/, beside this script
 
 SHAPES = {"smollm2-135m": (576, 49152), "llama-3.2-1b": (2048, 128256)}
 LOGIT_STD = 4.0
@@ -56,7 +56,8 @@ def _loss_and_grad(fn, h, w, y):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", default="128,512", help="scored positions per call, comma-separated")
+    parser.add_argument("--rows", type=positive_ints, default="128,512",
+                        help="scored positions per call, comma-separated")
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per measurement (median)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -70,7 +71,7 @@ def main(argv=None) -> None:
     for name, (H, V) in SHAPES.items():
         gen = torch.Generator().manual_seed(0)
         w = torch.randn(V, H, generator=gen).to(torch.bfloat16)
-        for N in (int(n) for n in args.rows.split(",")):
+        for N in args.rows:
             h = torch.randn(N, H, generator=gen).mul_(LOGIT_STD / H ** 0.5).to(torch.bfloat16)
             y = torch.randint(0, V, (N,), generator=gen)
             ref = _loss_and_grad(_plain, h.float(), w.float(), y)
