@@ -23,15 +23,13 @@ Run:  python benchmarks/attention_cpu.py   (~1 min on 2 cores)
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tsugiki.kernels.attention import MAX_ROW_SCORES, GroupedAttention
 
-from kernel_timing import median_ms, positive_ints, relative_errors, trained_heap  # benchmarks/, beside this script
+from kernel_timing import median_ms, parse_args, relative_errors, trained_heap  # benchmarks/, beside this script
 
 SHAPES = {"smollm2-135m": (9, 3, 64), "llama-3.2-1b": (32, 8, 64)}
 
@@ -62,13 +60,7 @@ def _outputs(fn, q, k, v, grad):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lengths", type=positive_ints, default="128,256,512,1024",
-                        help="tokens per row, comma-separated")
-    parser.add_argument("--repeats", type=int, default=20, help="timed calls per measurement (median)")
-    args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error(f"--repeats {args.repeats}: must be at least 1")
+    args = parse_args(__doc__.split("\n\n")[0], argv, ("--lengths", "128,256,512,1024", "tokens per row"), repeats=20)
     trained_heap()
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads; bf16, batch 1, causal; "
           f"fast_attention takes rows of up to {MAX_ROW_SCORES} scores on this CPU")

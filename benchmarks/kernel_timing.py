@@ -33,12 +33,28 @@ def trained_heap() -> None:
         pass
 
 
-def positive_ints(text: str) -> list[int]:
-    """argparse type: ``"128,512"`` -> ``[128, 512]``; anything else is a usage error naming the bad part."""
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1; anything else is a usage error naming it."""
     try:
-        values = [int(part) for part in text.split(",")]
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected whole numbers separated by commas, e.g. 128,512")
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: every number must be at least 1")
-    return values
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number, e.g. 128")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    """argparse type: ``"128,512"`` -> ``[128, 512]``, each checked by :func:`positive_int`."""
+    return [positive_int(part) for part in text.split(",")]
+
+
+def parse_args(description: str, argv, sizes: tuple[str, str, str], repeats: int) -> argparse.Namespace:
+    """The kernel benchmarks' command line: one list of sizes (``(flag, default, help)``) and
+    ``--repeats`` (timed calls per measurement, at least 1). Bad values are usage errors."""
+    parser = argparse.ArgumentParser(description=description)
+    flag, default, help_text = sizes
+    parser.add_argument(flag, type=positive_ints, default=default, help=help_text + ", comma-separated")
+    parser.add_argument("--repeats", type=positive_int, default=repeats,
+                        help=f"timed calls per measurement, median taken (default {repeats})")
+    return parser.parse_args(argv)

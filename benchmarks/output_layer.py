@@ -26,14 +26,12 @@ Run:  python benchmarks/output_layer.py   (~1 min on 2 cores)
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
 from tsugiki.kernels.target_logits import CHUNK_ELEMENTS, ChunkedLinearCrossEntropy
 
-from kernel_timing import median_ms, positive_ints, relative_errors, trained_heap  # benchmarks/, beside this script
+from kernel_timing import median_ms, parse_args, relative_errors, trained_heap  # benchmarks/, beside this script
 
 SHAPES = {"smollm2-135m": (576, 49152), "llama-3.2-1b": (2048, 128256)}
 LOGIT_STD = 4.0
@@ -55,13 +53,7 @@ def _loss_and_grad(fn, h, w, y):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=positive_ints, default="128,512",
-                        help="scored positions per call, comma-separated")
-    parser.add_argument("--repeats", type=int, default=7, help="timed calls per measurement (median)")
-    args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error(f"--repeats {args.repeats}: must be at least 1")
+    args = parse_args(__doc__.split("\n\n")[0], argv, ("--rows", "128,512", "scored positions per call"), repeats=7)
     trained_heap()
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads; bf16; "
           f"tsugiki chunks of {CHUNK_ELEMENTS} logits")
