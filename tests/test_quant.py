@@ -283,3 +283,24 @@ def test_full_finetuning_of_quantized_weight_is_refused_naming_module(fp32_model
     model.model.layers[1].mlp.up_proj.weight.requires_grad_(True)
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight is a 4-bit quantized weight"):
         quant.check_trainable_on_quantized(model)
+
+
+def test_prepare_without_matrix_upcast_gives_the_trainers_weights_without_the_fp32_copy(ids):
+    # The trainer's dtype policy returns frozen matrices to the compute dtype, so upcasting them first
+    # only costs a transient fp32 copy; skipping it must leave the same weights once the policy has run.
+    from tsugiki.train.loop import apply_dtype_policy
+
+    base = quant.quantize_model(tiny_llama(torch.bfloat16))
+    upcast = quant.prepare_model_for_kbit_training(copy.deepcopy(base), use_gradient_checkpointing=False)
+    kept = quant.prepare_model_for_kbit_training(base, use_gradient_checkpointing=False, upcast_matrices=False)
+    assert upcast.model.embed_tokens.weight.dtype == torch.float32
+    assert kept.model.embed_tokens.weight.dtype == torch.bfloat16 and kept.lm_head.weight.dtype == torch.bfloat16
+    assert kept.model.norm.weight.dtype == torch.float32  # vectors are still upcast
+    kept.train()
+    assert torch.isfinite(kept(ids, labels=ids).loss)  # the head's pre-hook hands it 16-bit hidden states
+    for model in (upcast, kept):
+        apply_dtype_policy(model, torch.bfloat16)
+    a, b = upcast.state_dict(), kept.state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name

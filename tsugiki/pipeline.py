@@ -84,7 +84,9 @@ def graft(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     if quantization_of(cfg):
         from .quant import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        # The trainer's dtype policy keeps frozen matrices at the compute dtype: no fp32 round trip for them.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                upcast_matrices=False)
     return get_peft_model(model, adapter_config(cfg, cfg.model or DEFAULT_MODEL))
 
 

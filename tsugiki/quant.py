@@ -241,14 +241,18 @@ def _is_norm(module: nn.Module) -> bool:
     )
 
 
-def _upcast_to_fp32(model: nn.Module) -> None:
-    """Cast the non-quantized 16-bit parameters to fp32 (rule in prepare_model_for_kbit_training)."""
+def _upcast_to_fp32(model: nn.Module, matrices: bool = True) -> None:
+    """Cast the non-quantized 16-bit parameters to fp32 (rule in prepare_model_for_kbit_training).
+
+    ``matrices=False`` casts only vectors (norm weights, biases) and leaves every
+    16-bit matrix as it is, embeddings and output head included.
+    """
     big = set()
     for getter in ("get_input_embeddings", "get_output_embeddings"):
         layer = getattr(model, getter, lambda: None)()
         weight = getattr(layer, "weight", None)
         if weight is not None and weight.dtype in (torch.float16, torch.bfloat16):
-            if weight.numel() * 2 > FP32_UPCAST_LIMIT_BYTES:  # fp32 adds 2 bytes/param
+            if not matrices or weight.numel() * 2 > FP32_UPCAST_LIMIT_BYTES:  # fp32 adds 2 bytes/param
                 big.add(id(weight))
     for module in model.modules():
         if is_quantized_linear(module):
@@ -256,7 +260,9 @@ def _upcast_to_fp32(model: nn.Module) -> None:
         else:
             params = list(module.parameters(recurse=False))
         for param in params:
-            if param.dtype in (torch.float16, torch.bfloat16) and (id(param) not in big or _is_norm(module)):
+            if param.dtype not in (torch.float16, torch.bfloat16) or (not matrices and param.ndim >= 2):
+                continue
+            if id(param) not in big or _is_norm(module):
                 param.data = param.data.float()
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and id(getattr(head, "weight", None)) in big:
@@ -285,6 +291,8 @@ def prepare_model_for_kbit_training(
     model: nn.Module,
     use_gradient_checkpointing: bool = True,
     gradient_checkpointing_kwargs: dict | None = None,
+    *,
+    upcast_matrices: bool = True,
 ) -> nn.Module:
     """Make a (usually k-bit) base ready for adapter training; HF PEFT's name and arguments.
 
@@ -300,7 +308,10 @@ def prepare_model_for_kbit_training(
        matrices would add 256 MiB each and are upcast, a 256k-vocab 8B model's
        are not). They are frozen, so fp32 only costs memory; a pre-hook casts
        the head's input to its dtype. Norms are always upcast. Packed 4-bit
-       and int8 weights are never touched.
+       and int8 weights are never touched. ``upcast_matrices=False`` (not in
+       HF PEFT; tsugiki's trainer uses it, since its dtype policy returns
+       frozen matrices to the compute dtype anyway) upcasts vectors only, which
+       spares a transient fp32 copy of the embeddings: +1 GiB for Llama-3.2-1B.
     3. Make the input embedding's output require grad, so gradient
        checkpointing has something to differentiate through a frozen embedding.
     4. If ``use_gradient_checkpointing`` (default True): enable it with
@@ -313,7 +324,7 @@ def prepare_model_for_kbit_training(
     """
     for param in model.parameters():
         param.requires_grad_(False)
-    _upcast_to_fp32(model)
+    _upcast_to_fp32(model, matrices=upcast_matrices)
     _enable_input_require_grads(model)
     if use_gradient_checkpointing:
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
