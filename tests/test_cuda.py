@@ -146,3 +146,45 @@ def test_auto_forward_budget_on_cuda_follows_the_device_memory():
     frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     # Same rule, another reference size (the per-token estimate differs a little by device: the attention kernel).
     assert on_gpu == pytest.approx(on_cpu * total / frozen, rel=0.15)
+
+
+def test_activation_offloading_moves_the_layer_inputs_to_host_memory(tmp_path):
+    """Checkpointing with the layers' inputs in pinned host memory: the same gradients, less held on the device."""
+    from tsugiki.train.loop import enable_gradient_checkpointing
+
+    layers, rows, length, hidden = 6, 4, 256, 128
+    ids = token_batch(rows, length).to(CUDA)
+    held, grads = {}, {}
+    for offload in (False, True):
+        base = tiny_llama(num_hidden_layers=layers, hidden_size=hidden, intermediate_size=256,
+                          max_position_embeddings=length)
+        model = tsugiki.get_peft_model(base, tsugiki.LoraConfig(r=4, target_modules="all-linear")).to(CUDA)
+        enable_gradient_checkpointing(model, offload=offload)
+        model.train()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        loss = model(input_ids=ids, labels=ids).loss
+        torch.cuda.synchronize()
+        held[offload] = torch.cuda.memory_allocated() - before  # what the forward leaves for backward
+        loss.backward()
+        grads[offload] = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    layer_inputs = layers * rows * length * hidden * 4  # fp32 hidden states kept by checkpointing
+    assert held[False] - held[True] >= 0.9 * layer_inputs
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, atol=1e-7, rtol=1e-5, msg=name)
+
+
+def test_trainer_with_activation_offloading_on_cuda_gives_the_checkpointed_adapter(tmp_path):
+    from test_train_loop import make_config, random_examples, tiny_model
+    from tsugiki.train.loop import Trainer
+
+    examples = random_examples(8)
+    adapters = []
+    for offload in (False, True):
+        model = tiny_model().to(CUDA)
+        config = make_config(tmp_path / str(offload), max_steps=2, batch_size=4, gradient_checkpointing=True,
+                             activation_offloading=offload)
+        Trainer(model, config, examples, progress=False).train()
+        adapters.append({n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad})
+    for name in adapters[0]:
+        torch.testing.assert_close(adapters[1][name], adapters[0][name], atol=1e-7, rtol=1e-5, msg=name)

@@ -164,7 +164,8 @@ def test_cli_exit_code_follows_the_verdict(tmp_path, capsys):
     assert plan.main([str(path), "--gpu", "1GB", "--batch-size", "8", "--max-length", "2048"]) == 1
     out = capsys.readouterr().out
     # Even batch 1 leaves 1.2 GB of logits at 2048 tokens: only stacked changes with shorter sequences fit.
-    assert "does NOT fit" in out and "gradient checkpointing + batch_size=1 + max_length=" in out
+    assert "does NOT fit" in out and "gradient checkpointing + activation offloading" in out
+    assert "+ batch_size=1 + max_length=" in out
     assert plan.main([str(path), "--ram", "100GB", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["fits"] is True
 
@@ -207,3 +208,21 @@ def test_the_estimate_counts_tsugiki_attention_where_the_trainer_uses_it():
     short = plan.estimate(SMOLLM2, dtype="bf16", max_length=longest, target_modules=["q_proj", "v_proj"])
     long = plan.estimate(SMOLLM2, dtype="bf16", max_length=2 * longest, target_modules=["q_proj", "v_proj"])
     assert long.parts["activations"] > 2 * short.parts["activations"]  # SDPA keeps its output as well
+
+
+def test_activation_offloading_moves_the_block_inputs_to_the_host():
+    kw = dict(dtype="bf16", batch_size=4, max_length=2048, gradient_checkpointing=True, device="cuda")
+    kept = plan.estimate(SMOLLM2, **kw)
+    moved = plan.estimate(SMOLLM2, activation_offloading=True, **kw)
+    config = plan.load_config(SMOLLM2)
+    block_inputs = 4 * 2048 * config.num_hidden_layers * config.hidden_size * 2
+    assert moved.offloaded == block_inputs and kept.offloaded == 0
+    assert kept.parts["activations"] - moved.parts["activations"] == block_inputs
+    assert kept.total - moved.total == block_inputs
+    with pytest.raises(ValueError, match="gradient_checkpointing=True and device='cuda'"):
+        plan.estimate(SMOLLM2, activation_offloading=True, gradient_checkpointing=True)  # a CPU: nothing to move
+    # On a GPU where checkpointing alone is not enough, plan suggests offloading.
+    budget = (kept.total + moved.total) // 2
+    texts = [text for text, e in plan.suggestions(kept, budget, SMOLLM2)]
+    assert any(text.startswith("activation offloading") for text in texts)
+    assert "block inputs in pinned host memory" in plan.report(moved, moved.total, "GPU", SMOLLM2)

@@ -404,3 +404,63 @@ def test_bad_max_forward_tokens_names_the_key_and_what_is_allowed(tmp_path, valu
     with pytest.raises(ConfigError, match=r"max_forward_tokens=.*expected 'auto', 0 \(no limit\)"):
         TrainConfig.load(None, {"max_forward_tokens": value})
     assert TrainConfig.load(None, {"max_forward_tokens": "300"}).max_forward_tokens == 300
+
+
+def test_auto_forward_tokens_with_offloaded_block_inputs_counts_one_block():
+    from tsugiki import plan
+    from tsugiki.train.loop import AUTO_ACTIVATION_SHARE, auto_forward_tokens
+
+    model = tiny_model()
+    shape = plan.model_shape(plan.load_config(model.config))
+    block = plan.block_activation_bytes(shape, 4, full=False, adapted={lin.name for lin in shape.linears},
+                                        lora_r=16, lora_dropout=0.0, device="cpu")
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    offloaded = auto_forward_tokens(model, torch.float32, gradient_checkpointing=True, offload=True)
+    assert offloaded == max(1, int(AUTO_ACTIVATION_SHARE * frozen // block))
+    assert offloaded > auto_forward_tokens(model, torch.float32, gradient_checkpointing=True)
+
+
+def test_activation_offloading_on_a_cpu_says_so_and_trains_as_plain_checkpointing(tmp_path, capsys):
+    adapters, budgets = [], []
+    for offload in (False, True):
+        model = tiny_model()
+        trainer = Trainer(model, make_config(tmp_path / str(offload), gradient_checkpointing=True,
+                                             activation_offloading=offload, max_steps=2, batch_size=2),
+                          random_examples(4), progress=False)
+        trainer.train()
+        adapters.append(trainable(model))
+        budgets.append(trainer.forward_tokens)
+    assert "activation_offloading: ignored on cpu" in capsys.readouterr().out
+    assert budgets[0] == budgets[1]  # nothing left the device, so forwards are sized as without it
+    assert_all_equal(*adapters)
+
+
+def test_offloading_hands_each_layer_input_to_save_on_cpu_and_keeps_the_gradients(monkeypatch):
+    """What enable_gradient_checkpointing(offload=True) moves off the device: each decoder layer's input only.
+
+    A CPU has no pinned-memory allocator, so the hook runs unpinned here (tests/test_cuda.py checks the device side).
+    """
+    from torch.autograd import graph
+
+    from tsugiki.train.loop import enable_gradient_checkpointing
+
+    packed = []
+    init = graph.save_on_cpu.__init__
+
+    def counting_init(self, pin_memory=False, device_type="cuda"):
+        init(self, pin_memory=False, device_type=device_type)
+        pack = self.pack_hook
+        self.pack_hook = lambda t: (packed.append(tuple(t.shape)), pack(t))[1]
+
+    monkeypatch.setattr(graph.save_on_cpu, "__init__", counting_init)
+    ids = torch.randint(1, VOCAB, (3, 20), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for offload in (False, True):
+        model = tiny_model()
+        enable_gradient_checkpointing(model, offload=offload)
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    config = model.base_model.model.config
+    assert packed == [(3, 20, config.hidden_size)] * config.num_hidden_layers
+    assert_all_equal(*grads)

@@ -142,6 +142,7 @@ def test_unknown_keys_suggest_the_closest_name(tmp_path):
     ("max_steps", 0, "max_steps=0"),
     ("batch_size", "four", "batch_size='four'"),
     ("packing", "maybe", "packing='maybe'.*true or false"),
+    ("activation_offloading", True, "activation_offloading=True: .*set gradient_checkpointing: true"),
 ])
 def test_invalid_values_name_the_key(key, value, message):
     with pytest.raises(ConfigError, match=message):

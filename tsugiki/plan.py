@@ -377,6 +377,7 @@ class Estimate:
     parts: dict[str, int]
     params: dict[str, int]
     settings: dict[str, Any] = field(default_factory=dict)
+    offloaded: int = 0  # bytes held in pinned host memory instead (activation_offloading), not in ``total``
 
     @property
     def total(self) -> int:
@@ -395,7 +396,8 @@ class Estimate:
 def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int = 8, lora_dropout: float = 0.0,
              target_modules=None, trainable_params: int | None = None, quantization: str | None = None,
              double_quant: bool = True, dtype: str = "bf16", batch_size: int = 1, max_length: int = 512,
-             optimizer: str = "adamw", gradient_checkpointing: bool = False, device: str = "cpu") -> Estimate:
+             optimizer: str = "adamw", gradient_checkpointing: bool = False, device: str = "cpu",
+             activation_offloading: bool = False) -> Estimate:
     """Estimate the peak memory of training ``source`` (see the module docstring for each part).
 
     Defaults: LoRA r=8 without dropout on the architecture's default targets
@@ -403,6 +405,8 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
     AdamW with fp32 states, no gradient checkpointing, CPU. ``method`` is
     ``"lora"``, ``"full"`` or any other name, treated like LoRA but with
     ``trainable_params`` fp32 parameters (and no per-module activations).
+    ``activation_offloading`` (CUDA, with gradient checkpointing): the blocks'
+    inputs move to pinned host memory; they are reported in ``offloaded``.
     """
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype={dtype!r}: use one of {', '.join(DTYPE_BYTES)}")
@@ -412,6 +416,9 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
         raise ValueError(f"optimizer={optimizer!r}: use one of {', '.join(OPTIMIZER_STATE_BYTES)}")
     if device not in RUNTIME_BYTES:
         raise ValueError(f"device={device!r}: use 'cpu' or 'cuda'")
+    if activation_offloading and not (gradient_checkpointing and device == "cuda"):
+        raise ValueError("activation_offloading=True moves what gradient checkpointing keeps off a GPU: "
+                         "pass gradient_checkpointing=True and device='cuda'")
     if batch_size < 1 or max_length < 1:
         raise ValueError(f"batch_size={batch_size} and max_length={max_length} must be >= 1")
     full = method == "full"
@@ -446,9 +453,10 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
     fast = uses_fast_attention(shape, config, dtype, device, max_length)
     per_block = block_activation_bytes(shape, s, full=full, adapted=adapted, lora_r=lora_r,
                                        lora_dropout=lora_dropout, device=device, fast_attention=fast)
+    block_inputs = tokens * shape.layers * s * shape.hidden
     if gradient_checkpointing:
-        # Each block's input is kept; backward recomputes one block at a time.
-        activations = tokens * (shape.layers * s * shape.hidden + per_block)
+        # Each block's input is kept (on the host when offloaded); backward recomputes one block at a time.
+        activations = tokens * per_block + (0 if activation_offloading else block_inputs)
     else:
         activations = tokens * shape.layers * per_block
     # Fewer long-lived tensors pin the heap under checkpointing, so more freed blocks are reused.
@@ -468,8 +476,10 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
     settings = dict(model_type=config.model_type, method=method, lora_r=lora_r, lora_dropout=lora_dropout,
                     target_modules=target_modules, trainable_params=trainable_params, quantization=quantization,
                     double_quant=double_quant, dtype=dtype, batch_size=batch_size, max_length=max_length,
-                    optimizer=optimizer, gradient_checkpointing=gradient_checkpointing, device=device)
-    return Estimate(parts, {**counts, "trainable": trainable}, settings)
+                    optimizer=optimizer, gradient_checkpointing=gradient_checkpointing, device=device,
+                    activation_offloading=activation_offloading)
+    return Estimate(parts, {**counts, "trainable": trainable}, settings,
+                    offloaded=block_inputs if activation_offloading else 0)
 
 
 # ----------------------------------------------------------------------------- fitting
@@ -521,6 +531,9 @@ def suggestions(est: Estimate, available: int, source: Any = DEFAULT_MODEL) -> l
         changes.append(("4-bit NF4 base (quantization='4bit')", {"quantization": "4bit", "double_quant": True}))
     if not cur["gradient_checkpointing"]:
         changes.append(("gradient checkpointing", {"gradient_checkpointing": True}))
+    if cur["device"] == "cuda" and not cur["activation_offloading"]:
+        changes.append(("activation offloading (checkpointing with the block inputs in host memory)",
+                        {"gradient_checkpointing": True, "activation_offloading": True}))
     if cur["optimizer"] == "adamw" and cur["method"] == "full":
         changes.append(("8-bit AdamW (optimizer='adamw_8bit')", {"optimizer": "adamw_8bit"}))
 
@@ -567,6 +580,8 @@ def report(est: Estimate, available: int, where: str, source: Any = DEFAULT_MODE
         est.table(),
         f"available: {available / GiB:.3f} GiB ({where})",
     ]
+    if est.offloaded:
+        lines.insert(3, f"  (and {est.offloaded / GiB:.3f} GiB of block inputs in pinned host memory)")
     if est.fits(available):
         lines.append(f"verdict: fits ({(available - est.total) / GiB:.3f} GiB to spare)")
         return "\n".join(lines)
@@ -601,6 +616,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     a("--max-length", type=int, default=512, help="sequence length in tokens (default 512)")
     a("--optimizer", choices=sorted(OPTIMIZER_STATE_BYTES), default="adamw", help="default adamw")
     a("--gradient-checkpointing", action="store_true", help="recompute blocks in backward")
+    a("--activation-offloading", action="store_true",
+      help="with --gpu and --gradient-checkpointing: keep the blocks' inputs in host memory")
     a("--gpu", default=None, help="check against a GPU: a size (24GB) or a name (T4, A100-40GB, H100)")
     a("--ram", default=None, help="check against this much RAM instead of this machine's available memory")
     a("--json", action="store_true", help="print the estimate as JSON")
@@ -613,11 +630,15 @@ def run_plan_cli(args: argparse.Namespace) -> int:
     if targets and targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     device = "cuda" if args.gpu else "cpu"
+    if args.activation_offloading and not (args.gpu and args.gradient_checkpointing):
+        raise ValueError("--activation-offloading moves what gradient checkpointing keeps off a GPU: "
+                         "add --gpu <size> and --gradient-checkpointing")
     est = estimate(args.model, method=args.method, lora_r=args.lora_r, lora_dropout=args.lora_dropout,
                    target_modules=targets, trainable_params=args.trainable_params,
                    quantization=args.quantization, double_quant=args.double_quant, dtype=args.dtype,
                    batch_size=args.batch_size, max_length=args.max_length, optimizer=args.optimizer,
-                   gradient_checkpointing=args.gradient_checkpointing, device=device)
+                   gradient_checkpointing=args.gradient_checkpointing, device=device,
+                   activation_offloading=args.activation_offloading)
     if args.gpu:
         available, where = parse_size(args.gpu), f"GPU {args.gpu}"
     elif args.ram:
@@ -625,7 +646,7 @@ def run_plan_cli(args: argparse.Namespace) -> int:
     else:
         available, where = available_ram(), "this machine's available RAM"
     if args.json:
-        print(json.dumps({"parts": est.parts, "total": est.total, "params": est.params,
+        print(json.dumps({"parts": est.parts, "total": est.total, "offloaded": est.offloaded, "params": est.params,
                           "available": available, "fits": est.fits(available)}, indent=2))
     else:
         print(report(est, available, where, args.model))

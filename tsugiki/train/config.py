@@ -93,6 +93,7 @@ class TrainConfig:
     dtype: str = _f("auto", "Compute dtype: auto (bf16 where the hardware supports it, else fp32), bf16, fp16 or fp32. Trainable weights and optimizer state stay fp32.")
     target_logits_only: bool = _f(True, "Compute the output layer only at positions that carry loss: the same loss and gradients as full logits, with less time and memory (Llama-, Qwen-, Mistral-, GPT-2-style models; others always use full logits).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory. Each forward also gets longer (max_forward_tokens: auto), so on a CPU whose matrix products are fast (AMX) it can be faster too; see benchmarks/README.md.")
+    activation_offloading: bool = _f(False, "With gradient_checkpointing on a CUDA device: keep what checkpointing saves, each decoder layer's input (layers x tokens x hidden x 2 bytes), in pinned host memory instead of device memory; it is copied out during the forward and back for the recompute (transformers' activation_checkpointing_enable(offload=True)). Frees that much device memory for longer rows or bigger batches, at the cost of the copies; max_forward_tokens: auto then counts one block a token. Needs gradient_checkpointing: true; on a CPU there is nothing to offload and it is ignored with a message.")
     fused_blocks: bool = _f(True, "Run the RMSNorm and SiLU-gate of Llama, Mistral, Qwen2 and Qwen3 blocks as tsugiki's fused functions while training: the same values, fewer bytes kept for the backward pass (the norm keeps its bf16 input instead of an fp32 copy; the gate recomputes silu). On k-bit bases the fp32 norms hand bf16 to the layers after them, so activations stay 16-bit as on a 16-bit base. false: the model's own modules.")
     fast_attention: bool = _f(True, "On a CPU, run bf16 attention of models that use transformers' SDPA as batched bf16 matrix products while training (tsugiki.kernels.attention): 1.2-4x faster than torch's CPU flash kernel up to ~1k tokens a row (~500 on CPUs with AMX), at the precision of transformers' eager attention (scores and probabilities rounded to bf16). Longer rows, other devices and dtypes use SDPA. false: SDPA throughout.")
     fsdp: bool = _f(False, "Shard the model's weights across processes with FSDP2 (each process keeps about 1/N of them): for models too big for one device; needs torchrun with 2+ processes (--nproc_per_node 2+).")
@@ -170,6 +171,9 @@ class TrainConfig:
                 bad(key, f"must be one of {', '.join(allowed)}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
         if not self.output_dir:
             bad("output_dir", "must be a directory path")
+        if self.activation_offloading and not self.gradient_checkpointing:
+            bad("activation_offloading", "offloads what gradient checkpointing keeps: set gradient_checkpointing: true "
+                "as well (or activation_offloading: false)")
         if not (self.resume is False or (isinstance(self.resume, str) and self.resume)):
             bad("resume", "must be 'auto', a checkpoint path, or false")
 

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import inspect
 import math
 import os
 import random
@@ -155,11 +156,22 @@ def _find_attr(model: nn.Module, name: str):
     return None
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant activation checkpointing; input embeddings made to require grad so frozen bases still backprop."""
+def enable_gradient_checkpointing(model: nn.Module, offload: bool = False) -> None:
+    """Non-reentrant activation checkpointing; input embeddings made to require grad so frozen bases still backprop.
+
+    ``offload``: the layers' inputs, which checkpointing keeps, are held in pinned
+    host memory (transformers' ``activation_checkpointing_enable(offload=True)``:
+    torch's ``save_on_cpu`` around each checkpointed layer).
+    """
     enable = _find_attr(model, "activation_checkpointing_enable")  # transformers >= 5 name
+    if offload and (enable is None or "offload" not in inspect.signature(enable).parameters):
+        import transformers
+
+        raise ConfigError(f"activation_offloading: transformers {transformers.__version__} cannot offload checkpointed "
+                          "activations (no activation_checkpointing_enable(offload=...)); upgrade transformers "
+                          "or set activation_offloading: false")
     if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable(activation_checkpointing_kwargs={"use_reentrant": False}, **({"offload": True} if offload else {}))
     else:
         enable = _find_attr(model, "gradient_checkpointing_enable")
         if enable is None:
@@ -175,13 +187,14 @@ AUTO_ACTIVATION_SHARE = 0.25  # max_forward_tokens: auto keeps a forward's activ
 
 
 def auto_forward_tokens(model: nn.Module, dtype: torch.dtype, device: torch.device = torch.device("cpu"),
-                        gradient_checkpointing: bool = False) -> int:
+                        gradient_checkpointing: bool = False, offload: bool = False) -> int:
     """``max_forward_tokens: auto``: tokens whose saved activations are a quarter of a reference size.
 
     ``AUTO_ACTIVATION_SHARE * reference_bytes / activation_bytes_per_token``, the
     latter from :func:`tsugiki.plan.block_activation_bytes` with every linear adapted
     (``layers * block`` bytes a token; under gradient checkpointing each block's input
-    plus one block, ``layers * hidden * s + block``, as ``tsugiki.plan`` counts them);
+    plus one block, ``layers * hidden * s + block``, as ``tsugiki.plan`` counts them;
+    with the block inputs offloaded to host memory, ``block`` alone);
     0 (no limit) for architectures the plan does not know. A row longer than the
     budget still runs whole, alone.
 
@@ -202,7 +215,10 @@ def auto_forward_tokens(model: nn.Module, dtype: torch.dtype, device: torch.devi
     adapted = {lin.name for lin in shape.linears}
     block = plan.block_activation_bytes(shape, s, full=False, adapted=adapted, lora_r=16, lora_dropout=0.0,
                                         device=device.type)
-    per_token = shape.layers * shape.hidden * s + block if gradient_checkpointing else shape.layers * block
+    if gradient_checkpointing:
+        per_token = block if offload else shape.layers * shape.hidden * s + block
+    else:
+        per_token = shape.layers * block
     if device.type == "cuda":
         reference = torch.cuda.get_device_properties(device).total_memory
     else:
@@ -544,15 +560,19 @@ class Trainer:
         set_seed(cfg.seed)
         self.compute_dtype = resolve_dtype(cfg.dtype, self.device)
         apply_dtype_policy(self.model, self.compute_dtype)
+        offload = cfg.activation_offloading and self.device.type == "cuda"
+        if cfg.activation_offloading and not offload:
+            self._say(f"activation_offloading: ignored on {self.device.type}: the activations already live in "
+                      "host memory")
         if cfg.gradient_checkpointing:
-            enable_gradient_checkpointing(self.model)
+            enable_gradient_checkpointing(self.model, offload=offload)
         model_config = _find_attr(self.model, "config")
         self._pass_use_cache = model_config is not None and hasattr(model_config, "use_cache")
         if self._pass_use_cache:
             model_config.use_cache = False  # no KV cache while training
         self._parts = split_causal_lm(self.model) if cfg.target_logits_only else None
         self.forward_tokens = (auto_forward_tokens(self.model, self.compute_dtype, self.device,
-                                                   cfg.gradient_checkpointing)
+                                                   cfg.gradient_checkpointing, offload)
                                if cfg.max_forward_tokens == "auto" else cfg.max_forward_tokens)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         distributed.broadcast_params(self.trainable)  # every rank starts from rank 0's weights
