@@ -12,7 +12,8 @@ bases (bitsandbytes NF4 `Linear4bit`, double quantization, bf16 compute,
 quantized on the CPU from random bf16 weights), then the Trainer's
 `apply_dtype_policy` (frozen weights at the compute dtype, trainable ones
 fp32), the forward under `torch.autocast` when the compute dtype is 16-bit,
-the Trainer's fp32 `token_loss_sum`, the fused RMSNorm and SiLU gate and the
+the Trainer's loss (`target_logits_loss_sum`: the output layer at scored
+positions only, in chunks; every position is scored here), the fused RMSNorm and SiLU gate and the
 bf16 CPU attention the Trainer swaps in (`fused_blocks`, `fast_attention`), and AdamW (fused where torch allows, as
 `build_optimizer` does).
 
@@ -93,7 +94,8 @@ def run_child(spec: dict) -> dict:
     from tsugiki import LoraConfig, get_peft_model
     from tsugiki.kernels.attention import fast_attention
     from tsugiki.kernels.block_fused import fused_blocks
-    from tsugiki.train.loop import apply_dtype_policy, enable_gradient_checkpointing, token_loss_sum
+    from tsugiki.kernels.target_logits import split_causal_lm, target_logits_loss_sum
+    from tsugiki.train.loop import apply_dtype_policy, enable_gradient_checkpointing
 
     if spec["quantization"]:
         import bitsandbytes  # noqa: F401  (counted in the runtime baseline, as in real QLoRA)
@@ -109,7 +111,8 @@ def run_child(spec: dict) -> dict:
         quantize_model(model, bits=4, quant_type="nf4", double_quant=spec.get("double_quant", True),
                        compute_dtype=torch.bfloat16)
         # What tsugiki's pipeline does for a quantized base before grafting the adapter.
-        prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec["gradient_checkpointing"])
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec["gradient_checkpointing"],
+                                        upcast_matrices=False)
     lora = LoraConfig(task_type="CAUSAL_LM", target_modules=spec["target_modules"], **spec["lora"])
     model = get_peft_model(model, lora)
     # What Trainer.prepare() does: dtype policy, then checkpointing, no KV cache.
@@ -124,6 +127,7 @@ def run_child(spec: dict) -> dict:
         opt = torch.optim.AdamW(trainable, lr=1e-4)
     ids = torch.randint(0, cfg.vocab_size, (spec["batch_size"], spec["max_length"]))
     n_targets = ids[:, 1:].numel()
+    body, head = split_causal_lm(model)  # every case here is Llama-shaped: the trainer's chunked loss applies
     autocast = torch.autocast(device_type="cpu", dtype=dtype, enabled=dtype != torch.float32)
 
     _release_freed_memory()
@@ -134,9 +138,7 @@ def run_child(spec: dict) -> dict:
     with fused_blocks(model), fast_attention(model):  # as Trainer.train() runs the model
         for _ in range(spec["steps"]):
             with autocast:
-                logits = model(input_ids=ids, use_cache=False).logits
-            loss = token_loss_sum(logits, ids) / n_targets
-            del logits
+                loss = target_logits_loss_sum(body, head, {"input_ids": ids, "use_cache": False}, ids) / n_targets
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

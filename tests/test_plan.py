@@ -161,9 +161,10 @@ def test_cli_exit_code_follows_the_verdict(tmp_path, capsys):
     path.write_text(json.dumps(SMOLLM2))
     assert plan.main([str(tmp_path), "--ram", "100GB", "--max-length", "128"]) == 0
     assert "verdict: fits" in capsys.readouterr().out
-    assert plan.main([str(path), "--gpu", "1GB", "--batch-size", "8", "--max-length", "2048"]) == 1
+    assert plan.main([str(path), "--gpu", "1GB", "--batch-size", "8", "--max-length", "2048", "--full-logits"]) == 1
     out = capsys.readouterr().out
-    # Even batch 1 leaves 1.2 GB of logits at 2048 tokens: only stacked changes with shorter sequences fit.
+    # With full logits even batch 1 keeps 1.2 GB of them at 2048 tokens: only stacked changes with shorter
+    # sequences fit.
     assert "does NOT fit" in out and "gradient checkpointing + activation offloading" in out
     assert "+ batch_size=1 + max_length=" in out
     assert plan.main([str(path), "--ram", "100GB", "--json"]) == 0
@@ -226,3 +227,17 @@ def test_activation_offloading_moves_the_block_inputs_to_the_host():
     texts = [text for text, e in plan.suggestions(kept, budget, SMOLLM2)]
     assert any(text.startswith("activation offloading") for text in texts)
     assert "block inputs in pinned host memory" in plan.report(moved, moved.total, "GPU", SMOLLM2)
+
+
+def test_logits_follow_the_trainers_output_layer():
+    """The chunked output layer holds one chunk and dL/dh; full logits (or a trained head) hold 12 bytes a logit."""
+    from tsugiki.kernels.target_logits import CHUNK_ELEMENTS
+
+    tokens, vocab, hidden = 4 * 512, SMOLLM2["vocab_size"], SMOLLM2["hidden_size"]
+    kw = dict(dtype="bf16", batch_size=4, max_length=512)
+    chunked = plan.estimate(SMOLLM2, **kw).parts["logits"]
+    assert chunked == CHUNK_ELEMENTS * (4 + 2) + tokens * hidden * 2
+    full = 12 * tokens * vocab
+    assert plan.estimate(SMOLLM2, target_logits_only=False, **kw).parts["logits"] == full
+    assert plan.estimate(SMOLLM2, method="full", **kw).parts["logits"] == full  # a trained head: head(rows)
+    assert chunked < full / 25

@@ -22,9 +22,17 @@ and adds up what one training step holds at its peak::
   matrix; on a CPU in bf16, tsugiki's attention, which keeps a little less)
   and checked against ``torch.autograd.graph.saved_tensors_hooks`` counts; with
   gradient checkpointing only each block's input plus one recomputed block.
-* ``logits``: ``12 * B * T * vocab`` bytes: the fp32 log-softmax kept for
-  backward, its gradient and the gradient of the fp32 logits, alive together
-  when backward starts.
+* ``logits``: what the loss holds. tsugiki's trainer computes the output
+  layer only at scored positions, a chunk of rows at a time
+  (``tsugiki.kernels.target_logits``, ``target_logits_only: true``, for
+  architectures whose logits are the head of the last hidden state): one
+  chunk of 4 Mi fp32 logits and its probabilities in the compute dtype, plus
+  ``dL/dh`` for every scored token (``B * T * hidden * s``). The model's own
+  loss over full logits (other architectures, a trained head as in full
+  fine-tuning, ``target_logits_only=False``)
+  holds ``12 * B * T * vocab`` bytes: the fp32 log-softmax kept for backward,
+  its gradient and the gradient of the fp32 logits, alive together when
+  backward starts.
 * ``allocator_slack``: freed temporaries that glibc's heap keeps resident on
   CPU (its dynamic mmap threshold moves multi-MB blocks to the heap), measured
   at ~40% of the un-checkpointed activations (half that under gradient
@@ -393,11 +401,27 @@ class Estimate:
         return "\n".join(lines)
 
 
+def logits_bytes(tokens: int, vocab: int, hidden: int, s: int, chunked: bool) -> int:
+    """Bytes the loss holds at the end of the forward (see ``logits`` in the module docstring)."""
+    from .kernels.target_logits import CHUNK_ELEMENTS
+
+    if chunked:
+        return min(tokens * vocab, CHUNK_ELEMENTS) * (4 + s) + tokens * hidden * s
+    return LOGITS_FP32_COPIES * 4 * tokens * vocab
+
+
+def chunked_output_layer(model_type: str, full: bool, target_logits_only: bool = True) -> bool:
+    """Whether the trainer's loss goes through the chunked output layer: a plain head, frozen (not ``full``)."""
+    from .kernels.target_logits import PLAIN_HEAD_MODEL_TYPES
+
+    return target_logits_only and not full and model_type in PLAIN_HEAD_MODEL_TYPES
+
+
 def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int = 8, lora_dropout: float = 0.0,
              target_modules=None, trainable_params: int | None = None, quantization: str | None = None,
              double_quant: bool = True, dtype: str = "bf16", batch_size: int = 1, max_length: int = 512,
              optimizer: str = "adamw", gradient_checkpointing: bool = False, device: str = "cpu",
-             activation_offloading: bool = False) -> Estimate:
+             activation_offloading: bool = False, target_logits_only: bool = True) -> Estimate:
     """Estimate the peak memory of training ``source`` (see the module docstring for each part).
 
     Defaults: LoRA r=8 without dropout on the architecture's default targets
@@ -407,6 +431,8 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
     ``trainable_params`` fp32 parameters (and no per-module activations).
     ``activation_offloading`` (CUDA, with gradient checkpointing): the blocks'
     inputs move to pinned host memory; they are reported in ``offloaded``.
+    ``target_logits_only`` (default True, as in the trainer): the chunked output
+    layer where the architecture allows it; False: full logits.
     """
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype={dtype!r}: use one of {', '.join(DTYPE_BYTES)}")
@@ -469,7 +495,8 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
         "gradients": trainable * param_bytes,
         "optimizer": trainable * OPTIMIZER_STATE_BYTES[optimizer] * param_bytes // 4,
         "activations": activations,
-        "logits": LOGITS_FP32_COPIES * 4 * tokens * shape.vocab,
+        "logits": logits_bytes(tokens, shape.vocab, shape.hidden, s,
+                               chunked_output_layer(config.model_type, full, target_logits_only)),
         "allocator_slack": slack,
     }
     parts = {k: int(round(v)) for k, v in parts.items()}
@@ -477,7 +504,7 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
                     target_modules=target_modules, trainable_params=trainable_params, quantization=quantization,
                     double_quant=double_quant, dtype=dtype, batch_size=batch_size, max_length=max_length,
                     optimizer=optimizer, gradient_checkpointing=gradient_checkpointing, device=device,
-                    activation_offloading=activation_offloading)
+                    activation_offloading=activation_offloading, target_logits_only=target_logits_only)
     return Estimate(parts, {**counts, "trainable": trainable}, settings,
                     offloaded=block_inputs if activation_offloading else 0)
 
@@ -564,7 +591,7 @@ def suggestions(est: Estimate, available: int, source: Any = DEFAULT_MODEL) -> l
         if e.fits(available):
             return [(" + ".join(texts), e)]
     length = stacked["max_length"] // 2
-    while length >= 64:  # logits alone (12 bytes x vocab per token) can need shorter sequences
+    while length >= 64:  # full logits alone (12 bytes x vocab per token) can need shorter sequences
         e = estimate(source, **{**stacked, "max_length": length})
         if e.fits(available):
             return [(" + ".join(texts + [f"max_length={length}"]), e)]
@@ -616,6 +643,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     a("--max-length", type=int, default=512, help="sequence length in tokens (default 512)")
     a("--optimizer", choices=sorted(OPTIMIZER_STATE_BYTES), default="adamw", help="default adamw")
     a("--gradient-checkpointing", action="store_true", help="recompute blocks in backward")
+    a("--full-logits", dest="target_logits_only", action="store_false",
+      help="the loss over full logits (the trainer's target_logits_only: false) instead of the chunked output layer")
     a("--activation-offloading", action="store_true",
       help="with --gpu and --gradient-checkpointing: keep the blocks' inputs in host memory")
     a("--gpu", default=None, help="check against a GPU: a size (24GB) or a name (T4, A100-40GB, H100)")
@@ -638,7 +667,8 @@ def run_plan_cli(args: argparse.Namespace) -> int:
                    quantization=args.quantization, double_quant=args.double_quant, dtype=args.dtype,
                    batch_size=args.batch_size, max_length=args.max_length, optimizer=args.optimizer,
                    gradient_checkpointing=args.gradient_checkpointing, device=device,
-                   activation_offloading=args.activation_offloading)
+                   activation_offloading=args.activation_offloading,
+                   target_logits_only=args.target_logits_only)
     if args.gpu:
         available, where = parse_size(args.gpu), f"GPU {args.gpu}"
     elif args.ram:
