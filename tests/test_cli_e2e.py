@@ -89,6 +89,29 @@ def test_train_generate_eval_inspect_merge(model_dir, data_file, tmp_path, capsy
     torch.testing.assert_close(merged(ids).logits, with_adapter(ids).logits, atol=1e-5, rtol=0)
 
 
+def test_qlora_trains_on_a_4bit_base_and_its_adapter_generates(model_dir, data_file, tmp_path, capsys):
+    bnb = pytest.importorskip("bitsandbytes")
+    out = str(tmp_path / "qlora")
+    bases = []
+
+    def look(trainer, record):  # the model being trained, once
+        if not bases:
+            modules = list(trainer.model.modules())
+            bases.append((sum(isinstance(m, bnb.nn.Linear4bit) for m in modules),
+                          trainer.model.get_input_embeddings().weight.dtype))
+
+    tsugiki.train({"model": model_dir, "data": data_file, "output_dir": out, "method": "qlora", "dtype": "bf16",
+                   "max_steps": 6, "batch_size": 4, "learning_rate": 1e-2, "lora_r": 4, "save_steps": 0,
+                   "logging_steps": 1, "tensorboard": False}, progress=False, callbacks=[look])
+    layers = AutoModelForCausalLM.from_pretrained(model_dir).config.num_hidden_layers
+    assert bases == [(7 * layers, torch.bfloat16)]  # every block linear in NF4; the embedding 16-bit
+    losses = [json.loads(line)["loss"] for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    capsys.readouterr()
+    assert main(["generate", "--adapter", out, "--prompt", "Say the word number 3.", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip() != ""
+
+
 def test_train_python_api_matches_cli_keys(model_dir, data_file, tmp_path):
     result = tsugiki.train({"model": model_dir, "data": data_file, "output_dir": str(tmp_path / "api"),
                             "max_steps": 2, "dtype": "fp32", "tensorboard": False}, progress=False)
