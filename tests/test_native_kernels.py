@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -141,6 +143,21 @@ def test_the_build_is_cached_and_keyed_by_the_source(fresh_loader, monkeypatch, 
     native.lowrank_rows_kernel.cache_clear()
     assert native.lowrank_rows_kernel() is not None
     assert len(list(fresh_loader.iterdir())) == 2  # another source, another library
+
+
+@needs_kernel
+def test_a_new_build_deletes_builds_of_other_sources_a_month_old(fresh_loader):
+    stale, recent = fresh_loader / "lowrank_rows-0000000000000000.so", fresh_loader / "lowrank_rows-1111111111111111.so"
+    other = fresh_loader / "notes.txt"
+    fresh_loader.mkdir()
+    for path in (stale, recent, other):
+        path.write_text("x")
+    month = time.time() - native.STALE_BUILD_SECONDS - 60
+    os.utime(stale, (month, month))
+    os.utime(other, (month, month))
+    assert native.lowrank_rows_kernel() is not None
+    left = sorted(p.name for p in fresh_loader.iterdir())
+    assert stale.name not in left and recent.name in left and other.name in left and len(left) == 3
 
 
 @pytest.mark.parametrize("how,reason", [

@@ -14,7 +14,8 @@ section of ``benchmarks/README.md``).
 The kernel needs AVX-512 (F, BW, VL: torch's ``"AVX512"`` CPU capability and
 up) and a C compiler (``$CC``, else ``cc`` or ``gcc``). It is compiled once
 into ``$TSUGIKI_CACHE_DIR`` (default ``$XDG_CACHE_HOME/tsugiki``, else
-``~/.cache/tsugiki``) under a name that hashes its source and flags, loaded
+``~/.cache/tsugiki``) under a name that hashes its source and flags (a new
+build deletes those of other sources older than 30 days), loaded
 with ``ctypes``, and checked against torch on a small input before its first
 use. Where any of that fails, or ``TSUGIKI_NATIVE_KERNELS=0``,
 :func:`lowrank_rows_kernel` returns None and the callers keep torch's products;
@@ -38,6 +39,7 @@ import logging
 import os
 import shutil
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
@@ -85,7 +87,24 @@ def _build(compiler: str) -> Path:
         os.replace(partial, library)
     finally:
         partial.unlink(missing_ok=True)
+    _prune_old_builds(library)
     return library
+
+
+# Builds of other sources (older tsugiki versions) are removed once they are this old: one still in use
+# elsewhere is at worst built again, in a second or two.
+STALE_BUILD_SECONDS = 30 * 24 * 3600
+
+
+def _prune_old_builds(kept: Path) -> None:
+    """Delete the other ``lowrank_rows-*.so`` in ``kept``'s folder built more than STALE_BUILD_SECONDS ago."""
+    cutoff = time.time() - STALE_BUILD_SECONDS
+    for old in kept.parent.glob("lowrank_rows-*.so"):
+        try:
+            if old != kept and old.stat().st_mtime < cutoff:
+                old.unlink()
+        except OSError:  # another process pruned it first, or the folder is read-only: nothing to do
+            pass
 
 
 def _bind(library: Path) -> Callable[..., None]:
