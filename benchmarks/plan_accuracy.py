@@ -13,7 +13,9 @@ quantized on the CPU from random bf16 weights), then the Trainer's
 `apply_dtype_policy` (frozen weights at the compute dtype, trainable ones
 fp32), the forward under `torch.autocast` when the compute dtype is 16-bit,
 the Trainer's loss (`target_logits_loss_sum`: the output layer at scored
-positions only, in chunks; every position is scored here), the fused RMSNorm and SiLU gate and the
+positions only, in chunks; every position is scored here), the batch split
+into forwards of as many rows as `max_forward_tokens: auto` allows (each
+backward before the next forward), the fused RMSNorm and SiLU gate and the
 bf16 CPU attention the Trainer swaps in (`fused_blocks`, `fast_attention`), and AdamW (fused where torch allows, as
 `build_optimizer` does).
 
@@ -95,7 +97,8 @@ def run_child(spec: dict) -> dict:
     from tsugiki.kernels.attention import fast_attention
     from tsugiki.kernels.block_fused import fused_blocks
     from tsugiki.kernels.target_logits import split_causal_lm, target_logits_loss_sum
-    from tsugiki.train.loop import apply_dtype_policy, enable_gradient_checkpointing
+    from tsugiki.plan import rows_per_forward
+    from tsugiki.train.loop import apply_dtype_policy, auto_forward_tokens, enable_gradient_checkpointing
 
     if spec["quantization"]:
         import bitsandbytes  # noqa: F401  (counted in the runtime baseline, as in real QLoRA)
@@ -128,6 +131,8 @@ def run_child(spec: dict) -> dict:
     ids = torch.randint(0, cfg.vocab_size, (spec["batch_size"], spec["max_length"]))
     n_targets = ids[:, 1:].numel()
     body, head = split_causal_lm(model)  # every case here is Llama-shaped: the trainer's chunked loss applies
+    budget = auto_forward_tokens(model, dtype, torch.device("cpu"), spec["gradient_checkpointing"])
+    rows = rows_per_forward(spec["batch_size"], spec["max_length"], budget)
     autocast = torch.autocast(device_type="cpu", dtype=dtype, enabled=dtype != torch.float32)
 
     _release_freed_memory()
@@ -137,9 +142,11 @@ def run_child(spec: dict) -> dict:
     t0 = time.perf_counter()
     with fused_blocks(model), fast_attention(model):  # as Trainer.train() runs the model
         for _ in range(spec["steps"]):
-            with autocast:
-                loss = target_logits_loss_sum(body, head, {"input_ids": ids, "use_cache": False}, ids) / n_targets
-            loss.backward()
+            for start in range(0, len(ids), rows):  # the trainer's forwards, gradients accumulated
+                part = ids[start:start + rows]
+                with autocast:
+                    loss = target_logits_loss_sum(body, head, {"input_ids": part, "use_cache": False}, part) / n_targets
+                loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             del loss
@@ -149,6 +156,7 @@ def run_child(spec: dict) -> dict:
         "runtime_rss": runtime_rss,
         "built_rss": built_rss,
         "step_s": step_s,
+        "forward_rows": rows,
         "total_s": time.perf_counter() - baseline_t0,
     }
 
@@ -192,7 +200,7 @@ def main(argv=None) -> int:
     cases = [c for c in CASES if not args.only or c[0] in args.only]
     gib = 1024**3
     rows = []
-    print(f"{'case':32s} {'B x T':>9s} {'estimate':>9s} {'measured':>9s} {'error':>7s} {'step s':>7s}")
+    print(f"{'case':32s} {'B x T':>9s} {'rows/fwd':>8s} {'estimate':>9s} {'measured':>9s} {'error':>7s} {'step s':>7s}")
     for case in cases:
         spec = case_spec(case, args.steps)
         est = estimate_for(spec)
@@ -204,10 +212,13 @@ def main(argv=None) -> int:
             print(proc.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"case {spec['name']} failed (exit {proc.returncode})")
         got = json.loads(proc.stdout.strip().splitlines()[-1])
+        if got["forward_rows"] != est.forward_rows:
+            raise SystemExit(f"case {spec['name']}: the trainer ran {got['forward_rows']} rows a forward, "
+                             f"the plan assumed {est.forward_rows}")
         err = (est.total - got["peak_rss"]) / got["peak_rss"] * 100
         rows.append((spec, est, got, err))
         print(
-            f"{spec['name']:32s} {spec['batch_size']:>3d} x {spec['max_length']:<4d} "
+            f"{spec['name']:32s} {spec['batch_size']:>3d} x {spec['max_length']:<4d} {est.forward_rows:>8d} "
             f"{est.total / gib:8.2f}G {got['peak_rss'] / gib:8.2f}G {err:+6.1f}% {got['step_s']:7.1f}",
             flush=True,
         )

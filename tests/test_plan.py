@@ -70,13 +70,14 @@ def test_nf4_weights_are_about_an_eighth_of_fp32_for_the_block_linears():
 
 
 def test_breakdown_sums_to_total_and_scales_with_tokens():
-    est = plan.estimate(SMOLLM2, dtype="bf16", batch_size=2, max_length=256, quantization="4bit")
+    one = dict(dtype="bf16", max_length=256, max_forward_tokens=0)  # the whole micro-batch in one forward
+    est = plan.estimate(SMOLLM2, batch_size=2, quantization="4bit", **one)
     assert sum(est.parts.values()) == est.total
     assert set(est.parts) >= {"runtime", "weights", "trainable", "gradients", "optimizer", "activations", "logits"}
-    doubled = plan.estimate(SMOLLM2, dtype="bf16", batch_size=4, max_length=256, quantization="4bit")
+    doubled = plan.estimate(SMOLLM2, batch_size=4, quantization="4bit", **one)
     assert doubled.parts["activations"] == pytest.approx(2 * est.parts["activations"], rel=1e-6)
     assert doubled.parts["weights"] == est.parts["weights"]
-    ckpt = plan.estimate(SMOLLM2, dtype="bf16", batch_size=2, max_length=256, gradient_checkpointing=True)
+    ckpt = plan.estimate(SMOLLM2, batch_size=2, gradient_checkpointing=True, **one)
     assert ckpt.parts["activations"] < est.parts["activations"] / 5
 
 
@@ -126,7 +127,7 @@ def test_activation_formula_matches_what_autograd_saves():
 
 
 def test_verdict_flips_and_suggestions_name_what_fits():
-    est = plan.estimate(SMOLLM2, dtype="bf16", batch_size=8, max_length=1024)
+    est = plan.estimate(SMOLLM2, dtype="bf16", batch_size=8, max_length=1024, max_forward_tokens=0)
     assert est.fits(est.total) and not est.fits(est.total - 1)
     tiny = est.total - est.parts["activations"] // 2
     texts = [text for text, e in plan.suggestions(est, tiny, SMOLLM2)]
@@ -234,10 +235,31 @@ def test_logits_follow_the_trainers_output_layer():
     from tsugiki.kernels.target_logits import CHUNK_ELEMENTS
 
     tokens, vocab, hidden = 4 * 512, SMOLLM2["vocab_size"], SMOLLM2["hidden_size"]
-    kw = dict(dtype="bf16", batch_size=4, max_length=512)
+    kw = dict(dtype="bf16", batch_size=4, max_length=512, max_forward_tokens=0)
     chunked = plan.estimate(SMOLLM2, **kw).parts["logits"]
     assert chunked == CHUNK_ELEMENTS * (4 + 2) + tokens * hidden * 2
     full = 12 * tokens * vocab
     assert plan.estimate(SMOLLM2, target_logits_only=False, **kw).parts["logits"] == full
     assert plan.estimate(SMOLLM2, method="full", **kw).parts["logits"] == full  # a trained head: head(rows)
     assert chunked < full / 25
+
+
+def test_a_micro_batch_counts_one_of_the_trainers_forwards():
+    """Under max_forward_tokens: auto the trainer runs the rows a few at a time; the peak is one forward's."""
+    kw = dict(dtype="bf16", batch_size=8, max_length=256)
+    est = plan.estimate(SMOLLM2, **kw)
+    shape = plan.model_shape(plan.load_config(SMOLLM2))
+    budget = plan.auto_forward_budget(shape, 2, est.parts["weights"], "cpu")
+    assert est.forward_rows == plan.rows_per_forward(8, 256, budget) and 1 <= est.forward_rows < 8
+    alone = plan.estimate(SMOLLM2, **{**kw, "batch_size": est.forward_rows, "max_forward_tokens": 0})
+    for part in ("activations", "logits"):
+        assert est.parts[part] == alone.parts[part], part
+    # Several forwards a step: the heap also keeps about one more forward's activations.
+    extra = plan.SPLIT_SLACK_FRACTION["cpu"] * alone.parts["activations"]
+    assert est.parts["allocator_slack"] == pytest.approx(alone.parts["allocator_slack"] + extra, abs=1)
+    assert plan.estimate(SMOLLM2, max_forward_tokens=2 * 256, **kw).forward_rows == 2
+    assert plan.estimate(SMOLLM2, max_forward_tokens=100, **kw).forward_rows == 1  # a longer row runs alone
+    # On a GPU the reference is the card's memory: all 8 rows of this small model fit in one forward.
+    assert plan.estimate(SMOLLM2, device="cuda", device_memory=80 * 2**30, **kw).forward_rows == 8
+    with pytest.raises(ValueError, match="max_forward_tokens=-1"):
+        plan.estimate(SMOLLM2, max_forward_tokens=-1)

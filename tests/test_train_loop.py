@@ -358,7 +358,8 @@ def test_auto_forward_tokens_follows_the_weights_and_the_shape():
 
 def test_auto_forward_tokens_under_checkpointing_counts_block_inputs_and_one_block():
     from tsugiki import plan
-    from tsugiki.train.loop import AUTO_ACTIVATION_SHARE, auto_forward_tokens
+    from tsugiki.plan import AUTO_ACTIVATION_SHARE
+    from tsugiki.train.loop import auto_forward_tokens
 
     model = tiny_model()
     shape = plan.model_shape(plan.load_config(model.config))
@@ -408,7 +409,8 @@ def test_bad_max_forward_tokens_names_the_key_and_what_is_allowed(tmp_path, valu
 
 def test_auto_forward_tokens_with_offloaded_block_inputs_counts_one_block():
     from tsugiki import plan
-    from tsugiki.train.loop import AUTO_ACTIVATION_SHARE, auto_forward_tokens
+    from tsugiki.plan import AUTO_ACTIVATION_SHARE
+    from tsugiki.train.loop import auto_forward_tokens
 
     model = tiny_model()
     shape = plan.model_shape(plan.load_config(model.config))

@@ -22,6 +22,10 @@ and adds up what one training step holds at its peak::
   matrix; on a CPU in bf16, tsugiki's attention, which keeps a little less)
   and checked against ``torch.autograd.graph.saved_tensors_hooks`` counts; with
   gradient checkpointing only each block's input plus one recomputed block.
+  They are one forward's: the trainer runs a micro-batch in forwards of as
+  many rows as ``max_forward_tokens`` allows (``auto``:
+  :func:`auto_forward_budget`, which the trainer uses too), each backward
+  before the next forward. ``logits`` too.
 * ``logits``: what the loss holds. tsugiki's trainer computes the output
   layer only at scored positions, a chunk of rows at a time
   (``tsugiki.kernels.target_logits``, ``target_logits_only: true``, for
@@ -37,6 +41,10 @@ and adds up what one training step holds at its peak::
   CPU (its dynamic mmap threshold moves multi-MB blocks to the heap), measured
   at ~40% of the un-checkpointed activations (half that under gradient
   checkpointing, measured 18-28%); 10% on CUDA for the caching allocator.
+  When the trainer splits a micro-batch into several forwards, the heap
+  cannot reuse all of one forward's freed blocks for the next and settles at
+  about one more forward's activations (measured 1.0-1.3x on SmolLM2 with
+  one-row forwards, steady from the second forward on).
 * ``runtime``: Python + torch + transformers resident before the model
   (measured 401 MiB with torch 2.13 / transformers 5.24), or the CUDA context.
 
@@ -67,6 +75,7 @@ GiB = 1024**3
 # Calibrated on CPU (see benchmarks/README.md); CUDA values are typical, not measured here.
 RUNTIME_BYTES = {"cpu": 401 * MiB, "cuda": 500 * MiB}
 SLACK_FRACTION = {"cpu": 0.40, "cuda": 0.10}
+SPLIT_SLACK_FRACTION = {"cpu": 1.0, "cuda": 0.0}  # x one forward's activations, when a step runs 2+ forwards
 LOGITS_FP32_COPIES = 3
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
@@ -375,6 +384,39 @@ def block_activation_bytes(shape: Shape, s: int, *, full: bool, adapted: set[str
     return base + extra
 
 
+# ----------------------------------------------------------------------------- forwards
+
+AUTO_ACTIVATION_SHARE = 0.25  # max_forward_tokens: auto keeps a forward's activations under 1/4 of a reference
+
+
+def auto_forward_budget(shape: Shape, s: int, reference_bytes: int, device: str,
+                        gradient_checkpointing: bool = False, offload: bool = False) -> int:
+    """Tokens one forward may hold under the trainer's ``max_forward_tokens: auto``.
+
+    ``AUTO_ACTIVATION_SHARE * reference_bytes / per_token``, at least 1, with
+    ``per_token`` from :func:`block_activation_bytes` for every linear adapted at
+    r 16 without dropout: ``layers * block``; under gradient checkpointing each
+    block's input plus one block, ``layers * hidden * s + block``; with those
+    inputs offloaded to the host, ``block`` alone. The trainer's reference is the
+    frozen weights' bytes on a CPU and the device's memory on CUDA.
+    """
+    adapted = {lin.name for lin in shape.linears}
+    block = block_activation_bytes(shape, s, full=False, adapted=adapted, lora_r=16, lora_dropout=0.0, device=device)
+    if gradient_checkpointing:
+        per_token = block if offload else shape.layers * shape.hidden * s + block
+    else:
+        per_token = shape.layers * block
+    return max(1, int(AUTO_ACTIVATION_SHARE * reference_bytes // max(per_token, 1)))
+
+
+def rows_per_forward(batch_size: int, max_length: int, max_forward_tokens: int) -> int:
+    """Rows of ``max_length`` tokens the trainer puts in one forward: as many as fit ``max_forward_tokens``
+    (0: no limit), at least one, at most ``batch_size``."""
+    if not max_forward_tokens:
+        return batch_size
+    return max(1, min(batch_size, max_forward_tokens // max_length))
+
+
 # ----------------------------------------------------------------------------- the estimate
 
 
@@ -386,6 +428,7 @@ class Estimate:
     params: dict[str, int]
     settings: dict[str, Any] = field(default_factory=dict)
     offloaded: int = 0  # bytes held in pinned host memory instead (activation_offloading), not in ``total``
+    forward_rows: int = 0  # rows in each forward of the micro-batch (the trainer's max_forward_tokens)
 
     @property
     def total(self) -> int:
@@ -421,7 +464,8 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
              target_modules=None, trainable_params: int | None = None, quantization: str | None = None,
              double_quant: bool = True, dtype: str = "bf16", batch_size: int = 1, max_length: int = 512,
              optimizer: str = "adamw", gradient_checkpointing: bool = False, device: str = "cpu",
-             activation_offloading: bool = False, target_logits_only: bool = True) -> Estimate:
+             activation_offloading: bool = False, target_logits_only: bool = True,
+             max_forward_tokens: Union[int, str] = "auto", device_memory: Optional[int] = None) -> Estimate:
     """Estimate the peak memory of training ``source`` (see the module docstring for each part).
 
     Defaults: LoRA r=8 without dropout on the architecture's default targets
@@ -433,6 +477,12 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
     inputs move to pinned host memory; they are reported in ``offloaded``.
     ``target_logits_only`` (default True, as in the trainer): the chunked output
     layer where the architecture allows it; False: full logits.
+    ``max_forward_tokens`` (default ``"auto"``, as in the trainer): the micro-batch
+    runs in forwards of as many ``max_length`` rows as this many tokens allow (at
+    least one), each one's backward before the next forward, so activations and
+    logits count one forward; ``"auto"`` is :func:`auto_forward_budget` of the
+    frozen weights on a CPU, of ``device_memory`` on CUDA (no limit without it);
+    0: the whole micro-batch in one forward.
     """
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype={dtype!r}: use one of {', '.join(DTYPE_BYTES)}")
@@ -447,6 +497,8 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
                          "pass gradient_checkpointing=True and device='cuda'")
     if batch_size < 1 or max_length < 1:
         raise ValueError(f"batch_size={batch_size} and max_length={max_length} must be >= 1")
+    if max_forward_tokens != "auto" and not (isinstance(max_forward_tokens, int) and max_forward_tokens >= 0):
+        raise ValueError(f"max_forward_tokens={max_forward_tokens!r}: use 'auto', 0 (no limit) or a token count")
     full = method == "full"
     if full and quantization:
         raise ValueError("method='full' cannot train a quantized base: drop quantization or use method='lora'")
@@ -457,7 +509,6 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
     shape = model_shape(config)
     counts = count_parameters(config)
     s = DTYPE_BYTES[dtype]
-    tokens = batch_size * max_length
 
     # Frozen (or, for full fine-tuning, trained) base weights.
     block_linear = shape.layers * sum(linear_weight_bytes(lin, quantization, double_quant, s) for lin in shape.linears)
@@ -476,6 +527,16 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
         trainable = int(trainable_params)
         param_bytes = 4
 
+    frozen = 0 if full else weights
+    if max_forward_tokens == "auto":
+        reference = device_memory if device == "cuda" else frozen
+        budget = 0 if reference is None else auto_forward_budget(shape, s, reference, device, gradient_checkpointing,
+                                                                  activation_offloading)
+    else:
+        budget = max_forward_tokens
+    forward_rows = rows_per_forward(batch_size, max_length, budget)
+    tokens = forward_rows * max_length  # what one forward holds for its backward
+
     fast = uses_fast_attention(shape, config, dtype, device, max_length)
     per_block = block_activation_bytes(shape, s, full=full, adapted=adapted, lora_r=lora_r,
                                        lora_dropout=lora_dropout, device=device, fast_attention=fast)
@@ -487,10 +548,12 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
         activations = tokens * shape.layers * per_block
     # Fewer long-lived tensors pin the heap under checkpointing, so more freed blocks are reused.
     slack = SLACK_FRACTION[device] * tokens * shape.layers * per_block * (0.5 if gradient_checkpointing else 1)
+    if forward_rows < batch_size:
+        slack += SPLIT_SLACK_FRACTION[device] * activations
 
     parts = {
         "runtime": RUNTIME_BYTES[device],
-        "weights": weights if not full else 0,
+        "weights": frozen,
         "trainable": trainable * param_bytes,
         "gradients": trainable * param_bytes,
         "optimizer": trainable * OPTIMIZER_STATE_BYTES[optimizer] * param_bytes // 4,
@@ -504,9 +567,10 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
                     target_modules=target_modules, trainable_params=trainable_params, quantization=quantization,
                     double_quant=double_quant, dtype=dtype, batch_size=batch_size, max_length=max_length,
                     optimizer=optimizer, gradient_checkpointing=gradient_checkpointing, device=device,
-                    activation_offloading=activation_offloading, target_logits_only=target_logits_only)
+                    activation_offloading=activation_offloading, target_logits_only=target_logits_only,
+                    max_forward_tokens=max_forward_tokens, device_memory=device_memory)
     return Estimate(parts, {**counts, "trainable": trainable}, settings,
-                    offloaded=block_inputs if activation_offloading else 0)
+                    offloaded=block_inputs if activation_offloading else 0, forward_rows=forward_rows)
 
 
 # ----------------------------------------------------------------------------- fitting
@@ -609,6 +673,10 @@ def report(est: Estimate, available: int, where: str, source: Any = DEFAULT_MODE
     ]
     if est.offloaded:
         lines.insert(3, f"  (and {est.offloaded / GiB:.3f} GiB of block inputs in pinned host memory)")
+    batch = est.settings["batch_size"]
+    if est.forward_rows < batch:
+        lines.insert(2, f"  (the batch of {batch} runs {est.forward_rows} row(s) a forward, as max_forward_tokens "
+                        f"{est.settings['max_forward_tokens']!r} allows: activations and logits are one forward's)")
     if est.fits(available):
         lines.append(f"verdict: fits ({(available - est.total) / GiB:.3f} GiB to spare)")
         return "\n".join(lines)
@@ -623,6 +691,14 @@ def report(est: Estimate, available: int, where: str, source: Any = DEFAULT_MODE
 
 
 # ----------------------------------------------------------------------------- CLI
+
+
+def _forward_tokens(text: str) -> Union[int, str]:
+    if text == "auto":
+        return text
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: use 'auto', 0 or a number of tokens")
+    return int(text)
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -647,6 +723,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
       help="the loss over full logits (the trainer's target_logits_only: false) instead of the chunked output layer")
     a("--activation-offloading", action="store_true",
       help="with --gpu and --gradient-checkpointing: keep the blocks' inputs in host memory")
+    a("--max-forward-tokens", default="auto", type=_forward_tokens,
+      help="tokens one forward may hold, as the trainer's max_forward_tokens: 'auto' (default), 0 (the whole "
+           "batch at once) or a count")
     a("--gpu", default=None, help="check against a GPU: a size (24GB) or a name (T4, A100-40GB, H100)")
     a("--ram", default=None, help="check against this much RAM instead of this machine's available memory")
     a("--json", action="store_true", help="print the estimate as JSON")
@@ -668,7 +747,8 @@ def run_plan_cli(args: argparse.Namespace) -> int:
                    batch_size=args.batch_size, max_length=args.max_length, optimizer=args.optimizer,
                    gradient_checkpointing=args.gradient_checkpointing, device=device,
                    activation_offloading=args.activation_offloading,
-                   target_logits_only=args.target_logits_only)
+                   target_logits_only=args.target_logits_only, max_forward_tokens=args.max_forward_tokens,
+                   device_memory=parse_size(args.gpu) if args.gpu else None)
     if args.gpu:
         available, where = parse_size(args.gpu), f"GPU {args.gpu}"
     elif args.ram:

@@ -183,20 +183,13 @@ def enable_gradient_checkpointing(model: nn.Module, offload: bool = False) -> No
         require()
 
 
-AUTO_ACTIVATION_SHARE = 0.25  # max_forward_tokens: auto keeps a forward's activations under 1/4 of a reference
-
-
 def auto_forward_tokens(model: nn.Module, dtype: torch.dtype, device: torch.device = torch.device("cpu"),
                         gradient_checkpointing: bool = False, offload: bool = False) -> int:
     """``max_forward_tokens: auto``: tokens whose saved activations are a quarter of a reference size.
 
-    ``AUTO_ACTIVATION_SHARE * reference_bytes / activation_bytes_per_token``, the
-    latter from :func:`tsugiki.plan.block_activation_bytes` with every linear adapted
-    (``layers * block`` bytes a token; under gradient checkpointing each block's input
-    plus one block, ``layers * hidden * s + block``, as ``tsugiki.plan`` counts them;
-    with the block inputs offloaded to host memory, ``block`` alone);
-    0 (no limit) for architectures the plan does not know. A row longer than the
-    budget still runs whole, alone.
+    :func:`tsugiki.plan.auto_forward_budget` for the model's shape; 0 (no limit)
+    for architectures the plan does not know. A row longer than the budget still
+    runs whole, alone.
 
     The reference is the frozen weights' bytes on the CPU, so the weights dominate
     the peak there (one short row per forward costs little speed on a CPU). On a
@@ -211,19 +204,12 @@ def auto_forward_tokens(model: nn.Module, dtype: torch.dtype, device: torch.devi
         shape = plan.model_shape(plan.load_config(config))
     except Exception:  # an architecture the estimate has no formula for
         return 0
-    s = torch.tensor([], dtype=dtype).element_size()
-    adapted = {lin.name for lin in shape.linears}
-    block = plan.block_activation_bytes(shape, s, full=False, adapted=adapted, lora_r=16, lora_dropout=0.0,
-                                        device=device.type)
-    if gradient_checkpointing:
-        per_token = block if offload else shape.layers * shape.hidden * s + block
-    else:
-        per_token = shape.layers * block
     if device.type == "cuda":
         reference = torch.cuda.get_device_properties(device).total_memory
     else:
         reference = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
-    return max(1, int(AUTO_ACTIVATION_SHARE * reference // max(per_token, 1)))
+    s = torch.tensor([], dtype=dtype).element_size()
+    return plan.auto_forward_budget(shape, s, reference, device.type, gradient_checkpointing, offload)
 
 
 def split_rows(examples: Sequence[dict], max_rows: int, max_tokens: int) -> list[list[dict]]:
