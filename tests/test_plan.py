@@ -263,3 +263,11 @@ def test_a_micro_batch_counts_one_of_the_trainers_forwards():
     assert plan.estimate(SMOLLM2, device="cuda", device_memory=80 * 2**30, **kw).forward_rows == 8
     with pytest.raises(ValueError, match="max_forward_tokens=-1"):
         plan.estimate(SMOLLM2, max_forward_tokens=-1)
+
+
+def test_plan_call_sizes_gpu_forwards_by_the_card_it_checks(capsys):
+    kw = dict(device="cuda", batch_size=8, max_length=1024, dtype="bf16")
+    big = plan(SMOLLM2, available="H100", verbose=False, **kw)
+    small = plan(SMOLLM2, available="1GB", **kw)
+    assert big.forward_rows == 8 and small.forward_rows < 8
+    assert f"runs {small.forward_rows} row(s) a forward" in capsys.readouterr().out

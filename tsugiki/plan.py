@@ -775,14 +775,18 @@ def plan(source: Any = DEFAULT_MODEL, *, available: Optional[Union[int, str]] = 
     """Estimate (see :func:`estimate` for the arguments), print the breakdown and the fit verdict, return it.
 
     ``available`` is a memory size in bytes or a name such as ``"24GB"`` or ``"T4"``
-    (default: this machine's available RAM).
+    (default: this machine's available RAM); with ``device="cuda"`` it is also the
+    device memory that ``max_forward_tokens: auto`` sizes forwards by, unless
+    ``device_memory`` is given.
     """
+    size = None if available is None else parse_size(available) if isinstance(available, str) else int(available)
+    if estimate_args.get("device") == "cuda" and size is not None:
+        estimate_args.setdefault("device_memory", size)
     est = estimate(source, **estimate_args)
     if verbose:
-        if available is None:
+        if size is None:
             size, where = available_ram(), "this machine's available RAM"
         else:
-            size = parse_size(available) if isinstance(available, str) else int(available)
             where = str(available)
         print(report(est, size, where, source))
     return est
