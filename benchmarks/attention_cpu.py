@@ -29,7 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tsugiki.kernels.attention import MAX_ROW_SCORES, GroupedAttention
 
-from kernel_timing import median_ms, parse_args, relative_errors, trained_heap  # benchmarks/, beside this script
+from kernel_timing import median_ms, parse_args, relative_errors, start_table  # benchmarks/, beside this script
 
 SHAPES = {"smollm2-135m": (9, 3, 64), "llama-3.2-1b": (32, 8, 64)}
 
@@ -61,12 +61,10 @@ def _outputs(fn, q, k, v, grad):
 
 def main(argv=None) -> None:
     args = parse_args(__doc__.split("\n\n")[0], argv, ("--lengths", "128,256,512,1024", "tokens per row"), repeats=20)
-    trained_heap()
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads; bf16, batch 1, causal; "
-          f"fast_attention takes rows of up to {MAX_ROW_SCORES} scores on this CPU")
-    print("| shape | tokens | sdpa fwd ms | tsugiki fwd ms | sdpa fwd+bwd ms | tsugiki fwd+bwd ms | speed-up "
-          "| fast_attention uses | tsugiki GFLOP/s | rel. error out / dQ / dK / dV: sdpa | tsugiki | eager |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    start_table(f"bf16, batch 1, causal; fast_attention takes rows of up to {MAX_ROW_SCORES} scores on this CPU",
+                ["shape", "tokens", "sdpa fwd ms", "tsugiki fwd ms", "sdpa fwd+bwd ms", "tsugiki fwd+bwd ms",
+                 "speed-up", "fast_attention uses", "tsugiki GFLOP/s", "rel. error out / dQ / dK / dV: sdpa",
+                 "tsugiki", "eager"])
     for name, (H, Hk, D) in SHAPES.items():
         for T in args.lengths:
             gen = torch.Generator().manual_seed(0)

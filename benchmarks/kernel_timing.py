@@ -6,6 +6,8 @@ import argparse
 import statistics
 import time
 
+import torch
+
 from tsugiki import heap
 
 
@@ -58,3 +60,12 @@ def parse_args(description: str, argv, sizes: tuple[str, str, str], repeats: int
     parser.add_argument("--repeats", type=positive_int, default=repeats,
                         help=f"timed calls per measurement, median taken (default {repeats})")
     return parser.parse_args(argv)
+
+
+def start_table(setup: str, columns: list[str]) -> None:
+    """Set the heap up as in training (:func:`trained_heap`), then print a ``#`` line naming torch,
+    its threads and ``setup``, and the header of a Markdown table with ``columns``."""
+    trained_heap()
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads; {setup}")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))

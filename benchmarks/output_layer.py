@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from tsugiki.kernels.target_logits import CHUNK_ELEMENTS, ChunkedLinearCrossEntropy
 
-from kernel_timing import median_ms, parse_args, relative_errors, trained_heap  # benchmarks/, beside this script
+from kernel_timing import median_ms, parse_args, relative_errors, start_table  # benchmarks/, beside this script
 
 SHAPES = {"smollm2-135m": (576, 49152), "llama-3.2-1b": (2048, 128256)}
 LOGIT_STD = 4.0
@@ -54,12 +54,9 @@ def _loss_and_grad(fn, h, w, y):
 
 def main(argv=None) -> None:
     args = parse_args(__doc__.split("\n\n")[0], argv, ("--rows", "128,512", "scored positions per call"), repeats=7)
-    trained_heap()
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads; bf16; "
-          f"tsugiki chunks of {CHUNK_ELEMENTS} logits")
-    print("| shape | rows | plain fwd+bwd ms | tsugiki fwd+bwd ms | speed-up | plain keeps | tsugiki keeps "
-          "| rel. error loss / dL/dh: plain | tsugiki |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    start_table(f"bf16; tsugiki chunks of {CHUNK_ELEMENTS} logits",
+                ["shape", "rows", "plain fwd+bwd ms", "tsugiki fwd+bwd ms", "speed-up", "plain keeps",
+                 "tsugiki keeps", "rel. error loss / dL/dh: plain", "tsugiki"])
     for name, (H, V) in SHAPES.items():
         gen = torch.Generator().manual_seed(0)
         w = torch.randn(V, H, generator=gen).to(torch.bfloat16)
