@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -110,6 +112,22 @@ def test_qlora_trains_on_a_4bit_base_and_its_adapter_generates(model_dir, data_f
     capsys.readouterr()
     assert main(["generate", "--adapter", out, "--prompt", "Say the word number 3.", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.strip() != ""
+
+
+def test_training_on_json_lines_never_imports_datasets(model_dir, data_file, tmp_path):
+    # datasets + pyarrow + pandas are ~80 MiB of resident memory: a JSON run must not pay them.
+    # A fresh interpreter, because this test process may have imported them already.
+    out = str(tmp_path / "run")
+    script = (
+        "import sys\n"
+        "from tsugiki.cli import main\n"
+        f"assert main({_train_args(model_dir, data_file, out, '--max_steps', '2')!r}) == 0\n"
+        "print(sorted(m for m in ('datasets', 'pyarrow', 'pandas') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert os.path.exists(os.path.join(out, "adapter_model.safetensors"))
 
 
 def test_train_python_api_matches_cli_keys(model_dir, data_file, tmp_path):

@@ -6,7 +6,7 @@ import datasets
 import pandas as pd
 import pytest
 
-from tsugiki.data import DataError, detect_format, load_rows
+from tsugiki.data import DataError, detect_format, load_rows, read_rows
 from tsugiki.data.formats import normalise
 
 ROWS = [{"instruction": f"question {i}", "input": "", "output": f"answer {i}"} for i in range(5)]
@@ -45,6 +45,13 @@ def test_load_rows_reads_every_source_kind(tmp_path, kind):
     assert ds[3]["instruction"] == "question 3" and ds[3]["output"] == "answer 3"
     assert len(load_rows(path, max_rows=2)) == 2
     assert load_rows(path, max_rows=2)[1]["output"] == "answer 1"
+    # read_rows gives the same rows; JSON ones as the plain dicts of the file.
+    rows, columns = read_rows(path, max_rows=4)
+    assert columns == ["instruction", "input", "output"]
+    assert [(r["instruction"], r["output"]) for r in rows] == [(r["instruction"], r["output"]) for r in ROWS[:4]]
+    if kind.startswith("json"):
+        assert rows == ROWS[:4]
+    assert isinstance(rows, list) == kind.startswith("json")
 
 
 def test_jsonl_rows_may_omit_optional_fields(tmp_path):
@@ -52,6 +59,15 @@ def test_jsonl_rows_may_omit_optional_fields(tmp_path):
     ds = load_rows(path)
     assert ds.column_names == ["instruction", "output", "input"]
     assert ds[0]["input"] is None and ds[1]["input"] == "x"
+    rows, columns = read_rows(path)
+    assert columns == ["instruction", "output", "input"] and "input" not in rows[0]
+
+
+def test_json_field_of_two_types_names_both_lines_in_either_reader(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}, {"text": 5}])
+    for reader in (read_rows, load_rows):
+        with pytest.raises(DataError, match=r"d\.jsonl: line 2, field 'text': is a int here but a str at line 1"):
+            reader(path)
 
 
 @pytest.mark.parametrize(

@@ -67,9 +67,9 @@ def _load(args: argparse.Namespace):
 
 
 def _read_jsonl(path: str) -> list[dict]:
-    from .data import load_rows
+    from .data import read_rows
 
-    return [dict(r) for r in load_rows(path)]
+    return [dict(r) for r in read_rows(path)[0]]
 
 
 def _refuse_existing(path: str, overwrite: bool, what: str) -> None:

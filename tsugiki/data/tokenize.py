@@ -11,13 +11,15 @@ from __future__ import annotations
 import logging
 import os
 import random
+import sys
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
-
-import datasets
+from typing import TYPE_CHECKING, Any, Iterable
 
 from .errors import DataError
-from .formats import Sample, detect_format, load_rows, normalise
+from .formats import Sample, detect_format, normalise, read_rows
+
+if TYPE_CHECKING:
+    import datasets
 from .templates import Template, get_template
 
 IGNORE_INDEX = -100
@@ -170,9 +172,9 @@ def build_dataset(
 
 def _rows_and_columns(path_or_rows, max_rows):
     if isinstance(path_or_rows, (str, os.PathLike)):
-        ds = load_rows(path_or_rows, max_rows)
-        return ds, ds.column_names, str(path_or_rows)
-    if isinstance(path_or_rows, datasets.Dataset):
+        rows, columns = read_rows(path_or_rows, max_rows)
+        return rows, columns, str(path_or_rows)
+    if _is_dataset(path_or_rows):
         ds = path_or_rows if max_rows is None else path_or_rows.select(range(min(max_rows, len(path_or_rows))))
         return ds, ds.column_names, "dataset"
     rows = list(path_or_rows)[:max_rows] if max_rows is not None else list(path_or_rows)
@@ -182,6 +184,13 @@ def _rows_and_columns(path_or_rows, max_rows):
         if not isinstance(row, dict):
             raise DataError(f"rows, row {i + 1}: expected a dict of fields, got {type(row).__name__}")
     return rows, list(dict.fromkeys(k for r in rows for k in r)), "rows"
+
+
+def _is_dataset(obj: Any) -> bool:
+    # Only look when datasets is already imported: a Dataset cannot exist otherwise,
+    # and importing it here would cost every caller its 80 MiB.
+    datasets = sys.modules.get("datasets")
+    return datasets is not None and isinstance(obj, datasets.Dataset)
 
 
 def split_eval(examples: list, eval_split: float | int | None, seed: int = 0, source: str = "data"):
