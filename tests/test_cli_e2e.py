@@ -130,6 +130,19 @@ def test_training_on_json_lines_never_imports_datasets(model_dir, data_file, tmp
     assert os.path.exists(os.path.join(out, "adapter_model.safetensors"))
 
 
+def test_training_starts_with_the_memory_plan_and_warns_when_it_does_not_fit(model_dir, data_file, tmp_path,
+                                                                           capsys, monkeypatch):
+    from tsugiki import plan
+
+    assert main(_train_args(model_dir, data_file, str(tmp_path / "a"), "--max_steps", "1")) == 0
+    assert "memory plan: about 0." in capsys.readouterr().out  # the tiny model: the runtime, mostly
+    monkeypatch.setattr(plan, "available_ram", lambda: 2**20)
+    assert main(_train_args(model_dir, data_file, str(tmp_path / "b"), "--max_steps", "1")) == 0
+    out = capsys.readouterr().out
+    assert "warning: memory plan:" in out and "1.00 MiB" not in out and "0.00 GiB of RAM available" in out
+    assert os.path.exists(tmp_path / "b" / "adapter_model.safetensors")  # a warning, not a refusal
+
+
 def test_train_python_api_matches_cli_keys(model_dir, data_file, tmp_path):
     result = tsugiki.train({"model": model_dir, "data": data_file, "output_dir": str(tmp_path / "api"),
                             "max_steps": 2, "dtype": "fp32", "tensorboard": False}, progress=False)

@@ -271,3 +271,60 @@ def test_plan_call_sizes_gpu_forwards_by_the_card_it_checks(capsys):
     small = plan(SMOLLM2, available="1GB", **kw)
     assert big.forward_rows == 8 and small.forward_rows < 8
     assert f"runs {small.forward_rows} row(s) a forward" in capsys.readouterr().out
+
+
+def _train_config(tmp_path, **keys):
+    from tsugiki.train.config import TrainConfig
+
+    (tmp_path / "config.json").write_text(json.dumps(SMOLLM2))
+    return TrainConfig.load(None, {"model": str(tmp_path), **keys})
+
+
+def test_a_train_config_plans_as_the_trainer_runs(tmp_path):
+    cfg = _train_config(tmp_path, method="qlora", dtype="fp32", batch_size=4, max_length=1024, lora_r=16,
+                        lora_dropout=0.1, target_modules="all-linear", optimizer="adamw_8bit",
+                        gradient_checkpointing=True, activation_offloading=True, max_forward_tokens=2048)
+    settings = plan.training_settings(cfg)
+    assert settings == dict(method="lora", lora_r=16, lora_dropout=0.1, target_modules="all-linear",
+                            trainable_params=None, quantization="4bit", dtype="fp32", batch_size=4,
+                            max_length=1024, optimizer="adamw_8bit", gradient_checkpointing=True, device="cpu",
+                            activation_offloading=False,  # ignored on a CPU, as in training
+                            target_logits_only=True, max_forward_tokens=2048)
+    assert plan.training_settings(cfg, device="cuda")["activation_offloading"] is True
+    # Known rows size the estimate by the longest (never beyond max_length); packed rows fill max_length.
+    assert plan.training_settings(cfg, longest_row=300)["max_length"] == 300
+    assert plan.training_settings(cfg, longest_row=5000)["max_length"] == 1024
+    assert plan.training_settings(cfg.replace(packing=True), longest_row=300)["max_length"] == 1024
+    assert plan.training_settings(cfg.replace(quantization="8bit"))["quantization"] == "8bit"
+    assert plan.training_settings(cfg.replace(dtype="auto"), device="cuda")["dtype"] == "bf16"
+    with pytest.raises(ValueError, match=r"method 'ia3'.*--trainable-params"):
+        plan.training_settings(cfg.replace(method="ia3"))
+    assert plan.training_settings(cfg.replace(method="ia3"), trainable_params=1000)["method"] == "ia3"
+
+
+def test_training_fit_names_changes_that_fit(tmp_path):
+    cfg = _train_config(tmp_path, dtype="bf16", batch_size=4, max_length=2048, max_forward_tokens=0)
+    est, line = plan.training_fit(cfg, 100 * 2**30, "of RAM available")
+    assert line == f"memory plan: about {est.total / 2**30:.2f} GiB at peak; 100.00 GiB of RAM available"
+    assert est.total == plan.estimate(str(tmp_path), **plan.training_settings(cfg)).total
+    short, line = plan.training_fit(cfg, est.total - 2**20, "of RAM available")
+    assert line.startswith("warning: memory plan:") and "may run out of memory" in line
+    first = plan.suggestions(est, est.total - 2**20, str(tmp_path))[0]
+    assert f"Changes that fit: {first[0]} ({first[1].total / 2**30:.2f} GiB)" in line
+
+
+def test_plan_cli_reads_a_train_config_and_flags_override_it(tmp_path, capsys):
+    cfg = _train_config(tmp_path, method="qlora", dtype="bf16", batch_size=4, max_length=256)
+    job = cfg.save(str(tmp_path / "job.yaml"))
+    assert plan.main(["--config", str(job), "--ram", "100GB", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = plan.estimate(str(tmp_path), **plan.training_settings(cfg))
+    assert got["total"] == want.total and got["parts"]["weights"] == want.parts["weights"]
+    # A flag wins over the config; the rest of the job stays the config's.
+    assert plan.main(["--config", str(job), "--ram", "100GB", "--batch-size", "1", "--quantization", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "job: LoRA r=8 on default targets, bf16 base, bf16 compute, batch 1 x 256 tokens, adamw" in out
+    # A train config that does not load fails as it would in training, naming the key.
+    (tmp_path / "bad.yaml").write_text("batch_sise: 4\n")
+    with pytest.raises(ValueError, match="batch_sise"):
+        plan.main(["--config", str(tmp_path / "bad.yaml")])

@@ -5,7 +5,9 @@
     print(result.output_dir, result.metrics["train_loss"])
 
 Order of work, cheapest checks first so bad input fails before the model loads:
-output folder → tokenizer → data (template, masking, eval split) → base model
+output folder → tokenizer → data (template, masking, eval split) → memory plan
+(one line: ``tsugiki plan``'s estimate for this job's real rows against the
+memory available, with changes that fit when it does not) → base model
 (quantized if asked) → adapter → :class:`~tsugiki.train.Trainer`.
 """
 
@@ -132,6 +134,11 @@ def run_training(config: Union[None, str, os.PathLike, Mapping[str, Any], TrainC
         eval_rows, _, eval_stats = build_dataset(cfg.eval_data, tokenizer, template, **data_args)
         _say("eval data: " + eval_stats.summary(), progress)
 
+    if progress and distributed.world_size() == 1:  # the plan sizes one process, not a sharded run
+        line = memory_plan_line(cfg, train_rows)
+        if line:
+            _say(line, progress)
+
     set_seed(cfg.seed)  # before the adapter is created, so its initial weights repeat
     model = load_model(cfg.model, quantization=quantization_of(cfg), device=distributed.local_device())
     model = graft(model, cfg)
@@ -144,6 +151,30 @@ def run_training(config: Union[None, str, os.PathLike, Mapping[str, Any], TrainC
         save_template(template, cfg.output_dir)
     result.metrics["data"] = stats.to_dict()
     return result
+
+
+def memory_plan_line(cfg: TrainConfig, train_rows: Sequence[Mapping[str, Any]]) -> Optional[str]:
+    """:func:`tsugiki.plan.training_fit`'s line for this job on this machine, rows sized by the longest
+    training row; None for a method or architecture the plan does not size."""
+    import torch
+
+    from . import plan
+    from .train.loop import resolve_dtype
+
+    if cfg.method not in plan.PLANNED_METHODS:
+        return None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        available, where = torch.cuda.mem_get_info()[0], "free on the GPU"
+    else:
+        available, where = plan.available_ram(), "of RAM available"
+    dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(resolve_dtype(cfg.dtype, torch.device(device)), "fp32")
+    longest = max(len(row["input_ids"]) for row in train_rows)
+    try:
+        return plan.training_fit(cfg, available, where, device=device, dtype=dtype, longest_row=longest)[1]
+    except (ValueError, OSError, ImportError) as err:  # a model the plan cannot read: training goes on
+        logger.debug("no memory plan for %s: %s", cfg.model, err)
+        return None
 
 
 def _eval_split(cfg: TrainConfig) -> Union[None, int, float]:

@@ -663,19 +663,35 @@ def suggestions(est: Estimate, available: int, source: Any = DEFAULT_MODEL) -> l
     return []
 
 
+def describe(settings: dict[str, Any]) -> str:
+    """The job an estimate is for, in one line: method, base, dtype, batch, optimizer, memory savers."""
+    method = settings["method"]
+    if method == "lora":
+        targets = settings["target_modules"]
+        named = "default targets" if targets is None else targets if isinstance(targets, str) else ",".join(targets)
+        method = f"LoRA r={settings['lora_r']} on {named}"
+    base = f"{settings['quantization']} base" if settings["quantization"] else f"{settings['dtype']} base"
+    parts = [method, base, f"{settings['dtype']} compute",
+             f"batch {settings['batch_size']} x {settings['max_length']} tokens", settings["optimizer"]]
+    if settings["gradient_checkpointing"]:
+        parts.append("gradient checkpointing" + (" + offloading" if settings["activation_offloading"] else ""))
+    return ", ".join(parts)
+
+
 def report(est: Estimate, available: int, where: str, source: Any = DEFAULT_MODEL) -> str:
     p = est.params
     lines = [
+        f"job: {describe(est.settings)}",
         f"parameters: {p['total']:,} total, {p['trainable']:,} trainable ({100 * p['trainable'] / p['total']:.2f}%)",
         f"estimated peak memory ({est.settings['device']}):",
         est.table(),
         f"available: {available / GiB:.3f} GiB ({where})",
     ]
     if est.offloaded:
-        lines.insert(3, f"  (and {est.offloaded / GiB:.3f} GiB of block inputs in pinned host memory)")
+        lines.insert(4, f"  (and {est.offloaded / GiB:.3f} GiB of block inputs in pinned host memory)")
     batch = est.settings["batch_size"]
     if est.forward_rows < batch:
-        lines.insert(2, f"  (the batch of {batch} runs {est.forward_rows} row(s) a forward, as max_forward_tokens "
+        lines.insert(3, f"  (the batch of {batch} runs {est.forward_rows} row(s) a forward, as max_forward_tokens "
                         f"{est.settings['max_forward_tokens']!r} allows: activations and logits are one forward's)")
     if est.fits(available):
         lines.append(f"verdict: fits ({(available - est.total) / GiB:.3f} GiB to spare)")
@@ -690,6 +706,80 @@ def report(est: Estimate, available: int, where: str, source: Any = DEFAULT_MODE
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- a training job
+
+PLANNED_METHODS = ("lora", "qlora", "full")  # the others need their trainable parameter count
+GPUS_WITHOUT_BF16 = ("T4", "P100", "V100", "V100-32GB")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU advertises bf16 instructions (avx512_bf16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def training_settings(cfg: Any, *, device: str = "cpu", dtype: Optional[str] = None,
+                      longest_row: Optional[int] = None, trainable_params: Optional[int] = None) -> dict[str, Any]:
+    """The :func:`estimate` arguments (besides the model) of the job a training config describes.
+
+    ``cfg`` is a ``tsugiki.train.TrainConfig``. ``dtype`` overrides its ``dtype``;
+    ``auto`` resolves as the trainer's does: bf16 on a GPU, and on a CPU with
+    bf16 instructions; fp32 elsewhere. ``longest_row``: the longest training row
+    in tokens, when the data is known; the estimate then sizes rows by it
+    (at most ``max_length``), except with ``packing``, whose rows fill
+    ``max_length``. ``activation_offloading`` counts only on CUDA, as in training.
+
+    Raises:
+        ValueError: a method other than lora, qlora and full without ``trainable_params``.
+    """
+    method = "lora" if cfg.method in ("lora", "qlora") else cfg.method
+    if method not in ("lora", "full") and trainable_params is None:
+        raise ValueError(f"method {cfg.method!r}: the plan sizes {', '.join(PLANNED_METHODS)} from the config; "
+                         "for other methods give the trainable parameter count (--trainable-params)")
+    quantization = cfg.quantization if cfg.quantization != "none" else "4bit" if cfg.method == "qlora" else None
+    dtype = dtype or cfg.dtype
+    if dtype == "auto":
+        dtype = "bf16" if device == "cuda" or cpu_has_native_bf16() else "fp32"
+    targets = cfg.target_modules
+    if targets is not None and list(targets) == ["all-linear"]:
+        targets = "all-linear"
+    max_length = cfg.max_length
+    if longest_row is not None and not cfg.packing:
+        max_length = max(1, min(max_length, longest_row))
+    return dict(method=method, lora_r=cfg.lora_r, lora_dropout=cfg.lora_dropout, target_modules=targets,
+                trainable_params=trainable_params, quantization=quantization, dtype=dtype,
+                batch_size=cfg.batch_size, max_length=max_length, optimizer=cfg.optimizer,
+                gradient_checkpointing=cfg.gradient_checkpointing, device=device,
+                activation_offloading=bool(cfg.activation_offloading and cfg.gradient_checkpointing
+                                           and device == "cuda"),
+                target_logits_only=cfg.target_logits_only, max_forward_tokens=cfg.max_forward_tokens)
+
+
+def training_fit(cfg: Any, available: int, where: str, **settings: Any) -> tuple[Estimate, str]:
+    """The estimate for a training config and one line saying how it compares with ``available`` bytes.
+
+    ``settings`` go to :func:`training_settings`; ``device_memory`` is
+    ``available`` on CUDA. When the estimate does not fit, the line names up to
+    two changes that would (see :func:`suggestions`).
+    """
+    source = cfg.model or DEFAULT_MODEL
+    args = training_settings(cfg, **settings)
+    if args["device"] == "cuda":
+        args["device_memory"] = available
+    est = estimate(source, **args)
+    line = f"memory plan: about {est.total / GiB:.2f} GiB at peak; {available / GiB:.2f} GiB {where}"
+    if est.fits(available):
+        return est, line
+    found = suggestions(est, available, source)[:2]
+    fixes = "; ".join(f"{text} ({e.total / GiB:.2f} GiB)" for text, e in found) or "none of the usual changes"
+    return est, (f"warning: {line}: the run may run out of memory. Changes that fit: {fixes}. "
+                 "Details: tsugiki plan --config <your config>")
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -701,29 +791,47 @@ def _forward_tokens(text: str) -> Union[int, str]:
     return int(text)
 
 
+# What a flag means when neither it nor a --config gives a value (estimate()'s defaults).
+CLI_DEFAULTS = dict(method="lora", lora_r=8, lora_dropout=0.0, target_modules=None, trainable_params=None,
+                    quantization=None, double_quant=True, dtype="bf16", batch_size=1, max_length=512,
+                    optimizer="adamw", gradient_checkpointing=False, activation_offloading=False,
+                    target_logits_only=True, max_forward_tokens="auto")
+
+
 def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``plan`` options to ``parser`` (used by ``tsugiki plan`` and ``python -m tsugiki.plan``)."""
+    """Add the ``plan`` options to ``parser`` (used by ``tsugiki plan`` and ``python -m tsugiki.plan``).
+
+    Every setting defaults to ``None`` so that :func:`run_plan_cli` can tell a
+    flag given from one left to ``--config`` or to :data:`CLI_DEFAULTS`.
+    """
     a = parser.add_argument
-    a("model", nargs="?", default=DEFAULT_MODEL,
-      help=f"model folder, config.json, .gguf file or {DEFAULT_MODEL!r} (default)")
-    a("--method", default="lora", help="lora (default), full, or another method with --trainable-params")
-    a("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
-    a("--lora-dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
+    a("model", nargs="?", default=None,
+      help=f"model folder, config.json, .gguf file or {DEFAULT_MODEL!r} (default: the config's model, else "
+           f"{DEFAULT_MODEL!r})")
+    a("--config", metavar="YAML", default=None,
+      help="a tsugiki train config: plan that job (its model, method, quantization, dtype, batch_size, "
+           "max_length, optimizer, ...); the flags below override it. Rows are taken to be max_length tokens; "
+           "tsugiki train re-checks with the real rows before loading the model")
+    a("--method", default=None, help="lora (default), qlora, full, or another method with --trainable-params")
+    a("--lora-r", type=int, default=None, help="LoRA rank (default 8)")
+    a("--lora-dropout", type=float, default=None, help="LoRA dropout (default 0)")
     a("--target-modules", default=None,
       help="comma-separated module names or 'all-linear' (default: the architecture's, q_proj,v_proj for Llama)")
     a("--trainable-params", type=int, default=None, help="trainable parameter count for other methods")
-    a("--quantization", choices=["4bit", "8bit"], default=None, help="k-bit base (default: none)")
-    a("--no-double-quant", dest="double_quant", action="store_false", help="4-bit without double quantization")
-    a("--dtype", choices=sorted(DTYPE_BYTES), default="bf16", help="compute dtype (default bf16)")
-    a("--batch-size", type=int, default=1, help="batch size (default 1)")
-    a("--max-length", type=int, default=512, help="sequence length in tokens (default 512)")
-    a("--optimizer", choices=sorted(OPTIMIZER_STATE_BYTES), default="adamw", help="default adamw")
-    a("--gradient-checkpointing", action="store_true", help="recompute blocks in backward")
-    a("--full-logits", dest="target_logits_only", action="store_false",
+    a("--quantization", choices=["none", "4bit", "8bit"], default=None, help="k-bit base (default: none)")
+    a("--no-double-quant", dest="double_quant", action="store_false", default=None,
+      help="4-bit without double quantization")
+    a("--dtype", choices=sorted(DTYPE_BYTES) + ["auto"], default=None,
+      help="compute dtype (default bf16; 'auto' as in training: bf16 where the hardware has it)")
+    a("--batch-size", type=int, default=None, help="batch size (default 1)")
+    a("--max-length", type=int, default=None, help="sequence length in tokens (default 512)")
+    a("--optimizer", choices=sorted(OPTIMIZER_STATE_BYTES), default=None, help="default adamw")
+    a("--gradient-checkpointing", action="store_true", default=None, help="recompute blocks in backward")
+    a("--full-logits", dest="target_logits_only", action="store_false", default=None,
       help="the loss over full logits (the trainer's target_logits_only: false) instead of the chunked output layer")
-    a("--activation-offloading", action="store_true",
+    a("--activation-offloading", action="store_true", default=None,
       help="with --gpu and --gradient-checkpointing: keep the blocks' inputs in host memory")
-    a("--max-forward-tokens", default="auto", type=_forward_tokens,
+    a("--max-forward-tokens", default=None, type=_forward_tokens,
       help="tokens one forward may hold, as the trainer's max_forward_tokens: 'auto' (default), 0 (the whole "
            "batch at once) or a count")
     a("--gpu", default=None, help="check against a GPU: a size (24GB) or a name (T4, A100-40GB, H100)")
@@ -732,23 +840,42 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
+def _cli_settings(args: argparse.Namespace, device: str) -> tuple[Any, dict[str, Any]]:
+    """The model and the estimate() arguments: CLI_DEFAULTS < the --config job < flags given."""
+    settings = dict(CLI_DEFAULTS)
+    model = None
+    if args.config:
+        from .train.config import TrainConfig
+
+        cfg = TrainConfig.load(args.config)
+        model = cfg.model
+        dtype = args.dtype
+        if dtype is None and cfg.dtype == "auto" and device == "cuda" and args.gpu.upper() in GPUS_WITHOUT_BF16:
+            dtype = "fp32"  # the trainer's auto on a card without bf16
+        job = training_settings(cfg, device=device, dtype=dtype, trainable_params=args.trainable_params)
+        settings.update({key: value for key, value in job.items() if key != "device"})
+    given = {key: getattr(args, key) for key in CLI_DEFAULTS if getattr(args, key) is not None}
+    if "method" in given and given["method"] == "qlora":
+        given["method"] = "lora"
+        given.setdefault("quantization", "4bit")
+    if given.get("quantization") == "none":
+        given["quantization"] = None
+    if isinstance(given.get("target_modules"), str) and given["target_modules"] != "all-linear":
+        given["target_modules"] = [t.strip() for t in given["target_modules"].split(",") if t.strip()]
+    settings.update(given)
+    if settings["dtype"] == "auto":
+        settings["dtype"] = "bf16" if device == "cuda" or cpu_has_native_bf16() else "fp32"
+    return args.model or model or DEFAULT_MODEL, settings
+
+
 def run_plan_cli(args: argparse.Namespace) -> int:
     """Run ``plan`` with parsed ``args``; exit code 0 if it fits, 1 if not."""
-    targets = args.target_modules
-    if targets and targets != "all-linear":
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
     device = "cuda" if args.gpu else "cpu"
-    if args.activation_offloading and not (args.gpu and args.gradient_checkpointing):
+    model, settings = _cli_settings(args, device)
+    if settings["activation_offloading"] and not (args.gpu and settings["gradient_checkpointing"]):
         raise ValueError("--activation-offloading moves what gradient checkpointing keeps off a GPU: "
                          "add --gpu <size> and --gradient-checkpointing")
-    est = estimate(args.model, method=args.method, lora_r=args.lora_r, lora_dropout=args.lora_dropout,
-                   target_modules=targets, trainable_params=args.trainable_params,
-                   quantization=args.quantization, double_quant=args.double_quant, dtype=args.dtype,
-                   batch_size=args.batch_size, max_length=args.max_length, optimizer=args.optimizer,
-                   gradient_checkpointing=args.gradient_checkpointing, device=device,
-                   activation_offloading=args.activation_offloading,
-                   target_logits_only=args.target_logits_only, max_forward_tokens=args.max_forward_tokens,
-                   device_memory=parse_size(args.gpu) if args.gpu else None)
+    est = estimate(model, **settings, device=device, device_memory=parse_size(args.gpu) if args.gpu else None)
     if args.gpu:
         available, where = parse_size(args.gpu), f"GPU {args.gpu}"
     elif args.ram:
@@ -759,7 +886,7 @@ def run_plan_cli(args: argparse.Namespace) -> int:
         print(json.dumps({"parts": est.parts, "total": est.total, "offloaded": est.offloaded, "params": est.params,
                           "available": available, "fits": est.fits(available)}, indent=2))
     else:
-        print(report(est, available, where, args.model))
+        print(report(est, available, where, model))
     return 0 if est.fits(available) else 1
 
 

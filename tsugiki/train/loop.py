@@ -78,6 +78,7 @@ from ..kernels.block_fused import fused_blocks
 from ..kernels.target_logits import (full_logits_loss_sum as token_loss_sum, scored_positions, shifted_targets,
                                       split_causal_lm, target_logits_loss_sum)
 from ..data import IGNORE_INDEX, Collator, PackedCollator, batch_plan, pack, pad_token_id_for
+from ..plan import cpu_has_native_bf16
 from . import distributed, fsdp
 from .checkpoint import (check_resume_compatible, load_checkpoint, resolve_resume, save_checkpoint,
                          TRAINABLE_FILE, trainable_state)
@@ -102,16 +103,6 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU advertises bf16 instructions (avx512_bf16 or AMX)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            flags = fh.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
