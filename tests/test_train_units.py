@@ -177,3 +177,14 @@ def test_loss_curve_is_skipped_with_a_note_without_matplotlib(tmp_path, monkeypa
     path, note = plot_loss_curve(str(tmp_path))
     assert path is None and "matplotlib is not installed" in note
     assert not (tmp_path / "loss_curve.png").exists()
+
+
+@pytest.mark.parametrize("emulated_only, expected", [(True, torch.float32), (False, torch.bfloat16)])
+def test_auto_dtype_on_cuda_takes_bf16_only_where_the_card_runs_it(monkeypatch, emulated_only, expected):
+    # A T4 or V100 reports bf16 "supported" by emulation, several times slower than fp32 there.
+    from tsugiki.train.loop import resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation or not emulated_only)
+    assert resolve_dtype("auto", torch.device("cuda")) == expected
+    assert resolve_dtype("bf16", torch.device("cuda")) == torch.bfloat16

@@ -13,8 +13,8 @@ micro-batch means, so a short row weighs as much per token as a long one and
 the result does not depend on how the step is split into micro-batches.
 
 Dtype policy. ``dtype: auto`` is bf16 where the hardware runs it natively
-(CUDA: ``torch.cuda.is_bf16_supported()``; CPU: the avx512_bf16 or amx_bf16
-flag) and fp32 otherwise. Under bf16/fp16 the frozen floating-point weights are
+(CUDA: compute capability 8.0 or newer, not the emulated bf16 of a T4 or
+V100; CPU: the avx512_bf16 or amx_bf16 flag) and fp32 otherwise. Under bf16/fp16 the frozen floating-point weights are
 cast to that dtype, trainable weights and the optimizer state stay fp32, and
 the forward runs under autocast. fp16 also uses a gradient scaler.
 
@@ -114,7 +114,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "fp32":
         return torch.float32
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float32
     if device.type == "cpu":
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     return torch.float32
