@@ -187,6 +187,29 @@ def test_text_init_uses_the_token_embeddings():
     assert "tokenizer" not in model.peft_config["default"].to_dict()
 
 
+def test_train_text_init_takes_the_runs_tokenizer(monkeypatch):
+    # The default model and GGUF files have no tokenizer folder to name: the run's own tokenizer is used.
+    from tsugiki import models
+    from tsugiki.config import METHOD_BUILDERS
+    from tsugiki.train.config import TrainConfig
+
+    asked = []
+
+    class Tok:
+        def __call__(self, text):
+            return {"input_ids": [5, 6]}
+
+    monkeypatch.setattr(models, "load_tokenizer", lambda model: asked.append(model) or Tok())
+    cfg = TrainConfig.load(None, {"method": "prompt_tuning", "method_args": {
+        "num_virtual_tokens": 3, "prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "hi"}})
+    config = METHOD_BUILDERS["prompt_tuning"](cfg, "smollm2-135m-instruct")
+    assert asked == [None] and config.tokenizer_name_or_path == "smollm2-135m-instruct"
+    base = tiny_llama()
+    table = base.get_input_embeddings().weight.detach().clone()
+    prompt = tsugiki.get_peft_model(base, config).base_model.prompt_encoder["default"].embedding.weight
+    assert torch.equal(prompt, table[[5, 6, 5]])
+
+
 def test_adapters_switch_and_delete():
     model = tsugiki.get_peft_model(tiny_llama(), _config())
     model.add_adapter("other", _config())

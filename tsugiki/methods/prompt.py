@@ -355,10 +355,15 @@ class MultitaskPromptTuningModel(PromptLearningModel):
 def _builder(cls: type, **defaults: Any):
     def build(cfg: Any, base_name: str) -> PeftConfig:
         args = dict(cfg.method_args or {})
+        fixed = dict(defaults)
         if args.get("prompt_tuning_init") == "TEXT" and not args.get("tokenizer_name_or_path"):
-            args["tokenizer_name_or_path"] = base_name  # the model folder's own tokenizer
+            from ..models import load_tokenizer
+
+            # The run's own tokenizer: a GGUF file or the default model has no tokenizer folder to name.
+            args["tokenizer_name_or_path"] = base_name
+            fixed["tokenizer"] = load_tokenizer(cfg.model)
         return config_from_method_args(cls, args, task_type="CAUSAL_LM", base_model_name_or_path=base_name,
-                                       **defaults)
+                                       **fixed)
     return build
 
 
