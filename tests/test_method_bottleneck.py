@@ -149,6 +149,7 @@ def test_explicit_targets_on_any_module_and_layers_to_transform():
     (dict(adapter_layers="mlp"), "adapter_layers"),
     (dict(adapter_layers="ffn", target_modules=["mlp"]), "leave it None"),
     (dict(target_modules="all-linear"), "all-linear"),
+    (dict(target_modules=["all-linear"]), "'all-linear' is for LoRA-like methods"),  # as `tsugiki train` passes it
     (dict(layers_pattern="layers"), "only applies together"),
 ])
 def test_invalid_config_values_are_named(kwargs, message):

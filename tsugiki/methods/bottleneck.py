@@ -122,7 +122,8 @@ class BottleneckConfig(PeftConfig):
             problem = module_spec_problem(getattr(self, key))
             if problem:
                 raise bad(key, problem)
-        if isinstance(self.target_modules, str) and self.target_modules.lower() == "all-linear":
+        names = [self.target_modules] if isinstance(self.target_modules, str) else self.target_modules or []
+        if any(isinstance(name, str) and name.lower() == "all-linear" for name in names):
             raise bad("target_modules", "'all-linear' is for LoRA-like methods; name the sub-layers to wrap")
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise bad("layers_pattern", "it only applies together with layers_to_transform")
