@@ -297,9 +297,29 @@ def test_a_train_config_plans_as_the_trainer_runs(tmp_path):
     assert plan.training_settings(cfg.replace(packing=True), longest_row=300)["max_length"] == 1024
     assert plan.training_settings(cfg.replace(quantization="8bit"))["quantization"] == "8bit"
     assert plan.training_settings(cfg.replace(dtype="auto"), device="cuda")["dtype"] == "bf16"
-    with pytest.raises(ValueError, match=r"method 'ia3'.*--trainable-params"):
-        plan.training_settings(cfg.replace(method="ia3"))
-    assert plan.training_settings(cfg.replace(method="ia3"), trainable_params=1000)["method"] == "ia3"
+    ia3 = cfg.replace(method="ia3")
+    assert plan.training_settings(ia3)["trainable_params"] == plan.count_trainable(ia3)  # counted on meta
+    assert plan.training_settings(ia3, trainable_params=1000)["trainable_params"] == 1000
+
+
+@pytest.mark.parametrize("method, method_args", [
+    ("qlora", None), ("dora", None), ("ia3", None), ("loha", None), ("lokr", None), ("adalora", None),
+    ("prompt_tuning", {"num_virtual_tokens": 7}), ("prefix_tuning", None), ("llama_adapter", None),
+    ("parallel_adapter", None), ("full", None),
+])
+def test_trainable_parameters_counted_on_meta_equal_the_grafted_models(tmp_path, method, method_args):
+    from helpers_data import tiny_llama
+    from tsugiki.pipeline import graft
+    from tsugiki.train.config import TrainConfig
+
+    model = tiny_llama()
+    model.config.save_pretrained(tmp_path)
+    targets = {"llama_adapter": None, "parallel_adapter": "mlp"}.get(method, "all-linear")
+    cfg = TrainConfig.load(None, {"model": str(tmp_path), "method": method, "method_args": method_args,
+                                  "lora_r": 4, "target_modules": targets, "max_steps": 50})
+    job = cfg.replace(method="lora") if method == "qlora" else cfg  # the count ignores the 4-bit base
+    real = sum(p.numel() for p in graft(model, job).parameters() if p.requires_grad)
+    assert plan.count_trainable(cfg) == real > 0
 
 
 def test_training_fit_names_changes_that_fit(tmp_path):
@@ -328,3 +348,13 @@ def test_plan_cli_reads_a_train_config_and_flags_override_it(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("batch_sise: 4\n")
     with pytest.raises(ValueError, match="batch_sise"):
         plan.main(["--config", str(tmp_path / "bad.yaml")])
+
+
+def test_counting_a_prompt_started_from_text_needs_no_tokenizer(tmp_path):
+    from tsugiki.train.config import TrainConfig
+
+    (tmp_path / "config.json").write_text(json.dumps(SMOLLM2))
+    keys = {"model": str(tmp_path), "method": "prompt_tuning"}
+    text = {"num_virtual_tokens": 6, "prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "Answer briefly."}
+    counted = plan.count_trainable(TrainConfig.load(None, {**keys, "method_args": text}))
+    assert counted == 6 * SMOLLM2["hidden_size"]  # no tokenizer in the folder, no weights: shapes only

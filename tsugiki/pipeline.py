@@ -155,14 +155,12 @@ def run_training(config: Union[None, str, os.PathLike, Mapping[str, Any], TrainC
 
 def memory_plan_line(cfg: TrainConfig, train_rows: Sequence[Mapping[str, Any]]) -> Optional[str]:
     """:func:`tsugiki.plan.training_fit`'s line for this job on this machine, rows sized by the longest
-    training row; None for a method or architecture the plan does not size."""
+    training row; None for a model the plan cannot read or a method it cannot count."""
     import torch
 
     from . import plan
     from .train.loop import resolve_dtype
 
-    if cfg.method not in plan.PLANNED_METHODS:
-        return None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         available, where = torch.cuda.mem_get_info()[0], "free on the GPU"

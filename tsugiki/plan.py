@@ -14,7 +14,8 @@ and adds up what one training step holds at its peak::
   blocks), or 1 byte + one fp32 scale per output row for 8-bit. Embeddings,
   ``lm_head`` and norms stay at the compute dtype.
 * ``trainable``/``gradients``/``optimizer``: adapter parameters are fp32 (the
-  HF PEFT default), so 4 bytes each, 4 more for the gradient and 8 for AdamW's
+  HF PEFT default; for methods other than LoRA, counted by building the model
+  on the meta device, :func:`count_trainable`), so 4 bytes each, 4 more for the gradient and 8 for AdamW's
   two moments (2 with 8-bit AdamW, 0 with plain SGD). Full fine-tuning keeps
   them at the model dtype, as ``torch.optim.AdamW`` does.
 * ``activations``: tensors autograd saves for backward, per token per layer,
@@ -708,7 +709,6 @@ def report(est: Estimate, available: int, where: str, source: Any = DEFAULT_MODE
 
 # ----------------------------------------------------------------------------- a training job
 
-PLANNED_METHODS = ("lora", "qlora", "full")  # the others need their trainable parameter count
 GPUS_WITHOUT_BF16 = ("T4", "P100", "V100", "V100-32GB")
 
 
@@ -722,6 +722,44 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def count_trainable(cfg: Any, source: Any = None) -> int:
+    """Trainable parameters of ``cfg``'s method (a ``TrainConfig``) grafted onto ``source``'s architecture.
+
+    The model is built on torch's meta device: shapes only, no weights read and
+    no memory taken. ``source`` defaults to ``cfg.model``. The base is counted
+    unquantized (quantization changes no adapter's size).
+
+    Raises:
+        ValueError: the method cannot be set up on shapes alone (e.g. prompt
+            tuning initialised from text); the message says so.
+    """
+    import torch
+    import transformers
+
+    from .pipeline import graft
+
+    config = load_config(source if source is not None else cfg.model or DEFAULT_MODEL)
+    builder = transformers.AutoModel if config.model_type == "bert" else transformers.AutoModelForCausalLM
+    with torch.device("meta"):
+        model = builder.from_config(config)
+    try:
+        # Neither the run's length (AdaLoRA's rank schedule) nor the initial values (prompt methods started
+        # from text, vocabulary rows or a file, which meta tensors do not hold) change the count.
+        args = dict(cfg.method_args or {})
+        if args.get("prompt_tuning_init", "RANDOM") != "RANDOM":
+            args["prompt_tuning_init"] = "RANDOM"
+            for key in ("prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs",
+                        "prompt_tuning_init_state_dict_path", "prompt_tuning_init_task"):
+                args.pop(key, None)
+        job = cfg.replace(quantization="none", method="lora" if cfg.method == "qlora" else cfg.method,
+                          max_steps=cfg.max_steps if cfg.max_steps > 0 else 10_000, method_args=args or None)
+        model = graft(model, job)
+    except (RuntimeError, NotImplementedError, TypeError) as err:  # an initialiser that needs real values
+        raise ValueError(f"method {cfg.method!r}: its trainable parameters cannot be counted from the config "
+                         f"alone ({type(err).__name__}: {err}); give the count (--trainable-params)") from err
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def training_settings(cfg: Any, *, device: str = "cpu", dtype: Optional[str] = None,
                       longest_row: Optional[int] = None, trainable_params: Optional[int] = None) -> dict[str, Any]:
     """The :func:`estimate` arguments (besides the model) of the job a training config describes.
@@ -732,14 +770,15 @@ def training_settings(cfg: Any, *, device: str = "cpu", dtype: Optional[str] = N
     in tokens, when the data is known; the estimate then sizes rows by it
     (at most ``max_length``), except with ``packing``, whose rows fill
     ``max_length``. ``activation_offloading`` counts only on CUDA, as in training.
+    Methods other than lora, qlora and full are estimated like LoRA with their
+    own trainable parameters: ``trainable_params``, else :func:`count_trainable`.
 
     Raises:
-        ValueError: a method other than lora, qlora and full without ``trainable_params``.
+        ValueError: the method's parameters cannot be counted without a model (see :func:`count_trainable`).
     """
     method = "lora" if cfg.method in ("lora", "qlora") else cfg.method
     if method not in ("lora", "full") and trainable_params is None:
-        raise ValueError(f"method {cfg.method!r}: the plan sizes {', '.join(PLANNED_METHODS)} from the config; "
-                         "for other methods give the trainable parameter count (--trainable-params)")
+        trainable_params = count_trainable(cfg)
     quantization = cfg.quantization if cfg.quantization != "none" else "4bit" if cfg.method == "qlora" else None
     dtype = dtype or cfg.dtype
     if dtype == "auto":
@@ -865,7 +904,13 @@ def _cli_settings(args: argparse.Namespace, device: str) -> tuple[Any, dict[str,
     settings.update(given)
     if settings["dtype"] == "auto":
         settings["dtype"] = "bf16" if device == "cuda" or cpu_has_native_bf16() else "fp32"
-    return args.model or model or DEFAULT_MODEL, settings
+    source = args.model or model or DEFAULT_MODEL
+    if settings["method"] not in ("lora", "full") and settings["trainable_params"] is None:
+        from .train.config import TrainConfig
+
+        keys = {key: settings[key] for key in ("method", "lora_r", "lora_dropout", "target_modules")}
+        settings["trainable_params"] = count_trainable(TrainConfig.load(None, keys), source)
+    return source, settings
 
 
 def run_plan_cli(args: argparse.Namespace) -> int:
