@@ -14,8 +14,8 @@ and adds up what one training step holds at its peak::
   blocks), or 1 byte + one fp32 scale per output row for 8-bit. Embeddings,
   ``lm_head`` and norms stay at the compute dtype.
 * ``trainable``/``gradients``/``optimizer``: adapter parameters are fp32 (the
-  HF PEFT default; for methods other than LoRA, counted by building the model
-  on the meta device, :func:`count_trainable`), so 4 bytes each, 4 more for the gradient and 8 for AdamW's
+  HF PEFT default; methods other than LoRA are counted on the meta device by
+  :func:`count_trainable`), so 4 bytes each, 4 more for the gradient and 8 for AdamW's
   two moments (2 with 8-bit AdamW, 0 with plain SGD). Full fine-tuning keeps
   them at the model dtype, as ``torch.optim.AdamW`` does.
 * ``activations``: tensors autograd saves for backward, per token per layer,
@@ -722,6 +722,17 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def auto_dtype(device: str, gpu: Optional[str] = None) -> str:
+    """What the trainer's ``dtype: auto`` gives: bf16 where the hardware runs it natively, else fp32.
+
+    ``gpu``: a card name as ``--gpu`` takes it; the cards of
+    :data:`GPUS_WITHOUT_BF16` only emulate bf16.
+    """
+    if device == "cuda":
+        return "fp32" if gpu is not None and gpu.upper() in GPUS_WITHOUT_BF16 else "bf16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
 def count_trainable(cfg: Any, source: Any = None) -> int:
     """Trainable parameters of ``cfg``'s method (a ``TrainConfig``) grafted onto ``source``'s architecture.
 
@@ -782,7 +793,7 @@ def training_settings(cfg: Any, *, device: str = "cpu", dtype: Optional[str] = N
     quantization = cfg.quantization if cfg.quantization != "none" else "4bit" if cfg.method == "qlora" else None
     dtype = dtype or cfg.dtype
     if dtype == "auto":
-        dtype = "bf16" if device == "cuda" or cpu_has_native_bf16() else "fp32"
+        dtype = auto_dtype(device)
     targets = cfg.target_modules
     if targets is not None and list(targets) == ["all-linear"]:
         targets = "all-linear"
@@ -851,12 +862,14 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
       help="a tsugiki train config: plan that job (its model, method, quantization, dtype, batch_size, "
            "max_length, optimizer, ...); the flags below override it. Rows are taken to be max_length tokens; "
            "tsugiki train re-checks with the real rows before loading the model")
-    a("--method", default=None, help="lora (default), qlora, full, or another method with --trainable-params")
+    a("--method", default=None, help="lora (default), qlora, full, or any other training method (dora, ia3, "
+                                     "prompt_tuning, ...)")
     a("--lora-r", type=int, default=None, help="LoRA rank (default 8)")
     a("--lora-dropout", type=float, default=None, help="LoRA dropout (default 0)")
     a("--target-modules", default=None,
       help="comma-separated module names or 'all-linear' (default: the architecture's, q_proj,v_proj for Llama)")
-    a("--trainable-params", type=int, default=None, help="trainable parameter count for other methods")
+    a("--trainable-params", type=int, default=None,
+      help="trainable parameter count for methods other than LoRA (default: counted from the model's config)")
     a("--quantization", choices=["none", "4bit", "8bit"], default=None, help="k-bit base (default: none)")
     a("--no-double-quant", dest="double_quant", action="store_false", default=None,
       help="4-bit without double quantization")
@@ -888,10 +901,8 @@ def _cli_settings(args: argparse.Namespace, device: str) -> tuple[Any, dict[str,
 
         cfg = TrainConfig.load(args.config)
         model = cfg.model
-        dtype = args.dtype
-        if dtype is None and cfg.dtype == "auto" and device == "cuda" and args.gpu.upper() in GPUS_WITHOUT_BF16:
-            dtype = "fp32"  # the trainer's auto on a card without bf16
-        job = training_settings(cfg, device=device, dtype=dtype, trainable_params=args.trainable_params)
+        job = training_settings(cfg, device=device, dtype=auto_dtype(device, args.gpu) if cfg.dtype == "auto" else None,
+                                trainable_params=args.trainable_params)
         settings.update({key: value for key, value in job.items() if key != "device"})
     given = {key: getattr(args, key) for key in CLI_DEFAULTS if getattr(args, key) is not None}
     if "method" in given and given["method"] == "qlora":
@@ -903,7 +914,7 @@ def _cli_settings(args: argparse.Namespace, device: str) -> tuple[Any, dict[str,
         given["target_modules"] = [t.strip() for t in given["target_modules"].split(",") if t.strip()]
     settings.update(given)
     if settings["dtype"] == "auto":
-        settings["dtype"] = "bf16" if device == "cuda" or cpu_has_native_bf16() else "fp32"
+        settings["dtype"] = auto_dtype(device, args.gpu)
     source = args.model or model or DEFAULT_MODEL
     if settings["method"] not in ("lora", "full") and settings["trainable_params"] is None:
         from .train.config import TrainConfig
