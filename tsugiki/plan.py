@@ -58,6 +58,7 @@ states exist (any step after the first), loading transients are not counted.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -107,7 +108,18 @@ def _default_gguf_path() -> str:
 
 
 def gguf_config(path: str) -> dict:
-    """A HF-style config dict from a ``.gguf`` file's metadata (memory-mapped; no weights read)."""
+    """A HF-style config dict from a ``.gguf`` file's metadata (memory-mapped; no weights read).
+
+    Parsing the metadata takes seconds (the tokenizer's tables are in it), and
+    :func:`suggestions` estimates a job a dozen times: results are cached per
+    file, path and modification time.
+    """
+    st = os.stat(path)
+    return dict(_gguf_config(os.path.abspath(path), st.st_mtime_ns, st.st_size))
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_config(path: str, mtime_ns: int, size: int) -> dict:
     from gguf import GGUFReader
 
     reader = GGUFReader(path)
