@@ -131,7 +131,7 @@ def test_training_on_json_lines_never_imports_datasets(model_dir, data_file, tmp
 
 
 def test_training_starts_with_the_memory_plan_and_warns_when_it_does_not_fit(model_dir, data_file, tmp_path,
-                                                                           capsys, monkeypatch):
+                                                                           capsys, monkeypatch, caplog):
     from tsugiki import plan
 
     assert main(_train_args(model_dir, data_file, str(tmp_path / "a"), "--max_steps", "1")) == 0
@@ -141,6 +141,11 @@ def test_training_starts_with_the_memory_plan_and_warns_when_it_does_not_fit(mod
     out = capsys.readouterr().out
     assert "warning: memory plan:" in out and "1.00 MiB" not in out and "0.00 GiB of RAM available" in out
     assert os.path.exists(tmp_path / "b" / "adapter_model.safetensors")  # a warning, not a refusal
+    # The Python API without progress output logs the warning instead.
+    with caplog.at_level("WARNING", logger="tsugiki"):
+        tsugiki.train({"model": model_dir, "data": data_file, "output_dir": str(tmp_path / "c"), "max_steps": 1,
+                       "dtype": "fp32", "tensorboard": False}, progress=False)
+    assert any(r.getMessage().startswith("warning: memory plan:") for r in caplog.records)
 
 
 def test_train_python_api_matches_cli_keys(model_dir, data_file, tmp_path):

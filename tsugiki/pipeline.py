@@ -134,9 +134,11 @@ def run_training(config: Union[None, str, os.PathLike, Mapping[str, Any], TrainC
         eval_rows, _, eval_stats = build_dataset(cfg.eval_data, tokenizer, template, **data_args)
         _say("eval data: " + eval_stats.summary(), progress)
 
-    if progress and distributed.world_size() == 1:  # the plan sizes one process, not a sharded run
+    if distributed.world_size() == 1:  # the plan sizes one process, not a sharded run
         line = memory_plan_line(cfg, train_rows)
-        if line:
+        if line and line.startswith("warning") and not progress:
+            logger.warning(line)
+        elif line:
             _say(line, progress)
 
     set_seed(cfg.seed)  # before the adapter is created, so its initial weights repeat

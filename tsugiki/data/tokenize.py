@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from .errors import DataError
 from .formats import Sample, detect_format, normalise, read_rows
+from .templates import Template, get_template
 
 if TYPE_CHECKING:
     import datasets
-from .templates import Template, get_template
 
 IGNORE_INDEX = -100
 TRAIN_ON = ("response", "all")
