@@ -396,3 +396,16 @@ def test_gguf_metadata_is_read_once_per_file_version(tmp_path, monkeypatch):
     _write_gguf(path, layers=3)  # a new file under the same name is read again
     os.utime(path, ns=(1, 1))
     assert plan.load_config(str(path)).num_hidden_layers == 3 and len(reads) == 2
+
+
+def test_python_plan_takes_a_training_config(tmp_path, capsys):
+    cfg = _train_config(tmp_path, method="qlora", dtype="bf16", batch_size=2, max_length=128)
+    want = plan.estimate(str(tmp_path), **plan.training_settings(cfg))
+    assert plan.plan(config=cfg, available="100GB").total == want.total
+    assert "job: LoRA r=8 on default targets, 4bit base, bf16 compute, batch 2 x 128 tokens" in capsys.readouterr().out
+    as_dict = {"model": str(tmp_path), "method": "qlora", "dtype": "bf16", "batch_size": 2, "max_length": 128}
+    assert plan.plan(config=as_dict, verbose=False).total == want.total
+    # Keyword arguments win over the config.
+    wider = plan.plan(config=cfg, verbose=False, batch_size=8, max_forward_tokens=0)
+    assert wider.total == plan.estimate(str(tmp_path), **{**plan.training_settings(cfg), "batch_size": 8,
+                                                          "max_forward_tokens": 0}).total > want.total

@@ -965,15 +965,29 @@ def main(argv=None) -> int:
     return run_plan_cli(parser.parse_args(argv))
 
 
-def plan(source: Any = DEFAULT_MODEL, *, available: Optional[Union[int, str]] = None, verbose: bool = True,
-         **estimate_args: Any) -> Estimate:
+def plan(source: Any = None, *, config: Any = None, available: Optional[Union[int, str]] = None,
+         verbose: bool = True, **estimate_args: Any) -> Estimate:
     """Estimate (see :func:`estimate` for the arguments), print the breakdown and the fit verdict, return it.
 
-    ``available`` is a memory size in bytes or a name such as ``"24GB"`` or ``"T4"``
-    (default: this machine's available RAM); with ``device="cuda"`` it is also the
-    device memory that ``max_forward_tokens: auto`` sizes forwards by, unless
-    ``device_memory`` is given.
+    ``source`` defaults to ``config``'s model, else the built-in default model.
+    ``config``: a training job (a YAML path, a dict of train keys or a
+    ``TrainConfig``) whose settings :func:`training_settings` turns into the
+    estimate's; ``estimate_args`` override them. ``available`` is a memory size
+    in bytes or a name such as ``"24GB"`` or ``"T4"`` (default: this machine's
+    available RAM); with ``device="cuda"`` it is also the device memory that
+    ``max_forward_tokens: auto`` sizes forwards by, unless ``device_memory`` is given.
     """
+    if config is not None:
+        from .pipeline import as_config
+
+        cfg = as_config(config)
+        device = estimate_args.get("device", "cpu")
+        gpu = available if isinstance(available, str) else None
+        job = training_settings(cfg, device=device, dtype=auto_dtype(device, gpu) if cfg.dtype == "auto" else None,
+                                trainable_params=estimate_args.get("trainable_params"))
+        estimate_args = {**job, **estimate_args}
+        source = source if source is not None else cfg.model
+    source = source if source is not None else DEFAULT_MODEL
     size = None if available is None else parse_size(available) if isinstance(available, str) else int(available)
     if estimate_args.get("device") == "cuda" and size is not None:
         estimate_args.setdefault("device_memory", size)
