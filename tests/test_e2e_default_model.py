@@ -36,3 +36,16 @@ def test_train_a_few_steps_then_generate_with_the_saved_adapter(tmp_path, capsys
     capsys.readouterr()
     assert main(["generate", "--adapter", out, "--prompt", "What is 2 + 2?", "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_a_gguf_base_trained_in_bf16_loads_in_bf16_with_the_bits_the_dtype_policy_gives():
+    import torch
+
+    from tsugiki.models import load_model
+    from tsugiki.pipeline import load_dtype
+    from tsugiki.train.config import TrainConfig
+
+    assert load_dtype(TrainConfig.load(None, {"dtype": "bf16"})) == torch.bfloat16
+    direct = load_model(None, dtype=torch.bfloat16).state_dict()
+    for name, weight in load_model(None).state_dict().items():  # fp32, as the trainer's policy then casts it
+        assert direct[name].dtype == torch.bfloat16 and torch.equal(direct[name], weight.to(torch.bfloat16)), name

@@ -188,3 +188,23 @@ def test_auto_dtype_on_cuda_takes_bf16_only_where_the_card_runs_it(monkeypatch, 
                         lambda including_emulation=True: including_emulation or not emulated_only)
     assert resolve_dtype("auto", torch.device("cuda")) == expected
     assert resolve_dtype("bf16", torch.device("cuda")) == torch.bfloat16
+
+
+def test_only_a_gguf_base_whose_weights_all_stay_frozen_loads_in_the_compute_dtype(tmp_path):
+    from tsugiki.pipeline import load_dtype
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "config.json").write_text("{}")
+
+    def dtype(**keys):
+        return load_dtype(TrainConfig.load(None, {"model": str(gguf), "dtype": "bf16", **keys}))
+
+    assert dtype() == torch.bfloat16 and dtype(dtype="fp16") == torch.float16
+    assert dtype(dtype="fp32") is None  # fp32 compute: the loader's fp32
+    assert dtype(method="full") is None and dtype(method="qlora") is None and dtype(quantization="8bit") is None
+    assert dtype(method_args={"modules_to_save": ["embed_tokens"]}) is None  # a trained copy starts from fp32
+    assert dtype(method_args={"bias": "all"}) is None
+    assert dtype(method="ia3") == torch.bfloat16
+    assert load_dtype(TrainConfig.load(None, {"model": str(tmp_path / "folder"), "dtype": "bf16"})) is None
