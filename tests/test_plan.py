@@ -344,6 +344,8 @@ def test_plan_cli_reads_a_train_config_and_flags_override_it(tmp_path, capsys):
     assert plan.main(["--config", str(job), "--ram", "100GB", "--batch-size", "1", "--quantization", "none"]) == 0
     out = capsys.readouterr().out
     assert "job: LoRA r=8 on default targets, bf16 base, bf16 compute, batch 1 x 256 tokens, adamw" in out
+    with pytest.raises(ValueError, match=r"method='lorra' is not available.*did you mean 'lora'"):
+        plan.main(["--method", "lorra"])
     # A train config that does not load fails as it would in training, naming the key.
     (tmp_path / "bad.yaml").write_text("batch_sise: 4\n")
     with pytest.raises(ValueError, match="batch_sise"):

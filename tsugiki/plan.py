@@ -759,8 +759,9 @@ def count_trainable(cfg: Any, source: Any = None) -> int:
     import torch
     import transformers
 
-    from .pipeline import graft
+    from .pipeline import check_method, graft
 
+    check_method(cfg)  # an unknown method: the training job's error, with the closest name
     config = load_config(source if source is not None else cfg.model or DEFAULT_MODEL)
     builder = transformers.AutoModel if config.model_type == "bert" else transformers.AutoModelForCausalLM
     with torch.device("meta"):
