@@ -185,6 +185,8 @@ def test_clear_errors(tmp_path):
         plan.estimate(SMOLLM2, target_modules=["nope"])
     with pytest.raises(ValueError, match="trainable_params"):
         plan.estimate(SMOLLM2, method="ia3")
+    with pytest.raises(ValueError, match="lora_r=0: the LoRA rank must be a whole number >= 1"):
+        plan.estimate(SMOLLM2, lora_r=0)
 
 
 @pytest.mark.e2e

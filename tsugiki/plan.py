@@ -508,6 +508,8 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
     if activation_offloading and not (gradient_checkpointing and device == "cuda"):
         raise ValueError("activation_offloading=True moves what gradient checkpointing keeps off a GPU: "
                          "pass gradient_checkpointing=True and device='cuda'")
+    if method == "lora" and (not isinstance(lora_r, int) or lora_r < 1):
+        raise ValueError(f"lora_r={lora_r!r}: the LoRA rank must be a whole number >= 1")
     if batch_size < 1 or max_length < 1:
         raise ValueError(f"batch_size={batch_size} and max_length={max_length} must be >= 1")
     if max_forward_tokens != "auto" and not (isinstance(max_forward_tokens, int) and max_forward_tokens >= 0):
