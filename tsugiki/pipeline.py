@@ -135,12 +135,11 @@ def run_training(config: Union[None, str, os.PathLike, Mapping[str, Any], TrainC
         eval_rows, _, eval_stats = build_dataset(cfg.eval_data, tokenizer, template, **data_args)
         _say("eval data: " + eval_stats.summary(), progress)
 
-    if distributed.world_size() == 1:  # the plan sizes one process, not a sharded run
-        line = memory_plan_line(cfg, train_rows)
-        if line and line.startswith("warning") and not progress:
-            logger.warning(line)
-        elif line:
-            _say(line, progress)
+    planned = memory_plan(cfg, train_rows) if distributed.world_size() == 1 else None  # the plan sizes one process
+    if planned and not planned[1] and not progress:
+        logger.warning(planned[0])
+    elif planned:
+        _say(planned[0], progress)
 
     set_seed(cfg.seed)  # before the adapter is created, so its initial weights repeat
     model = load_model(cfg.model, quantization=quantization_of(cfg), device=distributed.local_device(),
@@ -171,28 +170,33 @@ def load_dtype(cfg: TrainConfig) -> Optional[torch.dtype]:
     args = cfg.method_args or {}
     if cfg.method == "full" or args.get("modules_to_save") or args.get("bias", "none") != "none":
         return None
-    device = torch.device(distributed.local_device() or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, _training_device())
     return dtype if dtype in (torch.bfloat16, torch.float16) else None
 
 
-def memory_plan_line(cfg: TrainConfig, train_rows: Sequence[Mapping[str, Any]]) -> Optional[str]:
+def memory_plan(cfg: TrainConfig, train_rows: Sequence[Mapping[str, Any]]) -> Optional[tuple[str, bool]]:
     """:func:`tsugiki.plan.training_fit`'s line for this job on this machine, rows sized by the longest
-    training row; None for a model the plan cannot read or a method it cannot count."""
+    training row, and whether it fits; None for a model the plan cannot read or a method it cannot count."""
     from . import plan
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        available, where = torch.cuda.mem_get_info()[0], "free on the GPU"
+    device = _training_device()
+    if device.type == "cuda":
+        available, where = torch.cuda.mem_get_info(device)[0], "free on the GPU"
     else:
         available, where = plan.available_ram(), "of RAM available"
-    dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(resolve_dtype(cfg.dtype, torch.device(device)), "fp32")
+    dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(resolve_dtype(cfg.dtype, device), "fp32")
     longest = max(len(row["input_ids"]) for row in train_rows)
     try:
-        return plan.training_fit(cfg, available, where, device=device, dtype=dtype, longest_row=longest)[1]
+        est, line = plan.training_fit(cfg, available, where, device=device.type, dtype=dtype, longest_row=longest)
     except (ValueError, OSError, ImportError) as err:  # a model the plan cannot read: training goes on
         logger.debug("no memory plan for %s: %s", cfg.model, err)
         return None
+    return line, est.fits(available)
+
+
+def _training_device() -> torch.device:
+    """Where the model will train: this rank's GPU, else the loader's default (CUDA when there is one)."""
+    return torch.device(distributed.local_device() or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def _eval_split(cfg: TrainConfig) -> Union[None, int, float]:

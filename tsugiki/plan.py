@@ -909,11 +909,11 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 def _cli_settings(args: argparse.Namespace, device: str) -> tuple[Any, dict[str, Any]]:
     """The model and the estimate() arguments: CLI_DEFAULTS < the --config job < flags given."""
+    from .train.config import TrainConfig
+
     settings = dict(CLI_DEFAULTS)
     model = None
     if args.config:
-        from .train.config import TrainConfig
-
         cfg = TrainConfig.load(args.config)
         model = cfg.model
         job = training_settings(cfg, device=device, dtype=auto_dtype(device, args.gpu) if cfg.dtype == "auto" else None,
@@ -932,8 +932,6 @@ def _cli_settings(args: argparse.Namespace, device: str) -> tuple[Any, dict[str,
         settings["dtype"] = auto_dtype(device, args.gpu)
     source = args.model or model or DEFAULT_MODEL
     if settings["method"] not in ("lora", "full") and settings["trainable_params"] is None:
-        from .train.config import TrainConfig
-
         keys = {key: settings[key] for key in ("method", "lora_r", "lora_dropout", "target_modules")}
         settings["trainable_params"] = count_trainable(TrainConfig.load(None, keys), source)
     return source, settings
