@@ -136,16 +136,17 @@ def test_lora_on_a_cuda_kbit_base_trains_saves_and_reloads(bits, tmp_path):
         assert (merged_logits.float() - expected.float()).abs().max().item() < 0.1
 
 
-def test_auto_forward_budget_on_cuda_follows_the_device_memory():
+def test_auto_forward_budget_on_cuda_follows_the_free_device_memory():
     from tsugiki.train.loop import auto_forward_tokens
 
     model = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(r=4, target_modules="all-linear"))
     on_cpu = auto_forward_tokens(model, torch.bfloat16, torch.device("cpu"))
     on_gpu = auto_forward_tokens(model.to(CUDA), torch.bfloat16, CUDA)
-    total = torch.cuda.get_device_properties(CUDA).total_memory
+    free, total = torch.cuda.mem_get_info(CUDA)
+    ours = min(total, free + torch.cuda.memory_reserved(CUDA))
     frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     # Same rule, another reference size (the per-token estimate differs a little by device: the attention kernel).
-    assert on_gpu == pytest.approx(on_cpu * total / frozen, rel=0.15)
+    assert on_gpu == pytest.approx(on_cpu * ours / frozen, rel=0.15)
 
 
 def test_activation_offloading_moves_the_layer_inputs_to_host_memory(tmp_path):

@@ -356,6 +356,30 @@ def test_auto_forward_tokens_follows_the_weights_and_the_shape():
     assert auto_forward_tokens(torch.nn.Linear(4, 4), torch.float32) == 0  # no config: no limit
 
 
+def test_auto_forward_tokens_on_cuda_counts_the_memory_this_process_can_have(monkeypatch):
+    """Free device memory plus what torch holds, at most the total: another process's memory is not ours."""
+    from tsugiki import plan
+    from tsugiki.plan import AUTO_ACTIVATION_SHARE
+    from tsugiki.train.loop import auto_forward_tokens
+
+    model = tiny_model()
+    shape = plan.model_shape(plan.load_config(model.config))
+    adapted = {lin.name for lin in shape.linears}
+    block = plan.block_activation_bytes(shape, 2, full=False, adapted=adapted, lora_r=16, lora_dropout=0.0,
+                                        device="cuda")
+    gib = 1 << 30
+    memory = {"free": 10 * gib, "total": 80 * gib, "reserved": 2 * gib}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (memory["free"], memory["total"]))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: memory["reserved"])
+    cuda = torch.device("cuda", 0)
+    # A GPU shared with another job: 12 GiB of its 80 are this process's to use.
+    assert auto_forward_tokens(model, torch.bfloat16, cuda) == int(AUTO_ACTIVATION_SHARE * 12 * gib
+                                                                   // (shape.layers * block))
+    memory.update(free=79 * gib, reserved=3 * gib)  # alone on the card: the total bounds it
+    assert auto_forward_tokens(model, torch.bfloat16, cuda) == int(AUTO_ACTIVATION_SHARE * 80 * gib
+                                                                   // (shape.layers * block))
+
+
 def test_auto_forward_tokens_under_checkpointing_counts_block_inputs_and_one_block():
     from tsugiki import plan
     from tsugiki.plan import AUTO_ACTIVATION_SHARE

@@ -411,7 +411,8 @@ def auto_forward_budget(shape: Shape, s: int, reference_bytes: int, device: str,
     r 16 without dropout: ``layers * block``; under gradient checkpointing each
     block's input plus one block, ``layers * hidden * s + block``; with those
     inputs offloaded to the host, ``block`` alone. The trainer's reference is the
-    frozen weights' bytes on a CPU and the device's memory on CUDA.
+    frozen weights' bytes on a CPU and, on CUDA, the device memory the process can
+    have (free plus what torch holds, at most the total).
     """
     adapted = {lin.name for lin in shape.linears}
     block = block_activation_bytes(shape, s, full=False, adapted=adapted, lora_r=16, lora_dropout=0.0, device=device)

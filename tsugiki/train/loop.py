@@ -184,9 +184,11 @@ def auto_forward_tokens(model: nn.Module, dtype: torch.dtype, device: torch.devi
 
     The reference is the frozen weights' bytes on the CPU, so the weights dominate
     the peak there (one short row per forward costs little speed on a CPU). On a
-    CUDA device it is the device's memory: each forward there pays a fixed launch
-    cost that makes short forwards several times slower per token, and an
-    out-of-memory error halves the micro-batch anyway.
+    CUDA device it is the device memory this process can have: free memory plus
+    what torch already holds, at most the device's total (other processes' memory
+    is not counted; it is what the memory plan calls free before loading). Each
+    forward there pays a fixed launch cost that makes short forwards several
+    times slower per token, and an out-of-memory error halves the micro-batch anyway.
     """
     from .. import plan
 
@@ -196,7 +198,8 @@ def auto_forward_tokens(model: nn.Module, dtype: torch.dtype, device: torch.devi
     except Exception:  # an architecture the estimate has no formula for
         return 0
     if device.type == "cuda":
-        reference = torch.cuda.get_device_properties(device).total_memory
+        free, total = torch.cuda.mem_get_info(device)
+        reference = min(total, free + torch.cuda.memory_reserved(device))
     else:
         reference = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     s = torch.tensor([], dtype=dtype).element_size()
