@@ -203,7 +203,9 @@ def test_only_a_gguf_base_whose_weights_all_stay_frozen_loads_in_the_compute_dty
 
     assert dtype() == torch.bfloat16 and dtype(dtype="fp16") == torch.float16
     assert dtype(dtype="fp32") is None  # fp32 compute: the loader's fp32
-    assert dtype(method="full") is None and dtype(method="qlora") is None and dtype(quantization="8bit") is None
+    assert dtype(method="full") is None
+    assert dtype(method="qlora") == torch.bfloat16 and dtype(quantization="8bit") == torch.bfloat16
+    assert dtype(method="qlora", dtype="fp32") is None
     assert dtype(method_args={"modules_to_save": ["embed_tokens"]}) is None  # a trained copy starts from fp32
     assert dtype(method_args={"bias": "all"}) is None
     assert dtype(method="ia3") == torch.bfloat16

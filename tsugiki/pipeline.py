@@ -162,10 +162,14 @@ def load_dtype(cfg: TrainConfig) -> Optional[torch.dtype]:
     A GGUF file loads dequantized to fp32 by default, and the trainer's dtype
     policy then casts every frozen weight to the compute dtype: loading it in
     that dtype gives the same bits without the fp32 copy (the default model's
-    load peak falls from 1.13 to 0.88 GiB). Not when a base weight trains
-    (``full``, ``modules_to_save``, trained biases): those start from fp32 values.
+    load peak falls from 1.13 to 0.88 GiB). A base quantized to 4 or 8 bits is
+    then quantized from those 16-bit values, as from a 16-bit checkpoint: its
+    error against the fp32 weights is the same to 0.1% a layer (NF4, default
+    model), and the load peak falls from 1.15 to 0.90 GiB. Not when a base
+    weight trains (``full``, ``modules_to_save``, trained biases): those start
+    from fp32 values.
     """
-    if resolve_model(cfg.model).kind != "gguf" or quantization_of(cfg):
+    if resolve_model(cfg.model).kind != "gguf":
         return None
     args = cfg.method_args or {}
     if cfg.method == "full" or args.get("modules_to_save") or args.get("bias", "none") != "none":
