@@ -177,3 +177,81 @@ def test_clear_errors():
                           lora_dropout=0.0)
     with pytest.raises(ValueError, match="use_dora must stay True"):
         METHOD_BUILDERS["dora"](cfg, "base")
+
+
+def _dora_layer(bias: bool, dropout: float, dtype: torch.dtype) -> LoraLinear:
+    layer = LoraLinear(torch.nn.Linear(48, 40, bias=bias))
+    layer.update_layer("default", r=4, alpha=8, dropout=dropout, init=True, use_rslora=False, use_dora=True)
+    with torch.no_grad():  # a trained-looking adapter: B and m away from their initial values
+        layer.lora_B["default"].weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+        layer.lora_magnitude_vector["default"].mul_(torch.linspace(0.7, 1.3, 40))
+    layer.base_layer.to(dtype).requires_grad_(False)
+    return layer.train()
+
+
+def _saved_bytes(fn) -> int:
+    seen = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_fused_dora_forward_equals_the_reference_path(bias, dropout, dtype):
+    """The training path (fused LoRA add, ``b + f * z``) against ``base + _adapter_out``: values and gradients."""
+    layer = _dora_layer(bias, dropout, dtype)
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+              layer.lora_magnitude_vector["default"]]
+    x0 = torch.randn(2, 9, 48, generator=torch.Generator().manual_seed(0)).to(dtype)
+    g = torch.randn(2, 9, 40, generator=torch.Generator().manual_seed(1)).to(dtype)
+    results = []
+    for forward in (layer.forward, layer.additive_forward):
+        x = x0.clone().requires_grad_(True)
+        torch.manual_seed(5)  # the same dropout mask on both paths
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = forward(x)
+        results.append((out, *torch.autograd.grad(out, [x, *params], g)))
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.05, "rtol": 0.02}
+    for name, got, want in zip(("out", "x", "A", "B", "m"), *results):
+        assert got.dtype == want.dtype, name
+        torch.testing.assert_close(got, want, **tol, msg=name)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])
+def test_fused_dora_forward_keeps_less_for_backward(dropout):
+    layer = _dora_layer(bias=True, dropout=dropout, dtype=torch.bfloat16)
+    x = torch.randn(4, 64, 48, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, reference = _saved_bytes(lambda: layer(x)), _saved_bytes(lambda: layer.additive_forward(x))
+    # fused: x (and d(x)), A x and z at bf16 a token (2 x 48 (x 2) + 2 x 4 + 2 x 40), plus the weights
+    # (under 8 KiB); the reference keeps W x in fp32 instead of z (2 x 40 more) and s B A x (2 x 40)
+    tokens = 4 * 64
+    assert fused <= tokens * (2 * 48 * (2 if dropout else 1) + 2 * 4 + 2 * 40) + 8192
+    assert reference - fused >= tokens * 4 * 40 - 2048
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("fan_in_fan_out", [False, True], ids=["linear", "conv1d-layout"])
+def test_expanded_row_norm_equals_the_norm_of_the_formed_weight(dtype, fan_in_fan_out):
+    """||W + s B A|| per row from ||W||^2, W A^T and A A^T equals the norm of the weight formed in fp32."""
+    base = torch.nn.Linear(300, 70, bias=False)
+    if fan_in_fan_out:
+        base.weight = torch.nn.Parameter(base.weight.detach().t().contiguous())  # stored (in, out)
+    layer = LoraLinear(base.to(dtype), fan_in_fan_out=fan_in_fan_out)
+    layer.update_layer("default", r=8, alpha=16, dropout=0.0, init=True, use_rslora=False, use_dora=True)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(4))
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    W = layer.base_layer.weight.float()
+    W = W.t() if fan_in_fan_out else W
+    want = torch.linalg.norm(W + layer.scaling["default"] * B @ A, dim=1)
+    # bf16: W A^T is rounded to bf16 (a relative 2^-9 of a term much smaller than ||W||^2)
+    torch.testing.assert_close(layer._dora_norm("default", torch.float32), want,
+                               rtol=1e-5 if dtype == torch.float32 else 1e-3, atol=0)
