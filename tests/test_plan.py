@@ -90,11 +90,11 @@ def test_activation_formula_matches_what_autograd_saves():
               num_attention_heads=4, num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True)
     B, T = 2, 32
 
-    def saved(layers, dtype, targets, dropout, fused, fast):
+    def saved(layers, dtype, targets, dropout, fused, fast, dora):
         cfg = transformers.AutoConfig.for_model(**{**kw, "num_hidden_layers": layers})
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-        model = get_peft_model(model, LoraConfig(r=4, target_modules=targets, lora_dropout=dropout))
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=targets, lora_dropout=dropout, use_dora=dora))
         model.train()
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         storages = {}
@@ -111,19 +111,22 @@ def test_activation_formula_matches_what_autograd_saves():
         return sum(n for ptr, n in storages.items() if ptr not in params)
 
     shape = plan.model_shape(transformers.AutoConfig.for_model(**kw))
-    cases = [(torch.float32, "fp32", ["q_proj", "v_proj"], 0.0, False),
-             (torch.bfloat16, "bf16", "all-linear", 0.1, False),
-             (torch.bfloat16, "bf16", "all-linear", 0.1, True),  # tsugiki's CPU attention keeps q, k, v only
-             (torch.bfloat16, "bf16", ["q_proj", "v_proj"], 0.0, True)]  # ... and o_proj's input is not kept
-    for dtype, name, targets, dropout, fast in cases:
+    cases = [(torch.float32, "fp32", ["q_proj", "v_proj"], 0.0, False, False),
+             (torch.bfloat16, "bf16", "all-linear", 0.1, False, False),
+             (torch.bfloat16, "bf16", "all-linear", 0.1, True, False),  # tsugiki's CPU attention keeps q, k, v only
+             (torch.bfloat16, "bf16", ["q_proj", "v_proj"], 0.0, True, False),  # ... and o_proj's input is not kept
+             (torch.bfloat16, "bf16", "all-linear", 0.0, True, True),  # DoRA
+             (torch.bfloat16, "bf16", "all-linear", 0.1, True, True),
+             (torch.float32, "fp32", ["q_proj", "v_proj"], 0.1, False, True)]
+    for dtype, name, targets, dropout, fast, dora in cases:
         for fused in (True, False):
-            args = (dtype, targets, dropout, fused, fast)
+            args = (dtype, targets, dropout, fused, fast, dora)
             per_block = (saved(3, *args) - saved(2, *args)) / (B * T)
             adapted = {lin.name for lin in plan.targeted_linears(shape, targets)}
             want = plan.block_activation_bytes(shape, plan.DTYPE_BYTES[name], full=False, adapted=adapted,
                                                lora_r=4, lora_dropout=dropout, device="cpu", fused_blocks=fused,
-                                               fast_attention=fast)
-            assert per_block == pytest.approx(want, rel=0.02), (name, targets, fused, fast)
+                                               fast_attention=fast, dora=dora)
+            assert per_block == pytest.approx(want, rel=0.02), (name, targets, fused, fast, dropout, dora)
 
 
 def test_verdict_flips_and_suggestions_name_what_fits():
@@ -322,6 +325,23 @@ def test_trainable_parameters_counted_on_meta_equal_the_grafted_models(tmp_path,
     job = cfg.replace(method="lora") if method == "qlora" else cfg  # the count ignores the 4-bit base
     real = sum(p.numel() for p in graft(model, job).parameters() if p.requires_grad)
     assert plan.count_trainable(cfg) == real > 0
+
+
+def test_dora_is_estimated_as_lora_plus_magnitudes_and_what_it_keeps(tmp_path):
+    from helpers_data import tiny_llama
+    from tsugiki.train.config import TrainConfig
+
+    model = tiny_llama()
+    model.config.save_pretrained(tmp_path)
+    cfg = TrainConfig.load(None, {"model": str(tmp_path), "method": "dora", "lora_r": 4,
+                                  "target_modules": "all-linear", "lora_dropout": 0.1})
+    settings = plan.training_settings(cfg)
+    assert settings["method"] == "dora"
+    dora = plan.estimate(str(tmp_path), **{**settings, "trainable_params": None})
+    assert dora.params["trainable"] == plan.count_trainable(cfg)  # the closed form equals the grafted count
+    lora = plan.estimate(str(tmp_path), **{**settings, "method": "lora"})
+    assert dora.parts["activations"] > lora.parts["activations"]
+    assert plan.describe(dora.settings).startswith("DoRA r=4 on all-linear")
 
 
 def test_training_fit_names_changes_that_fit(tmp_path):

@@ -360,7 +360,7 @@ def uses_fast_attention(shape: Shape, config, dtype: str, device: str, max_lengt
 
 def block_activation_bytes(shape: Shape, s: int, *, full: bool, adapted: set[str], lora_r: int,
                            lora_dropout: float, device: str, fused_blocks: bool = True,
-                           fast_attention: bool = False) -> float:
+                           fast_attention: bool = False, dora: bool = False) -> float:
     """Bytes autograd saves per token in one block.
 
     Llama block, compute dtype of ``s`` bytes, as the trainer runs it
@@ -377,7 +377,11 @@ def block_activation_bytes(shape: Shape, s: int, *, full: bool, adapted: set[str
     (:mod:`tsugiki.kernels.lora_fused`): each keeps its input at the compute
     dtype, one copy per input site (q/k/v share one; none when another op keeps
     it already), and its r-wide ``A`` product; dropout keeps nothing (the mask
-    is re-drawn in backward). Full fine-tuning keeps every linear input at ``s``.
+    is re-drawn in backward). DoRA (``dora``) adds, per adapted module, ``z``
+    (``s * out``, for the magnitude's gradient); with dropout each module keeps
+    its own dropped input and dropout's mask instead of the shared input: ``2 s
+    * in`` on a CPU, where torch's dropout keeps its scaled noise at the input's
+    dtype, ``(s + 1) * in`` on CUDA (a boolean mask). Full fine-tuning keeps every linear input at ``s``.
     """
     h, i = shape.hidden, shape.intermediate
     q_dim, kv_dim = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
@@ -389,11 +393,16 @@ def block_activation_bytes(shape: Shape, s: int, *, full: bool, adapted: set[str
     else:
         base = 2 * (s * h + 8) + attn + s * i
     extra = 0.0
+    out_features = {lin.name: lin.out_features for lin in shape.linears}
     for width, names, saved in _input_sites(shape, attention_keeps_output=not fast_attention):
         mods = [n for n in names if n in adapted]
-        if full or mods:
+        if dora and lora_dropout > 0 and mods:
+            extra += len(mods) * (s + (s if device == "cpu" else 1)) * width
+        elif full or mods:
             extra += 0 if saved else s * width
         extra += len(mods) * s * lora_r
+        if dora:
+            extra += sum(s * out_features[n] for n in mods)
     return base + extra
 
 
@@ -485,8 +494,10 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
     Defaults: LoRA r=8 without dropout on the architecture's default targets
     (q_proj/v_proj for Llama), bf16, no quantization, batch 1 x 512 tokens,
     AdamW with fp32 states, no gradient checkpointing, CPU. ``method`` is
-    ``"lora"``, ``"full"`` or any other name, treated like LoRA but with
-    ``trainable_params`` fp32 parameters (and no per-module activations).
+    ``"lora"``, ``"dora"`` (LoRA plus a magnitude per output row, and what
+    DoRA keeps for backward), ``"full"`` or any other name, treated like LoRA
+    but with ``trainable_params`` fp32 parameters (and no per-module
+    activations). ``trainable_params``, when given, replaces DoRA's count too.
     ``activation_offloading`` (CUDA, with gradient checkpointing): the blocks'
     inputs move to pinned host memory; they are reported in ``offloaded``.
     ``target_logits_only`` (default True, as in the trainer): the chunked output
@@ -509,7 +520,7 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
     if activation_offloading and not (gradient_checkpointing and device == "cuda"):
         raise ValueError("activation_offloading=True moves what gradient checkpointing keeps off a GPU: "
                          "pass gradient_checkpointing=True and device='cuda'")
-    if method == "lora" and (not isinstance(lora_r, int) or lora_r < 1):
+    if method in ("lora", "dora") and (not isinstance(lora_r, int) or lora_r < 1):
         raise ValueError(f"lora_r={lora_r!r}: the LoRA rank must be a whole number >= 1")
     if batch_size < 1 or max_length < 1:
         raise ValueError(f"batch_size={batch_size} and max_length={max_length} must be >= 1")
@@ -518,7 +529,7 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
     full = method == "full"
     if full and quantization:
         raise ValueError("method='full' cannot train a quantized base: drop quantization or use method='lora'")
-    if method not in ("lora", "full") and trainable_params is None:
+    if method not in ("lora", "dora", "full") and trainable_params is None:
         raise ValueError(f"method={method!r}: pass trainable_params=<count> to estimate it like LoRA")
 
     config = load_config(source)
@@ -534,10 +545,13 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
     if full:
         trainable = counts["total"]
         param_bytes = s  # trained in place at the model dtype
-    elif method == "lora":
+    elif method in ("lora", "dora"):
         chosen = targeted_linears(shape, target_modules)
         adapted = {lin.name for lin in chosen}
-        trainable = shape.layers * sum(lora_r * (lin.in_features + lin.out_features) for lin in chosen)
+        trainable = shape.layers * sum(lora_r * (lin.in_features + lin.out_features)
+                                       + (lin.out_features if method == "dora" else 0) for lin in chosen)
+        if method == "dora" and trainable_params is not None:  # counted on the model (rank patterns, ...)
+            trainable = int(trainable_params)
         param_bytes = 4
     else:
         trainable = int(trainable_params)
@@ -555,7 +569,8 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
 
     fast = uses_fast_attention(shape, config, dtype, device, max_length)
     per_block = block_activation_bytes(shape, s, full=full, adapted=adapted, lora_r=lora_r,
-                                       lora_dropout=lora_dropout, device=device, fast_attention=fast)
+                                       lora_dropout=lora_dropout, device=device, fast_attention=fast,
+                                       dora=method == "dora")
     block_inputs = tokens * shape.layers * s * shape.hidden
     if gradient_checkpointing:
         # Each block's input is kept (on the host when offloaded); backward recomputes one block at a time.
@@ -682,10 +697,10 @@ def suggestions(est: Estimate, available: int, source: Any = DEFAULT_MODEL) -> l
 def describe(settings: dict[str, Any]) -> str:
     """The job an estimate is for, in one line: method, base, dtype, batch, optimizer, memory savers."""
     method = settings["method"]
-    if method == "lora":
+    if method in ("lora", "dora"):
         targets = settings["target_modules"]
         named = "default targets" if targets is None else targets if isinstance(targets, str) else ",".join(targets)
-        method = f"LoRA r={settings['lora_r']} on {named}"
+        method = f"{'LoRA' if method == 'lora' else 'DoRA'} r={settings['lora_r']} on {named}"
     base = f"{settings['quantization']} base" if settings["quantization"] else f"{settings['dtype']} base"
     parts = [method, base, f"{settings['dtype']} compute",
              f"batch {settings['batch_size']} x {settings['max_length']} tokens", settings["optimizer"]]
@@ -878,8 +893,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
       help="a tsugiki train config: plan that job (its model, method, quantization, dtype, batch_size, "
            "max_length, optimizer, ...); the flags below override it. Rows are taken to be max_length tokens; "
            "tsugiki train re-checks with the real rows before loading the model")
-    a("--method", default=None, help="lora (default), qlora, full, or any other training method (dora, ia3, "
-                                     "prompt_tuning, ...)")
+    a("--method", default=None, help="lora (default), qlora, dora, full, or any other training method (ia3, "
+                                     "prompt_tuning, ...; estimated like LoRA with their own parameter count)")
     a("--lora-r", type=int, default=None, help="LoRA rank (default 8)")
     a("--lora-dropout", type=float, default=None, help="LoRA dropout (default 0)")
     a("--target-modules", default=None,
