@@ -422,6 +422,26 @@ def test_gguf_metadata_is_read_once_per_file_version(tmp_path, monkeypatch):
     assert plan.load_config(str(path)).num_hidden_layers == 3 and len(reads) == 2
 
 
+def test_a_gguf_file_adds_its_loading_peak_and_fits_compares_the_larger(tmp_path):
+    import os
+
+    path = tmp_path / "tiny.gguf"
+    _write_gguf(path, layers=2)
+    bf16 = plan.estimate(str(path), dtype="bf16", max_length=16)
+    params, largest = bf16.params["total"], 100 * 32  # the embedding is the largest tensor
+    # loading = runtime + parameters at the load dtype + the file + one tensor in fp32 + the rest
+    rest = plan.RUNTIME_BYTES["cpu"] + os.path.getsize(path) + 4 * largest + plan.GGUF_LOAD_REST
+    assert bf16.loading == 2 * params + rest
+    assert plan.estimate(str(path), dtype="fp32", max_length=16).loading == 4 * params + rest
+    assert plan.estimate(str(path), dtype="bf16", method="full", max_length=16).loading == 4 * params + rest
+    assert plan.estimate(str(path), dtype="bf16", device="cuda").loading == 0  # host memory, not the GPU's
+    assert plan.estimate(SMOLLM2).loading == 0  # a config: nothing to load
+    assert bf16.peak == max(bf16.total, bf16.loading)
+    assert bf16.fits(bf16.peak) and not bf16.fits(bf16.peak - 1)
+    higher = plan.Estimate(parts={"runtime": 10}, params={}, loading=20)
+    assert not higher.fits(15) and "loading the GGUF file peaks higher" in higher.table()
+
+
 def test_python_plan_takes_a_training_config(tmp_path, capsys):
     cfg = _train_config(tmp_path, method="qlora", dtype="bf16", batch_size=2, max_length=128)
     want = plan.estimate(str(tmp_path), **plan.training_settings(cfg))

@@ -49,10 +49,21 @@ and adds up what one training step holds at its peak::
 * ``runtime``: Python + torch + transformers resident before the model
   (measured 401 MiB with torch 2.13 / transformers 5.24), or the CUDA context.
 
-The CPU constants are calibrated by ``benchmarks/plan_accuracy.py`` (results in
-``benchmarks/README.md``); the CUDA ones are not measured there.
-Assumptions: no padding attention mask (SDPA's causal path), the optimizer
-states exist (any step after the first), loading transients are not counted.
+Loading a ``.gguf`` file on a CPU can peak above training: transformers
+dequantizes it, so while it loads the process holds (``Estimate.loading``)::
+
+    loading = runtime + parameters x load bytes + file size + largest tensor in fp32 + 24 MiB
+
+where the load bytes are the compute dtype's (fp32 for full fine-tuning, as
+the trainer loads), the file is mapped and read, and one tensor is dequantized
+to fp32 at a time. ``Estimate.peak`` is the larger of the two, and what
+``fits`` compares.
+
+The CPU constants are calibrated by ``benchmarks/plan_accuracy.py`` and
+``benchmarks/gguf_load_memory.py`` (results in ``benchmarks/README.md``); the
+CUDA ones are not measured there. Assumptions: no padding attention mask
+(SDPA's causal path), the optimizer states exist (any step after the first),
+other loading transients are not counted.
 """
 
 from __future__ import annotations
@@ -76,6 +87,7 @@ GiB = 1024**3
 
 # Calibrated on CPU (see benchmarks/README.md); CUDA values are typical, not measured here.
 RUNTIME_BYTES = {"cpu": 401 * MiB, "cuda": 500 * MiB}
+GGUF_LOAD_REST = 24 * MiB  # a GGUF load's peak beyond the model, the file and one fp32 tensor (measured 12-27 MiB)
 SLACK_FRACTION = {"cpu": 0.40, "cuda": 0.10}
 SPLIT_SLACK_FRACTION = {"cpu": 1.0, "cuda": 0.0}  # x one forward's activations, when a step runs 2+ forwards
 LOGITS_FP32_COPIES = 3
@@ -445,25 +457,37 @@ def rows_per_forward(batch_size: int, max_length: int, max_forward_tokens: int) 
 
 @dataclass
 class Estimate:
-    """Peak memory of one training step, in bytes, by part; ``total`` is their sum."""
+    """Peak memory of one training step, in bytes, by part; ``total`` is their sum.
+
+    ``loading``: the process while a GGUF file loads on a CPU (0 when not
+    modelled); ``peak``, the larger of the two, is what :meth:`fits` compares.
+    """
 
     parts: dict[str, int]
     params: dict[str, int]
     settings: dict[str, Any] = field(default_factory=dict)
     offloaded: int = 0  # bytes held in pinned host memory instead (activation_offloading), not in ``total``
     forward_rows: int = 0  # rows in each forward of the micro-batch (the trainer's max_forward_tokens)
+    loading: int = 0
 
     @property
     def total(self) -> int:
         return sum(self.parts.values())
 
+    @property
+    def peak(self) -> int:
+        return max(self.total, self.loading)
+
     def fits(self, available_bytes: int) -> bool:
-        return self.total <= available_bytes
+        return self.peak <= available_bytes
 
     def table(self) -> str:
         width = max(len(k) for k in self.parts)
         lines = [f"  {k:<{width}}  {v / GiB:8.3f} GiB" for k, v in self.parts.items()]
         lines.append(f"  {'total':<{width}}  {self.total / GiB:8.3f} GiB")
+        if self.loading > self.total:
+            lines.append(f"  loading the GGUF file peaks higher: {self.loading / GiB:.3f} GiB "
+                         "(it is dequantized while it loads)")
         return "\n".join(lines)
 
 
@@ -600,8 +624,26 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
                     optimizer=optimizer, gradient_checkpointing=gradient_checkpointing, device=device,
                     activation_offloading=activation_offloading, target_logits_only=target_logits_only,
                     max_forward_tokens=max_forward_tokens, device_memory=device_memory)
+    gguf = _gguf_file(source)
+    loading = 0
+    if gguf is not None and device == "cpu":
+        load_bytes = 4 if full or dtype == "fp32" else s  # as the trainer loads it (pipeline.load_dtype)
+        largest = max([shape.vocab * shape.hidden] + [lin.in_features * lin.out_features for lin in shape.linears])
+        loading = (RUNTIME_BYTES[device] + counts["total"] * load_bytes + os.path.getsize(gguf) + 4 * largest
+                   + GGUF_LOAD_REST)
     return Estimate(parts, {**counts, "trainable": trainable}, settings,
-                    offloaded=block_inputs if activation_offloading else 0, forward_rows=forward_rows)
+                    offloaded=block_inputs if activation_offloading else 0, forward_rows=forward_rows,
+                    loading=int(loading))
+
+
+def _gguf_file(source: Any) -> Optional[str]:
+    """The ``.gguf`` file ``source`` names (the built-in default is one), else None."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    path = os.fspath(source)
+    if path == DEFAULT_MODEL:
+        path = _default_gguf_path()
+    return path if path.endswith(".gguf") and os.path.isfile(path) else None
 
 
 # ----------------------------------------------------------------------------- fitting
@@ -725,13 +767,13 @@ def report(est: Estimate, available: int, where: str, source: Any = DEFAULT_MODE
         lines.insert(3, f"  (the batch of {batch} runs {est.forward_rows} row(s) a forward, as max_forward_tokens "
                         f"{est.settings['max_forward_tokens']!r} allows: activations and logits are one forward's)")
     if est.fits(available):
-        lines.append(f"verdict: fits ({(available - est.total) / GiB:.3f} GiB to spare)")
+        lines.append(f"verdict: fits ({(available - est.peak) / GiB:.3f} GiB to spare)")
         return "\n".join(lines)
-    lines.append(f"verdict: does NOT fit ({(est.total - available) / GiB:.3f} GiB short)")
+    lines.append(f"verdict: does NOT fit ({(est.peak - available) / GiB:.3f} GiB short)")
     found = suggestions(est, available, source)
     if found:
         lines.append("these changes make it fit:")
-        lines += [f"  - {text}: {e.total / GiB:.3f} GiB" for text, e in found]
+        lines += [f"  - {text}: {e.peak / GiB:.3f} GiB" for text, e in found]
     else:
         lines.append("no change tried (4-bit, bf16, checkpointing, batch 1, shorter sequences) makes it fit")
     return "\n".join(lines)
@@ -852,11 +894,11 @@ def training_fit(cfg: Any, available: int, where: str, **settings: Any) -> tuple
     if args["device"] == "cuda":
         args["device_memory"] = available
     est = estimate(source, **args)
-    line = f"memory plan: about {est.total / GiB:.2f} GiB at peak; {available / GiB:.2f} GiB {where}"
+    line = f"memory plan: about {est.peak / GiB:.2f} GiB at peak; {available / GiB:.2f} GiB {where}"
     if est.fits(available):
         return est, line
     found = suggestions(est, available, source)[:2]
-    fixes = "; ".join(f"{text} ({e.total / GiB:.2f} GiB)" for text, e in found) or "none of the usual changes"
+    fixes = "; ".join(f"{text} ({e.peak / GiB:.2f} GiB)" for text, e in found) or "none of the usual changes"
     return est, (f"warning: {line}: the run may run out of memory. Changes that fit: {fixes}. "
                  "Details: tsugiki plan --config <your config>")
 
@@ -968,7 +1010,8 @@ def run_plan_cli(args: argparse.Namespace) -> int:
     else:
         available, where = available_ram(), "this machine's available RAM"
     if args.json:
-        print(json.dumps({"parts": est.parts, "total": est.total, "offloaded": est.offloaded, "params": est.params,
+        print(json.dumps({"parts": est.parts, "total": est.total, "loading": est.loading, "peak": est.peak,
+                          "offloaded": est.offloaded, "params": est.params,
                           "available": available, "fits": est.fits(available)}, indent=2))
     else:
         print(report(est, available, where, model))
