@@ -12,6 +12,19 @@ import tsugiki
 from tiny_models import VOCAB, token_batch
 
 
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward while ``fn()`` runs."""
+    seen = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
 def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids).logits

@@ -8,20 +8,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 import tsugiki
+from helpers_adapters import saved_bytes
 from tsugiki.kernels.block_fused import FusedRMSNorm, FusedSiluMul, fused_blocks
-
-
-def _saved_bytes(fn) -> int:
-    """Bytes of the distinct tensors autograd keeps for backward while ``fn()`` runs."""
-    seen = {}
-
-    def pack(t):
-        seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
 
 
 def _norm(x_dtype, w_dtype, width=48):
@@ -59,8 +47,8 @@ def test_fused_rms_norm_equals_the_module(x_dtype, w_dtype, train_weight):
 def test_fused_rms_norm_keeps_a_third_of_the_bytes_in_bf16():
     norm, x = _norm(torch.bfloat16, torch.bfloat16, width=256)
     x.requires_grad_(True)
-    reference = _saved_bytes(lambda: norm(x))
-    fused = _saved_bytes(lambda: FusedRMSNorm.apply(x, norm.weight, norm.variance_epsilon))
+    reference = saved_bytes(lambda: norm(x))
+    fused = saved_bytes(lambda: FusedRMSNorm.apply(x, norm.weight, norm.variance_epsilon))
     # The module keeps an fp32 copy of x and the bf16 normalised x (6 bytes per element); fused keeps x (2).
     assert fused < 0.4 * reference
 
@@ -98,8 +86,8 @@ def test_fused_silu_mul_with_mixed_dtypes_matches_autograd():
 def test_fused_silu_mul_keeps_two_of_three_tensors():
     gate = torch.randn(8, 64, dtype=torch.bfloat16, requires_grad=True)
     up = torch.randn(8, 64, dtype=torch.bfloat16, requires_grad=True)
-    reference = _saved_bytes(lambda: torch.nn.functional.silu(gate) * up)
-    fused = _saved_bytes(lambda: FusedSiluMul.apply(gate, up))
+    reference = saved_bytes(lambda: torch.nn.functional.silu(gate) * up)
+    fused = saved_bytes(lambda: FusedSiluMul.apply(gate, up))
     assert fused == pytest.approx(reference * 2 / 3)
 
 
@@ -175,7 +163,7 @@ def test_fp32_norm_weights_under_autocast_feed_plain_linears_the_same_values_in_
                 p.data = p.data.float()  # what the k-bit dtype policy does to the norms
         with fused_blocks(model, enabled=fused):
             forward = _loss_fn(model)
-            saved.append(_saved_bytes(forward))
+            saved.append(saved_bytes(forward))
             loss = forward()
             loss.backward()
         results.append((loss.detach(), _adapter_grads(model)))
@@ -197,7 +185,7 @@ def test_on_a_kbit_base_the_activations_stay_16_bit():
         apply_dtype_policy(model, torch.bfloat16)  # norms fp32, as for every k-bit base
         with fused_blocks(model, enabled=fused):
             forward = _loss_fn(model)
-            saved.append(_saved_bytes(forward))
+            saved.append(saved_bytes(forward))
             losses.append(forward().item())
     assert saved[1] < 0.75 * saved[0]  # bitsandbytes layers return fp32 after an fp32 norm
     assert losses[1] == pytest.approx(losses[0], abs=2e-2)  # bf16 instead of fp32 activations

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import tsugiki
 from helpers_adapters import (check_generate, check_interop, check_merge, check_save_load_exact, logits,
-                              randomize, train_and_check, train_tiny_cli)
+                              randomize, saved_bytes, train_and_check, train_tiny_cli)
 from tiny_models import tiny_gpt2, tiny_llama, token_batch
 from tsugiki.methods.lora import LoraConfig, LoraLinear
 
@@ -189,18 +189,6 @@ def _dora_layer(bias: bool, dropout: float, dtype: torch.dtype) -> LoraLinear:
     return layer.train()
 
 
-def _saved_bytes(fn) -> int:
-    seen = {}
-
-    def pack(t):
-        seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["no-dropout", "dropout"])
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
@@ -229,7 +217,7 @@ def test_fused_dora_forward_keeps_less_for_backward(dropout):
     layer = _dora_layer(bias=True, dropout=dropout, dtype=torch.bfloat16)
     x = torch.randn(4, 64, 48, dtype=torch.bfloat16, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fused, reference = _saved_bytes(lambda: layer(x)), _saved_bytes(lambda: layer.additive_forward(x))
+        fused, reference = saved_bytes(lambda: layer(x)), saved_bytes(lambda: layer.additive_forward(x))
     # fused: x (and d(x)), A x and z at bf16 a token (2 x 48 (x 2) + 2 x 4 + 2 x 40), plus the weights
     # (under 8 KiB); the reference keeps W x in fp32 instead of z (2 x 40 more) and s B A x (2 x 40)
     tokens = 4 * 64

@@ -391,9 +391,10 @@ def block_activation_bytes(shape: Shape, s: int, *, full: bool, adapted: set[str
     it already), and its r-wide ``A`` product; dropout keeps nothing (the mask
     is re-drawn in backward). DoRA (``dora``) adds, per adapted module, ``z``
     (``s * out``, for the magnitude's gradient); with dropout each module keeps
-    its own dropped input and dropout's mask instead of the shared input: ``2 s
-    * in`` on a CPU, where torch's dropout keeps its scaled noise at the input's
-    dtype, ``(s + 1) * in`` on CUDA (a boolean mask). Full fine-tuning keeps every linear input at ``s``.
+    its own dropped input and dropout's mask instead of the shared input:
+    ``2 s * in`` on a CPU, where torch's dropout keeps its scaled noise at the
+    input's dtype, ``(s + 1) * in`` on CUDA (a boolean mask). Full fine-tuning
+    keeps every linear input at ``s``.
     """
     h, i = shape.hidden, shape.intermediate
     q_dim, kv_dim = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
