@@ -167,3 +167,25 @@ def test_unknown_adapter_names_and_duplicates():
     with pytest.raises(TypeError, match="LoraConfig"):
         get_peft_model(tiny_llama(), {"r": 2})
     assert tsugiki.LoraConfig is LoraConfig
+
+
+@pytest.mark.parametrize("damage", ["empty", "cut in the header", "cut in the tensor data", "not GGUF"])
+def test_a_damaged_gguf_file_is_named_with_what_to_do(tmp_path, damage):
+    from tiny_models import write_tiny_gguf
+    from tsugiki import plan
+    from tsugiki.models import load_model, load_tokenizer
+
+    whole = tmp_path / "whole.gguf"
+    write_tiny_gguf(whole, layers=2)
+    data = whole.read_bytes()
+    kept = {"empty": b"", "cut in the header": data[:40], "cut in the tensor data": data[:-4000],
+            "not GGUF": b"PK\x03\x04" + data[4:]}[damage]
+    path = tmp_path / "model.gguf"
+    path.write_bytes(kept)
+    message = rf"{path} is not a readable GGUF file .*download it again, or pass a model folder"
+    with pytest.raises(ValueError, match=message):
+        plan.estimate(str(path))
+    with pytest.raises(ValueError, match=message):
+        load_model(str(path))
+    with pytest.raises(ValueError, match=message):
+        load_tokenizer(str(path))

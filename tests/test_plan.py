@@ -5,6 +5,7 @@ import pytest
 import torch
 import transformers
 
+from tiny_models import write_tiny_gguf
 from tsugiki import plan
 from tsugiki.kernels.attention import MAX_ROW_SCORES
 
@@ -384,25 +385,6 @@ def test_counting_a_prompt_started_from_text_needs_no_tokenizer(tmp_path):
     assert counted == 6 * SMOLLM2["hidden_size"]  # no tokenizer in the folder, no weights: shapes only
 
 
-def _write_gguf(path, layers):
-    import gguf
-    import numpy as np
-
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(layers)
-    writer.add_embedding_length(32)
-    writer.add_feed_forward_length(64)
-    writer.add_head_count(4)
-    writer.add_head_count_kv(2)
-    writer.add_context_length(128)
-    writer.add_vocab_size(100)
-    writer.add_tensor("token_embd.weight", np.zeros((100, 32), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
 def test_gguf_metadata_is_read_once_per_file_version(tmp_path, monkeypatch):
     import os
 
@@ -412,12 +394,12 @@ def test_gguf_metadata_is_read_once_per_file_version(tmp_path, monkeypatch):
     real_reader = gguf.GGUFReader
     monkeypatch.setattr(gguf, "GGUFReader", lambda path: reads.append(path) or real_reader(path))
     path = tmp_path / "tiny.gguf"
-    _write_gguf(path, layers=2)
+    write_tiny_gguf(path, layers=2)
     first = plan.estimate(str(path), batch_size=2, max_length=64)
     assert (first.settings["model_type"], plan.load_config(str(path)).num_hidden_layers) == ("llama", 2)
     plan.suggestions(first, first.total // 2, str(path))  # a dozen more estimates
     assert len(reads) == 1
-    _write_gguf(path, layers=3)  # a new file under the same name is read again
+    write_tiny_gguf(path, layers=3)  # a new file under the same name is read again
     os.utime(path, ns=(1, 1))
     assert plan.load_config(str(path)).num_hidden_layers == 3 and len(reads) == 2
 
@@ -426,7 +408,7 @@ def test_a_gguf_file_adds_its_loading_peak_and_fits_compares_the_larger(tmp_path
     import os
 
     path = tmp_path / "tiny.gguf"
-    _write_gguf(path, layers=2)
+    write_tiny_gguf(path, layers=2)
     bf16 = plan.estimate(str(path), dtype="bf16", max_length=16)
     params, largest = bf16.params["total"], 100 * 32  # the embedding is the largest tensor
     # loading = runtime + parameters at the load dtype + the file + one tensor in fp32 + the rest

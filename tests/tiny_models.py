@@ -82,3 +82,23 @@ def randomize_adapters(model: nn.Module, seed: int = 3, scale: float = 0.1) -> N
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def write_tiny_gguf(path, layers: int) -> None:
+    """A GGUF file with a tiny Llama's metadata (hidden 32, vocab 100) and only its embedding as a tensor."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(layers)
+    writer.add_embedding_length(32)
+    writer.add_feed_forward_length(64)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_context_length(128)
+    writer.add_vocab_size(100)
+    writer.add_tensor("token_embd.weight", np.zeros((100, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

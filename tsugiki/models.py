@@ -12,9 +12,10 @@ import gc
 import importlib.util
 import json
 import os
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterator, Literal, Optional
 
 import torch
 from torch import nn
@@ -114,6 +115,21 @@ def _hub_hint(resolved: ResolvedModel, error: Exception) -> OSError:
     )
 
 
+# Where gguf and transformers parse a GGUF file's structure: an error raised there means a damaged or
+# foreign file (an interrupted download, another format), not an unsupported model.
+_GGUF_READERS = (os.path.join("gguf", "gguf_reader.py"), os.path.join("integrations", "gguf", "reader.py"))
+
+
+def unreadable_gguf(path: str, error: BaseException) -> Optional[ValueError]:
+    """A clear error for ``path`` when ``error`` came from parsing the GGUF file itself, else None."""
+    if not any(frame.filename.endswith(_GGUF_READERS) for frame in traceback.extract_tb(error.__traceback__)):
+        return None
+    kind = type(error).__name__ if type(error).__module__ == "builtins" else f"{type(error).__module__}.{type(error).__name__}"
+    return ValueError(f"{path} is not a readable GGUF file ({kind}: {error}). It may be "
+                      "truncated (an interrupted download) or another format: download it again, or pass a "
+                      "model folder.")
+
+
 def _is_tokenizer_folder(name_or_path) -> bool:
     if name_or_path is None or not os.path.isdir(name_or_path):
         return False
@@ -140,6 +156,11 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None):
         if resolved.kind == "hub_id":
             raise _hub_hint(resolved, error) from error
         raise
+    except Exception as error:
+        clear = unreadable_gguf(resolved.gguf_file, error) if resolved.gguf_file else None
+        if clear is None:
+            raise
+        raise clear from error
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(
@@ -307,6 +328,11 @@ def _call_from_pretrained(resolved, model_class, dtype, device, bnb_config, **we
             f"bitsandbytes could not quantize {resolved.path!r} on load for device '{device}': {error}. "
             "Try device='cpu' or 'cuda', or quantization=None."
         ) from error
+    except Exception as error:
+        clear = unreadable_gguf(resolved.gguf_file, error) if resolved.gguf_file else None
+        if clear is None:
+            raise
+        raise clear from error
     if resolved.kind == "gguf":
         _strip_gguf_quantizer(model)
     if bnb_config is None:

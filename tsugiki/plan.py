@@ -134,7 +134,15 @@ def gguf_config(path: str) -> dict:
 def _gguf_config(path: str, mtime_ns: int, size: int) -> dict:
     from gguf import GGUFReader
 
-    reader = GGUFReader(path)
+    try:
+        reader = GGUFReader(path)
+    except Exception as error:
+        from .models import unreadable_gguf
+
+        clear = unreadable_gguf(path, error)
+        if clear is None:
+            raise
+        raise clear from error
     fields = reader.fields
 
     def get(key, default=None):
