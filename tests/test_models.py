@@ -214,13 +214,17 @@ def test_kbit_load_reading_the_checkpoint_equals_the_mapped_load(tmp_path, monke
     assert read.generation_config.max_new_tokens == 7 == mapped.generation_config.max_new_tokens
 
 
-def test_kbit_load_of_a_truncated_checkpoint_names_the_file(tmp_path):
+@pytest.mark.parametrize("quantization", [None, "4bit"])
+@pytest.mark.parametrize("shards", [1, 2])
+def test_load_of_a_truncated_checkpoint_names_the_file(tmp_path, quantization, shards):
     folder = tmp_path / "model"
-    tiny_llama().save_pretrained(folder)
-    weights = folder / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(OSError, match=r"model\.safetensors is corrupt or truncated .*re-download or re-save"):
-        models.load_model(folder, quantization="4bit", device="cpu")
+    tiny_llama().save_pretrained(folder, max_shard_size="40KB" if shards > 1 else "1GB")
+    files = sorted(folder.glob("*.safetensors"))
+    assert (len(files) > 1) == (shards > 1)
+    damaged = files[-1]
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    with pytest.raises(OSError, match=rf"{damaged.name} is corrupt or truncated .*re-download or re-save"):
+        models.load_model(folder, quantization=quantization, device="cpu")
 
 
 def test_kbit_load_without_safetensors_files_uses_the_mapped_path(tmp_path):

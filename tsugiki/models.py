@@ -256,9 +256,26 @@ def _read_not_mapped(files: list[str]) -> Iterator[dict | None]:
                 yield None
                 return
             except SafetensorError as error:
-                raise OSError(f"{file} is corrupt or truncated ({error}); re-download or re-save the model") from error
+                raise _corrupt_checkpoint(file, error) from error
             state.update((key, handle.get_slice(key)) for key in handle.keys())
         yield state
+
+
+def _corrupt_checkpoint(file: str, error: Exception) -> OSError:
+    return OSError(f"{file} is corrupt or truncated ({error}); re-download or re-save the model")
+
+
+def _first_unreadable(files: list[str]) -> Optional[str]:
+    """The first of ``files`` whose safetensors header does not open (a cut or damaged file), else None."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in files:
+        try:
+            with safe_open(file, framework="pt", device="cpu"):
+                pass
+        except (SafetensorError, OSError):
+            return file
+    return None
 
 
 def _readable_checkpoint(resolved: ResolvedModel, auto_class):
@@ -329,6 +346,11 @@ def _call_from_pretrained(resolved, model_class, dtype, device, bnb_config, **we
             "Try device='cpu' or 'cuda', or quantization=None."
         ) from error
     except Exception as error:
+        from safetensors import SafetensorError
+
+        if isinstance(error, SafetensorError):  # neither an OSError nor a ValueError: name the file
+            damaged = _first_unreadable(_safetensors_files(resolved.path) or []) if resolved.kind == "hf_dir" else None
+            raise _corrupt_checkpoint(damaged or resolved.path, error) from error
         clear = unreadable_gguf(resolved.gguf_file, error) if resolved.gguf_file else None
         if clear is None:
             raise
