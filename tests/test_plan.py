@@ -174,6 +174,11 @@ def test_cli_exit_code_follows_the_verdict(tmp_path, capsys):
     assert "+ batch_size=1 + max_length=" in out
     assert plan.main([str(path), "--ram", "100GB", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["fits"] is True
+    # --model, the name tsugiki train uses, is the positional model
+    assert plan.main(["--model", str(path), "--ram", "100GB", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["params"]["total"] == plan.count_parameters(SMOLLM2)["total"]
+    with pytest.raises(ValueError, match="two models given"):
+        plan.main([str(tmp_path), "--model", str(tmp_path / "other")])
 
 
 def test_clear_errors(tmp_path):

@@ -940,6 +940,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     a("model", nargs="?", default=None,
       help=f"model folder, config.json, .gguf file or {DEFAULT_MODEL!r} (default: the config's model, else "
            f"{DEFAULT_MODEL!r})")
+    a("--model", dest="model_flag", metavar="MODEL", default=None,
+      help="the same as the positional MODEL (the name tsugiki train uses)")
     a("--config", metavar="YAML", default=None,
       help="a tsugiki train config: plan that job (its model, method, quantization, dtype, batch_size, "
            "max_length, optimizer, ...); the flags below override it. Rows are taken to be max_length tokens; "
@@ -997,7 +999,9 @@ def _cli_settings(args: argparse.Namespace, device: str) -> tuple[Any, dict[str,
     settings.update(given)
     if settings["dtype"] == "auto":
         settings["dtype"] = auto_dtype(device, args.gpu)
-    source = args.model or model or DEFAULT_MODEL
+    if args.model and args.model_flag and args.model != args.model_flag:
+        raise ValueError(f"two models given: {args.model!r} and --model {args.model_flag!r}; pass one")
+    source = args.model or args.model_flag or model or DEFAULT_MODEL
     if settings["method"] not in ("lora", "full") and settings["trainable_params"] is None:
         keys = {key: settings[key] for key in ("method", "lora_r", "lora_dropout", "target_modules")}
         settings["trainable_params"] = count_trainable(TrainConfig.load(None, keys), source)
