@@ -124,10 +124,34 @@ def unreadable_gguf(path: str, error: BaseException) -> Optional[ValueError]:
     """A clear error for ``path`` when ``error`` came from parsing the GGUF file itself, else None."""
     if not any(frame.filename.endswith(_GGUF_READERS) for frame in traceback.extract_tb(error.__traceback__)):
         return None
-    kind = type(error).__name__ if type(error).__module__ == "builtins" else f"{type(error).__module__}.{type(error).__name__}"
+    kind = type(error).__name__
+    if type(error).__module__ != "builtins":
+        kind = f"{type(error).__module__}.{kind}"
     return ValueError(f"{path} is not a readable GGUF file ({kind}: {error}). It may be "
                       "truncated (an interrupted download) or another format: download it again, or pass a "
                       "model folder.")
+
+
+@contextlib.contextmanager
+def _damaged_files_named(resolved: "ResolvedModel") -> Iterator[None]:
+    """Turn errors from parsing a damaged weights file into one that names the file and what to do.
+
+    A GGUF file that gguf cannot parse (:func:`unreadable_gguf`); a safetensors file
+    whose header does not open (safetensors' error is neither an OSError nor a
+    ValueError, so the CLI would show a traceback). Other errors pass unchanged.
+    """
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as error:
+        damaged = _first_unreadable(_safetensors_files(resolved.path) or []) if resolved.kind == "hf_dir" else None
+        raise _corrupt_checkpoint(damaged or resolved.path, error) from error
+    except Exception as error:
+        clear = unreadable_gguf(resolved.gguf_file, error) if resolved.gguf_file else None
+        if clear is None:
+            raise
+        raise clear from error
 
 
 def _is_tokenizer_folder(name_or_path) -> bool:
@@ -151,16 +175,12 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None):
         resolved = resolve_model(name_or_path)
         path, kwargs = resolved.from_pretrained_args()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        with _damaged_files_named(resolved):
+            tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     except OSError as error:
         if resolved.kind == "hub_id":
             raise _hub_hint(resolved, error) from error
         raise
-    except Exception as error:
-        clear = unreadable_gguf(resolved.gguf_file, error) if resolved.gguf_file else None
-        if clear is None:
-            raise
-        raise clear from error
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(
@@ -333,7 +353,8 @@ def _call_from_pretrained(resolved, model_class, dtype, device, bnb_config, **we
         if device.type != "cpu":
             kwargs["device_map"] = {"": str(device)}
     try:
-        model = model_class.from_pretrained(path, **kwargs)
+        with _damaged_files_named(resolved):
+            model = model_class.from_pretrained(path, **kwargs)
     except OSError as error:
         if resolved.kind == "hub_id":
             raise _hub_hint(resolved, error) from error
@@ -345,16 +366,6 @@ def _call_from_pretrained(resolved, model_class, dtype, device, bnb_config, **we
             f"bitsandbytes could not quantize {resolved.path!r} on load for device '{device}': {error}. "
             "Try device='cpu' or 'cuda', or quantization=None."
         ) from error
-    except Exception as error:
-        from safetensors import SafetensorError
-
-        if isinstance(error, SafetensorError):  # neither an OSError nor a ValueError: name the file
-            damaged = _first_unreadable(_safetensors_files(resolved.path) or []) if resolved.kind == "hf_dir" else None
-            raise _corrupt_checkpoint(damaged or resolved.path, error) from error
-        clear = unreadable_gguf(resolved.gguf_file, error) if resolved.gguf_file else None
-        if clear is None:
-            raise
-        raise clear from error
     if resolved.kind == "gguf":
         _strip_gguf_quantizer(model)
     if bnb_config is None:

@@ -864,7 +864,8 @@ def training_settings(cfg: Any, *, device: str = "cpu", dtype: Optional[str] = N
     (at most ``max_length``), except with ``packing``, whose rows fill
     ``max_length``. ``activation_offloading`` counts only on CUDA, as in training.
     Methods other than lora, qlora and full are estimated like LoRA with their
-    own trainable parameters: ``trainable_params``, else :func:`count_trainable`.
+    own trainable parameters: ``trainable_params``, else :func:`count_trainable`
+    (DoRA with its own activations too, see :func:`block_activation_bytes`).
 
     Raises:
         ValueError: the method's parameters cannot be counted without a model (see :func:`count_trainable`).

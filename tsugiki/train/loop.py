@@ -16,7 +16,8 @@ Dtype policy. ``dtype: auto`` is bf16 where the hardware runs it natively
 (CUDA: compute capability 8.0 or newer, not the emulated bf16 of a T4 or
 V100; CPU: the avx512_bf16 or amx_bf16 flag) and fp32 otherwise. Under
 bf16/fp16 the frozen floating-point weights are cast to that dtype, trainable
-weights and the optimizer state stay fp32, and the forward runs under autocast. fp16 also uses a gradient scaler.
+weights and the optimizer state stay fp32, and the forward runs under
+autocast. fp16 also uses a gradient scaler.
 
 Method hooks. A model (for a PeftModel: its tuner) may define
 ``training_regularizer() -> scalar tensor``, whose gradient is added once per
