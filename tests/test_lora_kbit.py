@@ -156,3 +156,61 @@ def test_training_dtype_policy_keeps_kbit_norms_fp32():
     assert base.model.norm.weight.dtype == torch.float32
     lora_a = base.model.layers[0].self_attn.q_proj.lora_A["default"].weight
     assert lora_a.dtype == torch.float32 and lora_a.requires_grad
+
+
+def _grads_of_first_adapter(model, ids):
+    model.zero_grad()
+    model.train()
+    with torch.autocast("cpu", torch.bfloat16):
+        model(input_ids=ids, labels=ids).loss.backward()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    return layer.lora_A["default"].weight.grad.clone()
+
+
+def test_training_after_an_eval_forward_still_reaches_every_adapter():
+    """bitsandbytes repacks 4-bit weights on an eval forward without grad (AVX512-BF16 CPUs) into a layout
+    that computes without autograd; model.train() restores the trainable one, so the first block's
+    adapter gets the same gradient as before the eval (to the bf16 rounding of the block scales)."""
+    model = tsugiki.get_peft_model(quant.quantize_model(kbit_llama(), bits=4, compute_dtype=torch.bfloat16),
+                                   tsugiki.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    randomize_adapters(model)
+    ids = token_batch(2, 8)
+    before = _grads_of_first_adapter(model, ids)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    if not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers):
+        pytest.skip("this CPU does not repack 4-bit weights (no AVX512-BF16)")
+    after = _grads_of_first_adapter(model, ids)
+    assert not any(m.weight.quant_state.packing_format_for_cpu for m in layers)
+    assert ((after - before).norm() / before.norm()).item() < 0.05  # repacked layers gave no gradient at all
+    model.eval()
+    with torch.no_grad():  # and inference repacks again
+        model(input_ids=ids)
+    assert all(m.weight.quant_state.packing_format_for_cpu for m in layers)
+
+
+def test_qlora_training_with_evaluation_every_step_follows_training_without(tmp_path):
+    """The trainer's evaluations (eval mode, no grad) must not change what later steps learn."""
+    import json
+
+    from helpers_data import make_chat_tokenizer
+
+    model_dir = tmp_path / "model"
+    tiny_llama(hidden_size=64, intermediate_size=128, vocab_size=400).save_pretrained(model_dir)
+    make_chat_tokenizer().save_pretrained(model_dir)
+    rows = [{"instruction": f"Say the word number {i}.", "input": "", "output": f"word {i % 3}"} for i in range(16)]
+    for name, part in (("train", rows[:12]), ("eval", rows[12:])):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in part) + "\n")
+    losses = {}
+    for eval_steps in (0, 1):
+        out = tmp_path / f"run{eval_steps}"
+        tsugiki.train({"model": str(model_dir), "data": str(tmp_path / "train.jsonl"),
+                       "eval_data": str(tmp_path / "eval.jsonl"), "output_dir": str(out), "method": "qlora",
+                       "max_steps": 4, "batch_size": 4, "lora_r": 4, "logging_steps": 1, "eval_steps": eval_steps,
+                       "learning_rate": 1e-2, "tensorboard": False}, progress=False)
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        losses[eval_steps] = [json.loads(line)["loss"] for line in lines if '"loss"' in line]
+    # Without the restored layout the loss stalls after the first evaluation (5.94 -> 5.91 against 5.77).
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-3, atol=0)

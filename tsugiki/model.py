@@ -25,6 +25,7 @@ from torch import nn
 from . import adapter_io
 from .config import PeftConfig, TaskType
 from .fileio import atomic_write_text, ensure_directory
+from .inject import bnb_linear_types
 from . import methods  # noqa: F401  (registers every method's config and tuner)
 from .kernels.decode import single_row_decoding
 from .methods.lora import LoraConfig, decoding_forwards
@@ -107,6 +108,18 @@ class PeftModel(nn.Module):
             if isinstance(value, torch.Tensor):
                 return value.shape[0]
         return None
+
+    def train(self, mode: bool = True) -> "PeftModel":
+        """``nn.Module.train``; entering training also gives repacked 4-bit layers their trainable layout back.
+
+        (bitsandbytes repacks 4-bit weights on an eval-mode CPU forward into a layout
+        with no backward: :func:`tsugiki.quant.unpack_cpu_4bit`.)
+        """
+        if mode and bnb_linear_types():
+            from .quant import unpack_cpu_4bit
+
+            unpack_cpu_4bit(self)
+        return super().train(mode)
 
     def forward(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
         """Run the model; ``adapter_names`` (one per row, ``"__base__"`` for none) mixes adapters."""

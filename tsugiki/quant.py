@@ -20,8 +20,11 @@ Facts about bitsandbytes (0.50) this module relies on:
   ``weight.quant_state.shape``, never from ``weight.shape``.
 * On a CPU with AVX512-BF16, ``Linear4bit.forward`` in eval mode without grad
   repacks the weight in place into a CPU-only layout
-  (``quant_state.packing_format_for_cpu``) with bf16 block scales;
-  ``dequantize_weight`` undoes that on a copy of the state.
+  (``quant_state.packing_format_for_cpu``) with bf16 block scales stored
+  transposed, and then computes without autograd (``unpack_cpu_4bit``
+  restores the trainable layout); ``dequantize_weight`` undoes the repacking
+  on a copy of the state (bitsandbytes' own inverse misplaces plain block
+  scales: 2% error).
 * ``Int8Params`` quantizes on ``.to(device)`` to row-wise int8 (``CB``) with
   per-row absmax (``SCB``); after the first forward they move from the weight
   to ``module.state``.
@@ -320,10 +323,13 @@ def prepare_model_for_kbit_training(
        ``config.use_cache = False`` (the KV cache is useless and wasteful in
        training).
 
-    Returns the same model (modified in place). The train/eval mode is left as is.
+    Returns the same model (modified in place). The train/eval mode is left as
+    is; 4-bit weights that an eval forward repacked for bitsandbytes' CPU kernel
+    get their trainable layout back (:func:`unpack_cpu_4bit`).
     """
     for param in model.parameters():
         param.requires_grad_(False)
+    unpack_cpu_4bit(model)
     _upcast_to_fp32(model, matrices=upcast_matrices)
     _enable_input_require_grads(model)
     if use_gradient_checkpointing:
@@ -366,9 +372,36 @@ def _canonical_4bit(module: nn.Module):
     if getattr(state, "packing_format_for_cpu", False):
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
-        # The inverse rewrites the state it is given: hand it a copy.
-        return _convert_weight_packed_for_cpu_inverse(weight.data, copy.deepcopy(state))
+        # The inverse rewrites the state it is given: hand it a copy. It restores the
+        # weight's layout, but leaves plain block scales in the packed (in/blocksize, out)
+        # order and re-quantizes double-quantized ones; the packed layer computes with
+        # the bf16 scales it holds, so take those, in row order and unquantized.
+        packed, canonical = _convert_weight_packed_for_cpu_inverse(weight.data, copy.deepcopy(state))
+        canonical.absmax = state.absmax.T.reshape(-1).contiguous()
+        canonical.nested, canonical.state2, canonical.offset = False, None, None
+        return packed, canonical
     return weight.data, state
+
+
+def unpack_cpu_4bit(model: nn.Module) -> int:
+    """Undo bitsandbytes' CPU inference repacking of 4-bit weights, in place; returns the layers restored.
+
+    bitsandbytes (0.50) repacks a ``Linear4bit`` weight for its AVX512-BF16 kernel
+    on the first eval-mode forward without grad. That kernel has no backward: a
+    training forward afterwards gives no gradient through the layer's input, so
+    every adapter before it trains on a wrong gradient (evaluation during
+    training, or a generate before it, is enough). The weight goes back to the
+    usual layout with the block scales the repacked layer computed with: bf16
+    and not double-quantized (the same values; 0.25 bit per parameter where the
+    double-quantized ones take 0.13). A later eval forward repacks it exactly.
+    """
+    restored = 0
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if is_quantized_linear(module) and getattr(state, "packing_format_for_cpu", False):
+            module.weight.data, module.weight.quant_state = _canonical_4bit(module)
+            restored += 1
+    return restored
 
 
 def _int8_scales(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
