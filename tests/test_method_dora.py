@@ -243,3 +243,64 @@ def test_expanded_row_norm_equals_the_norm_of_the_formed_weight(dtype, fan_in_fa
     # bf16: W A^T is rounded to bf16 (a relative 2^-9 of a term much smaller than ||W||^2)
     torch.testing.assert_close(layer._dora_norm("default", torch.float32), want,
                                rtol=1e-5 if dtype == torch.float32 else 1e-3, atol=0)
+
+
+def _formed_norm(layer: LoraLinear, weight: torch.Tensor) -> torch.Tensor:
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    return torch.linalg.norm(weight.float() + layer.scaling["default"] * B @ A, dim=1)
+
+
+def test_kept_row_squares_follow_every_change_of_the_base_weight():
+    """||W||^2 is kept between forwards; each way the base weight changes makes the norm see the new weight."""
+    layer = LoraLinear(torch.nn.Linear(48, 40))
+    layer.update_layer("default", r=4, alpha=8, dropout=0.0, init=True, use_rslora=False, use_dora=True)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+
+    def check():
+        torch.testing.assert_close(layer._dora_norm("default", torch.float32),
+                                   _formed_norm(layer, layer.base_layer.weight), rtol=1e-5, atol=0)
+
+    check()
+    with torch.no_grad():
+        layer.base_layer.weight.mul_(3)  # in place: the version counter moves
+    check()
+    layer.base_layer.weight.data = torch.randn(40, 48)  # storage replaced
+    check()
+    layer.base_layer.weight = torch.nn.Parameter(torch.randn(40, 48))  # a new parameter
+    check()
+    layer.base_layer.weight.data.add_(1.0)  # behind autograd's back: train()/eval() drop what is kept
+    layer.eval()
+    check()
+    layer.to(torch.float64)
+    torch.testing.assert_close(layer._dora_norm("default", torch.float64),
+                               _formed_norm(layer, layer.base_layer.weight).double(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_kbit_row_norm_in_bf16_equals_the_norm_of_the_dequantized_weight(bits):
+    """A 4-bit base takes W A^T from bitsandbytes' own product, an 8-bit one from the dequantized weight;
+    both equal the norm of the dequantized weight plus s B A (to bf16 rounding of the r-wide term)."""
+    quant = pytest.importorskip("tsugiki.quant")
+    pytest.importorskip("bitsandbytes")
+    base = quant.quantize_model(tiny_llama(hidden_size=64, intermediate_size=128), bits=bits,
+                                compute_dtype=torch.bfloat16)
+    model = tsugiki.get_peft_model(base, LoraConfig(r=4, use_dora=True, target_modules=["q_proj", "down_proj"]))
+    randomize(model, MARKERS)
+    model.train()
+    ids = token_batch(2, 6)
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+
+    def check():
+        for layer in layers:
+            for _ in range(2):  # computed, then kept
+                torch.testing.assert_close(layer._dora_norm("default", torch.float32),
+                                           _formed_norm(layer, quant.dequantize_weight(layer.base_layer)),
+                                           rtol=2e-3, atol=0)
+
+    model(input_ids=ids).logits.float().sum().backward()
+    check()
+    model.eval()
+    with torch.no_grad():  # bitsandbytes repacks 4-bit weights here on AVX512-BF16 CPUs
+        model(input_ids=ids)
+    check()

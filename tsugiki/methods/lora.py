@@ -30,6 +30,7 @@ import contextlib
 import math
 import re
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Union
 
@@ -463,10 +464,12 @@ class LoraLinear(LoraLayer, nn.Module):
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> "LoraLinear":
         self.__dict__.pop("_decode_stack", None)  # .to(), .half(), ...: the weight moves out of the stack
+        self.__dict__.pop("_row_squares", None)
         return super()._apply(fn, recurse)
 
     def train(self, mode: bool = True) -> "LoraLinear":
         self.__dict__.pop("_inference_plan", None)  # also the way to drop a plan after edits through .data
+        self.__dict__.pop("_row_squares", None)
         return super().train(mode)
 
     def delete_adapter(self, name: str) -> None:
@@ -503,16 +506,51 @@ class LoraLinear(LoraLayer, nn.Module):
 
             ||w_o + s (B A)_o||^2 = ||w_o||^2 + 2 s (W A^T)_o . B_o + s^2 B_o (A A^T) B_o^T
 
-        ``W A^T`` is one product at the weight's dtype (out x r), ``||w_o||^2`` is summed
-        a few rows at a time in fp32, the rest is r-wide, in fp32.
+        ``W A^T`` is one product (out x r, :meth:`_weight_times_a_t`), ``||w_o||^2`` is
+        kept from the last forward (:meth:`_base_row_squares`), the rest is r-wide, in fp32.
         """
         with torch.no_grad():
             A, B, s = self.lora_A[name].weight.float(), self.lora_B[name].weight.float(), self.scaling[name]
-            weight = self._weight_out_in()
-            square = _row_squares(weight)
-            wa = (weight @ A.t().to(weight.dtype)).float()  # (out, r)
+            square = self._base_row_squares().clone()
+            wa = self._weight_times_a_t(A)
             square += 2 * s * (wa * B).sum(1) + s * s * ((B @ (A @ A.t())) * B).sum(1)
             return square.clamp_min_(0).sqrt_().to(dtype)
+
+    def _base_row_squares(self) -> torch.Tensor:
+        """``||w_o||^2`` of the frozen base weight, fp32, kept between forwards.
+
+        Computed again when the base weight is replaced, updated in place (its
+        version counter moves), or its storage moves (``.data`` reassigned, as
+        merging and requantizing do; ``.to()``). Edits through ``weight.data`` move
+        neither; ``layer.train()`` / ``eval()`` drop the kept value after such edits.
+        """
+        param = self.base_layer.weight
+        key = (param._version, param.data_ptr(), param.device)
+        cached = self.__dict__.get("_row_squares")  # (weak reference to the weight, key, squares)
+        if cached is None or cached[0]() is not param or cached[1] != key:
+            cached = (weakref.ref(param), key, _row_squares(self._weight_out_in()))
+            self.__dict__["_row_squares"] = cached
+        return cached[2]
+
+    def _weight_times_a_t(self, A: torch.Tensor) -> torch.Tensor:
+        """``W A^T`` (out x r, fp32) for the base weight ``W``, without autograd.
+
+        A 4-bit base computes it as bitsandbytes' own product of ``A``'s r rows with
+        the packed weight, in its compute dtype: dequantizing the weight to fp32
+        first takes about 6x as long on a CPU. Other bases multiply at the weight's
+        dtype (8-bit through the dequantized weight, since bitsandbytes' 8-bit
+        product would round ``A`` to int8).
+        """
+        base = self.base_layer
+        state = getattr(base.weight, "quant_state", None)
+        if isinstance(base, bnb_linear_types()[:1]) and state is not None:  # Linear4bit
+            import bitsandbytes as bnb
+
+            # The layer's own product, called directly: its forward would also repack the weight (eval mode).
+            rows = A.to(base.compute_dtype or A.dtype)
+            return bnb.matmul_4bit(rows, base.weight.t(), quant_state=state).t().float()
+        weight = self._weight_out_in()
+        return (weight @ A.t().to(weight.dtype)).float()
 
     def _init_dora(self, name: str) -> None:
         A = self.lora_A[name].weight
