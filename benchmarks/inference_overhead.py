@@ -9,7 +9,7 @@ denormals on) and builds three models from it:
 * ``unmerged``: base + ``get_peft_model(LoraConfig(r=16, lora_alpha=32,
   target_modules="all-linear"))`` (``--targets default``: q_proj and v_proj) with ``lora_B`` set to small random values
   (so the adapter is not a no-op); adapter weights fp32, as tsugiki keeps them
-  on a half-precision base;
+  on a half-precision base; ``--dora``: the same with ``use_dora=True``;
 * ``merged``: a copy of ``unmerged`` after ``merge_and_unload()``.
 
 Each form generates as tsugiki's generation runs it: inside
@@ -106,7 +106,7 @@ def generate_call(model, row_decoding: bool):
 
 
 def build_forms(lora_b_std: float, seed: int, targets: str = "all-linear", row_decoding: bool = True,
-                model_name=None):
+                model_name=None, dora: bool = False):
     """(form name -> its generate call, tokenizer, template, base dtype); the models are in eval mode."""
     import torch
 
@@ -119,7 +119,8 @@ def build_forms(lora_b_std: float, seed: int, targets: str = "all-linear", row_d
     torch.manual_seed(seed)
     target_modules = None if targets == "default" else targets  # None: the architecture's default (q/v)
     unmerged = get_peft_model(copy.deepcopy(base),
-                              LoraConfig(r=16, lora_alpha=32, target_modules=target_modules, task_type="CAUSAL_LM"))
+                              LoraConfig(r=16, lora_alpha=32, target_modules=target_modules, use_dora=dora,
+                                         task_type="CAUSAL_LM"))
     with torch.no_grad():
         for name, p in unmerged.named_parameters():
             if "lora_B" in name:
@@ -240,7 +241,8 @@ def table(results: list[dict], info: dict, args, command: str, wall: float, dtyp
         f"load average {info['load']}.",
         f"Model: {args.model or 'SmolLM2-135M-Instruct (built-in GGUF)'} (`load_for_inference`, base "
         f"{str(dtype).replace('torch.', '')}); "
-        f"LoRA r=16, alpha 32, targets {args.targets}, fp32 adapter weights, lora_B ~ N(0, {args.lora_b_std}).",
+        f"{'DoRA' if args.dora else 'LoRA'} r=16, alpha 32, targets {args.targets}, fp32 adapter weights, "
+        f"lora_B ~ N(0, {args.lora_b_std}).",
         f"Greedy, {len(PROMPTS)} prompts, {args.max_new_tokens} new tokens each (min_new_tokens = max_new_tokens), "
         f"1 warm-up + {args.rounds} interleaved rounds; wall {wall:.0f} s; base, unmerged and merged generate "
         + ("inside `single_row_decoding`, as tsugiki does." if args.row_decoding else "as transformers does."),
@@ -279,6 +281,8 @@ def main() -> None:
     ap.add_argument("--targets", default="all-linear",
                     help="LoRA target_modules: all-linear (default; workflow 2), 'default' (the architecture's "
                          "default, q_proj and v_proj for Llama; workflow 1) or a comma-separated list of names")
+    ap.add_argument("--dora", action="store_true",
+                    help="a DoRA adapter (use_dora=True; magnitudes start at the row norms) instead of LoRA")
     ap.add_argument("--lora-b-std", type=float, default=0.01, help="std of the random lora_B values")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0,
@@ -309,7 +313,7 @@ def main() -> None:
     targets = args.targets if args.targets in ("all-linear", "default") else args.targets.split(",")
     try:
         forms, tok, template, dtype = build_forms(args.lora_b_std, args.seed, targets, args.row_decoding,
-                                                  args.model)
+                                                  args.model, args.dora)
     except ValueError as err:  # e.g. a --targets name the model does not have
         raise SystemExit(f"--targets {args.targets}: {err}") from None
     except FileNotFoundError as err:

@@ -64,6 +64,7 @@ def train_and_check(model: nn.Module, steps: int = 8, lr: float = 1e-2) -> None:
 
 def check_save_load_exact(model: nn.Module, make, tmp_path) -> None:
     ids = token_batch()
+    model.eval()  # as from_pretrained leaves the loaded one: both take the same forward path
     expected = logits(model, ids)
     model.save_pretrained(tmp_path)
     loaded = tsugiki.PeftModel.from_pretrained(make(), tmp_path)

@@ -39,14 +39,16 @@ def _plans(model):
     return [m.__dict__.get("_inference_plan") for m in model.modules() if isinstance(m, LoraLinear)]
 
 
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("make,dtype", [(tiny_llama, torch.float32), (tiny_llama, torch.bfloat16),
                                         (tiny_gpt2, torch.float32)])
-def test_inference_path_equals_the_training_path(make, dtype):
-    model = _grafted(make().to(dtype))
+def test_inference_path_equals_the_training_path(make, dtype, dora):
+    model = _grafted(make().to(dtype), use_dora=dora)  # GPT-2: biases and Conv1D's (in, out) layout
     ids = token_batch()
     fast = _fast(model, ids)
     plans = _plans(model)
     assert plans and all(p is not None and p.scaled_B_t is not None for p in plans), "inference path not taken"
+    assert all((p.factor is not None) == dora for p in plans)
     want = _reference(model, ids)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(fast, want, atol=tol, rtol=tol)
@@ -55,13 +57,14 @@ def test_inference_path_equals_the_training_path(make, dtype):
         assert (_fast(model, ids) - fast).abs().max() > 10 * tol
 
 
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_inference_path_on_a_kbit_base(bits):
+def test_inference_path_on_a_kbit_base(bits, dora):
     pytest.importorskip("bitsandbytes")
     quant = pytest.importorskip("tsugiki.quant")
     base = quant.quantize_model(tiny_llama(hidden_size=64, intermediate_size=128), bits=bits,
                                 compute_dtype=torch.float32)
-    model = _grafted(base)
+    model = _grafted(base, use_dora=dora)
     ids = token_batch()
     torch.testing.assert_close(_fast(model, ids), _reference(model, ids), atol=1e-4, rtol=1e-4)
     layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
@@ -96,6 +99,39 @@ def _edits():
         layer.eval()  # ...so the documented way to drop the plan
 
     return [optimizer_step, in_place_no_grad, data_reassigned, parameter_replaced, data_edit_then_eval]
+
+
+def _dora_edits():
+    """Ways of changing a tensor DoRA's factor m / ||W + s B A|| depends on, each a function of the layer."""
+
+    def a_in_place(layer):
+        with torch.no_grad():
+            layer.lora_A["default"].weight.mul_(-3.0)
+
+    def magnitude_replaced(layer):
+        m = layer.lora_magnitude_vector["default"]
+        layer.lora_magnitude_vector["default"] = torch.nn.Parameter(torch.randn_like(m))
+
+    def base_weight_in_place(layer):
+        with torch.no_grad():
+            layer.base_layer.weight.mul_(2.0)
+
+    def base_weight_data_reassigned(layer):
+        w = layer.base_layer.weight
+        w.data = torch.randn_like(w)
+
+    return [a_in_place, magnitude_replaced, base_weight_in_place, base_weight_data_reassigned]
+
+
+@pytest.mark.parametrize("edit", _dora_edits(), ids=lambda f: f.__name__)
+def test_a_changed_dora_factor_is_seen_by_the_next_inference_call(edit):
+    model = _grafted(tiny_llama(), use_dora=True)
+    ids = token_batch()
+    before = _fast(model, ids)
+    edit(model.base_model.model.model.layers[0].self_attn.q_proj)
+    after = _fast(model, ids)
+    torch.testing.assert_close(after, _reference(model, ids), atol=1e-5, rtol=1e-5)
+    assert (after - before).abs().max() > 1e-4  # DoRA renormalises rows: a scaled W changes little
 
 
 @pytest.mark.parametrize("edit", _edits(), ids=lambda f: f.__name__)
@@ -178,10 +214,6 @@ def test_cases_the_inference_path_leaves_to_the_general_one():
     base = tiny_llama()
     torch.testing.assert_close(bare, _fast(base, ids), atol=1e-6, rtol=0)
 
-    dora = _grafted(tiny_llama(), use_dora=True)
-    torch.testing.assert_close(_fast(dora, ids), _reference(dora, ids), atol=1e-5, rtol=1e-5)
-    assert all(p.scaled_B_t is None for p in _plans(dora))
-
     with torch.autocast("cpu", dtype=torch.bfloat16):
         auto = _fast(model, ids)  # autocast: the general path, in bf16
     torch.testing.assert_close(auto.float(), _reference(model, ids), atol=5e-2, rtol=5e-2)
@@ -210,11 +242,12 @@ def _installed(model):
     return [m for m in model.modules() if isinstance(m, LoraLinear) and "forward" in m.__dict__]
 
 
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("dtype,routed", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
-def test_decoding_forwards_compute_what_the_inference_path_computes(dtype, routed):
+def test_decoding_forwards_compute_what_the_inference_path_computes(dtype, routed, dora):
     from tsugiki.kernels.decode import single_row_decoding
 
-    model = _grafted(tiny_llama().to(dtype))
+    model = _grafted(tiny_llama().to(dtype), use_dora=dora)
     ids = token_batch(batch=1)
     step = ids[:, -1:]  # one row, as a decode step; routed layers then take torch.mv
     want_all, want_step = _fast(model, ids), _fast(model, step)
@@ -267,9 +300,6 @@ def test_decoding_forwards_skip_layers_that_need_the_general_path():
     with decoding_forwards(model) as count:
         assert count == 0
     model.unmerge_adapter()
-    dora = _grafted(tiny_llama(), use_dora=True)
-    with decoding_forwards(dora) as count:
-        assert count == 0
     model.train()
     with decoding_forwards(model) as count:
         assert count == 0

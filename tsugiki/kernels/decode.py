@@ -106,7 +106,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 
 
 def stacked_row(x: torch.Tensor, stack: torch.Tensor, bias: Optional[torch.Tensor], sizes: list[int],
-                update: torch.Tensor) -> torch.Tensor:
+                update: torch.Tensor, scale: Optional[torch.Tensor] = None,
+                shift: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``W x + b + U (A x)`` for one bf16 row ``x``, from one product with the stacked ``[W; A]``.
 
     ``stack`` is ``[W; A]`` ((out + r) x in), ``bias`` ``[b; 0]`` (or None),
@@ -114,6 +115,7 @@ def stacked_row(x: torch.Tensor, stack: torch.Tensor, bias: Optional[torch.Tenso
     column-major view (``U^T`` contiguous), all bf16::
 
         [y; z] = row_kernel([W; A], x) + [b; 0]     (one product: y = W x + b and z = A x)
+        y     *= scale; y += shift                   (when given: DoRA's factor and bias term)
         y     += U z                                 (one addmv_, in place)
 
     At one row every torch call costs microseconds whatever its size, so the
@@ -124,6 +126,7 @@ def stacked_row(x: torch.Tensor, stack: torch.Tensor, bias: Optional[torch.Tenso
     """
     if _set_onednn is None:
         y, z = F.linear(x, stack, bias).split_with_sizes(sizes, -1)
+        _scale_and_shift(y, scale, shift)
         y.view(-1).addmv_(update, z.view(-1))
         return y
     native = ROW_KERNEL == "native"
@@ -134,10 +137,18 @@ def stacked_row(x: torch.Tensor, stack: torch.Tensor, bias: Optional[torch.Tenso
     try:
         if native:
             y, z = F.linear(x, stack, bias).split_with_sizes(sizes, -1)
+        _scale_and_shift(y, scale, shift)
         y.view(-1).addmv_(update, z.view(-1))
     finally:
         _set_onednn(enabled)
     return y
+
+
+def _scale_and_shift(y: torch.Tensor, scale: Optional[torch.Tensor], shift: Optional[torch.Tensor]) -> None:
+    if scale is not None:
+        y.mul_(scale)
+    if shift is not None:
+        y.add_(shift)
 
 
 def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -324,7 +324,7 @@ class LoraLinear(LoraLayer, nn.Module):
         """``base(x) + (x A^T) (s B^T)`` on the shortest path, or None when another path must run.
 
         Used in eval mode without autograd (generation, evaluation) for one unmerged
-        plain-LoRA adapter outside a mixed batch. Generation calls each adapted layer
+        LoRA or DoRA adapter outside a mixed batch (DoRA: :class:`_InferencePlan`). Generation calls each adapted layer
         once per token, where the rank-r products take microseconds and ``nn.Module``
         lookups as long again, so what the call needs is kept in an
         :class:`_InferencePlan` and checked, not looked up.
@@ -336,6 +336,12 @@ class LoraLinear(LoraLayer, nn.Module):
         base = self._modules["base_layer"]
         run = self._direct_base_linear()
         out = base(x) if run is None else run(x, base._parameters["weight"], base._parameters["bias"])
+        if plan.factor is not None:  # DoRA: f * (W x + b) + (1 - f) b, before the update (s B^T f)
+            if not plan.current(self):  # the base call changed W (bitsandbytes' CPU repacking, eval mode)
+                plan = self._current_plan()
+            out = out.contiguous().mul_(plan.factor)
+            if plan.bias_shift is not None:
+                out.add_(plan.bias_shift)
         return _add_low_rank_update(out, x, plan.a_params["weight"].t(), plan.scaled_B_t, plan.dtype)
 
     def _current_plan(self) -> "_InferencePlan":
@@ -394,7 +400,9 @@ class LoraLinear(LoraLayer, nn.Module):
         in bf16, as in the stack; sums in fp32) where the CPU and a compiler
         allow it: at 8 rows torch's cast, two products and add cost 25-45 us a
         layer, the call 5-10 us. Everything else takes
-        :func:`_add_low_rank_update` in the adapter's dtype.
+        :func:`_add_low_rank_update` in the adapter's dtype. A DoRA adapter's plan
+        scales the base output by ``f`` and adds ``(1 - f) b`` before the update
+        (:class:`_InferencePlan`), two elementwise calls more.
         """
         plan = self._current_plan()
         run = self._direct_base_linear()
@@ -411,11 +419,16 @@ class LoraLinear(LoraLayer, nn.Module):
                         or current_batch_adapters() is not None or torch.is_autocast_enabled(device_type))
 
         rows_update = native.LowRankRows.build(A, scaled_B_t) if weight.dtype is torch.bfloat16 else None
+        factor, shift = plan.factor, plan.bias_shift  # DoRA's (None for LoRA)
 
         def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             if needs_general(args, kwargs):
                 return general(x, *args, **kwargs)
             out = run(x, weight, bias)
+            if factor is not None:
+                out = out.contiguous().mul_(factor)
+                if shift is not None:
+                    out.add_(shift)
             if rows_update is not None and rows_update.add_(out, x):
                 return out
             return _add_low_rank_update(out, x, A_t, scaled_B_t, dtype)
@@ -432,7 +445,7 @@ class LoraLinear(LoraLayer, nn.Module):
         def stacked_forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             if x.dtype is not torch.bfloat16 or x.numel() != x.shape[-1] or needs_general(args, kwargs):
                 return forward(x, *args, **kwargs)
-            return decode.stacked_row(x, stack, bias_row, sizes, update)
+            return decode.stacked_row(x, stack, bias_row, sizes, update, factor, shift)
 
         return stacked_forward
 
@@ -714,23 +727,28 @@ class _InferencePlan:
     """One adapter's state for :meth:`LoraLinear._inference_forward`.
 
     ``scaled_B_t`` is ``s * B^T`` (r x out, contiguous): on CPU a one-row product
-    with it takes about half the time of one with ``B`` as stored. Being a copy,
-    it is rebuilt when ``B`` is replaced or updated in place (its version counter
-    moves), when ``.data`` is reassigned (its storage moves), or when the active
-    adapter changes. Edits through ``B.data`` move neither; ``layer.eval()``
-    drops the plan after such edits.
+    with it takes about half the time of one with ``B`` as stored. For DoRA it is
+    ``s * B^T * f`` with the constant factor ``f = m / ||W + s B A||`` per output
+    row, and the output is ``f * base(x) + (1 - f) * b + x A^T (s B^T f)``
+    (``factor`` and ``bias_shift``): the norm, which the general path takes again
+    at every forward, is taken once. Being copies, they are rebuilt when a tensor
+    they came from (``B``; for DoRA also ``A``, ``m`` and the base weight) is
+    replaced or updated in place (its version counter moves), when ``.data`` is
+    reassigned (its storage moves), or when the active adapter changes. Edits
+    through ``.data`` move neither; ``layer.eval()`` drops the plan after such edits.
     """
 
     __slots__ = ("name", "a_params", "b_params", "B", "b_version", "b_ptr", "scaled_B_t", "dtype",
-                 "device_type")
+                 "device_type", "factor", "bias_shift", "watched")
 
     @classmethod
     def build(cls, layer: "LoraLinear") -> "_InferencePlan":
         """The plan for the active adapter; ``scaled_B_t`` is None where the general path is needed."""
         plan = cls()
         plan.name = name = layer.active_adapter
-        plan.B = plan.scaled_B_t = None
-        if name not in layer.lora_A or name in layer.lora_magnitude_vector:  # absent here, or DoRA
+        plan.B = plan.scaled_B_t = plan.factor = plan.bias_shift = None
+        plan.watched = ()
+        if name not in layer.lora_A:
             return plan
         plan.a_params = layer.lora_A[name]._parameters
         plan.b_params = layer.lora_B[name]._parameters
@@ -738,7 +756,19 @@ class _InferencePlan:
         plan.b_version, plan.b_ptr = B._version, B.data_ptr()
         plan.dtype, plan.device_type = plan.a_params["weight"].dtype, B.device.type
         with torch.no_grad():
-            plan.scaled_B_t = (B.t() * layer.scaling[name]).contiguous()
+            if name not in layer.lora_magnitude_vector:
+                plan.scaled_B_t = (B.t() * layer.scaling[name]).contiguous()
+                return plan
+            magnitudes, base = layer.lora_magnitude_vector._parameters, layer.base_layer._parameters
+            plan.watched = tuple((params, key, params[key], params[key]._version, params[key].data_ptr())
+                                 for params, key in ((plan.a_params, "weight"), (magnitudes, name),
+                                                     (base, "weight")))
+            factor = magnitudes[name].float() / layer._dora_norm(name, torch.float32)
+            plan.scaled_B_t = (B.t().float() * (layer.scaling[name] * factor)).to(B.dtype).contiguous()
+            plan.factor = factor
+            bias = base.get("bias")
+            if bias is not None:
+                plan.bias_shift = (1 - factor) * bias.float()
         return plan
 
     def current(self, layer: "LoraLinear") -> bool:
@@ -747,7 +777,10 @@ class _InferencePlan:
         if self.B is None:
             return True  # nothing cached; update_layer/delete_adapter drop the plan
         B = self.b_params["weight"]
-        return B is self.B and B._version == self.b_version and B.data_ptr() == self.b_ptr
+        if not (B is self.B and B._version == self.b_version and B.data_ptr() == self.b_ptr):
+            return False
+        return all(params.get(key) is t and t._version == version and t.data_ptr() == ptr
+                   for params, key, t, version, ptr in self.watched)
 
 
 def _linear_shape(layer: nn.Module, fan_in_fan_out: bool) -> tuple[int, int]:
