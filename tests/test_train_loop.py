@@ -356,6 +356,29 @@ def test_auto_forward_tokens_follows_the_weights_and_the_shape():
     assert auto_forward_tokens(torch.nn.Linear(4, 4), torch.float32) == 0  # no config: no limit
 
 
+def test_auto_forward_tokens_of_a_dora_model_count_what_its_layers_keep():
+    """DoRA layers keep z and, with dropout, their dropped inputs: the same share of memory holds fewer tokens,
+    the number the memory plan gives for method dora."""
+    from tsugiki import plan
+    from tsugiki.train.loop import auto_forward_tokens
+
+    def dora_model(dropout):
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+        return get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                   lora_dropout=dropout, use_dora=True))
+
+    lora = auto_forward_tokens(tiny_model(), torch.float32)
+    shape = plan.model_shape(plan.load_config(tiny_model().config))
+    frozen = sum(p.numel() * 4 for p in tiny_model().parameters() if not p.requires_grad)
+    for dropout in (0.0, 0.1):
+        dora = auto_forward_tokens(dora_model(dropout), torch.float32)
+        assert dora == plan.auto_forward_budget(shape, 4, frozen, "cpu", dora=True, dora_dropout=dropout)
+        assert dora < lora
+    assert auto_forward_tokens(dora_model(0.1), torch.float32) < auto_forward_tokens(dora_model(0.0), torch.float32)
+
+
 def test_auto_forward_tokens_on_cuda_counts_the_memory_this_process_can_have(monkeypatch):
     """Free device memory plus what torch holds, at most the total: another process's memory is not ours."""
     from tsugiki import plan

@@ -433,19 +433,22 @@ AUTO_ACTIVATION_SHARE = 0.25  # max_forward_tokens: auto keeps a forward's activ
 
 
 def auto_forward_budget(shape: Shape, s: int, reference_bytes: int, device: str,
-                        gradient_checkpointing: bool = False, offload: bool = False) -> int:
+                        gradient_checkpointing: bool = False, offload: bool = False, dora: bool = False,
+                        dora_dropout: float = 0.0) -> int:
     """Tokens one forward may hold under the trainer's ``max_forward_tokens: auto``.
 
     ``AUTO_ACTIVATION_SHARE * reference_bytes / per_token``, at least 1, with
     ``per_token`` from :func:`block_activation_bytes` for every linear adapted at
-    r 16 without dropout: ``layers * block``; under gradient checkpointing each
+    r 16 without dropout (DoRA, ``dora``: with what its layers keep besides, at
+    ``dora_dropout``): ``layers * block``; under gradient checkpointing each
     block's input plus one block, ``layers * hidden * s + block``; with those
     inputs offloaded to the host, ``block`` alone. The trainer's reference is the
     frozen weights' bytes on a CPU and, on CUDA, the device memory the process can
     have (free plus what torch holds, at most the total).
     """
     adapted = {lin.name for lin in shape.linears}
-    block = block_activation_bytes(shape, s, full=False, adapted=adapted, lora_r=16, lora_dropout=0.0, device=device)
+    block = block_activation_bytes(shape, s, full=False, adapted=adapted, lora_r=16,
+                                   lora_dropout=dora_dropout if dora else 0.0, device=device, dora=dora)
     if gradient_checkpointing:
         per_token = block if offload else shape.layers * shape.hidden * s + block
     else:
@@ -594,7 +597,8 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
     if max_forward_tokens == "auto":
         reference = device_memory if device == "cuda" else frozen
         budget = 0 if reference is None else auto_forward_budget(shape, s, reference, device, gradient_checkpointing,
-                                                                  activation_offloading)
+                                                                  activation_offloading, dora=method == "dora",
+                                                                  dora_dropout=lora_dropout)
     else:
         budget = max_forward_tokens
     forward_rows = rows_per_forward(batch_size, max_length, budget)

@@ -179,7 +179,8 @@ def auto_forward_tokens(model: nn.Module, dtype: torch.dtype, device: torch.devi
                         gradient_checkpointing: bool = False, offload: bool = False) -> int:
     """``max_forward_tokens: auto``: tokens whose saved activations are a quarter of a reference size.
 
-    :func:`tsugiki.plan.auto_forward_budget` for the model's shape; 0 (no limit)
+    :func:`tsugiki.plan.auto_forward_budget` for the model's shape (as DoRA when
+    an adapted layer has DoRA magnitudes, at its largest dropout); 0 (no limit)
     for architectures the plan does not know. A row longer than the budget still
     runs whole, alone.
 
@@ -204,7 +205,11 @@ def auto_forward_tokens(model: nn.Module, dtype: torch.dtype, device: torch.devi
     else:
         reference = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     s = torch.tensor([], dtype=dtype).element_size()
-    return plan.auto_forward_budget(shape, s, reference, device.type, gradient_checkpointing, offload)
+    dora_dropouts = [dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+                     for module in model.modules() if len(getattr(module, "lora_magnitude_vector", ())) > 0
+                     for dropout in module.lora_dropout.values()]
+    return plan.auto_forward_budget(shape, s, reference, device.type, gradient_checkpointing, offload,
+                                    dora=bool(dora_dropouts), dora_dropout=max(dora_dropouts, default=0.0))
 
 
 def split_rows(examples: Sequence[dict], max_rows: int, max_tokens: int) -> list[list[dict]]:
