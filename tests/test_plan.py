@@ -300,7 +300,7 @@ def test_a_train_config_plans_as_the_trainer_runs(tmp_path):
                             trainable_params=None, quantization="4bit", dtype="fp32", batch_size=4,
                             max_length=1024, optimizer="adamw_8bit", gradient_checkpointing=True, device="cpu",
                             activation_offloading=False,  # ignored on a CPU, as in training
-                            target_logits_only=True, max_forward_tokens=2048)
+                            target_logits_only=True, max_forward_tokens=2048, virtual_tokens=0)
     assert plan.training_settings(cfg, device="cuda")["activation_offloading"] is True
     # Known rows size the estimate by the longest (never beyond max_length); packed rows fill max_length.
     assert plan.training_settings(cfg, longest_row=300)["max_length"] == 300
@@ -350,6 +350,29 @@ def test_dora_is_estimated_as_lora_plus_magnitudes_and_what_it_keeps(tmp_path):
     assert plan.describe(dora.settings).startswith("DoRA r=4 on all-linear")
 
 
+@pytest.mark.parametrize("method,counted", [("prompt_tuning", True), ("p_tuning", True), ("prefix_tuning", False)])
+def test_prompt_methods_rows_carry_their_virtual_tokens(tmp_path, method, counted):
+    """Prompt tuning and p-tuning put n virtual tokens in front of every row: activations as of rows n longer,
+    while the forwards are split by the data's tokens, as the trainer splits them."""
+    from helpers_data import tiny_llama
+    from tsugiki.train.config import TrainConfig
+
+    tiny_llama().config.save_pretrained(tmp_path)
+    cfg = TrainConfig.load(None, {"model": str(tmp_path), "method": method, "method_args": {"num_virtual_tokens": 30},
+                                  "batch_size": 4, "max_length": 64, "max_forward_tokens": 128})
+    settings = plan.training_settings(cfg)
+    assert settings["virtual_tokens"] == (30 if counted else 0)
+    est = plan.estimate(str(tmp_path), **settings)
+    longer = plan.estimate(str(tmp_path), **{**settings, "virtual_tokens": 0, "max_length": 94,
+                                             "max_forward_tokens": 94 * 2})
+    assert est.forward_rows == longer.forward_rows == 2
+    if counted:
+        assert est.parts["activations"] == longer.parts["activations"]
+        assert "64 tokens (+ 30 virtual)" in plan.describe(est.settings)
+    else:
+        assert est.parts["activations"] < longer.parts["activations"]
+
+
 def test_training_fit_names_changes_that_fit(tmp_path):
     cfg = _train_config(tmp_path, dtype="bf16", batch_size=4, max_length=2048, max_forward_tokens=0)
     est, line = plan.training_fit(cfg, 100 * 2**30, "of RAM available")
@@ -378,6 +401,19 @@ def test_plan_cli_reads_a_train_config_and_flags_override_it(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("batch_sise: 4\n")
     with pytest.raises(ValueError, match="batch_sise"):
         plan.main(["--config", str(tmp_path / "bad.yaml")])
+
+
+def test_plan_cli_takes_the_methods_own_options(tmp_path, capsys):
+    from helpers_data import tiny_llama
+
+    tiny_llama().config.save_pretrained(tmp_path)
+    assert plan.main([str(tmp_path), "--method", "prompt_tuning", "--method-args", "num_virtual_tokens=50",
+                      "--max-length", "64", "--ram", "100GB"]) == 0
+    out = capsys.readouterr().out
+    assert "batch 1 x 64 tokens (+ 50 virtual)" in out
+    assert f"{50 * 32:,} trainable" in out  # 50 virtual tokens x hidden 32
+    with pytest.raises(ValueError, match="'num_virtual_tokens' is not a LoraConfig option"):
+        plan.main([str(tmp_path), "--method", "lora", "--method-args", "num_virtual_tokens=3"])
 
 
 def test_counting_a_prompt_started_from_text_needs_no_tokenizer(tmp_path):

@@ -524,7 +524,8 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
              double_quant: bool = True, dtype: str = "bf16", batch_size: int = 1, max_length: int = 512,
              optimizer: str = "adamw", gradient_checkpointing: bool = False, device: str = "cpu",
              activation_offloading: bool = False, target_logits_only: bool = True,
-             max_forward_tokens: Union[int, str] = "auto", device_memory: Optional[int] = None) -> Estimate:
+             max_forward_tokens: Union[int, str] = "auto", device_memory: Optional[int] = None,
+             virtual_tokens: int = 0) -> Estimate:
     """Estimate the peak memory of training ``source`` (see the module docstring for each part).
 
     Defaults: LoRA r=8 without dropout on the architecture's default targets
@@ -543,7 +544,9 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
     least one), each one's backward before the next forward, so activations and
     logits count one forward; ``"auto"`` is :func:`auto_forward_budget` of the
     frozen weights on a CPU, of ``device_memory`` on CUDA (no limit without it);
-    0: the whole micro-batch in one forward.
+    0: the whole micro-batch in one forward. ``virtual_tokens``: what a prompt
+    method puts in front of every row (prompt tuning, p-tuning): the rows the
+    model runs are that much longer than the ``max_length`` the data is cut to.
     """
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype={dtype!r}: use one of {', '.join(DTYPE_BYTES)}")
@@ -601,8 +604,8 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
                                                                   dora_dropout=lora_dropout)
     else:
         budget = max_forward_tokens
-    forward_rows = rows_per_forward(batch_size, max_length, budget)
-    tokens = forward_rows * max_length  # what one forward holds for its backward
+    forward_rows = rows_per_forward(batch_size, max_length, budget)  # the trainer splits by data tokens
+    tokens = forward_rows * (max_length + virtual_tokens)  # what one forward holds for its backward
 
     fast = uses_fast_attention(shape, config, dtype, device, max_length)
     per_block = block_activation_bytes(shape, s, full=full, adapted=adapted, lora_r=lora_r,
@@ -636,7 +639,8 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
                     double_quant=double_quant, dtype=dtype, batch_size=batch_size, max_length=max_length,
                     optimizer=optimizer, gradient_checkpointing=gradient_checkpointing, device=device,
                     activation_offloading=activation_offloading, target_logits_only=target_logits_only,
-                    max_forward_tokens=max_forward_tokens, device_memory=device_memory)
+                    max_forward_tokens=max_forward_tokens, device_memory=device_memory,
+                    virtual_tokens=virtual_tokens)
     gguf = _gguf_file(source)
     loading = 0
     if gguf is not None and device == "cpu":
@@ -757,8 +761,10 @@ def describe(settings: dict[str, Any]) -> str:
         named = "default targets" if targets is None else targets if isinstance(targets, str) else ",".join(targets)
         method = f"{'LoRA' if method == 'lora' else 'DoRA'} r={settings['lora_r']} on {named}"
     base = f"{settings['quantization']} base" if settings["quantization"] else f"{settings['dtype']} base"
-    parts = [method, base, f"{settings['dtype']} compute",
-             f"batch {settings['batch_size']} x {settings['max_length']} tokens", settings["optimizer"]]
+    rows = f"batch {settings['batch_size']} x {settings['max_length']} tokens"
+    if settings.get("virtual_tokens"):
+        rows += f" (+ {settings['virtual_tokens']} virtual)"
+    parts = [method, base, f"{settings['dtype']} compute", rows, settings["optimizer"]]
     if settings["gradient_checkpointing"]:
         parts.append("gradient checkpointing" + (" + offloading" if settings["activation_offloading"] else ""))
     return ", ".join(parts)
@@ -857,6 +863,11 @@ def count_trainable(cfg: Any, source: Any = None) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+# Prompt methods whose virtual tokens join every row's sequence (prefix tuning's go to the attention's
+# keys and values instead, and LLaMA-Adapter's to a few layers' attention: neither is counted).
+SEQUENCE_PROMPT_METHODS = ("prompt_tuning", "p_tuning", "multitask_prompt_tuning")
+
+
 def training_settings(cfg: Any, *, device: str = "cpu", dtype: Optional[str] = None,
                       longest_row: Optional[int] = None, trainable_params: Optional[int] = None) -> dict[str, Any]:
     """The :func:`estimate` arguments (besides the model) of the job a training config describes.
@@ -869,7 +880,9 @@ def training_settings(cfg: Any, *, device: str = "cpu", dtype: Optional[str] = N
     ``max_length``. ``activation_offloading`` counts only on CUDA, as in training.
     Methods other than lora, qlora and full are estimated like LoRA with their
     own trainable parameters: ``trainable_params``, else :func:`count_trainable`
-    (DoRA with its own activations too, see :func:`block_activation_bytes`).
+    (DoRA with its own activations too, see :func:`block_activation_bytes`;
+    prompt tuning, p-tuning and multitask prompt tuning with their virtual
+    tokens in every row).
 
     Raises:
         ValueError: the method's parameters cannot be counted without a model (see :func:`count_trainable`).
@@ -893,7 +906,17 @@ def training_settings(cfg: Any, *, device: str = "cpu", dtype: Optional[str] = N
                 gradient_checkpointing=cfg.gradient_checkpointing, device=device,
                 activation_offloading=bool(cfg.activation_offloading and cfg.gradient_checkpointing
                                            and device == "cuda"),
-                target_logits_only=cfg.target_logits_only, max_forward_tokens=cfg.max_forward_tokens)
+                target_logits_only=cfg.target_logits_only, max_forward_tokens=cfg.max_forward_tokens,
+                virtual_tokens=virtual_tokens(cfg))
+
+
+def virtual_tokens(cfg: Any) -> int:
+    """Virtual tokens ``cfg``'s method puts in front of every row (:data:`SEQUENCE_PROMPT_METHODS`), else 0."""
+    if cfg.method not in SEQUENCE_PROMPT_METHODS:
+        return 0
+    from .pipeline import adapter_config
+
+    return adapter_config(cfg, cfg.model or DEFAULT_MODEL).num_virtual_tokens
 
 
 def training_fit(cfg: Any, available: int, where: str, **settings: Any) -> tuple[Estimate, str]:
@@ -957,6 +980,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     a("--lora-dropout", type=float, default=None, help="LoRA dropout (default 0)")
     a("--target-modules", default=None,
       help="comma-separated module names or 'all-linear' (default: the architecture's, q_proj,v_proj for Llama)")
+    a("--method-args", default=None, metavar="KEY=VALUE,...",
+      help="the method's own options, as tsugiki train takes them (e.g. num_virtual_tokens=50 for prompt_tuning)")
     a("--trainable-params", type=int, default=None,
       help="trainable parameter count for methods other than LoRA (default: counted from the model's config)")
     a("--quantization", choices=["none", "4bit", "8bit"], default=None, help="k-bit base (default: none)")
@@ -987,9 +1012,11 @@ def _cli_settings(args: argparse.Namespace, device: str) -> tuple[Any, dict[str,
 
     settings = dict(CLI_DEFAULTS)
     model = None
+    method_args = args.method_args
     if args.config:
         cfg = TrainConfig.load(args.config)
         model = cfg.model
+        method_args = cfg.method_args if method_args is None else method_args
         job = training_settings(cfg, device=device, dtype=auto_dtype(device, args.gpu) if cfg.dtype == "auto" else None,
                                 trainable_params=args.trainable_params)
         settings.update({key: value for key, value in job.items() if key != "device"})
@@ -1007,9 +1034,16 @@ def _cli_settings(args: argparse.Namespace, device: str) -> tuple[Any, dict[str,
     if args.model and args.model_flag and args.model != args.model_flag:
         raise ValueError(f"two models given: {args.model!r} and --model {args.model_flag!r}; pass one")
     source = args.model or args.model_flag or model or DEFAULT_MODEL
-    if settings["method"] not in ("lora", "full") and settings["trainable_params"] is None:
+    if settings["method"] != "full":
         keys = {key: settings[key] for key in ("method", "lora_r", "lora_dropout", "target_modules")}
-        settings["trainable_params"] = count_trainable(TrainConfig.load(None, keys), source)
+        job = TrainConfig.load(None, {**keys, "method_args": method_args})
+        if method_args:
+            from .pipeline import adapter_config
+
+            adapter_config(job, source)  # a key the method does not have: the training job's error, now
+        if settings["method"] != "lora" and settings["trainable_params"] is None:
+            settings["trainable_params"] = count_trainable(job, source)
+        settings["virtual_tokens"] = virtual_tokens(job)
     return source, settings
 
 
