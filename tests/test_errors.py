@@ -189,3 +189,13 @@ def test_a_damaged_gguf_file_is_named_with_what_to_do(tmp_path, damage):
         load_model(str(path))
     with pytest.raises(ValueError, match=message):
         load_tokenizer(str(path))
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "dora", "ia3"])
+def test_a_method_option_that_does_not_exist_is_named_before_anything_loads(tmp_path, method):
+    """The model folder does not even exist: the bad option is reported first, nothing is written."""
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"'lora_rank' is not a \w+Config option"):
+        tsugiki.train({"model": str(tmp_path / "no-such-model"), "data": str(tmp_path / "no-such.jsonl"),
+                       "output_dir": str(out), "method": method, "method_args": {"lora_rank": 4}}, progress=False)
+    assert not out.exists()

@@ -118,6 +118,8 @@ def run_training(config: Union[None, str, os.PathLike, Mapping[str, Any], TrainC
     """
     cfg = as_config(config, **overrides)
     check_method(cfg)
+    if cfg.method != "full":
+        adapter_config(cfg, cfg.model or DEFAULT_MODEL)  # an option the method lacks: said now, not after loading
     if not cfg.data:
         raise ConfigError("data is not set: give a training file (jsonl/json/csv/parquet) or a saved dataset folder")
     distributed.init_distributed()  # before any CUDA work: each rank pins its own GPU
