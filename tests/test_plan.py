@@ -414,6 +414,8 @@ def test_plan_cli_takes_the_methods_own_options(tmp_path, capsys):
     assert f"{50 * 32:,} trainable" in out  # 50 virtual tokens x hidden 32
     with pytest.raises(ValueError, match="'num_virtual_tokens' is not a LoraConfig option"):
         plan.main([str(tmp_path), "--method", "lora", "--method-args", "num_virtual_tokens=3"])
+    with pytest.raises(ValueError, match="method 'full' takes no options"):
+        plan.main([str(tmp_path), "--method", "full", "--method-args", "r=3"])
 
 
 def test_counting_a_prompt_started_from_text_needs_no_tokenizer(tmp_path):

@@ -1034,16 +1034,16 @@ def _cli_settings(args: argparse.Namespace, device: str) -> tuple[Any, dict[str,
     if args.model and args.model_flag and args.model != args.model_flag:
         raise ValueError(f"two models given: {args.model!r} and --model {args.model_flag!r}; pass one")
     source = args.model or args.model_flag or model or DEFAULT_MODEL
-    if settings["method"] != "full":
-        keys = {key: settings[key] for key in ("method", "lora_r", "lora_dropout", "target_modules")}
-        job = TrainConfig.load(None, {**keys, "method_args": method_args})
-        if method_args:
-            from .pipeline import adapter_config
+    keys = {key: settings[key] for key in ("method", "lora_r", "lora_dropout", "target_modules")}
+    job = TrainConfig.load(None, {**keys, "method_args": method_args})
+    if method_args:  # an option the method does not have: the training job's error, now
+        from .pipeline import adapter_config, check_method
 
-            adapter_config(job, source)  # a key the method does not have: the training job's error, now
-        if settings["method"] != "lora" and settings["trainable_params"] is None:
-            settings["trainable_params"] = count_trainable(job, source)
-        settings["virtual_tokens"] = virtual_tokens(job)
+        check_method(job)
+        adapter_config(job, source)
+    if settings["method"] not in ("lora", "full") and settings["trainable_params"] is None:
+        settings["trainable_params"] = count_trainable(job, source)
+    settings["virtual_tokens"] = virtual_tokens(job)
     return source, settings
 
 
