@@ -199,3 +199,10 @@ def test_a_method_option_that_does_not_exist_is_named_before_anything_loads(tmp_
         tsugiki.train({"model": str(tmp_path / "no-such-model"), "data": str(tmp_path / "no-such.jsonl"),
                        "output_dir": str(out), "method": method, "method_args": {"lora_rank": 4}}, progress=False)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("key", ["lora_r", "rank", "lora_rank"])
+def test_a_rank_under_another_name_points_to_r(tmp_path, key):
+    with pytest.raises(ValueError, match=rf"'{key}' is not a LoraConfig option; did you mean 'r'\?"):
+        tsugiki.train({"data": str(tmp_path / "x.jsonl"), "method": "lora", "method_args": {key: 4}},
+                      progress=False)

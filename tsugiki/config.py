@@ -76,6 +76,11 @@ def register_method(*names: str):
     return wrap
 
 
+# Names people give the rank, alpha and dropout (tsugiki train's own keys among them), which string
+# similarity would match with the wrong option (lora_r -> lora_bias).
+_OPTION_ALIASES = {"lora_r": "r", "rank": "r", "lora_rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
+
+
 def config_from_method_args(cls: type["PeftConfig"], method_args: Optional[dict], **fixed: Any) -> "PeftConfig":
     """``cls(**fixed, **method_args)``, naming unknown keys with the closest valid one."""
     import difflib
@@ -84,7 +89,8 @@ def config_from_method_args(cls: type["PeftConfig"], method_args: Optional[dict]
     known = {f.name for f in dataclasses.fields(cls)}
     for key in args:
         if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
+            alias = _OPTION_ALIASES.get(key)
+            close = [alias] if alias in known else difflib.get_close_matches(key, sorted(known), n=1)
             raise ValueError(f"method_args: {key!r} is not a {cls.__name__} option"
                              + (f"; did you mean {close[0]!r}?" if close else f"; options: {', '.join(sorted(known))}"))
     return cls(**{**fixed, **args})
