@@ -324,10 +324,11 @@ class LoraLinear(LoraLayer, nn.Module):
         """``base(x) + (x A^T) (s B^T)`` on the shortest path, or None when another path must run.
 
         Used in eval mode without autograd (generation, evaluation) for one unmerged
-        LoRA or DoRA adapter outside a mixed batch (DoRA: :class:`_InferencePlan`). Generation calls each adapted layer
-        once per token, where the rank-r products take microseconds and ``nn.Module``
-        lookups as long again, so what the call needs is kept in an
-        :class:`_InferencePlan` and checked, not looked up.
+        LoRA or DoRA adapter outside a mixed batch. Generation calls each adapted
+        layer once per token, where the rank-r products take microseconds and
+        ``nn.Module`` lookups as long again, so what the call needs (for DoRA also
+        its constant factor) is kept in an :class:`_InferencePlan` and checked, not
+        looked up.
         """
         plan = self._current_plan()
         if (plan.scaled_B_t is None or self.disabled or self.merged_adapters
