@@ -24,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 
+from process_memory import status_bytes
+
 MiB = 1024**2
 
 
@@ -69,9 +71,7 @@ def child(path: str, dtype: str) -> None:
     import tsugiki
 
     tsugiki.load_model(path, dtype=torch.bfloat16 if dtype == "bf16" else None, device="cpu")
-    with open("/proc/self/status", encoding="utf-8") as status:
-        peak = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
-    print(json.dumps({"peak": peak}))
+    print(json.dumps({"peak": status_bytes("VmHWM")}))
 
 
 def main(argv=None) -> int:

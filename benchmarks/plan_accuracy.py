@@ -38,6 +38,8 @@ import subprocess
 import sys
 import time
 
+from process_memory import release_freed_memory, reset_peak, status_bytes
+
 # SmolLM2-135M (HuggingFaceTB/SmolLM2-135M-Instruct config.json).
 SMOLLM2 = dict(
     model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -68,26 +70,6 @@ CASES = [
 # ----------------------------------------------------------------------------- child
 
 
-def _rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-def _release_freed_memory() -> None:
-    """Give freed heap pages back to the OS so the RSS high-water mark starts clean."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc: nothing to trim
-        pass
-
-
 def run_child(spec: dict) -> dict:
     baseline_t0 = time.perf_counter()
     import torch
@@ -103,7 +85,7 @@ def run_child(spec: dict) -> dict:
     if spec["quantization"]:
         import bitsandbytes  # noqa: F401  (counted in the runtime baseline, as in real QLoRA)
     torch.manual_seed(0)
-    runtime_rss = _rss_bytes("VmRSS")
+    runtime_rss = status_bytes("VmRSS")
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec["dtype"]]
     cfg = transformers.AutoConfig.for_model(**spec["config"])
@@ -135,10 +117,9 @@ def run_child(spec: dict) -> dict:
     rows = rows_per_forward(spec["batch_size"], spec["max_length"], budget)
     autocast = torch.autocast(device_type="cpu", dtype=dtype, enabled=dtype != torch.float32)
 
-    _release_freed_memory()
-    built_rss = _rss_bytes("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak-RSS counter (VmHWM) to the current RSS
+    release_freed_memory()
+    built_rss = status_bytes("VmRSS")
+    reset_peak()
     t0 = time.perf_counter()
     with fused_blocks(model), fast_attention(model):  # as Trainer.train() runs the model
         for _ in range(spec["steps"]):
@@ -152,7 +133,7 @@ def run_child(spec: dict) -> dict:
             del loss
     step_s = (time.perf_counter() - t0) / spec["steps"]
     return {
-        "peak_rss": _rss_bytes("VmHWM"),
+        "peak_rss": status_bytes("VmHWM"),
         "runtime_rss": runtime_rss,
         "built_rss": built_rss,
         "step_s": step_s,

@@ -44,6 +44,8 @@ import subprocess
 import sys
 import time
 
+from process_memory import release_freed_memory, reset_peak, status_bytes
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
@@ -74,25 +76,6 @@ MiB = 1024**2
 
 
 # ----------------------------------------------------------------------------- child
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-def _release_freed_memory() -> None:
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
 
 
 def tensor_bytes(model) -> dict:
@@ -143,7 +126,7 @@ def run_child(spec: dict) -> dict:
     if spec["quantization"]:
         import bitsandbytes  # noqa: F401
     torch.manual_seed(0)
-    runtime_rss = _status_bytes("VmRSS")
+    runtime_rss = status_bytes("VmRSS")
 
     cfg = transformers.AutoConfig.for_model(**spec["config"])
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
@@ -165,11 +148,10 @@ def run_child(spec: dict) -> dict:
     ids = torch.randint(0, cfg.vocab_size, (spec["batch_size"], spec["max_length"]))
     n_targets = ids[:, 1:].numel()
 
-    build_peak = _status_bytes("VmHWM")
-    _release_freed_memory()
-    built_rss = _status_bytes("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := current RSS
+    build_peak = status_bytes("VmHWM")
+    release_freed_memory()
+    built_rss = status_bytes("VmRSS")
+    reset_peak()
     losses, t0 = [], time.perf_counter()
     with fused_blocks(model):  # as Trainer.train() runs the model
         for _ in range(spec["steps"]):
@@ -184,7 +166,7 @@ def run_child(spec: dict) -> dict:
             del loss
     step_s = (time.perf_counter() - t0) / spec["steps"]
     return {
-        "step_peak": _status_bytes("VmHWM"),
+        "step_peak": status_bytes("VmHWM"),
         "built_rss": built_rss,
         "build_peak": build_peak,
         "runtime_rss": runtime_rss,
@@ -207,6 +189,7 @@ def plan_estimate(spec: dict) -> int:
         spec["config"], method="lora", lora_r=spec["lora"]["r"], lora_dropout=spec["lora"]["lora_dropout"],
         quantization=spec["quantization"], double_quant=True, dtype="bf16", batch_size=spec["batch_size"],
         max_length=spec["max_length"], optimizer="adamw", gradient_checkpointing=False, device="cpu",
+        max_forward_tokens=0, target_logits_only=False,  # the step here: the whole batch, full logits
     ).total
 
 

@@ -69,6 +69,8 @@ import sys
 import tempfile
 import time
 
+from process_memory import reset_peak, status_bytes
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
@@ -197,11 +199,7 @@ def vm_hwm() -> int:
         import torch
 
         return torch.cuda.max_memory_allocated()
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return status_bytes("VmHWM")
 
 
 _LOAD_PEAK = [0]
@@ -243,8 +241,7 @@ class StepMeter:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         else:
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")
+            reset_peak()
         self.last = time.perf_counter()
 
     def step_end(self) -> None:
