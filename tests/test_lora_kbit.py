@@ -212,5 +212,7 @@ def test_qlora_training_with_evaluation_every_step_follows_training_without(tmp_
                        "learning_rate": 1e-2, "tensorboard": False}, progress=False)
         lines = (out / "metrics.jsonl").read_text().splitlines()
         losses[eval_steps] = [json.loads(line)["loss"] for line in lines if '"loss"' in line]
-    # Without the restored layout the loss stalls after the first evaluation (5.94 -> 5.91 against 5.77).
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-3, atol=0)
+    # The trainer keeps bitsandbytes from repacking the weights while it evaluates: the steps after an
+    # evaluation compute exactly what they would without it. (When the repacked layout stayed, the loss
+    # stalled after the first evaluation: 5.94 -> 5.91 against 5.77.)
+    assert losses[1] == losses[0]

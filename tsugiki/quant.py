@@ -32,9 +32,10 @@ Facts about bitsandbytes (0.50) this module relies on:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -381,6 +382,27 @@ def _canonical_4bit(module: nn.Module):
         canonical.nested, canonical.state2, canonical.offset = False, None, None
         return packed, canonical
     return weight.data, state
+
+
+@contextlib.contextmanager
+def no_cpu_repacking(model: nn.Module) -> Iterator[None]:
+    """Inside: the model's 4-bit layers keep their trainable layout in eval-mode forwards.
+
+    For evaluation in the middle of training: bitsandbytes would repack every
+    4-bit weight at its first eval forward (with bf16 block scales, changing
+    the weights by up to 2^-9 of a block's scale) and :func:`unpack_cpu_4bit`
+    would convert them back at ``train()``; without the repacking the steps
+    after an evaluation compute exactly what they would have without it.
+    """
+    layers = [m for m in model.modules()
+              if is_quantized_linear(m) and getattr(m, "support_avx512bf16_for_cpu", False)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.support_avx512bf16_for_cpu = True
 
 
 def unpack_cpu_4bit(model: nn.Module) -> int:

@@ -175,6 +175,18 @@ def enable_gradient_checkpointing(model: nn.Module, offload: bool = False) -> No
         require()
 
 
+def keep_4bit_layout(model: nn.Module) -> contextlib.AbstractContextManager:
+    """:func:`tsugiki.quant.no_cpu_repacking` for a model with bitsandbytes layers (evaluation between
+    training steps then changes nothing the steps compute); nothing otherwise."""
+    from ..inject import bnb_linear_types
+
+    if not bnb_linear_types():
+        return contextlib.nullcontext()
+    from ..quant import no_cpu_repacking
+
+    return no_cpu_repacking(model)
+
+
 def auto_forward_tokens(model: nn.Module, dtype: torch.dtype, device: torch.device = torch.device("cpu"),
                         gradient_checkpointing: bool = False, offload: bool = False) -> int:
     """``max_forward_tokens: auto``: tokens whose saved activations are a quarter of a reference size.
@@ -516,13 +528,14 @@ class Trainer:
         # Rank 0's share is the largest (distributed.shard), so its count of forwards is everyone's under FSDP.
         forwards = math.ceil(math.ceil(len(self.eval_examples) / self.world_size) / m) if self.fsdp else 0
         try:
-            for s in range(0, len(rows), m):
-                batch = self.eval_collate_fn(list(rows[s:s + m]))
-                targets += count_targets(batch)
-                total += float(self._forward_loss_sum(self._on_device(batch)))
-            for _ in range(forwards - math.ceil(len(rows) / m)):  # the same collectives as the busiest rank
-                padding = self._padding_batch(self.eval_examples, self.eval_collate_fn)
-                self._forward_loss_sum(self._on_device(padding))
+            with keep_4bit_layout(self.model):
+                for s in range(0, len(rows), m):
+                    batch = self.eval_collate_fn(list(rows[s:s + m]))
+                    targets += count_targets(batch)
+                    total += float(self._forward_loss_sum(self._on_device(batch)))
+                for _ in range(forwards - math.ceil(len(rows) / m)):  # the same collectives as the busiest rank
+                    padding = self._padding_batch(self.eval_examples, self.eval_collate_fn)
+                    self._forward_loss_sum(self._on_device(padding))
         finally:
             self.model.train(was_training)
         total, targets = distributed.all_reduce_sum([total, targets])
