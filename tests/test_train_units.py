@@ -124,6 +124,21 @@ def test_yaml_then_overrides_with_coercion(tmp_path):
     assert TrainConfig.load(overrides={"resume": "runs/a/checkpoint-10"}).resume == "runs/a/checkpoint-10"
 
 
+def test_method_args_on_the_command_line_as_pairs_or_as_a_mapping():
+    def parsed(text):
+        return TrainConfig.load(overrides={"method_args": text}).method_args
+
+    assert parsed("use_rslora=true,r=4") == {"use_rslora": True, "r": 4}
+    # A mapping keeps values that hold commas, which the pairs would split.
+    want = {"rank_pattern": {"q_proj": 4, "v_proj": 2}, "use_rslora": True}
+    assert parsed('{"rank_pattern": {"q_proj": 4, "v_proj": 2}, "use_rslora": true}') == want
+    assert parsed("{rank_pattern: {q_proj: 4, v_proj: 2}, use_rslora: true}") == want  # YAML flow style
+    with pytest.raises(ConfigError, match=r"method_args=.*expected a mapping such as"):
+        parsed('{"num_virtual_tokens": 20')
+    with pytest.raises(ConfigError, match="expected key=value pairs"):
+        parsed("num_virtual_tokens")
+
+
 def test_unknown_keys_suggest_the_closest_name(tmp_path):
     with pytest.raises(ConfigError, match="'learning_rat'.*did you mean 'learning_rate'"):
         TrainConfig.load(overrides={"learning_rat": "1e-4"})

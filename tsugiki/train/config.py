@@ -67,7 +67,7 @@ class TrainConfig:
     lora_r: int = _f(8, "LoRA rank r.")
     lora_alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha / r.")
     lora_dropout: float = _f(0.05, "Dropout on the LoRA input, in [0, 1).")
-    method_args: Optional[dict] = _f(None, "The method's own options as a mapping, e.g. {num_virtual_tokens: 20} for prompt tuning, or any LoraConfig option for lora (use_rslora, rank_pattern, ...); on the command line key=value,key=value.")
+    method_args: Optional[dict] = _f(None, "The method's own options as a mapping, e.g. {num_virtual_tokens: 20} for prompt tuning, or any LoraConfig option for lora (use_rslora, rank_pattern, ...); on the command line key=value,key=value or a JSON object.")
     target_modules: Optional[list[str]] = _f(None, "Modules to adapt: names/suffixes (comma-separated on the command line), 'all-linear', or None for the per-architecture default.")
     # --- data shaping
     template: Optional[str] = _f(None, "Prompt template name (None = the tokenizer's chat template or the plain default).")
@@ -261,6 +261,12 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return None
         hint = next(a for a in args if a is not type(None))
     if hint is dict or typing.get_origin(hint) is dict:
+        if isinstance(value, str) and value.strip().startswith("{"):  # a JSON object or YAML flow mapping
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError as err:
+                raise TypeError(f"expected a mapping such as {{\"num_virtual_tokens\": 20}} "
+                                f"({getattr(err, 'problem', None) or err})") from None
         if isinstance(value, str):  # key=value,key=value; each value read as YAML (numbers, booleans, lists)
             pairs = [part for part in value.split(",") if part.strip()]
             if not all("=" in part for part in pairs):
