@@ -25,10 +25,10 @@ from torch import nn
 from . import adapter_io
 from .config import PeftConfig, TaskType
 from .fileio import atomic_write_text, ensure_directory
-from .inject import bnb_linear_types
 from . import methods  # noqa: F401  (registers every method's config and tuner)
 from .kernels.decode import single_row_decoding
 from .methods.lora import LoraConfig, decoding_forwards
+from .quant import unpack_cpu_4bit
 from .tuner import BASE_ADAPTER_NAME, TUNER_REGISTRY, BaseTuner, batch_adapter_names
 
 
@@ -115,9 +115,7 @@ class PeftModel(nn.Module):
         (bitsandbytes repacks 4-bit weights on an eval-mode CPU forward into a layout
         with no backward: :func:`tsugiki.quant.unpack_cpu_4bit`.)
         """
-        if mode and bnb_linear_types():
-            from .quant import unpack_cpu_4bit
-
+        if mode:
             unpack_cpu_4bit(self)
         return super().train(mode)
 

@@ -40,6 +40,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from .inject import bnb_linear_types
+
 # Norm layers are recognised by class name so any architecture's RMSNorm works.
 _NORM_NAME_HINTS = ("norm",)
 # Frozen embedding/head matrices stay in 16 bits above this upcast cost (see
@@ -394,8 +396,7 @@ def no_cpu_repacking(model: nn.Module) -> Iterator[None]:
     would convert them back at ``train()``; without the repacking the steps
     after an evaluation compute exactly what they would have without it.
     """
-    layers = [m for m in model.modules()
-              if is_quantized_linear(m) and getattr(m, "support_avx512bf16_for_cpu", False)]
+    layers = [m for m in _loaded_4bit_layers(model) if getattr(m, "support_avx512bf16_for_cpu", False)]
     for layer in layers:
         layer.support_avx512bf16_for_cpu = False
     try:
@@ -418,12 +419,17 @@ def unpack_cpu_4bit(model: nn.Module) -> int:
     double-quantized ones take 0.13). A later eval forward repacks it exactly.
     """
     restored = 0
-    for module in model.modules():
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if is_quantized_linear(module) and getattr(state, "packing_format_for_cpu", False):
+    for module in _loaded_4bit_layers(model):
+        if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
             module.weight.data, module.weight.quant_state = _canonical_4bit(module)
             restored += 1
     return restored
+
+
+def _loaded_4bit_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's ``Linear4bit`` layers; none, without importing bitsandbytes, when it is not loaded."""
+    types = bnb_linear_types()[:1]
+    return [m for m in model.modules() if isinstance(m, types)] if types else []
 
 
 def _int8_scales(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

@@ -80,6 +80,7 @@ from ..kernels.target_logits import (full_logits_loss_sum as token_loss_sum, sco
                                       split_causal_lm, target_logits_loss_sum)
 from ..data import IGNORE_INDEX, Collator, PackedCollator, batch_plan, pack, pad_token_id_for
 from ..plan import cpu_has_native_bf16
+from ..quant import no_cpu_repacking
 from . import distributed, fsdp
 from .checkpoint import (check_resume_compatible, load_checkpoint, resolve_resume, save_checkpoint,
                          TRAINABLE_FILE, trainable_state)
@@ -173,18 +174,6 @@ def enable_gradient_checkpointing(model: nn.Module, offload: bool = False) -> No
     require = _find_attr(model, "enable_input_require_grads")
     if require is not None:
         require()
-
-
-def keep_4bit_layout(model: nn.Module) -> contextlib.AbstractContextManager:
-    """:func:`tsugiki.quant.no_cpu_repacking` for a model with bitsandbytes layers (evaluation between
-    training steps then changes nothing the steps compute); nothing otherwise."""
-    from ..inject import bnb_linear_types
-
-    if not bnb_linear_types():
-        return contextlib.nullcontext()
-    from ..quant import no_cpu_repacking
-
-    return no_cpu_repacking(model)
 
 
 def auto_forward_tokens(model: nn.Module, dtype: torch.dtype, device: torch.device = torch.device("cpu"),
@@ -528,7 +517,7 @@ class Trainer:
         # Rank 0's share is the largest (distributed.shard), so its count of forwards is everyone's under FSDP.
         forwards = math.ceil(math.ceil(len(self.eval_examples) / self.world_size) / m) if self.fsdp else 0
         try:
-            with keep_4bit_layout(self.model):
+            with no_cpu_repacking(self.model):  # evaluation changes nothing the next steps compute
                 for s in range(0, len(rows), m):
                     batch = self.eval_collate_fn(list(rows[s:s + m]))
                     targets += count_targets(batch)
