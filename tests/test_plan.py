@@ -424,8 +424,12 @@ def test_counting_a_prompt_started_from_text_needs_no_tokenizer(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(SMOLLM2))
     keys = {"model": str(tmp_path), "method": "prompt_tuning"}
     text = {"num_virtual_tokens": 6, "prompt_tuning_init": "TEXT", "prompt_tuning_init_text": "Answer briefly."}
-    counted = plan.count_trainable(TrainConfig.load(None, {**keys, "method_args": text}))
+    cfg = TrainConfig.load(None, {**keys, "method_args": text})
+    counted = plan.count_trainable(cfg)
     assert counted == 6 * SMOLLM2["hidden_size"]  # no tokenizer in the folder, no weights: shapes only
+    assert plan.training_settings(cfg)["virtual_tokens"] == 6  # the plan's row length needs none either
+    with pytest.raises(ValueError, match="prompt_tuning_init"):  # while a bad init is still named
+        plan.count_trainable(cfg.replace(method_args={**text, "prompt_tuning_init": "TEXTT"}))
 
 
 def test_gguf_metadata_is_read_once_per_file_version(tmp_path, monkeypatch):

@@ -60,6 +60,7 @@ def quantization_of(cfg: TrainConfig) -> Optional[str]:
 
 
 def check_method(cfg: TrainConfig) -> None:
+    """The job's method, its quantization and its ``method_args``, checked before anything loads."""
     if cfg.method not in method_names():
         close = difflib.get_close_matches(cfg.method, method_names(), n=1)
         raise ConfigError(
@@ -71,6 +72,30 @@ def check_method(cfg: TrainConfig) -> None:
             "Use method: qlora (LoRA on the quantized base) or quantization: none")
     if cfg.method == "full" and cfg.method_args:
         raise ConfigError("method_args: method 'full' takes no options")
+    if cfg.method != "full":
+        adapter_config(shapes_only(cfg), cfg.model or DEFAULT_MODEL)  # an option the method lacks, said now
+
+
+# Prompt initialisations that need real values (a tokenizer, the vocabulary, a file), and the keys only they use.
+_VALUE_INITS = ("TEXT", "SAMPLE_VOCAB", "AVERAGE_SOURCE_TASKS", "EXACT_SOURCE_TASK", "ONLY_SOURCE_SHARED")
+_VALUE_INIT_KEYS = ("prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs",
+                    "prompt_tuning_init_state_dict_path", "prompt_tuning_init_task")
+
+
+def shapes_only(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with a prompt that starts from real values started at random instead.
+
+    The adapter has the same shapes and options, and setting it up needs no
+    tokenizer, weights or file: what checking the job and counting its
+    parameters before anything loads want.
+    """
+    args = dict(cfg.method_args or {})
+    if args.get("prompt_tuning_init") not in _VALUE_INITS:
+        return cfg
+    args["prompt_tuning_init"] = "RANDOM"
+    for key in _VALUE_INIT_KEYS:
+        args.pop(key, None)
+    return cfg.replace(method_args=args)
 
 
 def adapter_config(cfg: TrainConfig, base_name: str) -> PeftConfig:
@@ -118,8 +143,6 @@ def run_training(config: Union[None, str, os.PathLike, Mapping[str, Any], TrainC
     """
     cfg = as_config(config, **overrides)
     check_method(cfg)
-    if cfg.method != "full":
-        adapter_config(cfg, cfg.model or DEFAULT_MODEL)  # an option the method lacks: said now, not after loading
     if not cfg.data:
         raise ConfigError("data is not set: give a training file (jsonl/json/csv/parquet) or a saved dataset folder")
     distributed.init_distributed()  # before any CUDA work: each rank pins its own GPU

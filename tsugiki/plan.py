@@ -838,7 +838,7 @@ def count_trainable(cfg: Any, source: Any = None) -> int:
     import torch
     import transformers
 
-    from .pipeline import check_method, graft
+    from .pipeline import check_method, graft, shapes_only
 
     check_method(cfg)  # an unknown method: the training job's error, with the closest name
     config = load_config(source if source is not None else cfg.model or DEFAULT_MODEL)
@@ -848,14 +848,8 @@ def count_trainable(cfg: Any, source: Any = None) -> int:
     try:
         # Neither the run's length (AdaLoRA's rank schedule) nor the initial values (prompt methods started
         # from text, vocabulary rows or a file, which meta tensors do not hold) change the count.
-        args = dict(cfg.method_args or {})
-        if args.get("prompt_tuning_init", "RANDOM") != "RANDOM":
-            args["prompt_tuning_init"] = "RANDOM"
-            for key in ("prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs",
-                        "prompt_tuning_init_state_dict_path", "prompt_tuning_init_task"):
-                args.pop(key, None)
-        job = cfg.replace(quantization="none", method="lora" if cfg.method == "qlora" else cfg.method,
-                          max_steps=cfg.max_steps if cfg.max_steps > 0 else 10_000, method_args=args or None)
+        job = shapes_only(cfg).replace(quantization="none", method="lora" if cfg.method == "qlora" else cfg.method,
+                                       max_steps=cfg.max_steps if cfg.max_steps > 0 else 10_000)
         model = graft(model, job)
     except (RuntimeError, NotImplementedError, TypeError) as err:  # an initialiser that needs real values
         raise ValueError(f"method {cfg.method!r}: its trainable parameters cannot be counted from the config "
@@ -914,9 +908,9 @@ def virtual_tokens(cfg: Any) -> int:
     """Virtual tokens ``cfg``'s method puts in front of every row (:data:`SEQUENCE_PROMPT_METHODS`), else 0."""
     if cfg.method not in SEQUENCE_PROMPT_METHODS:
         return 0
-    from .pipeline import adapter_config
+    from .pipeline import adapter_config, shapes_only
 
-    return adapter_config(cfg, cfg.model or DEFAULT_MODEL).num_virtual_tokens
+    return adapter_config(shapes_only(cfg), cfg.model or DEFAULT_MODEL).num_virtual_tokens
 
 
 def training_fit(cfg: Any, available: int, where: str, **settings: Any) -> tuple[Estimate, str]:
@@ -981,7 +975,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     a("--target-modules", default=None,
       help="comma-separated module names or 'all-linear' (default: the architecture's, q_proj,v_proj for Llama)")
     a("--method-args", default=None, metavar="KEY=VALUE,...",
-      help="the method's own options, as tsugiki train takes them (e.g. num_virtual_tokens=50 for prompt_tuning)")
+      help="the method's own options, as tsugiki train takes them: key=value pairs or a JSON object "
+           "(e.g. num_virtual_tokens=50 for prompt_tuning)")
     a("--trainable-params", type=int, default=None,
       help="trainable parameter count for methods other than LoRA (default: counted from the model's config)")
     a("--quantization", choices=["none", "4bit", "8bit"], default=None, help="k-bit base (default: none)")
@@ -1037,10 +1032,9 @@ def _cli_settings(args: argparse.Namespace, device: str) -> tuple[Any, dict[str,
     keys = {key: settings[key] for key in ("method", "lora_r", "lora_dropout", "target_modules")}
     job = TrainConfig.load(None, {**keys, "method_args": method_args})
     if method_args:  # an option the method does not have: the training job's error, now
-        from .pipeline import adapter_config, check_method
+        from .pipeline import check_method
 
         check_method(job)
-        adapter_config(job, source)
     if settings["method"] not in ("lora", "full") and settings["trainable_params"] is None:
         settings["trainable_params"] = count_trainable(job, source)
     settings["virtual_tokens"] = virtual_tokens(job)
