@@ -2,6 +2,7 @@
 
 import copy
 import importlib
+import logging
 
 import pytest
 import torch
@@ -122,6 +123,26 @@ def test_require_bitsandbytes_says_how_to_install(monkeypatch):
     with pytest.raises(ImportError, match=r'pip install "tsugiki\[bnb\]".*pip install bitsandbytes'):
         quant.require_bitsandbytes()
     assert not quant.is_quantized_linear(nn.Linear(2, 2))
+
+
+def test_command_line_drops_only_bitsandbytes_hub_kernel_notice(tmp_path, caplog):
+    from tsugiki import cli
+
+    bnb_cpu_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    bnb_cpu_logger.filters.clear()
+    with pytest.raises(FileNotFoundError):
+        cli.main(["--debug", "plan", "--model", str(tmp_path / "missing")])
+    assert bnb_cpu_logger.filters == []  # --debug keeps every library message
+
+    assert cli.main(["plan", "--model", str(tmp_path / "missing")]) == 2
+    with caplog.at_level(logging.WARNING, logger="bitsandbytes"):
+        bnb_cpu_logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure "
+                               "you already `pip install kernels`", ModuleNotFoundError("No module named 'kernels'"))
+        bnb_cpu_logger.warning("some other bitsandbytes warning")
+    assert [record.getMessage() for record in caplog.records] == ["some other bitsandbytes warning"]
+    quant.quiet_hub_kernel_notice()
+    assert len(bnb_cpu_logger.filters) == 1
+    bnb_cpu_logger.filters.clear()
 
 
 # --- dequantize / requantize: what merging into a quantized base uses -------------------------

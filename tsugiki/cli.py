@@ -331,6 +331,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"tsugiki {args.command}: error: {_unknown_options_message(parser, args.command, unknown)}",
               file=sys.stderr)
         return 2
+    if not args.debug:
+        from .quant import quiet_hub_kernel_notice
+
+        quiet_hub_kernel_notice()
     try:
         if args.command == "plan":
             from .plan import run_plan_cli

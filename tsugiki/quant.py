@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
+import logging
 from typing import Iterable, Iterator
 
 import torch
@@ -59,6 +60,31 @@ def require_bitsandbytes(purpose: str = "4-bit/8-bit quantization"):
             f"{purpose} needs bitsandbytes, which could not be imported ({error}). "
             f"Install it with: {_INSTALL_HINT}"
         ) from error
+
+
+class _HubKernelNoticeFilter(logging.Filter):
+    """Drops bitsandbytes' import-time notice that its optional CPU kernel could not be fetched."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
+_HUB_KERNEL_NOTICE_FILTER = _HubKernelNoticeFilter()
+
+
+def quiet_hub_kernel_notice() -> None:
+    """Silence bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" warning.
+
+    bitsandbytes (0.50) on an AVX512-BF16 CPU tries, when imported, to fetch an
+    inference-only 4-bit kernel from the Hugging Face Hub through the optional
+    ``kernels`` package, and warns when it cannot; it then uses its own C
+    kernel, with the same results. Training never runs that kernel (see
+    ``no_cpu_repacking``), so the command line drops the notice; ``--debug``
+    keeps it. Idempotent; does not import bitsandbytes.
+    """
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if _HUB_KERNEL_NOTICE_FILTER not in logger.filters:
+        logger.addFilter(_HUB_KERNEL_NOTICE_FILTER)
 
 
 def _bnb_layer_types() -> tuple[type, ...]:
