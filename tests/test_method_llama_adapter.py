@@ -146,6 +146,9 @@ def test_two_adapters_and_mixed_batch():
     mixed = model(input_ids=ids, adapter_names=["top", "default"]).logits.detach()
     torch.testing.assert_close(mixed[0], second[0], atol=ATOL, rtol=0)
     torch.testing.assert_close(mixed[1], first[1], atol=ATOL, rtol=0)
+    model.delete_adapter("top")  # the wrapped attention's own float ``scaling`` is not an adapter table
+    assert list(model.peft_config) == ["default"]
+    torch.testing.assert_close(_logits(model, ids), first, atol=0, rtol=0)
 
 
 def test_interop_with_hf_peft_both_ways(tmp_path):

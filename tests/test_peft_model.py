@@ -108,6 +108,68 @@ def test_disable_adapter_with_merged_weights_gives_base():
         torch.testing.assert_close(model(ids).logits, base_logits, atol=1e-6, rtol=0)
 
 
+def test_activating_another_adapter_unmerges_the_merged_one_first():
+    ids = token_batch()
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), adapter_name="a")
+    model.add_adapter("b", LoraConfig(r=4, target_modules=["q_proj", "k_proj"]))  # q_proj carries both
+    randomize_adapters(model)
+    model.set_adapter("b")
+    only_b = model(ids).logits
+    model.set_adapter("a")
+    model.merge_adapter()
+    with pytest.warns(UserWarning, match=r"\['a'\] are merged into the base; unmerging them"):
+        model.set_adapter("b")
+    torch.testing.assert_close(model(ids).logits, only_b, rtol=0, atol=1e-6)
+    merged_b = model.merge_and_unload()(ids).logits
+    torch.testing.assert_close(merged_b, only_b, rtol=0, atol=1e-5)
+
+
+def test_set_adapter_makes_the_adapter_trainable_unless_inference_mode(tmp_path):
+    get_peft_model(tiny_llama(), LoraConfig(r=4)).save_pretrained(tmp_path)
+    model = tsugiki.PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+    model.load_adapter(tmp_path, adapter_name="b")  # loaded for inference: frozen
+    assert not any(".b." in n for n, p in model.named_parameters() if p.requires_grad)
+    model.set_adapter("b")  # HF PEFT's rule: the activated adapter trains
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert len(trainable) == 8 and all(".b." in n for n in trainable)
+    model.set_adapter("default", inference_mode=True)
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_adapter_layers_expose_the_base_weight_and_bias():
+    t5_cfg = T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    ids = token_batch(2, 5)
+    for config in (tsugiki.IA3Config(task_type="SEQ_2_SEQ_LM"),  # targets T5's wo, whose weight T5 reads
+                   LoraConfig(r=2, target_modules=["q", "wo"], task_type="SEQ_2_SEQ_LM"),
+                   tsugiki.LoHaConfig(r=2, target_modules=["wo"], task_type="SEQ_2_SEQ_LM")):
+        torch.manual_seed(0)
+        base = T5ForConditionalGeneration(t5_cfg).eval()
+        expected = base(input_ids=ids, labels=ids).loss
+        model = get_peft_model(base, config)
+        torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, expected)
+    model = get_peft_model(tiny_llama(attention_bias=True), LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"]))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.weight is layer.base_layer.weight and layer.bias is layer.base_layer.bias
+    assert model.get_input_embeddings().weight is model.get_input_embeddings().base_layer.weight
+
+
+def test_save_pretrained_takes_the_given_state_dict_and_format(tmp_path):
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4))
+    given = {k: torch.full_like(v, 7.0) for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path, state_dict=given)
+    saved = tsugiki.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    lora = [p for n, p in saved.named_parameters() if ".lora_" in n]
+    assert len(lora) == 8 and all(bool((p == 7.0).all()) for p in lora)
+    model.save_pretrained(tmp_path, safe_serialization=False)  # replaces the safetensors file
+    assert sorted(f.name for f in tmp_path.glob("adapter_model.*")) == ["adapter_model.bin"]
+    loaded = tsugiki.PeftModel.from_pretrained(tiny_llama(), tmp_path, allow_pickle=True)
+    torch.testing.assert_close(loaded(token_batch()).logits, model(token_batch()).logits, rtol=0, atol=0)
+    with pytest.warns(UserWarning, match="ignoring options tsugiki does not support: push_to_hub"):
+        model.save_pretrained(tmp_path, push_to_hub=True)
+    assert sorted(f.name for f in tmp_path.glob("adapter_model.*")) == ["adapter_model.safetensors"]
+
+
 def test_mixed_adapter_batch_equals_per_adapter_rows():
     ids = token_batch(4, 9)
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, task_type="CAUSAL_LM", target_modules="all-linear"))
@@ -243,6 +305,17 @@ def test_auto_peft_model_loads_base_from_config(tmp_path):
     torch.testing.assert_close(loaded(ids).logits, expected, rtol=0, atol=1e-6)
 
 
+def test_auto_peft_model_refuses_an_adapter_of_another_task(tmp_path):
+    base_dir = tmp_path / "base"
+    tiny_llama().save_pretrained(base_dir)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), LoraConfig(r=4, task_type="CAUSAL_LM"))
+    model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="task_type is 'CAUSAL_LM'.*use AutoPeftModelForCausalLM.from_pretrained"):
+        tsugiki.AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="which AutoPeftModel does not load; use AutoPeftModelForCausalLM"):
+        tsugiki.AutoPeftModel.from_pretrained(tmp_path / "adapter")
+
+
 def test_find_all_linear_names_excludes_head():
     assert tsugiki.find_all_linear_names(tiny_llama()) == [
         "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
@@ -280,7 +353,7 @@ def test_target_selection_rules():
     (dict(lora_alpha=-1), "lora_alpha=-1"),
     (dict(lora_dropout=1.5), "lora_dropout=1.5"),
     (dict(bias="some"), "bias='some'"),
-    (dict(init_lora_weights="olora"), "init_lora_weights='olora'"),
+    (dict(init_lora_weights="kaiming"), "init_lora_weights='kaiming'"),
     (dict(target_modules="q_proj("), "target_modules='q_proj('"),
     (dict(target_modules=[1, 2]), "target_modules=[1, 2]"),
     (dict(layers_pattern="layers"), "layers_pattern='layers'"),

@@ -81,11 +81,22 @@ def adapter_state_dict(peft_model: nn.Module, adapter_name: str, adapter_attrs: 
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
-def save_adapter_weights(state: dict[str, torch.Tensor], folder: str) -> str:
-    path = os.path.join(folder, WEIGHTS_NAME)
+def save_adapter_weights(state: dict[str, torch.Tensor], folder: str, safe_serialization: bool = True) -> str:
+    """Write ``state`` as ``adapter_model.safetensors`` (or, unsafe, ``adapter_model.bin``); returns the path.
+
+    The file of the other format, left by an earlier save, is removed afterwards:
+    readers prefer safetensors, so a stale one would shadow a new ``.bin``.
+    """
+    name, stale = (WEIGHTS_NAME, PICKLE_WEIGHTS_NAME) if safe_serialization else (PICKLE_WEIGHTS_NAME, WEIGHTS_NAME)
+    path = os.path.join(folder, name)
     # safetensors refuses shared storage; clone tensors that share memory (tied copies).
     cpu_state = {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
-    atomic_write_with(path, lambda tmp: save_file(cpu_state, tmp, metadata={"format": "pt"}))
+    if safe_serialization:
+        atomic_write_with(path, lambda tmp: save_file(cpu_state, tmp, metadata={"format": "pt"}))
+    else:
+        atomic_write_with(path, lambda tmp: torch.save(cpu_state, tmp))
+    if os.path.isfile(os.path.join(folder, stale)):
+        os.remove(os.path.join(folder, stale))
     return path
 
 

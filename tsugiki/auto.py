@@ -10,7 +10,8 @@ from .model import PeftModel
 
 
 class _AutoPeftModel:
-    task_type: Optional[str] = None
+    loader_task: Optional[str] = None  # tsugiki.load_model's task, for a GGUF base or the default model
+    peft_task_type: Optional[str] = None  # the adapter's task_type this class loads (None: AutoPeftModel)
     auto_class_name = "AutoModel"
 
     @classmethod
@@ -21,6 +22,7 @@ class _AutoPeftModel:
         ``model_kwargs`` go to the base loader (e.g. ``torch_dtype``, ``quantization_config``).
         """
         config = PeftConfig.from_pretrained(adapter_dir)
+        cls._check_task_type(adapter_dir, config.task_type)
         base_path = config.base_model_name_or_path
         if not base_path:
             raise ValueError(
@@ -31,13 +33,23 @@ class _AutoPeftModel:
         return PeftModel.from_pretrained(base, adapter_dir, adapter_name=adapter_name, is_trainable=is_trainable)
 
     @classmethod
+    def _check_task_type(cls, adapter_dir: str | os.PathLike, task_type: Optional[str]) -> None:
+        """Refuse an adapter made for another task: its head would be missing or left at random."""
+        if task_type is None or task_type == cls.peft_task_type:
+            return
+        right = next((c.__name__ for c in _AutoPeftModel.__subclasses__() if c.peft_task_type == task_type), None)
+        fix = f"use {right}.from_pretrained" if right else "load the base yourself and use PeftModel.from_pretrained"
+        raise ValueError(f"{adapter_dir}: the adapter's task_type is {task_type!r}, which {cls.__name__} does "
+                         f"not load; {fix}")
+
+    @classmethod
     def _load_base(cls, base_path: str, revision: Optional[str], **model_kwargs: Any):
         import transformers
 
         from .models import DEFAULT_MODEL, load_model
 
         if base_path == DEFAULT_MODEL or str(base_path).endswith(".gguf"):
-            return load_model(base_path, task=cls.task_type or "causal_lm", **model_kwargs)
+            return load_model(base_path, task=cls.loader_task or "causal_lm", **model_kwargs)
         auto = getattr(transformers, cls.auto_class_name)
         if revision:
             model_kwargs.setdefault("revision", revision)
@@ -49,21 +61,31 @@ class AutoPeftModel(_AutoPeftModel):
 
 
 class AutoPeftModelForCausalLM(_AutoPeftModel):
-    task_type = "causal_lm"
+    peft_task_type = "CAUSAL_LM"
+    loader_task = "causal_lm"
     auto_class_name = "AutoModelForCausalLM"
 
 
 class AutoPeftModelForSequenceClassification(_AutoPeftModel):
+    peft_task_type = "SEQ_CLS"
     auto_class_name = "AutoModelForSequenceClassification"
 
 
 class AutoPeftModelForTokenClassification(_AutoPeftModel):
+    peft_task_type = "TOKEN_CLS"
     auto_class_name = "AutoModelForTokenClassification"
 
 
 class AutoPeftModelForSeq2SeqLM(_AutoPeftModel):
+    peft_task_type = "SEQ_2_SEQ_LM"
     auto_class_name = "AutoModelForSeq2SeqLM"
 
 
 class AutoPeftModelForFeatureExtraction(_AutoPeftModel):
+    peft_task_type = "FEATURE_EXTRACTION"
     auto_class_name = "AutoModel"
+
+
+class AutoPeftModelForQuestionAnswering(_AutoPeftModel):
+    peft_task_type = "QUESTION_ANS"
+    auto_class_name = "AutoModelForQuestionAnswering"

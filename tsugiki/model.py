@@ -17,6 +17,7 @@ import contextlib
 import copy
 import dataclasses
 import os
+import warnings
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
@@ -152,8 +153,12 @@ class PeftModel(nn.Module):
         config = _prepare_config(peft_config, self.get_base_model())
         self.base_model.inject_adapter(config, adapter_name, init_weights=_init_weights)
 
-    def set_adapter(self, adapter_name: str) -> None:
-        self.base_model.set_adapter(adapter_name)
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Activate ``adapter_name``; its parameters become trainable unless ``inference_mode`` (HF PEFT's rule).
+
+        Adapters merged into the base are unmerged first, with a warning.
+        """
+        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete_adapter(adapter_name)
@@ -208,8 +213,21 @@ class PeftModel(nn.Module):
 
     # -- files ----------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: Optional[Sequence[str]] = None,
-                        is_main_process: bool = True, **kwargs: Any) -> None:
-        """Write each adapter: ``default`` in ``save_directory``, others in ``save_directory/<name>``."""
+                        is_main_process: bool = True, safe_serialization: bool = True,
+                        state_dict: Optional[dict[str, torch.Tensor]] = None, **kwargs: Any) -> None:
+        """Write each adapter: ``default`` in ``save_directory``, others in ``save_directory/<name>``.
+
+        ``state_dict``: a full state dict of this model to take the tensors from instead
+        of the live parameters (what transformers' Trainer passes when the weights are
+        sharded across processes). ``safe_serialization=False`` writes the pickle
+        ``adapter_model.bin`` instead of ``adapter_model.safetensors``. Either file left
+        from an earlier save in the other format is removed, so the folder holds one
+        adapter. HF PEFT's other options (``save_embedding_layers``, ``push_to_hub``, ...)
+        are not supported and are named in a warning.
+        """
+        if kwargs:
+            warnings.warn(f"save_pretrained: ignoring options tsugiki does not support: {', '.join(sorted(kwargs))}",
+                          stacklevel=2)
         save_directory = os.fspath(save_directory)
         names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
         unknown = [n for n in names if n not in self.peft_config]
@@ -222,8 +240,8 @@ class PeftModel(nn.Module):
             folder = save_directory if name == "default" else os.path.join(save_directory, name)
             ensure_directory(folder, "adapter folder")
             config = self.peft_config[name]
-            state = get_peft_model_state_dict(self, adapter_name=name)
-            adapter_io.save_adapter_weights(state, folder)
+            state = get_peft_model_state_dict(self, state_dict=state_dict, adapter_name=name)
+            adapter_io.save_adapter_weights(state, folder, safe_serialization=safe_serialization)
             saved = copy.deepcopy(config)
             saved.inference_mode = True
             saved.save_pretrained(folder)

@@ -80,6 +80,18 @@ class AdapterLayer:
         first = getattr(self, self.adapter_param_names[0])
         return list(first.keys())
 
+    # Models read their layers' weights directly (T5's ``self.wo.weight.dtype``, a tied
+    # or resized embedding's ``.weight``): an adapter layer answers with its base's.
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped base layer's weight."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        """The wrapped base layer's bias."""
+        return self.base_layer.bias
+
     def set_adapter(self, name: str, trainable: bool = True) -> None:
         self.active_adapter = name
         for attr in self.adapter_param_names:
@@ -96,7 +108,9 @@ class AdapterLayer:
             if name in holder:
                 del holder[name]
         for attr in ("r", "lora_alpha", "scaling", "use_rslora"):
-            getattr(self, attr, {}).pop(name, None)
+            table = vars(self).get(attr)  # not getattr: a wrapped module may have a plain ``scaling``
+            if isinstance(table, dict):
+                table.pop(name, None)
         dropout = getattr(self, "lora_dropout", None)
         if dropout is not None and name in dropout:
             del dropout[name]
@@ -297,16 +311,31 @@ class BaseTuner(nn.Module):
             if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
                 yield name, module
 
-    def set_adapter(self, adapter_name: str) -> None:
+    def set_adapter(self, adapter_name: str, inference_mode: Optional[bool] = None) -> None:
+        """Make ``adapter_name`` the active adapter.
+
+        Its parameters are trainable unless ``inference_mode`` is True; ``None`` (what
+        tsugiki itself passes when it re-activates an adapter) follows the adapter's
+        config, so one loaded for inference stays frozen. ``PeftModel.set_adapter``
+        passes False by default, as HF PEFT does. Adapters merged into the base are
+        unmerged first (with a warning) when another adapter is activated: the
+        forward could not take the merged one out again.
+        """
         if adapter_name not in self.peft_config:
             raise ValueError(f"no adapter named {adapter_name!r}; have: {', '.join(self.peft_config)}")
+        merged = {n for _, m in self.adapter_layers() if isinstance(m, AdapterLayer) for n in m.merged_adapters}
+        if merged - {adapter_name}:
+            warnings.warn(f"adapter(s) {sorted(merged)} are merged into the base; unmerging them before "
+                          f"activating {adapter_name!r}", stacklevel=2)
+            self.unmerge_adapter()
         self.active_adapter = adapter_name
-        trainable = not self.peft_config[adapter_name].inference_mode
+        config = self.peft_config[adapter_name]
+        trainable = not (config.inference_mode if inference_mode is None else inference_mode)
         for _, module in self.adapter_layers():
             module.set_adapter(adapter_name, trainable=trainable)
-        self._mark_trainable(self.peft_config[adapter_name], adapter_name)
+        self._mark_trainable(config, adapter_name, trainable)
 
-    def _mark_trainable(self, config: PeftConfig, adapter_name: str) -> None:
+    def _mark_trainable(self, config: PeftConfig, adapter_name: str, trainable: bool = True) -> None:
         """Freeze everything that is not the active adapter (subclasses add bias rules)."""
         for name, p in self.model.named_parameters():
             if not self._is_adapter_param(name):

@@ -885,9 +885,9 @@ class LoraModel(BaseTuner):
             if layer is not target:
                 replace_module(self.model, name, layer)
 
-    def _mark_trainable(self, config: LoraConfig, adapter_name: str) -> None:
-        super()._mark_trainable(config, adapter_name)
-        if config.inference_mode or config.bias == "none":
+    def _mark_trainable(self, config: LoraConfig, adapter_name: str, trainable: bool = True) -> None:
+        super()._mark_trainable(config, adapter_name, trainable)
+        if not trainable or config.bias == "none":
             return
         for name, module in self.model.named_modules():
             if config.bias == "lora_only" and not isinstance(module, LoraLayer):
