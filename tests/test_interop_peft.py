@@ -77,6 +77,21 @@ def test_hf_peft_adapter_loads_in_tsugiki(case, tmp_path):
     torch.testing.assert_close(_logits(ours, ids), expected, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("init", ["orthogonal", "olora"])
+def test_hf_peft_adapter_with_an_init_tsugiki_lacks_loads_but_cannot_be_created(init, tmp_path):
+    ids = token_batch()
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=init))
+    randomize_adapters(theirs)
+    base_logits = _logits(tiny_llama(), ids)
+    expected = _logits(theirs, ids)  # OLoRA moved part of W into A, B: its base is no longer tiny_llama's
+    theirs.save_pretrained(str(tmp_path))
+    ours = tsugiki.PeftModel.from_pretrained(theirs.unload(), tmp_path)  # the base as PEFT left it
+    torch.testing.assert_close(_logits(ours, ids), expected, atol=ATOL, rtol=0)
+    assert not torch.allclose(expected, base_logits, atol=1e-4)
+    with pytest.raises(ValueError, match=f"init_lora_weights='{init}' is an HF PEFT initialisation tsugiki does not"):
+        tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(r=4, init_lora_weights=init))
+
+
 def test_second_named_adapter_both_ways(tmp_path):
     ids = token_batch()
     ours = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(r=4, task_type="CAUSAL_LM"))

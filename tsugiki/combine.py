@@ -96,8 +96,8 @@ def prune_random(tensor: torch.Tensor, density: float, rescale: bool = True) -> 
     """DARE drop: keep each entry with probability ``density``; rescale by ``1/density`` to keep the mean."""
     if density >= 1:
         return tensor
-    # full_like + bernoulli, in this order per tensor, so a seeded run is reproducible
-    # and draws the same masks as HF PEFT.
+    # full_like + bernoulli per tensor: a seeded run draws the same masks every time. They
+    # differ from HF PEFT's with the same seed, which draws the new adapter's random init first.
     kept = tensor * torch.bernoulli(torch.full_like(tensor, density))
     return kept / density if rescale else kept
 

@@ -48,6 +48,18 @@ from ..kernels.lora_fused import lora_add
 from ..tuner import AdapterLayer, BaseTuner, current_batch_adapters, register_tuner
 
 _INIT_CHOICES = (True, False, "gaussian", "pissa")
+# HF PEFT initialisations tsugiki does not compute. Their adapters hold ordinary A and B
+# matrices, so a saved one loads and runs; only creating a new adapter with them is refused.
+_LOAD_ONLY_INITS = ("eva", "olora", "corda", "loftq", "orthogonal", "mica")
+
+
+def new_adapter_init_problem(init: Union[bool, str]) -> Optional[str]:
+    """Why a *new* adapter cannot start from ``init``, or None when it can."""
+    if init in _LOAD_ONLY_INITS:
+        return (f"init_lora_weights={init!r} is an HF PEFT initialisation tsugiki does not compute; adapters "
+                "saved with it load as they are (PeftModel.from_pretrained), but to create one use True, "
+                "'gaussian' or 'pissa'")
+    return None
 
 
 @register_config
@@ -114,7 +126,8 @@ class LoraConfig(PeftConfig):
         if self.bias not in ("none", "all", "lora_only"):
             raise bad("bias", "use 'none', 'all' or 'lora_only'")
         init = self.init_lora_weights
-        if not (init in _INIT_CHOICES or (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init))):
+        if not (init in _INIT_CHOICES + _LOAD_ONLY_INITS
+                or (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init))):
             raise bad("init_lora_weights", "use True, False, 'gaussian', 'pissa' or 'pissa_niter_<k>'")
         for key in ("target_modules", "exclude_modules"):
             problem = module_spec_problem(getattr(self, key))
@@ -859,6 +872,8 @@ class LoraModel(BaseTuner):
         )
         conv1d = conv1d_type()
         init = config.init_lora_weights if init_weights else False
+        if new_adapter_init_problem(init):
+            raise ValueError(new_adapter_init_problem(init))
         for name in targets:
             target = self.model.get_submodule(name)
             if config.use_dora and isinstance(target, (nn.Embedding, LoraEmbedding)):
@@ -917,6 +932,10 @@ def _lora_config_for_training(cfg: Any, base_name: str, method_args: Optional[di
     targets = cfg.target_modules
     if targets and len(targets) == 1 and targets[0] == "all-linear":
         targets = "all-linear"
-    return config_from_method_args(
+    config = config_from_method_args(
         LoraConfig, method_args, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         target_modules=targets or None, task_type="CAUSAL_LM", base_model_name_or_path=base_name, **extra)
+    problem = new_adapter_init_problem(config.init_lora_weights)
+    if problem:
+        raise ValueError(f"method_args: {problem}")
+    return config
