@@ -98,6 +98,20 @@ def test_set_disable_delete_adapter():
         model.set_adapter("nope")
 
 
+def test_peft_attributes_ported_code_reads():
+    ids = token_batch()
+    base_logits = tiny_llama()(ids).logits
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, task_type="CAUSAL_LM"))
+    randomize_adapters(model)
+    adapted = model(ids).logits
+    assert model.peft_type == "LORA" and model.active_peft_config is model.peft_config["default"]
+    assert model.targeted_module_names == [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")]
+    model.disable_adapter_layers()
+    torch.testing.assert_close(model(ids).logits, base_logits, rtol=0, atol=0)
+    model.enable_adapter_layers()
+    torch.testing.assert_close(model(ids).logits, adapted, rtol=0, atol=0)
+
+
 def test_disable_adapter_with_merged_weights_gives_base():
     ids = token_batch()
     base_logits = tiny_llama()(ids).logits

@@ -90,6 +90,16 @@ class PeftModel(nn.Module):
     def active_adapters(self) -> list[str]:
         return [self.base_model.active_adapter]
 
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        """The active adapter's config."""
+        return self.peft_config[self.active_adapter]
+
+    @property
+    def peft_type(self) -> str:
+        """The active adapter's method, e.g. ``"LORA"``."""
+        return self.active_peft_config.peft_type
+
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
 

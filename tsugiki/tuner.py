@@ -356,6 +356,19 @@ class BaseTuner(nn.Module):
             names.extend(cls.adapter_param_names)
         return tuple(names)
 
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """Names of the modules that carry adapters (HF PEFT's attribute)."""
+        return [name for name, module in self.adapter_layers() if isinstance(module, AdapterLayer)]
+
+    def enable_adapter_layers(self) -> None:
+        """Undo :meth:`disable_adapter_layers`."""
+        self.set_disabled(False)
+
+    def disable_adapter_layers(self) -> None:
+        """Make every adapter layer compute what its base layer does (merged adapters are unmerged)."""
+        self.set_disabled(True)
+
     def set_disabled(self, disabled: bool) -> None:
         for _, module in self.adapter_layers():
             if disabled and isinstance(module, AdapterLayer):
