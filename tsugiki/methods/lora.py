@@ -872,8 +872,9 @@ class LoraModel(BaseTuner):
         )
         conv1d = conv1d_type()
         init = config.init_lora_weights if init_weights else False
-        if new_adapter_init_problem(init):
-            raise ValueError(new_adapter_init_problem(init))
+        problem = new_adapter_init_problem(init)
+        if problem:
+            raise ValueError(problem)
         for name in targets:
             target = self.model.get_submodule(name)
             if config.use_dora and isinstance(target, (nn.Embedding, LoraEmbedding)):
