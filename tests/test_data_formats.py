@@ -161,6 +161,24 @@ def test_no_recognised_fields_lists_fields_and_formats():
         assert accepted in msg
 
 
+def test_csv_cells_are_text_even_when_a_column_holds_numbers(tmp_path):
+    path = tmp_path / "num.csv"
+    path.write_text('instruction,input,output\n"add one",41,42\n"halve",,3.5\n', encoding="utf-8")
+    rows, columns = read_rows(path)
+    assert [dict(r) for r in rows] == [{"instruction": "add one", "input": "41", "output": "42"},
+                                       {"instruction": "halve", "input": None, "output": "3.5"}]
+    sample = normalise(rows[0], "alpaca", "num.csv, row 1")
+    assert sample.turns == [("user", "add one"), ("assistant", "42")] and sample.input == "41"
+
+
+def test_prompt_row_with_a_non_text_input_is_named():
+    from tsugiki.data.formats import sample_from_prompt_row
+
+    with pytest.raises(DataError, match=r"prompt row, field 'input': expected a string, got int 5"):
+        sample_from_prompt_row({"instruction": "x", "input": 5})
+    assert sample_from_prompt_row({"instruction": "x", "context": "c"}).input == "c"
+
+
 def test_bad_values_name_row_and_field():
     with pytest.raises(DataError, match=r"d\.jsonl, row 7, field 'output': expected a string"):
         normalise({"instruction": "I", "output": 3}, "alpaca", "d.jsonl, row 7")

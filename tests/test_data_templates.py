@@ -132,6 +132,20 @@ def test_chat_template_masks_assistant_turns_only(chat_tok):
     assert example["input_ids"].count(chat_tok.eos_token_id) == 5
 
 
+def test_chat_opening_with_an_assistant_turn_trains_that_turn_only(chat_tok):
+    row = {"messages": [{"role": "assistant", "content": "A0"}, {"role": "user", "content": "U1"},
+                        {"role": "assistant", "content": "A1"}]}
+    train, _, _ = build_dataset([row], chat_tok, None)
+    assert [chat_tok.decode(s) for s in trained_spans(train[0])] == ["A0<|im_end|>\n", "A1<|im_end|>\n"]
+
+
+def test_custom_template_without_input_placeholder_keeps_the_input(tok):
+    template = get_template("Q: {instruction}\nA: {response}", tok)
+    row = {"instruction": "Add one to", "input": "value 41", "output": "42"}
+    assert template.format_prompt(row) == "Q: Add one to\n\nvalue 41\nA: "
+    assert get_template("Q: {instruction}\nA: {response}", tok).format_prompt({"instruction": "hi"}) == "Q: hi\nA: "
+
+
 def test_chat_template_appends_eos_when_the_turn_lacks_it():
     tokenizer = make_chat_tokenizer()
     tokenizer.eos_token = "<|endoftext|>"
@@ -220,7 +234,14 @@ def test_no_rows_left_names_the_source(tmp_path, tok):
 def test_bad_row_value_names_file_and_row(tmp_path, tok):
     path = tmp_path / "d.jsonl"
     path.write_text('{"prompt": "a", "completion": 1}\n{"prompt": "a", "completion": 2}\n')
-    with pytest.raises(DataError, match=r"d\.jsonl, row 1, field 'completion': expected a string, got int"):
+    with pytest.raises(DataError, match=r"d\.jsonl, line 1, field 'completion': expected a string, got int"):
+        build_dataset(path, tok, "alpaca")
+    # Blank lines do not shift the place named; a template error names it too.
+    path.write_text('\n\n\n{"prompt": "a", "completion": 3}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl, line 4, field 'completion': expected a string"):
+        build_dataset(path, tok, "alpaca")
+    path.write_text('{"prompt": "a", "completion": "b"}\n\n{"messages": [{"role": "assistant", "content": "x"}]}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl, line 3: template 'alpaca': turns must alternate"):
         build_dataset(path, tok, "alpaca")
     # Mixed types within one field stop at loading, naming the line.
     path.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "a", "completion": ["b"]}\n')

@@ -95,12 +95,20 @@ def read_rows(path: str | os.PathLike, max_rows: int | None = None) -> tuple[Seq
     omits are absent, not ``None``); other sources as the ``datasets.Dataset``
     of :func:`load_rows`. Arguments and errors are those of :func:`load_rows`.
     """
+    rows, columns, _places = read_rows_located(path, max_rows)
+    return rows, columns
+
+
+def read_rows_located(path: str | os.PathLike,
+                      max_rows: int | None = None) -> tuple[Sequence[dict], list[str], list[str]]:
+    """:func:`read_rows` plus where each row sits, for messages: ``"line 5"`` in a
+    JSON-lines file, ``"item 3"`` in a JSON list, ``"row 2"`` elsewhere (1-based)."""
     p = _checked_path(path, max_rows)
     if not _is_json(p):
         ds = load_rows(p, max_rows)
-        return ds, ds.column_names
-    rows, columns = _read_json_checked(p, max_rows)
-    return rows, list(columns)
+        return ds, ds.column_names, [f"row {i}" for i in range(1, len(ds) + 1)]
+    rows, columns, places = _read_json_checked(p, max_rows)
+    return rows, list(columns), places
 
 
 def load_rows(path: str | os.PathLike, max_rows: int | None = None) -> datasets.Dataset:
@@ -121,15 +129,18 @@ def load_rows(path: str | os.PathLike, max_rows: int | None = None) -> datasets.
     if p.is_dir():
         ds = _load_saved(p)
     elif _is_json(p):
-        _rows, columns = _read_json_checked(p, max_rows)
+        _rows, columns, _places = _read_json_checked(p, max_rows)
         try:
             ds = datasets.Dataset.from_dict(columns)
         except Exception as e:  # pyarrow refuses, e.g., nested fields whose types differ between rows
             raise DataError(f"{p}: {e}") from e
     elif p.suffix.lower() in _BUILDERS:
         builder = _BUILDERS[p.suffix.lower()]
+        # CSV has no types: read every cell as text, or a column of numbers (answers such as 42)
+        # would come back as ints that no text field accepts.
+        options = {"features": _csv_text_features(p)} if builder == "csv" else {}
         try:
-            ds = datasets.load_dataset(builder, data_files=str(p), split="train")
+            ds = datasets.load_dataset(builder, data_files=str(p), split="train", **options)
         except Exception as e:  # datasets/pyarrow raise many types; re-raise with the file name
             raise DataError(f"{p}: could not be read as {builder}: {e}") from e
     else:
@@ -142,6 +153,19 @@ def load_rows(path: str | os.PathLike, max_rows: int | None = None) -> datasets.
     if len(ds) == 0:
         raise DataError(f"{p}: the data holds no rows")
     return ds
+
+
+def _csv_text_features(p: Path) -> datasets.Features | None:
+    """Every column of the CSV file ``p`` as a string column (None for a file without a header)."""
+    import csv
+
+    import datasets
+
+    with open(p, newline="", encoding="utf-8-sig") as fh:
+        header = next(csv.reader(fh), None)
+    if not header:
+        return None
+    return datasets.Features({name: datasets.Value("string") for name in header})
 
 
 def _checked_path(path: str | os.PathLike, max_rows: int | None) -> Path:
@@ -176,8 +200,8 @@ def _load_saved(p: Path) -> datasets.Dataset:
     return loaded
 
 
-def _read_json_checked(p: Path, max_rows: int | None) -> tuple[list[dict], dict[str, list]]:
-    """The rows of a JSON file and their columns; a field must hold one type in every row."""
+def _read_json_checked(p: Path, max_rows: int | None) -> tuple[list[dict], dict[str, list], list[str]]:
+    """The rows of a JSON file, their columns and places; a field must hold one type in every row."""
     rows, places = _read_json(p, max_rows)
     if not rows:
         raise DataError(f"{p}: the data holds no rows")
@@ -185,7 +209,7 @@ def _read_json_checked(p: Path, max_rows: int | None) -> tuple[list[dict], dict[
     clash = _first_type_clash(columns, places)
     if clash:
         raise DataError(f"{p}: {clash}")
-    return rows, columns
+    return rows, columns, places
 
 
 def _read_json(p: Path, max_rows: int | None) -> tuple[list[dict], list[str]]:
@@ -332,7 +356,7 @@ def sample_from_prompt_row(row: dict[str, Any] | str) -> Sample:
     if fmt == "text":
         return Sample(text=_string(row, "text", "prompt row"))
     instr_key = "prompt" if fmt == "prompt_completion" else "instruction"
-    extra = row.get("input") or row.get("context") or ""
+    extra = _string(row, "input", "prompt row") or _string(row, "context", "prompt row")
     return Sample(turns=[("user", _string(row, instr_key, "prompt row"))], input=extra)
 
 

@@ -20,7 +20,9 @@ Two kinds:
   Placeholders are ``{instruction}``, ``{input}``, ``{system}`` in the prompt and
   ``{response}`` in the response part; other ``{word}`` placeholders are an
   error, other braces are literal text. ``{input}`` renders empty for rows
-  without one unless ``prompt_no_input`` is given. ``{system}`` renders as
+  without one unless ``prompt_no_input`` is given; a prompt without ``{input}``
+  gets a row's input after the instruction (``"{instruction}\n\n{input}"``, as
+  chat templates do), so it is never dropped. ``{system}`` renders as
   ``system_format`` (default ``"{system}\\n\\n"``) filled with the row's system
   turn, else the template's default system text, and as nothing when both are
   empty. ``prompt_completion`` rows use ``prompt`` as the instruction; for plain
@@ -159,6 +161,8 @@ class Template:
             system = sample.system or default_system
             system_text = self.system_format.replace("{system}", system) if (first and system) else ""
             prompt = self.prompt if (has_input or self.prompt_no_input is None) else self.prompt_no_input
+            if has_input and "{input}" not in prompt:
+                instruction = f"{instruction}\n\n{sample.input}"
             text = _fill(prompt, instruction=instruction, input=sample.input if first else "", system=system_text)
             segs.append(Segment(("" if first else self.turn_separator) + text, trainable=False))
             if i + 1 < len(turns):
@@ -177,6 +181,23 @@ class Template:
             messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
+    def _opening_prefix(self, through: str, content: str) -> str:
+        """The text before a conversation's content when it opens with an assistant turn.
+
+        That is the template's generation prompt for an empty conversation (which
+        may carry a default system prompt), when the template renders one that
+        ``through`` starts with; else everything in ``through`` before ``content``.
+        """
+        try:
+            prefix = self.tokenizer.apply_chat_template([], chat_template=self.chat_template, tokenize=False,
+                                                        add_generation_prompt=True)
+        except Exception:  # templates that read messages[0] fail on an empty conversation
+            prefix = None
+        if isinstance(prefix, str) and prefix and through.startswith(prefix):
+            return prefix
+        at = through.rfind(content) if content else -1
+        return through[:at] if at >= 0 else through
+
     def _chat_segments(self, messages: list[dict]) -> list[Segment]:
         # Render the conversation prefix by prefix: the text each assistant turn adds
         # after the generation prompt is that turn's span. This needs no
@@ -186,8 +207,9 @@ class Template:
         for k, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            before = self._render(messages[:k], add_generation_prompt=True)
             through = self._render(messages[: k + 1], add_generation_prompt=False)
+            before = (self._render(messages[:k], add_generation_prompt=True) if k
+                      else self._opening_prefix(through, m["content"]))
             if not (full.startswith(before) and full.startswith(through) and len(through) >= len(before)):
                 raise DataError(
                     f"chat template of {self.name!r} renders message {k + 1} differently depending on what follows, "

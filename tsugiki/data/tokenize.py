@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Iterable
 
 from .errors import DataError
-from .formats import Sample, detect_format, normalise, read_rows
+from .formats import Sample, detect_format, normalise, read_rows_located
 from .templates import Template, get_template
 
 if TYPE_CHECKING:
@@ -134,7 +134,7 @@ def build_dataset(
         raise DataError(f"train_on must be one of {TRAIN_ON}, got {train_on!r}")
     if not isinstance(max_length, int) or max_length < 2:
         raise DataError(f"max_length must be an integer >= 2, got {max_length!r}")
-    rows, columns, source = _rows_and_columns(path_or_rows, max_rows)
+    rows, columns, source, places = _rows_and_columns(path_or_rows, max_rows)
     fmt = detect_format(columns, source)
     template = get_template(template, tokenizer)
     stats = DataStats(source=source, format=fmt, template=template.name, max_length=max_length)
@@ -142,11 +142,15 @@ def build_dataset(
     examples = []
     for i, row in enumerate(rows):
         stats.rows_read += 1
-        sample = normalise(row, fmt, f"{source}, row {i + 1}")
+        where = f"{source}, {places[i] if places else f'row {i + 1}'}"
+        sample = normalise(row, fmt, where)
         if sample is None:
             stats.dropped_empty += 1
             continue
-        input_ids, labels = encode(sample, template, tokenizer, train_on)
+        try:
+            input_ids, labels = encode(sample, template, tokenizer, train_on)
+        except DataError as err:  # e.g. turns that do not alternate: say which row
+            raise DataError(f"{where}: {err}") from err
         if len(input_ids) > max_length:
             stats.truncated += 1
             input_ids, labels = input_ids[:max_length], labels[:max_length]
@@ -172,18 +176,18 @@ def build_dataset(
 
 def _rows_and_columns(path_or_rows, max_rows):
     if isinstance(path_or_rows, (str, os.PathLike)):
-        rows, columns = read_rows(path_or_rows, max_rows)
-        return rows, columns, str(path_or_rows)
+        rows, columns, places = read_rows_located(path_or_rows, max_rows)
+        return rows, columns, str(path_or_rows), places
     if _is_dataset(path_or_rows):
         ds = path_or_rows if max_rows is None else path_or_rows.select(range(min(max_rows, len(path_or_rows))))
-        return ds, ds.column_names, "dataset"
+        return ds, ds.column_names, "dataset", None
     rows = list(path_or_rows)[:max_rows] if max_rows is not None else list(path_or_rows)
     if not rows:
         raise DataError("rows: the data holds no rows")
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise DataError(f"rows, row {i + 1}: expected a dict of fields, got {type(row).__name__}")
-    return rows, list(dict.fromkeys(k for r in rows for k in r)), "rows"
+    return rows, list(dict.fromkeys(k for r in rows for k in r)), "rows", None
 
 
 def _is_dataset(obj: Any) -> bool:
