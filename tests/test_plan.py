@@ -403,6 +403,25 @@ def test_plan_cli_reads_a_train_config_and_flags_override_it(tmp_path, capsys):
         plan.main(["--config", str(tmp_path / "bad.yaml")])
 
 
+def test_plan_cli_counts_again_when_flags_change_the_config_adapter(tmp_path, capsys):
+    from tsugiki.train.config import TrainConfig
+
+    job = _train_config(tmp_path, method="dora", lora_r=16, target_modules=["all-linear"]).save(
+        str(tmp_path / "job.yaml"))
+
+    def trainable(*flags):
+        assert plan.main(["--config", str(job), "--ram", "100GB", "--json", *flags]) == 0
+        return json.loads(capsys.readouterr().out)["params"]["trainable"]
+
+    def counted(method, **keys):
+        return plan.count_trainable(TrainConfig.load(None, {"method": method, **keys}), str(tmp_path))
+
+    assert trainable() == counted("dora", lora_r=16, target_modules=["all-linear"])
+    assert trainable("--method", "ia3") == counted("ia3", lora_r=16, target_modules=["all-linear"])
+    assert trainable("--lora-r", "2") == counted("dora", lora_r=2, target_modules=["all-linear"])
+    assert trainable("--target-modules", "q_proj") == counted("dora", lora_r=16, target_modules=["q_proj"])
+
+
 def test_plan_cli_takes_the_methods_own_options(tmp_path, capsys):
     from helpers_data import tiny_llama
 

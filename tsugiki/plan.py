@@ -1024,6 +1024,9 @@ def _cli_settings(args: argparse.Namespace, device: str) -> tuple[Any, dict[str,
     if isinstance(given.get("target_modules"), str) and given["target_modules"] != "all-linear":
         given["target_modules"] = [t.strip() for t in given["target_modules"].split(",") if t.strip()]
     settings.update(given)
+    adapter_keys = {"method", "lora_r", "lora_dropout", "target_modules"}
+    if args.trainable_params is None and (adapter_keys & set(given) or args.method_args is not None):
+        settings["trainable_params"] = None  # the --config job's count is for another adapter: count again
     if settings["dtype"] == "auto":
         settings["dtype"] = auto_dtype(device, args.gpu)
     if args.model and args.model_flag and args.model != args.model_flag:
