@@ -31,7 +31,9 @@ def _add_model_options(p: argparse.ArgumentParser, adapter_required: bool = Fals
                         "does), else fp32 (default: auto).")
     p.add_argument("--template", default=None,
                    help="Prompt template: chat, alpaca, japanese, llama2 or your own string with {instruction} "
-                        "and {response} (default: the one saved with the adapter, else the model's chat template).")
+                        "and {response} (default: the one saved with the adapter, else the one saved in the "
+                        "--model folder by merge or a full fine-tune, else the model's chat template). "
+                        "merge saves it with the merged model.")
 
 
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
@@ -62,8 +64,12 @@ def _load(args: argparse.Namespace):
     from .generation import load_for_inference
 
     quant = None if args.quantization == "none" else args.quantization
-    return load_for_inference(args.model, args.adapter, quantization=quant, template=args.template,
-                              dtype=args.dtype)
+    loaded = load_for_inference(args.model, args.adapter, quantization=quant, template=args.template,
+                                dtype=args.dtype)
+    if loaded.saved_quantization:
+        print(f"note: {loaded.base_name} holds {loaded.saved_quantization} quantized weights; using them as saved",
+              file=sys.stderr)
+    return loaded
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -174,6 +180,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from .fileio import ensure_directory
     from .generation import load_for_inference
+    from .pipeline import TEMPLATE_FILE, save_template
 
     if os.path.isdir(args.output) and os.listdir(args.output) and not args.overwrite:
         raise FileExistsError(f"output folder {args.output!r} is not empty; pass --overwrite or choose another")
@@ -181,13 +188,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if quant and args.dequantize == args.requantize:
         raise ValueError(f"merging into a {quant} base: pass --dequantize (an unquantized merged model, exact) "
                          "or --requantize (stays quantized; rounds the merged weights)")
-    loaded = load_for_inference(args.model, args.adapter, quantization=quant,
+    loaded = load_for_inference(args.model, args.adapter, quantization=quant, template=args.template,
                                 dtype=None if args.dtype == "auto" else args.dtype)
     merged = loaded.model.merge_and_unload(safe_merge=True, dequantize=bool(quant) and args.dequantize)
     ensure_directory(args.output, "output folder")
     merged.save_pretrained(args.output)
     loaded.tokenizer.save_pretrained(args.output)
-    print(f"merged model saved in {args.output} (loads with transformers' AutoModelForCausalLM)")
+    # The prompt format goes with the model, so generate/chat/eval on the merged folder format as training did.
+    save_template(loaded.template, args.output)
+    print(f"merged model saved in {args.output} (loads with transformers' AutoModelForCausalLM); "
+          f"prompt template {loaded.template.name!r} saved as {TEMPLATE_FILE}")
     return 0
 
 
@@ -210,8 +220,9 @@ def _inspect_data(args: argparse.Namespace) -> int:
 
     tokenizer = load_tokenizer(args.model)
     template = get_template(args.template, tokenizer)
+    # The whole file: the summary describes it all, and empty rows at its start do not hide good ones.
     examples, _, stats = build_dataset(args.data, tokenizer, template, max_length=args.max_length,
-                                       train_on=args.train_on, max_rows=args.rows)
+                                       train_on=args.train_on)
     print(stats.summary())
     for i, example in enumerate(examples[: args.rows]):
         print(f"\n--- example {i + 1} ({len(example['input_ids'])} tokens) ---")

@@ -1,8 +1,9 @@
 """Load a base (+ adapter) for inference, and generate answers in the trained format.
 
-The prompt of each row is rendered with the template the adapter was trained
-with (saved beside it as ``tsugiki_template.json``), so generation sees the
-same format as training. Batches are left-padded, decoding is greedy unless
+The prompt of each row is rendered with the template the model was trained
+with (saved as ``tsugiki_template.json`` beside the adapter, or in the model
+folder of a merged model or a full fine-tune), so generation sees the same
+format as training. Batches are left-padded, decoding is greedy unless
 sampling is asked for, generation stops at EOS, and only the new tokens are
 decoded.
 """
@@ -67,10 +68,23 @@ class LoadedModel:
     template: Template
     adapter: Optional[str]
     base_name: str
+    saved_quantization: Optional[str] = None  # e.g. "4-bit" when the folder itself holds quantized weights
 
 
 def _adapter_has_tokenizer(folder: str) -> bool:
     return any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def _saved_quantization(model: nn.Module) -> Optional[str]:
+    """How transformers quantized ``model`` while loading it (e.g. a ``merge --requantize`` folder), else None."""
+    if getattr(model, "is_loaded_in_4bit", False):
+        return "4-bit"
+    if getattr(model, "is_loaded_in_8bit", False):
+        return "8-bit"
+    if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
+        method = getattr(getattr(model.config, "quantization_config", None), "quant_method", None)
+        return str(getattr(method, "value", method) or "quantized")
+    return None
 
 
 def load_for_inference(model: Optional[str] = None, adapter: Optional[str] = None,
@@ -81,8 +95,11 @@ def load_for_inference(model: Optional[str] = None, adapter: Optional[str] = Non
     ``dtype`` is the base weights' dtype: ``"auto"`` (default: bf16 where the hardware runs it
     natively, as in training, else fp32), ``"bf16"``, ``"fp16"``, ``"fp32"``, or None to keep
     the dtype the weights load in. Adapter weights stay fp32 on a half-precision base.
-    The template is, in order: ``template`` if given, the one saved with the adapter,
-    the tokenizer's chat template, the built-in ``alpaca``.
+    A model folder saved quantized (``merge --requantize``) loads as it is: ``"auto"`` and
+    None keep it, another ``dtype`` is an error (its weights cannot be cast).
+    The template is, in order: ``template`` if given, the one saved with the adapter, the
+    one saved in the model folder (by ``merge`` or a full fine-tune), the tokenizer's chat
+    template, the built-in ``alpaca``.
     """
     from .pipeline import load_saved_template
 
@@ -98,18 +115,24 @@ def load_for_inference(model: Optional[str] = None, adapter: Optional[str] = Non
     base_name = base_name or DEFAULT_MODEL
     tokenizer = load_tokenizer(adapter if adapter and _adapter_has_tokenizer(adapter) else base_name)
     base = load_model(base_name, quantization=quantization)
-    if dtype is not None and not quantization:
+    saved_quant = None if quantization else _saved_quantization(base)
+    if saved_quant and dtype not in (None, "auto"):
+        raise ValueError(f"{base_name} holds {saved_quant} quantized weights, which cannot be cast to "
+                         f"dtype {dtype!r}; leave --dtype at auto to use them as saved, or merge again with "
+                         "--dequantize for an unquantized model")
+    if dtype is not None and not quantization and not saved_quant:
         from .train.loop import resolve_dtype
 
         base = base.to(resolve_dtype(dtype, next(base.parameters()).device))
     net: nn.Module = PeftModel.from_pretrained(base, adapter) if adapter else base
     net.eval()
-    chosen = None
-    if template is not None:
-        chosen = get_template(template, tokenizer)
-    elif adapter is not None:
-        chosen = load_saved_template(adapter, tokenizer)
-    return LoadedModel(net, tokenizer, chosen or get_template(None, tokenizer), adapter, str(base_name))
+    chosen = get_template(template, tokenizer) if template is not None else None
+    # A merged model or a full fine-tune records its training template in its own folder.
+    for folder in (adapter, base_name):
+        if chosen is None and folder is not None and os.path.isdir(folder):
+            chosen = load_saved_template(folder, tokenizer)
+    return LoadedModel(net, tokenizer, chosen or get_template(None, tokenizer), adapter, str(base_name),
+                       saved_quant)
 
 
 def reference_answer(row: Row) -> Optional[str]:

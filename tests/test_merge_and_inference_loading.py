@@ -1,0 +1,136 @@
+"""What inference loads: the training template after merge and full fine-tunes, quantized merged folders,
+and `inspect --data` on the whole file."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+import tsugiki
+from tsugiki.cli import main
+from tsugiki.data import get_template
+from tsugiki.generation import load_for_inference
+from tsugiki.pipeline import TEMPLATE_FILE, save_template
+from helpers_data import make_chat_tokenizer, tiny_llama
+from tiny_models import tiny_llama as sized_llama
+
+ROWS = [{"instruction": f"Say the word number {i}.", "input": "", "output": f"word {i % 5}"} for i in range(12)]
+PROMPT = "Say the word number 3."
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tiny_llama().save_pretrained(folder)
+    make_chat_tokenizer().save_pretrained(folder)  # has a chat template, so 'alpaca' is never the default
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "alpaca.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    return str(path)
+
+
+def _train(model_dir, data_file, out, *extra):
+    argv = ["train", "--model", model_dir, "--data", data_file, "--output_dir", out, "--max_steps", "4",
+            "--batch_size", "4", "--learning_rate", "1e-2", "--lora_r", "4", "--save_steps", "0",
+            "--dtype", "fp32", "--tensorboard", "false", *extra]
+    assert main(argv) == 0
+
+
+def _saved_template_name(folder):
+    with open(os.path.join(folder, TEMPLATE_FILE), encoding="utf-8") as fh:
+        return json.load(fh)["name"]
+
+
+def _generated(capsys, *argv):
+    capsys.readouterr()
+    assert main(["generate", *argv, "--prompt", PROMPT, "--dtype", "fp32", "--max-new-tokens", "6"]) == 0
+    return capsys.readouterr().out
+
+
+def test_merged_model_keeps_the_training_template(model_dir, data_file, tmp_path, capsys):
+    adapter = str(tmp_path / "alp")
+    _train(model_dir, data_file, adapter, "--template", "alpaca")
+    merged = str(tmp_path / "merged")
+    assert main(["merge", "--adapter", adapter, "--output", merged]) == 0
+    assert _saved_template_name(merged) == "alpaca"
+
+    with_adapter = load_for_inference(adapter=adapter, dtype="fp32")
+    from_merged = load_for_inference(merged, dtype="fp32")
+    assert from_merged.template.name == "alpaca"
+    prompt = from_merged.template.format_prompt(PROMPT)
+    assert prompt == with_adapter.template.format_prompt(PROMPT)
+    assert prompt != get_template(None, from_merged.tokenizer).format_prompt(PROMPT)  # not the chat template
+    assert _generated(capsys, "--model", merged) == _generated(capsys, "--adapter", adapter)
+
+    # An explicit --template is used for the merge and is what the merged folder records.
+    merged_llama = str(tmp_path / "merged-llama2")
+    assert main(["merge", "--adapter", adapter, "--output", merged_llama, "--template", "llama2"]) == 0
+    assert _saved_template_name(merged_llama) == "llama2"
+    assert load_for_inference(merged_llama, dtype="fp32").template.name == "llama2"
+
+
+def test_full_fine_tune_folder_template_and_precedence(model_dir, data_file, tmp_path):
+    full = str(tmp_path / "full")
+    _train(model_dir, data_file, full, "--template", "alpaca", "--method", "full", "--max_steps", "1")
+    assert load_for_inference(full, dtype="fp32").template.name == "alpaca"
+    # Precedence: explicit template > the adapter's saved one > the model folder's > the chat template.
+    assert load_for_inference(full, template="llama2", dtype="fp32").template.name == "llama2"
+    adapter = str(tmp_path / "on-full")
+    net = tsugiki.get_peft_model(AutoModelForCausalLM.from_pretrained(full),
+                                 tsugiki.LoraConfig(r=2, target_modules=["q_proj"], base_model_name_or_path=full))
+    net.save_pretrained(adapter)
+    assert load_for_inference(adapter=adapter, dtype="fp32").template.name == "alpaca"  # none of its own
+    save_template(get_template("japanese"), adapter)
+    assert load_for_inference(adapter=adapter, dtype="fp32").template.name == "japanese"
+    assert load_for_inference(adapter=adapter, template="llama2", dtype="fp32").template.name == "llama2"
+    assert load_for_inference(model_dir, dtype="fp32").template.name == "chat"
+
+
+def test_requantized_merge_loads_as_the_quantized_model_it_is(tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
+    from tsugiki.models import load_model
+
+    # Layers 64 wide and tall: bitsandbytes' CPU 4-bit kernels fail on narrower ones.
+    model_dir = str(tmp_path / "tiny-64")
+    sized_llama(vocab_size=400, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
+                max_position_embeddings=256).save_pretrained(model_dir)
+    make_chat_tokenizer().save_pretrained(model_dir)
+    adapter = str(tmp_path / "qlora")
+    base = load_model(model_dir, quantization="4bit")
+    tsugiki.get_peft_model(base, tsugiki.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                    base_model_name_or_path=model_dir)).save_pretrained(adapter)
+    merged = str(tmp_path / "mq")
+    with pytest.warns(UserWarning, match="quantized again"):
+        assert main(["merge", "--adapter", adapter, "--quantization", "4bit", "--requantize", "--output", merged]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--model", merged, "--prompt", PROMPT, "--max-new-tokens", "3"]) == 0
+    assert "holds 4-bit quantized weights; using them as saved" in capsys.readouterr().err
+    assert main(["generate", "--model", merged, "--prompt", PROMPT, "--dtype", "fp32"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be cast to dtype 'fp32'" in err and "leave --dtype at auto" in err
+
+
+def test_inspect_data_reads_the_whole_file(model_dir, tmp_path, capsys):
+    rows = [{"instruction": f"Question {i}?", "input": "", "output": ""} for i in range(3)] + ROWS[:5]
+    path = tmp_path / "leading-empty.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    capsys.readouterr()
+    assert main(["inspect", "--data", str(path), "--model", model_dir, "--rows", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "8 rows read" in out and "5 train + 0 eval rows" in out and "3 dropped as empty" in out
+    assert "--- example 2 " in out and "--- example 3 " not in out
+
+
+def test_train_help_names_only_the_data_sources_that_load(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    data_help = " ".join(capsys.readouterr().out.split("\n  --data DATA", 1)[1].split("\n  --eval_data", 1)[0].split())
+    assert ".jsonl/.json/.csv/.parquet file" in data_help and "save_to_disk" in data_help
+    assert "txt" not in data_help and "or a dataset name" not in data_help
