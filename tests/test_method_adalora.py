@@ -340,3 +340,49 @@ def test_adalora_on_a_4bit_base_trains_prunes_and_reloads(tmp_path):
     loaded = tsugiki.PeftModel.from_pretrained(four_bit(), tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------- resume in the trainer
+def _trainer_run(out, rows, callbacks=()):
+    """An AdaLoRA run of the trainer on every linear layer: masking from step 2, the pattern fixed at step 6 of 8,
+    a checkpoint every 2 steps."""
+    from tsugiki.train import Trainer, TrainConfig
+
+    cfg = _config(total_step=8, init_r=4, target_r=2, target_modules="all-linear")
+    model = tsugiki.get_peft_model(tiny_llama(), cfg)
+    config = TrainConfig(output_dir=str(out), dtype="fp32", tensorboard=False, max_steps=8, save_steps=2,
+                         batch_size=2, learning_rate=1e-2, lora_dropout=0.0, seed=3)
+    Trainer(model, config, rows, callbacks=callbacks, progress=False).train()
+
+
+def _saved_adapter(folder):
+    return (load_file(str(folder / "adapter_model.safetensors")),
+            json.loads((folder / "adapter_config.json").read_text())["rank_pattern"])
+
+
+def test_trainer_resume_gives_the_adapter_of_an_uninterrupted_run(tmp_path):
+    """The importance averages and the rank pattern travel in checkpoints: a crash, or re-running a finished
+    run, changes nothing in the adapter."""
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": ids, "labels": ids} for ids in torch.randint(1, 64, (12, 9), generator=g).tolist()]
+    _trainer_run(tmp_path / "straight", rows)
+    straight_weights, straight_pattern = _saved_adapter(tmp_path / "straight")
+    assert straight_pattern and sum(sum(v) for v in straight_pattern.values()) == 2 * len(straight_pattern)
+
+    def crash_at_5(trainer, record):  # after the budget started shrinking, before the final allocation
+        if record["step"] == 5:
+            raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError, match="crash"):
+        _trainer_run(tmp_path / "crashy", rows, callbacks=[crash_at_5])
+    _trainer_run(tmp_path / "crashy", rows)  # resumes from checkpoint-4
+    weights, pattern = _saved_adapter(tmp_path / "crashy")
+    assert pattern == straight_pattern
+    assert weights.keys() == straight_weights.keys()
+    for name, tensor in weights.items():
+        assert torch.equal(tensor, straight_weights[name]), name
+
+    _trainer_run(tmp_path / "straight", rows)  # the finished run again: resumes at step 8 of 8, trains nothing
+    weights, pattern = _saved_adapter(tmp_path / "straight")
+    assert pattern == straight_pattern
+    assert all(torch.equal(t, straight_weights[n]) for n, t in weights.items())

@@ -247,6 +247,109 @@ def test_output_dir_rules(tmp_path):
         run(tmp_path / "other", rows, max_steps=1, resume=str(tmp_path / "nowhere"))
 
 
+def test_overwrite_never_replaces_a_users_files(tmp_path):
+    rows = random_examples(4)
+    out = tmp_path / "u1"
+    out.mkdir()
+    (out / "README.md").write_text("my notes")
+    (out / "tokenizer_config.json").write_text('{"mine": 1}')
+    with pytest.raises(FileExistsError, match=r"holds tokenizer_config\.json, which this run would write.*"
+                                              r"move or delete it, or choose another output_dir"):
+        run(out, rows, max_steps=1, overwrite=True)
+    assert sorted(os.listdir(out)) == ["README.md", "tokenizer_config.json"]  # refused before writing anything
+    (out / "tokenizer_config.json").unlink()
+    run(out, rows, max_steps=2, save_steps=1, overwrite=True)
+    assert (out / "README.md").read_text() == "my notes"  # the user's card stays; ours is not written
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(out))
+    # Going on with that run in its folder, or starting it over, keeps the user's README too.
+    _, result = run(out, rows, max_steps=3, save_steps=1)
+    assert result.metrics["resumed_from"].endswith("checkpoint-2")
+    run(out, rows, max_steps=1, overwrite=True)
+    assert (out / "README.md").read_text() == "my notes"
+    assert not [n for n in os.listdir(out) if n.startswith("checkpoint-")]
+
+
+def test_final_save_keeps_a_users_file_under_an_unusual_tokenizer_name(tmp_path, capsys):
+    class Tokenizer:  # saves a file name no check knows beforehand
+        pad_token_id = eos_token_id = 0
+
+        def save_pretrained(self, folder):
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, "odd.tok"), "w") as fh:
+                fh.write("ours")
+
+    out = tmp_path / "odd"
+    out.mkdir()
+    (out / "odd.tok").write_text("mine")
+    trainer = Trainer(tiny_model(), make_config(out, max_steps=1, overwrite=True), random_examples(4),
+                      tokenizer=Tokenizer(), progress=False)
+    trainer.train()
+    assert (out / "odd.tok").read_text() == "mine"
+    assert "odd.tok saved with the tokenizer was not written" in capsys.readouterr().err
+    assert (out / "adapter_model.safetensors").exists()
+    trainer = Trainer(tiny_model(), make_config(tmp_path / "fresh", max_steps=1), random_examples(4),
+                      tokenizer=Tokenizer(), progress=False)
+    trainer.train()
+    assert (tmp_path / "fresh" / "odd.tok").read_text() == "ours"
+
+
+def test_resume_from_a_path_into_another_folder_follows_the_fresh_start_rules(tmp_path):
+    rows = random_examples(8)
+    run(tmp_path / "a1", rows, batch_size=2, max_steps=2, save_steps=2)
+    checkpoint = str(tmp_path / "a1" / "checkpoint-2")
+    u2 = tmp_path / "u2"
+    u2.mkdir()
+    (u2 / "README.md").write_text("mine")
+    with pytest.raises(FileExistsError, match="is not empty and is not the folder of checkpoint"):
+        run(u2, rows, batch_size=2, max_steps=4, save_steps=2, resume=checkpoint)
+    assert os.listdir(u2) == ["README.md"]
+    _, result = run(u2, rows, batch_size=2, max_steps=4, save_steps=2, resume=checkpoint, overwrite=True)
+    assert result.metrics["resumed_from"] == checkpoint and (u2 / "README.md").read_text() == "mine"
+    _, result = run(tmp_path / "new", rows, batch_size=2, max_steps=4, save_steps=2, resume=checkpoint)
+    assert result.metrics["resumed_from"] == checkpoint
+    # Into its own folder the run simply goes on, past the newer checkpoints there.
+    _, result = run(tmp_path / "a1", rows, batch_size=2, max_steps=4, save_steps=2, resume=checkpoint)
+    assert result.metrics["resumed_from"] == checkpoint
+
+
+def test_overwrite_removes_an_earlier_runs_final_outputs(tmp_path):
+    """A full fine-tune over a LoRA run: the old adapter must go, or loaders would read base + old LoRA."""
+    rows = random_examples(4)
+    out = tmp_path / "ow"
+    run(out, rows, max_steps=1, save_steps=1)
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "checkpoint-1"} <= set(os.listdir(out))
+    (out / "notes.txt").write_text("mine")
+    full = tiny_model().base_model.model
+    for p in full.parameters():
+        p.requires_grad_(True)
+    run(out, rows, model=full, max_steps=1, method="full", overwrite=True)
+    names = set(os.listdir(out))
+    assert {"model.safetensors", "config.json", "train_config.yaml", "notes.txt"} <= names
+    assert not names & {"adapter_config.json", "adapter_model.safetensors", "README.md", "checkpoint-1"}
+
+
+def test_resume_refuses_changes_to_the_rows_their_order_or_the_adapter(tmp_path):
+    rows = random_examples(8)
+    run(tmp_path / "r", rows, batch_size=2, max_steps=2, save_steps=2, max_rows=20)
+    checkpoint = str(tmp_path / "r" / "checkpoint-2")
+    saved = make_config(tmp_path / "r", batch_size=2, max_steps=2, save_steps=2, max_rows=20)
+    for change, message in [({"max_rows": 40}, "max_rows: 20 -> 40"),
+                            ({"eval_split": 0.5}, r"eval_split \(rows held out of data.*\): 0.0 -> 0.5"),
+                            ({"shuffle": False}, "shuffle: True -> False"),
+                            ({"group_by_length": True}, "group_by_length: False -> True"),
+                            ({"lora_dropout": 0.3}, "lora_dropout: 0.05 -> 0.3"),
+                            ({"neftune_alpha": 5.0}, "neftune_alpha: None -> 5.0"),
+                            ({"weight_decay": 0.1}, "weight_decay: 0.0 -> 0.1"),
+                            ({"max_grad_norm": 0.5}, "max_grad_norm: 1.0 -> 0.5")]:
+        with pytest.raises(ValueError, match=f"cannot resume from .*{message}"):
+            ckpt.check_resume_compatible(checkpoint, saved.replace(**change))
+    # Not a change: eval_split with eval_data given (nothing is held out either way), NEFTune 0 (off), max_steps.
+    ckpt.check_resume_compatible(checkpoint, saved.replace(eval_data="eval.jsonl", eval_split=0.5, neftune_alpha=0,
+                                                           max_steps=10, dtype="bf16"))
+    with pytest.raises(ValueError, match="shuffle: True -> False"):  # the trainer asks before it trains
+        run(tmp_path / "r", rows, batch_size=2, max_steps=4, save_steps=2, max_rows=20, shuffle=False)
+
+
 # ---------------------------------------------------------------------- OOM, dtype, records
 def test_oom_halves_the_micro_batch_and_keeps_the_effective_batch(tmp_path):
     rows = random_examples(16)

@@ -347,8 +347,10 @@ class AdaLoraModel(LoraModel):
 
     One adapter trains at a time (others must be loaded with ``inference_mode=True``), as in HF PEFT.
     An adapter built from a config that already has a ``rank_pattern`` (a loaded one) keeps its ranks:
-    training it further fine-tunes the kept triplets and ``update_and_allocate`` does nothing. The
-    importance averages are not part of a checkpoint; a resumed run starts them afresh.
+    training it further fine-tunes the kept triplets and ``update_and_allocate`` does nothing.
+    :meth:`state_for_checkpoint` / :meth:`load_checkpoint_state` carry the importance averages and
+    the current ``rank_pattern`` through the trainer's checkpoints, so a resumed run allocates the
+    ranks as an uninterrupted one would.
     """
 
     layer_classes = (AdaLoraLinear,)
@@ -471,6 +473,43 @@ class AdaLoraModel(LoraModel):
                           f"{total_steps} steps; the rank budget follows total_step", stacklevel=2)
             self._warned_total = True
         self.update_and_allocate(step)
+
+    # -- checkpoints ----------------------------------------------------------
+    def state_for_checkpoint(self) -> dict[str, Any]:
+        """What resuming needs besides the weights: the importance averages and the current rank pattern.
+
+        The weights alone are not enough: the averages decide every later allocation, and after the
+        final one the pattern says which triplets the saved adapter keeps.
+        """
+        name = self._trainable()
+        if name is None:
+            return {}
+        pattern = self.peft_config[name].rank_pattern
+        state: dict[str, Any] = {"rank_pattern": None if pattern is None
+                                 else {k: list(v) for k, v in pattern.items()}}
+        if self.rank_allocator is not None:
+            for key in ("exp_avg_ipt", "exp_avg_unc"):
+                state[key] = {k: v.detach().cpu().clone() for k, v in getattr(self.rank_allocator, key).items()}
+        return state
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_for_checkpoint` returned (the weights are loaded separately)."""
+        name = self._trainable()
+        if name is None or not state:
+            return
+        self.peft_config[name].rank_pattern = state.get("rank_pattern")
+        if self.rank_allocator is None:
+            return
+        layers = self._layers(name)
+        params = {f"{n}.{attr}": getattr(layer, attr)[name]
+                  for n, layer in layers.items() for attr in AdaLoraLinear.adapter_param_names}
+        for key in ("exp_avg_ipt", "exp_avg_unc"):
+            saved = state.get(key, {})
+            unknown = sorted(set(saved) - set(params))
+            if unknown:
+                raise ValueError(f"AdaLoRA checkpoint state names parameters this model lacks "
+                                 f"({', '.join(unknown[:3])}); was it saved with other target_modules?")
+            setattr(self.rank_allocator, key, {k: v.to(params[k].device) for k, v in saved.items()})
 
     # -- saving ---------------------------------------------------------------
     def adapter_state_to_save(self, adapter_name: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -5,7 +5,10 @@ A checkpoint ``output_dir/checkpoint-{step}/`` holds:
     adapter files          model.save_pretrained(dir) (what a user loads)
     trainable.safetensors  every parameter with requires_grad, exact fp32 values (what resume loads)
     trainer_state.pt       optimizer, scheduler, grad scaler, RNG states (python, numpy, torch, cuda),
-                           step, data position (epoch, batch index), micro-batch size, running totals
+                           step, data position (epoch, batch index), micro-batch size, running totals,
+                           and the method's own state (``method_state``: what the model's
+                           ``state_for_checkpoint()`` returns, e.g. AdaLoRA's importance averages
+                           and rank pattern; given back to its ``load_checkpoint_state(state)``)
     train_config.yaml      the resolved config
     COMPLETE               written last; a folder without it is never resumed from
 
@@ -25,7 +28,7 @@ import os
 import random
 import re
 import shutil
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -33,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import distributed, fsdp
+from ..model import CARD_MARKER
 from .config import CONFIG_FILENAME, ConfigError, TrainConfig
 
 COMPLETE_MARKER = "COMPLETE"
@@ -42,11 +46,26 @@ _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 _TMP_RE = re.compile(r"^(\.checkpoint-\d+\.(tmp|old)|\.final\.tmp)$")
 # Files a run writes at the top of output_dir; a folder holding only these is a
 # run of ours that never reached a checkpoint, and may be restarted.
-RUN_RECORDS = ("train_config.yaml", "metrics.jsonl", "summary.json", "loss_curve.png", "runs")
-# Keys whose change makes an old checkpoint a different run.
-RESUME_KEYS = ("model", "data", "method", "method_args", "quantization", "lora_r", "lora_alpha", "target_modules",
-               "learning_rate", "lr_scheduler", "warmup_steps", "seed", "max_length", "packing",
-               "template", "train_on", "optimizer")
+RUN_RECORDS = (CONFIG_FILENAME, "metrics.jsonl", "summary.json", "loss_curve.png", "runs")
+# What a finished run leaves at the top of output_dir besides its records: the adapter (or, for method
+# full, the model), the tokenizer, the prompt template (tsugiki.pipeline.TEMPLATE_FILE, not imported:
+# the pipeline imports this module) and the adapter card README.md (ours only with CARD_MARKER).
+RUN_OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", TRAINABLE_FILE,
+               "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+               "pytorch_model.bin", "pytorch_model.bin.index.json", "tsugiki_template.json")
+# A full model's shards, and the file names tokenizers save under (transformers' vocab_files_names and more).
+_OUTPUT_RE = re.compile(r"^(model-\d+-of-\d+\.safetensors|pytorch_model-\d+-of-\d+\.bin|tokenizer.*"
+                        r"|special_tokens_map\.json|added_tokens\.json|chat_template\.(jinja|json)"
+                        r"|.*vocab.*\.(json|txt)|merges\.txt|.*\.model|bpe\.codes|.*\.tiktoken)$")
+CARD_FILE = "README.md"
+# Keys whose change makes an old checkpoint a different run: which rows train and in what order, the
+# adapter, and the update. max_steps/num_epochs may change (to extend a run); keys of speed, memory,
+# precision and records may too.
+RESUME_KEYS = ("model", "data", "max_rows", "eval_split", "seed", "shuffle", "group_by_length", "max_length",
+               "packing", "template", "train_on",
+               "method", "method_args", "quantization", "lora_r", "lora_alpha", "lora_dropout", "target_modules",
+               "learning_rate", "lr_scheduler", "warmup_steps", "optimizer", "weight_decay", "max_grad_norm",
+               "neftune_alpha")
 
 
 # ---------------------------------------------------------------------- listing
@@ -86,15 +105,61 @@ def remove_leftovers(output_dir: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------- output_dir rules
+def is_our_card(path: str) -> bool:
+    """``path`` is an adapter card tsugiki wrote (it carries CARD_MARKER), which may be regenerated."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return CARD_MARKER in fh.read()
+    except OSError:
+        return False
+
+
+def written_by_runs(name: str) -> bool:
+    """A run writes an entry of this name at the top of output_dir (records, checkpoints, final outputs)."""
+    return (name in RUN_RECORDS or name in RUN_OUTPUTS or name == CARD_FILE or bool(_CKPT_RE.match(name))
+            or bool(_OUTPUT_RE.match(name)))
+
+
+def is_run_folder(output_dir: str) -> bool:
+    """``output_dir`` holds an earlier run: its train_config.yaml (written before training starts) or a checkpoint."""
+    return os.path.isfile(os.path.join(output_dir, CONFIG_FILENAME)) or bool(list_checkpoints(output_dir))
+
+
+def run_files(output_dir: str) -> list[str]:
+    """Entries of ``output_dir`` an earlier run wrote: in a run folder, every name runs write (a README.md only
+    when it is our card); elsewhere none."""
+    if not os.path.isdir(output_dir) or not is_run_folder(output_dir):
+        return []
+    return sorted(name for name in os.listdir(output_dir) if written_by_runs(name)
+                  and (name != CARD_FILE or is_our_card(os.path.join(output_dir, name))))
+
+
+def user_files(output_dir: str) -> set[str]:
+    """Entries of ``output_dir`` no run of ours wrote: never removed or replaced (our own card excepted)."""
+    if not os.path.isdir(output_dir):
+        return set()
+    ours = set(run_files(output_dir))
+    return {name for name in os.listdir(output_dir) if name not in ours
+            and not (name == CARD_FILE and is_our_card(os.path.join(output_dir, name)))}
+
+
 def resolve_resume(config: TrainConfig) -> Optional[str]:
     """Check ``output_dir`` and decide where to resume from (None = fresh start).
 
     * ``output_dir`` that is a file: error.
-    * ``resume: <path>``: that checkpoint, which must be complete.
+    * ``resume: <path>``: that checkpoint, which must be complete. Into the folder that holds it,
+      the run simply goes on; into another ``output_dir``, that folder follows the fresh-start rules below.
     * ``resume: auto`` (and no ``overwrite``): the newest complete checkpoint in ``output_dir``, if any.
     * Otherwise a fresh start, allowed only into a missing or empty folder, a folder
       holding nothing but records of an earlier run that never checkpointed, or with
-      ``overwrite: true`` (which removes the old checkpoints and records, nothing else).
+      ``overwrite: true``.
+
+    What a start over removes is what an earlier run wrote: in a run folder (one with
+    ``train_config.yaml`` or a checkpoint) its records, checkpoints and final outputs
+    (adapter or model files, tokenizer files, template, our README card). Any other file
+    stays and is never replaced: a README.md of the user's is kept (the run then writes no
+    card), and a user's file under another name the run writes (``tokenizer_config.json``,
+    ``adapter_config.json``, ...) is an error here, before anything is removed or trained.
 
     Across processes (``WORLD_SIZE`` > 1, see :mod:`tsugiki.train.distributed`) it joins the
     process group, then only rank 0 inspects and cleans ``output_dir``; every rank gets rank 0's
@@ -104,39 +169,58 @@ def resolve_resume(config: TrainConfig) -> Optional[str]:
     return distributed.run_on_main(lambda: _resolve_resume_here(config))
 
 
+def _same_folder(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def _resolve_resume_here(config: TrainConfig) -> Optional[str]:
-    """:func:`resolve_resume` for one process, which may delete leftovers in ``output_dir``."""
+    """:func:`resolve_resume` for one process; it may delete leftovers and an earlier run's files in ``output_dir``."""
     out = config.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise NotADirectoryError(f"output_dir={out!r} is a file; give a directory path")
+    path = None  # an explicit checkpoint to resume from
     if config.resume not in ("auto", False):
         path = config.resume
         if not os.path.isdir(path) or not is_complete(path):
             raise FileNotFoundError(
                 f"resume={path!r} is not a complete checkpoint (a checkpoint-N folder with a "
                 f"{COMPLETE_MARKER} file); use resume: auto to take the newest complete one")
-        remove_leftovers(out)
-        return path
+        if _same_folder(os.path.dirname(os.path.abspath(path)), out):  # the run goes on in its own folder
+            remove_leftovers(out)
+            return path
     if not os.path.isdir(out):
-        return None
+        return path
     remove_leftovers(out)
     if config.resume == "auto" and not config.overwrite:
         latest = latest_checkpoint(out)
         if latest is not None:
             return latest
     entries = os.listdir(out)
-    ours = [e for e in entries if e in RUN_RECORDS or _CKPT_RE.match(e)]
-    only_records = len(ours) == len(entries) and not any(_CKPT_RE.match(e) for e in entries)
-    if entries and not config.overwrite and not (only_records and config.resume == "auto"):
+    ours = run_files(out)
+    restartable = bool(ours) and all(e in RUN_RECORDS for e in entries)  # a run that never checkpointed
+    if entries and not config.overwrite and not (restartable and config.resume is not False):
+        if path:
+            where = f"is not the folder of checkpoint {path!r}"
+            if latest_checkpoint(out):  # e.g. the same command again, after this run checkpointed there
+                where += " (resume: auto goes on from the newest checkpoint in output_dir)"
+        else:
+            where = f"holds no checkpoint to resume{' (resume is false)' if config.resume is False else ''}"
         raise FileExistsError(
-            f"output_dir={out!r} is not empty and holds no checkpoint to resume"
-            f"{' (resume is false)' if config.resume is False else ''}; "
-            "set overwrite: true to start over there (old checkpoints and records are removed), "
-            "or choose another output_dir")
-    for name in ours:  # our own files only; anything a user put there stays
-        path = os.path.join(out, name)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    return None
+            f"output_dir={out!r} is not empty and {where}; set overwrite: true to start over there (an earlier "
+            "run's checkpoints, records and outputs are removed, other files stay), or choose another output_dir")
+    clashes = sorted(name for name in user_files(out) if name != CARD_FILE and written_by_runs(name))
+    if clashes:  # checked before anything is removed
+        raise FileExistsError(
+            f"output_dir={out!r} holds {', '.join(clashes)}, which this run would write and which no earlier "
+            f"tsugiki run there wrote (a run's folder has {CONFIG_FILENAME} or checkpoints); move or delete "
+            f"{'it' if len(clashes) == 1 else 'them'}, or choose another output_dir")
+    for name in ours:  # an earlier run's files only; anything a user put there stays
+        entry = os.path.join(out, name)
+        shutil.rmtree(entry) if os.path.isdir(entry) else os.remove(entry)
+    return path
 
 
 def saved_examples_per_step(checkpoint: str, saved_config: dict[str, Any]) -> int:
@@ -154,8 +238,18 @@ def saved_examples_per_step(checkpoint: str, saved_config: dict[str, Any]) -> in
     return int(state.get("examples_per_step", single))
 
 
+def _resume_values(values: dict[str, Any]) -> dict[str, Any]:
+    """A config's ``RESUME_KEYS``, each as what it does to the run."""
+    out = {k: values[k] for k in RESUME_KEYS}
+    if values["eval_data"]:  # nothing is held out of `data` then: every row trains
+        out["eval_split"] = 0.0
+    out["neftune_alpha"] = values["neftune_alpha"] or None  # 0 and None both mean off
+    return out
+
+
 def check_resume_compatible(checkpoint: str, config: TrainConfig, world_size: int = 1) -> None:
-    """Refuse to resume a checkpoint whose run differs from ``config`` in a key that changes the run.
+    """Refuse to resume a checkpoint whose run differs from ``config`` in a key that changes the run
+    (``RESUME_KEYS``: the training rows and their order, the adapter, the update).
 
     That includes the examples per optimizer step, ``batch_size * grad_accum * world_size``: the
     saved data position counts steps of that size. The number of processes itself may change.
@@ -163,10 +257,12 @@ def check_resume_compatible(checkpoint: str, config: TrainConfig, world_size: in
     path = os.path.join(checkpoint, CONFIG_FILENAME)
     if not os.path.isfile(path):
         return
-    saved = TrainConfig.load(path).to_dict()
-    now = config.to_dict()
-    diffs = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in RESUME_KEYS if saved[k] != now[k]]
-    before, after = saved_examples_per_step(checkpoint, saved), now["batch_size"] * now["grad_accum"] * world_size
+    saved_config, now_config = TrainConfig.load(path).to_dict(), config.to_dict()
+    saved, now = _resume_values(saved_config), _resume_values(now_config)
+    label = {"eval_split": "eval_split (rows held out of data; none when eval_data is given)"}
+    diffs = [f"{label.get(k, k)}: {saved[k]!r} -> {now[k]!r}" for k in RESUME_KEYS if saved[k] != now[k]]
+    before = saved_examples_per_step(checkpoint, saved_config)
+    after = now_config["batch_size"] * now_config["grad_accum"] * world_size
     if before != after:
         diffs.append(f"batch_size * grad_accum * processes: {before} -> {after}")
     if diffs:
@@ -232,6 +328,7 @@ def save_checkpoint(output_dir: str, step: int, model: nn.Module, optimizer: tor
     they are taken from ``model`` and ``optimizer`` here, which suits an unsharded model.
     """
     os.makedirs(output_dir, exist_ok=True)
+    method_state = method_hook(model, "state_for_checkpoint")
     tmp = os.path.join(output_dir, f".checkpoint-{step}.tmp")
     final = os.path.join(output_dir, f"checkpoint-{step}")
     if os.path.exists(tmp):
@@ -248,6 +345,7 @@ def save_checkpoint(output_dir: str, step: int, model: nn.Module, optimizer: tor
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": rng_state(),
+            "method_state": method_state() if method_state is not None else None,
         }, os.path.join(tmp, STATE_FILE))
         config.save(os.path.join(tmp, CONFIG_FILENAME))
         _fsync_tree(tmp)
@@ -288,7 +386,8 @@ def rotate_checkpoints(output_dir: str, limit: Optional[int]) -> list[str]:
 # ---------------------------------------------------------------------- load
 def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
                     scaler=None, restore_rng: bool = True) -> dict[str, Any]:
-    """Load trainable weights, optimizer, scheduler (and scaler, RNG) from ``path``; returns the trainer state.
+    """Load trainable weights, optimizer, scheduler (and scaler, RNG, the method's state) from ``path``;
+    returns the trainer state.
 
     An FSDP-sharded model and its optimizer take their own shards of the saved whole tensors
     (every rank reads the files; nothing travels between ranks).
@@ -321,4 +420,15 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
     rng = state.pop("rng")
     if restore_rng:
         set_rng_state(rng)
+    method_state = state.pop("method_state", None)  # absent from checkpoints of older versions
+    restore = method_hook(model, "load_checkpoint_state")
+    if restore is not None and method_state is not None:
+        restore(method_state)
     return state
+
+
+def method_hook(model: nn.Module, name: str) -> Optional[Callable]:
+    """``model.<name>`` when the adapter method defines it (through a PeftModel's tuner), else None:
+    the trainer's per-step hooks and the checkpoint hooks above."""
+    hook = getattr(model, name, None)
+    return hook if callable(hook) else None

@@ -54,13 +54,13 @@ class TrainConfig:
 
     # --- what to train, on what, where
     model: Optional[str] = _f(None, "Base model: a Hugging Face id or local directory, or a .gguf file. None = the built-in default model.")
-    data: Optional[str] = _f(None, "Training data: a file (jsonl/json/csv/parquet/txt) or a dataset name.")
+    data: Optional[str] = _f(None, "Training data: a local .jsonl/.json/.csv/.parquet file, or a folder saved with datasets' save_to_disk (not a Hub dataset name).")
     eval_data: Optional[str] = _f(None, "Evaluation data (same formats as `data`). None = hold out `eval_split` of `data`.")
     eval_split: float = _f(0.0, "Held out from `data` for evaluation when `eval_data` is not given: a fraction in (0, 1) or a row count >= 1 (0 = none).")
     max_rows: Optional[int] = _f(None, "Use only the first N rows of `data` (None = all).")
     output_dir: str = _f("tsugiki-output", "Directory for checkpoints, metrics, the final adapter and the summary.")
-    overwrite: bool = _f(False, "Start over in a non-empty `output_dir`: its old checkpoints and records are removed (other files stay) and nothing is resumed.")
-    resume: Union[str, bool] = _f("auto", "'auto': continue from the latest complete checkpoint in `output_dir` if there is one; a checkpoint path: continue from it; false: start fresh.")
+    overwrite: bool = _f(False, "Start over in a non-empty `output_dir`, resuming nothing: what an earlier tsugiki run wrote there (in a folder with its train_config.yaml or checkpoints: records, checkpoints, the adapter or model, tokenizer and template files, its README card) is removed. Other files stay and are never replaced: a README.md of your own is kept (no card is written), and a file of yours under another name the run writes (e.g. tokenizer_config.json) stops the run before it starts, naming the file.")
+    resume: Union[str, bool] = _f("auto", "'auto': continue from the latest complete checkpoint in `output_dir` if there is one; a checkpoint path: continue from it (an `output_dir` other than the checkpoint's own folder follows the fresh-start rules: empty, or `overwrite`); false: start fresh.")
     # --- method
     method: str = _f("lora", "Fine-tuning method (lora, qlora, dora, ia3, prompt_tuning, ..., or full).")
     quantization: str = _f("none", "Base weights quantization: none, 4bit (NF4) or 8bit.")

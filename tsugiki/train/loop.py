@@ -22,7 +22,10 @@ autocast. fp16 also uses a gradient scaler.
 Method hooks. A model (for a PeftModel: its tuner) may define
 ``training_regularizer() -> scalar tensor``, whose gradient is added once per
 step, and ``on_optimizer_step(step, total_steps)``, called after every
-optimizer step while the gradients are still there (AdaLoRA uses both).
+optimizer step while the gradients are still there (AdaLoRA uses both). State
+such hooks build up beyond the weights goes into checkpoints through
+``state_for_checkpoint()`` / ``load_checkpoint_state(state)`` (see
+:mod:`tsugiki.train.checkpoint`), so a resumed run ends like an uninterrupted one.
 
 Out of memory. When a micro-batch runs out of memory, the step is retried with
 the micro-batch halved (so twice as many accumulation steps): the effective
@@ -82,8 +85,8 @@ from ..data import IGNORE_INDEX, Collator, PackedCollator, batch_plan, pack, pad
 from ..plan import cpu_has_native_bf16
 from ..quant import no_cpu_repacking
 from . import distributed, fsdp
-from .checkpoint import (check_resume_compatible, load_checkpoint, resolve_resume, save_checkpoint,
-                         TRAINABLE_FILE, trainable_state)
+from .checkpoint import (CARD_FILE, check_resume_compatible, is_our_card, load_checkpoint, method_hook,
+                         resolve_resume, save_checkpoint, TRAINABLE_FILE, trainable_state, user_files)
 from .config import ConfigError, TrainConfig
 from .neftune import neftune
 from .records import files_size, make_recorder, peak_memory_bytes, plot_loss_curve, write_summary
@@ -264,15 +267,6 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
         return torch.optim.AdamW(groups, lr=config.learning_rate, fused=True)
     except (RuntimeError, TypeError, ValueError):  # fused needs a supported device/dtype
         return torch.optim.AdamW(groups, lr=config.learning_rate)
-
-
-def _method_hook(model: nn.Module, name: str) -> Optional[Callable]:
-    """A per-step hook the adapter method defines (through a PeftModel's tuner), or None."""
-    try:
-        hook = getattr(model, name)
-    except AttributeError:
-        return None
-    return hook if callable(hook) else None
 
 
 def is_oom(err: BaseException) -> bool:
@@ -476,7 +470,7 @@ class Trainer:
                 distributed.all_reduce_grads(self.trainable)  # now every rank holds the whole step's gradient
             loss_sum, n_tokens = distributed.all_reduce_sum([loss_sum, n_tokens])
             n_targets, n_tokens = step_targets, int(n_tokens)
-        regularizer = _method_hook(self.model, "training_regularizer")
+        regularizer = method_hook(self.model, "training_regularizer")
         if regularizer is not None:  # e.g. AdaLoRA's orthogonality penalty, once per step
             with self._autocast():
                 penalty = regularizer()
@@ -495,7 +489,7 @@ class Trainer:
         else:
             self.optimizer.step()
         self.scheduler.step()
-        on_step = _method_hook(self.model, "on_optimizer_step")
+        on_step = method_hook(self.model, "on_optimizer_step")
         if on_step is not None:  # e.g. AdaLoRA re-allocating its rank budget; gradients are still there
             on_step(self.state["step"] + 1, self.total_steps)
         return {"loss_sum": loss_sum, "targets": n_targets, "tokens": n_tokens, "grad_norm": grad_norm, "lr": lr}
@@ -545,6 +539,9 @@ class Trainer:
             return self._resumed_from
         cfg = self.config
         resume_from = resolve_resume(cfg)
+        # Files of the user's in output_dir, which the final save must not replace (resolve_resume refused
+        # those under the names a run writes; this also guards a tokenizer's unusual file names).
+        self._user_files = user_files(cfg.output_dir) if self.rank == 0 else set()
         set_seed(cfg.seed)
         self.compute_dtype = resolve_dtype(cfg.dtype, self.device)
         apply_dtype_policy(self.model, self.compute_dtype)
@@ -597,7 +594,7 @@ class Trainer:
         if self.compute_dtype == torch.float16:
             raise ConfigError("fsdp: true does not support dtype: fp16 (the gradient scaler would check each shard "
                               "for overflow on its own and ranks could disagree on skipping a step); use bf16 or fp32")
-        hooks = [n for n in ("training_regularizer", "on_optimizer_step") if _method_hook(self.model, n) is not None]
+        hooks = [n for n in ("training_regularizer", "on_optimizer_step") if method_hook(self.model, n) is not None]
         if hooks:
             raise ConfigError(f"fsdp: true does not support methods with per-step hooks ({', '.join(hooks)}: "
                               f"method {self.config.method!r}); set fsdp: false")
@@ -720,8 +717,13 @@ class Trainer:
             return self._write_final(trainable)
 
     def _write_final(self, trainable: Optional[dict[str, torch.Tensor]] = None) -> list[str]:
-        """Save the adapter (and tokenizer) into output_dir via a temporary folder; returns the adapter files."""
+        """Save the adapter (and tokenizer) into output_dir via a temporary folder; returns the adapter files.
+
+        A file of the user's is never replaced: a README.md without tsugiki's card marker stays (no card
+        is written), as does any file that was in output_dir before the run and is not an earlier run's.
+        """
         out = self.config.output_dir
+        kept = set(getattr(self, "_user_files", ()))
         tmp = os.path.join(out, ".final.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(os.path.join(tmp, "model"))
@@ -739,6 +741,11 @@ class Trainer:
                 src = os.path.join(tmp, sub)
                 for name in sorted(os.listdir(src)) if os.path.isdir(src) else []:
                     dest = os.path.join(out, name)
+                    if os.path.lexists(dest) and (name in kept or (name == CARD_FILE and not is_our_card(dest))):
+                        if name != CARD_FILE:  # a user's README simply stays the card; anything else is news
+                            self._say(f"kept {dest}: it was there before this run and is not an earlier "
+                                      f"run's, so the {name} saved with the {sub} was not written")
+                        continue
                     if os.path.isdir(dest) and not os.path.isdir(os.path.join(src, name)):
                         raise IsADirectoryError(f"cannot save {name} into {out}: a folder of that name is in the way")
                     if os.path.isdir(dest):
