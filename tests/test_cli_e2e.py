@@ -148,11 +148,16 @@ def test_training_starts_with_the_memory_plan_and_warns_when_it_does_not_fit(mod
     assert any(r.getMessage().startswith("warning: memory plan:") for r in caplog.records)
 
 
-def test_train_python_api_matches_cli_keys(model_dir, data_file, tmp_path):
-    result = tsugiki.train({"model": model_dir, "data": data_file, "output_dir": str(tmp_path / "api"),
-                            "max_steps": 2, "dtype": "fp32", "tensorboard": False}, progress=False)
+def test_train_python_api_matches_cli_keys(model_dir, data_file, tmp_path, monkeypatch):
+    # The model given relative to the working directory: the adapter records where it is.
+    monkeypatch.chdir(os.path.dirname(model_dir))
+    result = tsugiki.train({"model": os.path.basename(model_dir), "data": data_file,
+                            "output_dir": str(tmp_path / "api"), "max_steps": 2, "dtype": "fp32",
+                            "tensorboard": False}, progress=False)
     assert result.output_dir == str(tmp_path / "api")
     assert result.metrics["steps"] == 2 and result.metrics["data"]["train_rows"] == len(ROWS)
+    saved = json.loads((tmp_path / "api" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == os.path.abspath(model_dir)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -206,3 +206,16 @@ def test_a_rank_under_another_name_points_to_r(tmp_path, key):
     with pytest.raises(ValueError, match=rf"'{key}' is not a LoraConfig option; did you mean 'r'\?"):
         tsugiki.train({"data": str(tmp_path / "x.jsonl"), "method": "lora", "method_args": {key: 4}},
                       progress=False)
+
+
+def test_a_bad_prompt_row_is_named_by_line_before_the_model_loads(tmp_path, capsys):
+    from tsugiki import cli
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"instruction": "fine"}\n\n{"instruction": "x", "input": 5}\n')
+    # The model does not exist: the row is checked first.
+    assert cli.main(["generate", "--model", str(tmp_path / "no-model"), "--input", str(prompts)]) == 2
+    assert f"{prompts}, line 3, field 'input': expected a string, got int 5" in capsys.readouterr().err
+    prompts.write_text('{"question": "x"}\n')
+    assert cli.main(["eval", "--model", str(tmp_path / "no-model"), "--data", str(prompts)]) == 2
+    assert f"{prompts}, line 1 has fields ['question']" in capsys.readouterr().err

@@ -73,9 +73,13 @@ def _load(args: argparse.Namespace):
 
 
 def _read_jsonl(path: str) -> list[dict]:
-    from .data import read_rows
+    """The prompt rows of a data file, each checked before any model loads (errors name the line)."""
+    from .data.formats import read_rows_located, sample_from_prompt_row
 
-    return [dict(r) for r in read_rows(path)[0]]
+    rows, _columns, places = read_rows_located(path)
+    for row, place in zip(rows, places):
+        sample_from_prompt_row(row, where=f"{path}, {place}")
+    return [dict(r) for r in rows]
 
 
 def _refuse_existing(path: str, overwrite: bool, what: str) -> None:

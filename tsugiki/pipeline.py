@@ -115,7 +115,19 @@ def graft(model: nn.Module, cfg: TrainConfig) -> nn.Module:
         # The trainer's dtype policy keeps frozen matrices at the compute dtype: no fp32 round trip for them.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 upcast_matrices=False)
-    return get_peft_model(model, adapter_config(cfg, cfg.model or DEFAULT_MODEL))
+    return get_peft_model(model, adapter_config(cfg, recorded_base_name(cfg.model)))
+
+
+def recorded_base_name(model: Optional[str]) -> str:
+    """The base model name an adapter records (``base_model_name_or_path``).
+
+    A local folder or file is recorded as an absolute path, so that ``generate``,
+    ``eval`` and ``merge`` on the adapter find the base from any working directory;
+    a hub id or the built-in default's name is kept as given.
+    """
+    if model and os.path.exists(model):
+        return os.path.abspath(model)
+    return model or DEFAULT_MODEL
 
 
 def save_template(template: Template, folder: str) -> str:

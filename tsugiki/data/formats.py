@@ -341,26 +341,27 @@ def _normalise_messages(messages: Any, where: str, require_assistant: bool = Tru
     return Sample(system=system, turns=turns)
 
 
-def sample_from_prompt_row(row: dict[str, Any] | str) -> Sample:
+def sample_from_prompt_row(row: dict[str, Any] | str, where: str = "prompt row") -> Sample:
     """A :class:`Sample` for generation: a raw row of any format, or a plain string.
 
     A plain string is the user's instruction. Instruction and prompt/completion
     rows give their prompt side only; a messages row keeps all its turns
-    (``Template.format_prompt`` drops a final assistant turn).
+    (``Template.format_prompt`` drops a final assistant turn). ``where`` names
+    the row in errors (e.g. ``"prompts.jsonl, line 3"``).
     """
     if isinstance(row, str):
         return Sample(turns=[("user", row)])
-    fmt = _detect_prompt_format(row)
+    fmt = _detect_prompt_format(row, where)
     if fmt == "messages":
-        return _normalise_messages(row["messages"], "prompt row", require_assistant=False) or Sample()
+        return _normalise_messages(row["messages"], where, require_assistant=False) or Sample()
     if fmt == "text":
-        return Sample(text=_string(row, "text", "prompt row"))
+        return Sample(text=_string(row, "text", where))
     instr_key = "prompt" if fmt == "prompt_completion" else "instruction"
-    extra = _string(row, "input", "prompt row") or _string(row, "context", "prompt row")
-    return Sample(turns=[("user", _string(row, instr_key, "prompt row"))], input=extra)
+    extra = _string(row, "input", where) or _string(row, "context", where)
+    return Sample(turns=[("user", _string(row, instr_key, where))], input=extra)
 
 
-def _detect_prompt_format(row: dict) -> str:
+def _detect_prompt_format(row: dict, where: str) -> str:
     # At generation time the response field is usually absent, so only the prompt side is required.
     if "messages" in row:
         return "messages"
@@ -370,4 +371,4 @@ def _detect_prompt_format(row: dict) -> str:
         return "prompt_completion"
     if "text" in row:
         return "text"
-    raise DataError(f"prompt row has fields {sorted(row)}; expected 'instruction', 'prompt', 'messages' or 'text'")
+    raise DataError(f"{where} has fields {sorted(row)}; expected 'instruction', 'prompt', 'messages' or 'text'")
