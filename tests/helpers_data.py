@@ -67,3 +67,18 @@ def tiny_llama(attn_implementation: str = "sdpa", vocab_size: int = 400):
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
     )
     return LlamaForCausalLM._from_config(config, attn_implementation=attn_implementation, torch_dtype=torch.float32).eval()
+
+
+def save_model_folder(folder) -> str:
+    """:func:`tiny_llama` and :func:`make_chat_tokenizer` saved in ``folder``: a model folder the CLI loads."""
+    tiny_llama().save_pretrained(folder)
+    make_chat_tokenizer().save_pretrained(folder)  # has a chat template, so 'alpaca' is never the default
+    return str(folder)
+
+
+def write_jsonl(path, rows) -> str:
+    """``rows`` as a JSON-lines file at ``path``; returns the path as a string."""
+    import json
+
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)

@@ -13,24 +13,19 @@ from transformers import AutoModelForCausalLM
 
 import tsugiki
 from tsugiki.cli import main
-from helpers_data import make_chat_tokenizer, tiny_llama
+from helpers_data import save_model_folder, write_jsonl
 
 ROWS = [{"instruction": f"Say the word number {i}.", "input": "", "output": f"word {i % 5}"} for i in range(24)]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_llama().save_pretrained(folder)
-    make_chat_tokenizer().save_pretrained(folder)
-    return str(folder)
+    return save_model_folder(tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture
 def data_file(tmp_path):
-    path = tmp_path / "train.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
-    return str(path)
+    return write_jsonl(tmp_path / "train.jsonl", ROWS)
 
 
 def _train_args(model_dir, data_file, out, *extra):

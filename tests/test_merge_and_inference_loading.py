@@ -14,7 +14,7 @@ from tsugiki.cli import main
 from tsugiki.data import get_template
 from tsugiki.generation import load_for_inference
 from tsugiki.pipeline import TEMPLATE_FILE, save_template
-from helpers_data import make_chat_tokenizer, tiny_llama
+from helpers_data import make_chat_tokenizer, save_model_folder, write_jsonl
 from tiny_models import tiny_llama as sized_llama
 
 ROWS = [{"instruction": f"Say the word number {i}.", "input": "", "output": f"word {i % 5}"} for i in range(12)]
@@ -23,17 +23,12 @@ PROMPT = "Say the word number 3."
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_llama().save_pretrained(folder)
-    make_chat_tokenizer().save_pretrained(folder)  # has a chat template, so 'alpaca' is never the default
-    return str(folder)
+    return save_model_folder(tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "alpaca.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
-    return str(path)
+    return write_jsonl(tmp_path_factory.mktemp("data") / "alpaca.jsonl", ROWS)
 
 
 def _train(model_dir, data_file, out, *extra):

@@ -16,7 +16,7 @@ from torch import nn
 
 from tsugiki.cli import main
 from tsugiki.train import distributed
-from helpers_data import make_chat_tokenizer, tiny_llama
+from helpers_data import save_model_folder, write_jsonl
 
 # Rows of different lengths, so ranks see different target counts and the global denominator matters.
 ROWS = [{"instruction": f"Say the word number {i}.", "input": "", "output": " ".join([f"word {i % 5}"] * (1 + i % 4))}
@@ -32,17 +32,12 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_llama().save_pretrained(folder)
-    make_chat_tokenizer().save_pretrained(folder)
-    return str(folder)
+    return save_model_folder(tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
-    return str(path)
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", ROWS)
 
 
 def train_args(model_dir, data_file, out, batch_size, max_steps=5):
