@@ -13,14 +13,9 @@ from transformers import AutoModelForCausalLM
 
 import tsugiki
 from tsugiki.cli import main
-from helpers_data import save_model_folder, write_jsonl
+from helpers_data import write_jsonl
 
 ROWS = [{"instruction": f"Say the word number {i}.", "input": "", "output": f"word {i % 5}"} for i in range(24)]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_model_folder(tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture

@@ -14,16 +14,11 @@ from tsugiki.cli import main
 from tsugiki.data import get_template
 from tsugiki.generation import load_for_inference
 from tsugiki.pipeline import TEMPLATE_FILE, save_template
-from helpers_data import make_chat_tokenizer, save_model_folder, write_jsonl
+from helpers_data import make_chat_tokenizer, write_jsonl
 from tiny_models import tiny_llama as sized_llama
 
 ROWS = [{"instruction": f"Say the word number {i}.", "input": "", "output": f"word {i % 5}"} for i in range(12)]
 PROMPT = "Say the word number 3."
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_model_folder(tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from torch import nn
 
 from tsugiki.cli import main
 from tsugiki.train import distributed
-from helpers_data import save_model_folder, write_jsonl
+from helpers_data import write_jsonl
 
 # Rows of different lengths, so ranks see different target counts and the global denominator matters.
 ROWS = [{"instruction": f"Say the word number {i}.", "input": "", "output": " ".join([f"word {i % 5}"] * (1 + i % 4))}
@@ -28,11 +28,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_model_folder(tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from tsugiki.kernels.target_logits import split_causal_lm
 from tsugiki.train import fsdp
 from tsugiki.data import Collator, IGNORE_INDEX
 from helpers_data import tiny_llama
-from test_train_distributed import data_file, metrics, model_dir, torchrun  # noqa: F401 - fixtures
+from test_train_distributed import data_file, metrics, torchrun  # noqa: F401 - fixtures (model_dir: conftest)
 
 ADAPTER = "adapter_model.safetensors"
 
