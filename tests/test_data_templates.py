@@ -146,6 +146,21 @@ def test_custom_template_without_input_placeholder_keeps_the_input(tok):
     assert get_template("Q: {instruction}\nA: {response}", tok).format_prompt({"instruction": "hi"}) == "Q: hi\nA: "
 
 
+def test_generation_prompt_starts_as_the_training_row_does():
+    """A Llama-3 style tokenizer adds BOS itself and its chat template writes one too: only one in either."""
+    from tsugiki.data.tokenize import prompt_token_ids
+
+    tokenizer = make_tokenizer(bos=True)
+    tokenizer.chat_template = "{{ bos_token }}" + CHATML
+    row = {"instruction": "hello", "output": "hi"}
+    for name in ("chat", "alpaca"):
+        template = get_template(name, tokenizer)
+        trained = build_dataset([row], tokenizer, template)[0][0]["input_ids"]
+        prompt = prompt_token_ids(template.format_prompt(row), template, tokenizer)
+        assert prompt.count(tokenizer.bos_token_id) == 1 == trained.count(tokenizer.bos_token_id)
+        assert trained[: len(prompt)] == prompt
+
+
 def test_chat_template_appends_eos_when_the_turn_lacks_it():
     tokenizer = make_chat_tokenizer()
     tokenizer.eos_token = "<|endoftext|>"

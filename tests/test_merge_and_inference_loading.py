@@ -14,7 +14,7 @@ from tsugiki.cli import main
 from tsugiki.data import get_template
 from tsugiki.generation import load_for_inference
 from tsugiki.pipeline import TEMPLATE_FILE, save_template
-from helpers_data import make_chat_tokenizer, write_jsonl
+from helpers_data import make_chat_tokenizer, tiny_llama, write_jsonl
 from tiny_models import tiny_llama as sized_llama
 
 ROWS = [{"instruction": f"Say the word number {i}.", "input": "", "output": f"word {i % 5}"} for i in range(12)]
@@ -124,3 +124,15 @@ def test_train_help_names_only_the_data_sources_that_load(capsys):
     data_help = " ".join(capsys.readouterr().out.split("\n  --data DATA", 1)[1].split("\n  --eval_data", 1)[0].split())
     assert ".jsonl/.json/.csv/.parquet file" in data_help and "save_to_disk" in data_help
     assert "txt" not in data_help and "or a dataset name" not in data_help
+
+
+def test_answers_stop_at_every_end_token_the_model_configures():
+    """Gemma-style: the tokenizer's EOS plus an end-of-turn id in generation_config; both end an answer."""
+    from tsugiki.generation import stop_token_ids
+
+    tokenizer = make_chat_tokenizer()
+    model = tiny_llama()
+    model.generation_config.eos_token_id = [7, tokenizer.eos_token_id]
+    assert stop_token_ids(tokenizer, model) == [tokenizer.eos_token_id, 7]
+    model.generation_config.eos_token_id = None
+    assert stop_token_ids(tokenizer, model) == [tokenizer.eos_token_id]

@@ -20,6 +20,7 @@ from torch import nn
 from .config import PeftConfig
 from .data import get_template
 from .data.templates import Template
+from .data.tokenize import prompt_token_ids
 from .kernels.decode import single_row_decoding
 from .model import PeftModel
 from .models import DEFAULT_MODEL, load_model, load_tokenizer
@@ -135,6 +136,18 @@ def load_for_inference(model: Optional[str] = None, adapter: Optional[str] = Non
                        saved_quant)
 
 
+def stop_token_ids(tokenizer: Any, model: nn.Module) -> list[int]:
+    """Where an answer ends: the tokenizer's EOS and every EOS of the model's generation config.
+
+    Chat models often list their end-of-turn token there beside the tokenizer's EOS
+    (Gemma: ``[1, 107]``); passing the tokenizer's alone would generate past the turn.
+    """
+    ids = [tokenizer.eos_token_id]
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += configured if isinstance(configured, (list, tuple)) else [configured]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
 def reference_answer(row: Row) -> Optional[str]:
     """The expected answer of a data row (its response / output / completion / last assistant turn)."""
     if isinstance(row, str):
@@ -171,17 +184,17 @@ def generate_answers(loaded: LoadedModel, rows: Sequence[Row], settings: Optiona
     """
     settings = settings or GenerationSettings()
     tok, net = loaded.tokenizer, loaded.model
-    prompts = [loaded.template.format_prompt(row) for row in rows]
+    prompts = [prompt_token_ids(loaded.template.format_prompt(row), loaded.template, tok) for row in rows]
     old_side = tok.padding_side
     tok.padding_side = "left"  # generation continues from the right end of every row
     answers: list[str] = []
     try:
         for chunk in _chunks(prompts, settings.batch_size):
-            enc = tok(list(chunk), return_tensors="pt", padding=True)
+            enc = tok.pad({"input_ids": list(chunk)}, return_tensors="pt", padding=True)
             device = next(net.parameters()).device
             enc = {k: v.to(device) for k, v in enc.items()}
             kwargs = dict(**enc, **settings.generate_kwargs(), pad_token_id=tok.pad_token_id,
-                          eos_token_id=tok.eos_token_id)
+                          eos_token_id=stop_token_ids(tok, net))
             if isinstance(net, PeftModel) and not use_adapter:
                 with net.disable_adapter():
                     out = _generate(net, kwargs)
@@ -203,11 +216,11 @@ def stream_answer(loaded: LoadedModel, messages_or_prompt: Union[str, dict], set
     from transformers import TextIteratorStreamer
 
     tok, net = loaded.tokenizer, loaded.model
-    prompt = loaded.template.format_prompt(messages_or_prompt)
-    enc = tok(prompt, return_tensors="pt")
+    ids = prompt_token_ids(loaded.template.format_prompt(messages_or_prompt), loaded.template, tok)
+    enc = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     kwargs = dict(**enc, **settings.generate_kwargs(), streamer=streamer, pad_token_id=tok.pad_token_id,
-                  eos_token_id=tok.eos_token_id)
+                  eos_token_id=stop_token_ids(tok, net))
 
     def work() -> None:
         with torch.inference_mode():

@@ -87,6 +87,16 @@ def encode(sample: Sample, template: Template, tokenizer: Any, train_on: str = "
     return input_ids, labels
 
 
+def prompt_token_ids(prompt: str, template: Template, tokenizer: Any) -> list[int]:
+    """A generation prompt's token ids, as :func:`encode` starts the same row in training.
+
+    Instruction templates get the tokenizer's leading BOS; chat templates none, since
+    they write their own (a Llama-3 style tokenizer adding BOS again would double it).
+    """
+    lead = _leading_special_ids(tokenizer) if template.kind != "chat" else []
+    return lead + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
 def _last_trainable(segments):
     return next((s for s in reversed(segments) if s.trainable), None)
 
