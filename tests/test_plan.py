@@ -422,6 +422,22 @@ def test_plan_cli_counts_again_when_flags_change_the_config_adapter(tmp_path, ca
     assert trainable("--target-modules", "q_proj") == counted("dora", lora_r=16, target_modules=["q_proj"])
 
 
+def test_python_plan_counts_the_adapter_its_keywords_describe(tmp_path):
+    from tsugiki.train.config import TrainConfig
+
+    job = _train_config(tmp_path, method="ia3", lora_r=8)
+
+    def counted(**keys):
+        return plan.count_trainable(TrainConfig.load(None, keys), str(tmp_path))
+
+    dora64 = counted(method="dora", lora_r=64)
+    assert plan.plan(config=job, method="dora", lora_r=64, verbose=False).params["trainable"] == dora64
+    assert plan.plan(str(tmp_path), method="dora", lora_r=64, verbose=False).params["trainable"] == dora64
+    assert plan.plan(str(tmp_path), method="ia3", verbose=False).params["trainable"] == counted(method="ia3")
+    qlora = plan.plan(str(tmp_path), method="qlora", verbose=False)
+    assert qlora.parts["weights"] < plan.plan(str(tmp_path), method="lora", verbose=False).parts["weights"] / 2
+
+
 def test_plan_cli_takes_the_methods_own_options(tmp_path, capsys):
     from helpers_data import tiny_llama
 

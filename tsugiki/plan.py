@@ -1086,16 +1086,31 @@ def plan(source: Any = None, *, config: Any = None, available: Optional[Union[in
     available RAM); with ``device="cuda"`` it is also the device memory that
     ``max_forward_tokens: auto`` sizes forwards by, unless ``device_memory`` is given.
     """
+    from .train.config import TrainConfig
+
+    # The keys that say what the adapter is: its trainable parameters are counted for them.
+    adapter = {k: estimate_args.pop(k) for k in ("method", "lora_r", "lora_dropout", "target_modules")
+               if k in estimate_args}
     if config is not None:
         from .pipeline import as_config
 
         cfg = as_config(config)
+        cfg = cfg.replace(**adapter) if adapter else cfg
         device = estimate_args.get("device", "cpu")
         gpu = available if isinstance(available, str) else None
         job = training_settings(cfg, device=device, dtype=auto_dtype(device, gpu) if cfg.dtype == "auto" else None,
                                 trainable_params=estimate_args.get("trainable_params"))
         estimate_args = {**job, **estimate_args}
         source = source if source is not None else cfg.model
+    elif adapter:  # as the command line does: qlora is LoRA on a 4-bit base; other methods are counted
+        if adapter.get("method") == "qlora":
+            adapter["method"] = "lora"
+            estimate_args.setdefault("quantization", "4bit")
+        if adapter.get("method") not in (None, "lora", "full") and "trainable_params" not in estimate_args:
+            job = TrainConfig.load(None, adapter)
+            estimate_args["trainable_params"] = count_trainable(job, source if source is not None else DEFAULT_MODEL)
+            estimate_args.setdefault("virtual_tokens", virtual_tokens(job))
+        estimate_args = {**adapter, **estimate_args}
     source = source if source is not None else DEFAULT_MODEL
     size = None if available is None else parse_size(available) if isinstance(available, str) else int(available)
     if estimate_args.get("device") == "cuda" and size is not None:
