@@ -219,3 +219,18 @@ def test_a_bad_prompt_row_is_named_by_line_before_the_model_loads(tmp_path, caps
     prompts.write_text('{"question": "x"}\n')
     assert cli.main(["eval", "--model", str(tmp_path / "no-model"), "--data", str(prompts)]) == 2
     assert f"{prompts}, line 1 has fields ['question']" in capsys.readouterr().err
+
+
+def test_eval_refuses_a_row_count_below_one(tmp_path, capsys):
+    from tsugiki import cli
+
+    assert cli.main(["eval", "--model", str(tmp_path / "no-model"), "--data", "x.jsonl", "--max-rows", "0"]) == 2
+    assert "--max-rows must be a positive number of rows, got 0" in capsys.readouterr().err
+
+
+def test_inspect_names_dora(tmp_path):
+    from tiny_models import tiny_llama
+    from tsugiki.inspect_adapter import describe_adapter
+
+    tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(r=2, use_dora=True)).save_pretrained(tmp_path)
+    assert "method:       LORA with DoRA" in describe_adapter(str(tmp_path))

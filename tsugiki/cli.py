@@ -168,6 +168,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.output:
         _refuse_existing(args.output, args.overwrite, "output file")
+    if args.max_rows is not None and args.max_rows < 1:
+        raise ValueError(f"--max-rows must be a positive number of rows, got {args.max_rows}")
     rows = _read_jsonl(args.data)
     if args.max_rows:
         rows = rows[: args.max_rows]

@@ -72,12 +72,13 @@ class EvalReport:
                 mark = "ok" if exact_match(side.answers[i], self.references[i]) else "--"
                 lines.append(f"    {side.name + ':':<10} {mark} {_clip(side.answers[i], width)}")
         lines.append("")
-        header = f"{'model':<16}{'exact':>8}{'contains':>10}{'loss':>9}{'ppl':>10}"
+        header = f"{'model':<16}{'exact':>8}{'contains':>10}{'loss':>9} {'ppl':>10}"
         lines.append(header)
         for side in self.sides:
             loss = f"{side.loss:.4f}" if side.loss is not None else "-"
             ppl = f"{side.ppl:.2f}" if side.ppl is not None else "-"
-            lines.append(f"{side.name:<16}{side.exact:>7.1%}{side.contains:>10.1%}{loss:>9}{ppl:>10}")
+            # A space before ppl: an untrained model's perplexity runs past ten characters.
+            lines.append(f"{side.name:<16}{side.exact:>7.1%}{side.contains:>10.1%}{loss:>9} {ppl:>10}")
         return "\n".join(lines)
 
 

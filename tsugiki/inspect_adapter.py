@@ -45,7 +45,8 @@ def describe_adapter(folder: str) -> str:
     lines = [
         f"adapter:      {folder}",
         f"base model:   {config.base_model_name_or_path or 'unknown'}",
-        f"method:       {config.peft_type}" + (f" ({config.task_type})" if config.task_type else ""),
+        f"method:       {config.peft_type}" + (" with DoRA" if settings.get("use_dora") else "")
+        + (f" ({config.task_type})" if config.task_type else ""),
     ]
     for key in ("r", "lora_alpha", "lora_dropout", "use_rslora", "bias", "modules_to_save"):
         if settings.get(key) not in (None, [], {}):
