@@ -161,6 +161,13 @@ def test_generation_prompt_starts_as_the_training_row_does():
         assert trained[: len(prompt)] == prompt
 
 
+def test_answers_lose_the_text_a_custom_template_puts_after_the_response(tok):
+    template = get_template("{instruction} => {response} END", tok)
+    assert template.answer_from(" apple END\n") == "apple"
+    assert template.answer_from("apple EN") == "apple EN"  # cut short by max_new_tokens: left as it is
+    assert get_template("alpaca", tok).answer_from(" apple END ") == "apple END"
+
+
 def test_chat_template_appends_eos_when_the_turn_lacks_it():
     tokenizer = make_chat_tokenizer()
     tokenizer.eos_token = "<|endoftext|>"

@@ -201,7 +201,8 @@ def generate_answers(loaded: LoadedModel, rows: Sequence[Row], settings: Optiona
             else:
                 out = _generate(net, kwargs)
             new_tokens = out[:, enc["input_ids"].shape[1]:]
-            answers.extend(t.strip() for t in tok.batch_decode(new_tokens, skip_special_tokens=True))
+            texts = tok.batch_decode(new_tokens, skip_special_tokens=True)
+            answers.extend(loaded.template.answer_from(text) for text in texts)
             if progress is not None:
                 progress.update(len(chunk))
     finally:

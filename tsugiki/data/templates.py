@@ -129,6 +129,15 @@ class Template:
             return self._chat_segments(sample.messages())
         return self._instruction_segments(sample)
 
+    def answer_from(self, generated: str) -> str:
+        """The answer in ``generated`` text: without the text a custom template puts after
+        ``{response}`` (``"... => {response} END"`` trains the model to write `` END``)."""
+        generated = generated.strip()
+        suffix = self.response.split("{response}", 1)[1].strip() if self.kind == "instruction" else ""
+        if suffix and generated.endswith(suffix):
+            generated = generated[: -len(suffix)].rstrip()
+        return generated
+
     def format_prompt(self, row: dict[str, Any] | str) -> str:
         """Text up to where the response starts, for generation.
 
