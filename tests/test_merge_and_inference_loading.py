@@ -136,3 +136,18 @@ def test_answers_stop_at_every_end_token_the_model_configures():
     assert stop_token_ids(tokenizer, model) == [tokenizer.eos_token_id, 7]
     model.generation_config.eos_token_id = None
     assert stop_token_ids(tokenizer, model) == [tokenizer.eos_token_id]
+
+
+def test_eval_loss_covers_every_row_of_a_file_that_mixes_formats():
+    from tsugiki.data import get_template
+    from tsugiki.evaluate import reference_loss
+    from tsugiki.generation import LoadedModel
+
+    tokenizer = make_chat_tokenizer()
+    loaded = LoadedModel(tiny_llama(), tokenizer, get_template(None, tokenizer), None, "tiny")
+    alpaca = [{"instruction": "Say the word number 1.", "output": "word 1"}]
+    completion = [{"prompt": "Fruit:", "completion": "mango and a long tail of more words"}]
+    loss_a, loss_b = reference_loss(loaded, alpaca)[0], reference_loss(loaded, completion)[0]
+    mixed = reference_loss(loaded, alpaca + completion)[0]
+    assert min(loss_a, loss_b) < mixed < max(loss_a, loss_b)
+    assert reference_loss(loaded, completion + alpaca)[0] == pytest.approx(mixed)

@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .data import Collator, build_dataset, pad_token_id_for
+from .data import Collator, build_dataset, detect_format, pad_token_id_for
 from .generation import GenerationSettings, LoadedModel, Row, generate_answers, reference_answer
 from .model import PeftModel
 from .train.loop import count_targets, token_loss_sum
@@ -102,7 +102,12 @@ def _clip(text: str, width: int) -> str:
 def reference_loss(loaded: LoadedModel, rows: Sequence[dict], max_length: int = 1024, batch_size: int = 8,
                    use_adapter: bool = True) -> tuple[float, float]:
     """Token-weighted loss and perplexity of the reference answers."""
-    examples, _, _ = build_dataset(list(rows), loaded.tokenizer, loaded.template, max_length=max_length)
+    # build_dataset reads one format per data set; a file may mix them, row by row as generation takes them.
+    by_format: dict[str, list[dict]] = {}
+    for row in rows:
+        by_format.setdefault(detect_format(row, "eval row"), []).append(row)
+    examples = [example for group in by_format.values()
+                for example in build_dataset(group, loaded.tokenizer, loaded.template, max_length=max_length)[0]]
     collate = Collator(pad_token_id_for(loaded.tokenizer))
     net = loaded.model
     device = next(net.parameters()).device
