@@ -131,7 +131,7 @@ def test_lora_on_a_cuda_kbit_base_trains_saves_and_reloads(bits, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-5, rtol=0)
         merged = loaded.merge_and_unload(dequantize=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):  # dequantized to the bf16 compute dtype
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # merged layers in the embeddings' dtype
             merged_logits = merged(ids).logits
         assert (merged_logits.float() - expected.float()).abs().max().item() < 0.1
 

@@ -234,3 +234,11 @@ def test_inspect_names_dora(tmp_path):
 
     tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(r=2, use_dora=True)).save_pretrained(tmp_path)
     assert "method:       LORA with DoRA" in describe_adapter(str(tmp_path))
+
+
+def test_fsdp_on_a_quantized_base_is_refused_before_anything_loads(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="fsdp: true cannot shard a 4bit base"):
+        tsugiki.train({"model": str(tmp_path / "no-such-model"), "data": str(tmp_path / "no-such.jsonl"),
+                       "output_dir": str(out), "method": "qlora", "fsdp": True}, progress=False)
+    assert not out.exists()

@@ -107,6 +107,26 @@ def test_merge_and_unload_dequantize_gives_a_plain_model_transformers_loads(bits
         torch.testing.assert_close(reloaded(ids).logits, merged(ids).logits, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("prepared", [True, False])
+def test_dequantized_merge_of_a_bf16_qlora_base_runs_in_the_models_dtype(prepared):
+    """Compute dtype bf16; embeddings fp32 once prepared for training, else bf16: the merged layers follow them."""
+    ids = token_batch(2, 8)
+    model = quant.quantize_model(kbit_llama().to(torch.bfloat16), bits=4, compute_dtype=torch.bfloat16)
+    if prepared:
+        model = tsugiki.prepare_model_for_kbit_training(model)
+    peft_model = tsugiki.get_peft_model(model, tsugiki.LoraConfig(r=4, target_modules="all-linear"))
+    randomize_adapters(peft_model, scale=0.05)
+    with torch.no_grad():
+        unmerged = peft_model(ids).logits.float()
+        merged = peft_model.merge_and_unload(dequantize=True)
+        want = torch.float32 if prepared else torch.bfloat16
+        assert merged.model.layers[0].self_attn.q_proj.weight.dtype == want
+        assert (merged(ids).logits.float() - unmerged).abs().max().item() < 0.05
+    fp32 = tsugiki.get_peft_model(quant.quantize_model(kbit_llama().to(torch.bfloat16), bits=4),
+                                  tsugiki.LoraConfig(r=4)).merge_and_unload(dequantize=True, dtype=torch.float32)
+    assert fp32.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+
+
 @pytest.mark.parametrize("device, compute_dtype, atol", [
     ("cpu", torch.float32, 1e-4),
     pytest.param("cuda", torch.bfloat16, 1e-3,

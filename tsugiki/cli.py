@@ -187,16 +187,22 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .fileio import ensure_directory
     from .generation import load_for_inference
     from .pipeline import TEMPLATE_FILE, save_template
+    from .train.loop import resolve_dtype
 
     if os.path.isdir(args.output) and os.listdir(args.output) and not args.overwrite:
         raise FileExistsError(f"output folder {args.output!r} is not empty; pass --overwrite or choose another")
     quant = None if args.quantization == "none" else args.quantization
     if quant and args.dequantize == args.requantize:
-        raise ValueError(f"merging into a {quant} base: pass --dequantize (an unquantized merged model, exact) "
+        raise ValueError(f"merging into a {quant} base: pass --dequantize (an unquantized merged model; "
+                         "--dtype fp32 keeps it unrounded) "
                          "or --requantize (stays quantized; rounds the merged weights)")
     loaded = load_for_inference(args.model, args.adapter, quantization=quant, template=args.template,
                                 dtype=None if args.dtype == "auto" else args.dtype)
-    merged = loaded.model.merge_and_unload(safe_merge=True, dequantize=bool(quant) and args.dequantize)
+    dequantize = bool(quant) and args.dequantize
+    dtype = None if args.dtype == "auto" else resolve_dtype(args.dtype, next(loaded.model.parameters()).device)
+    merged = loaded.model.merge_and_unload(safe_merge=True, dequantize=dequantize, dtype=dtype)
+    if dequantize and dtype is not None:  # the whole model in the dtype asked for, not only the merged layers
+        merged.to(dtype)
     ensure_directory(args.output, "output folder")
     merged.save_pretrained(args.output)
     loaded.tokenizer.save_pretrained(args.output)
@@ -295,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="Folder for the merged model (safetensors + tokenizer).")
     p.add_argument("--overwrite", action="store_true", help="Write into a non-empty --output folder.")
     p.add_argument("--dequantize", action="store_true",
-                   help="With --quantization: save the merged model unquantized (exact merge).")
+                   help="With --quantization: save the merged model unquantized, merged in fp32 and stored in "
+                        "the dtype of the model's other weights (--dtype fp32: all fp32, the merge unrounded).")
     p.add_argument("--requantize", action="store_true",
                    help="With --quantization: keep the merged model quantized (the merge is rounded).")
     p.set_defaults(func=cmd_merge)

@@ -189,9 +189,11 @@ class PeftModel(nn.Module):
         self.base_model.unmerge_adapter()
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names: Optional[Sequence[str]] = None, dequantize: bool = False) -> nn.Module:
-        """Fold the adapter into the base weights and return the plain base (see LoraModel's docs)."""
-        return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names, dequantize=dequantize)
+                         adapter_names: Optional[Sequence[str]] = None, dequantize: bool = False,
+                         dtype: Optional[torch.dtype] = None) -> nn.Module:
+        """Fold the adapter into the base weights and return the plain base (see ``BaseTuner.merge_and_unload``)."""
+        return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names, dequantize=dequantize,
+                                                dtype=dtype)
 
     def unload(self) -> nn.Module:
         return self.base_model.unload()

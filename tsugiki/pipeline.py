@@ -70,6 +70,11 @@ def check_method(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"method='full' cannot train a {quantization_of(cfg)} base: quantized weights are frozen. "
             "Use method: qlora (LoRA on the quantized base) or quantization: none")
+    if cfg.fsdp and quantization_of(cfg):
+        raise ConfigError(
+            f"fsdp: true cannot shard a {quantization_of(cfg)} base: FSDP would split bitsandbytes' packed "
+            "weights and lose their quantization state. Use fsdp: false (each process keeps the whole "
+            "quantized base, which is small), or quantization: none")
     if cfg.method == "full" and cfg.method_args:
         raise ConfigError("method_args: method 'full' takes no options")
     if cfg.method != "full":

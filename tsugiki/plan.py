@@ -583,7 +583,7 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
     adapted: set[str] = set()
     if full:
         trainable = counts["total"]
-        param_bytes = s  # trained in place at the model dtype
+        param_bytes = 4  # the trainer's dtype policy keeps trained weights fp32, under bf16 compute too
     elif method in ("lora", "dora"):
         chosen = targeted_linears(shape, target_modules)
         adapted = {lin.name for lin in chosen}

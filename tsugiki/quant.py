@@ -567,12 +567,31 @@ def forget_quantization(model: nn.Module) -> None:
         del config.quantization_config
 
 
+def unquantized_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's weights that are not quantized: its input embedding's, else None.
+
+    After ``prepare_model_for_kbit_training`` (or from an fp32 checkpoint) that is fp32,
+    otherwise usually the 16-bit dtype the base was loaded in.
+    """
+    embeddings = getattr(model, "get_input_embeddings", lambda: None)()
+    weight = getattr(embeddings, "weight", None)
+    return weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else None
+
+
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every k-bit linear layer by an ``nn.Linear`` holding its dequantized weight, in place.
 
     ``dtype`` defaults to the layer's compute dtype (bf16 for a usual QLoRA base),
-    else fp32. The result is an ordinary model that plain transformers saves and loads.
+    else fp32; pass :func:`unquantized_dtype` to match the rest of the model. The
+    result is an ordinary model that plain transformers saves and loads.
     """
+    dequantize_layers(model, dtype)
+    return model
+
+
+def dequantize_layers(model: nn.Module, dtype: torch.dtype | None = None) -> list[nn.Linear]:
+    """:func:`dequantize_model`, returning the new ``nn.Linear`` layers."""
+    layers = []
     for name, module in list(model.named_modules()):
         if not is_quantized_linear(module):
             continue
@@ -588,5 +607,6 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         linear.train(module.training)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+        layers.append(linear)
     forget_quantization(model)
-    return model
+    return layers

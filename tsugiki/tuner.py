@@ -426,21 +426,31 @@ class BaseTuner(nn.Module):
         return self.model
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names: Optional[Sequence[str]] = None, dequantize: bool = False) -> nn.Module:
+                         adapter_names: Optional[Sequence[str]] = None, dequantize: bool = False,
+                         dtype: Optional[torch.dtype] = None) -> nn.Module:
         """Merge the adapter(s) into the base weights and return the plain base model.
 
         On a 4-bit/8-bit base the merge is computed in fp32; ``dequantize=False`` (default)
         quantizes the merged weight again, which rounds it (a warning says so);
-        ``dequantize=True`` returns an unquantized model that plain transformers loads.
+        ``dequantize=True`` returns an unquantized model that plain transformers loads,
+        its merged layers in ``dtype`` (default: the dtype of the model's other weights,
+        its input embedding's; fp32 keeps the merge unrounded).
         """
         from .inject import bnb_linear_types
 
         kbit = bnb_linear_types()
         if kbit and any(isinstance(m, kbit) for m in self.model.modules()):
             if dequantize:
-                from .quant import dequantize_model
+                from .quant import dequantize_layers, unquantized_dtype
 
-                dequantize_model(self.model)
+                # Merged in fp32 (unrounded), then stored in ``dtype``: by default that of the weights
+                # around them, without which the model cannot run.
+                final = dtype or unquantized_dtype(self.model) or torch.float32
+                layers = dequantize_layers(self.model, torch.float32)
+                merged = self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+                for layer in layers:
+                    layer.to(final)
+                return merged
             else:
                 warnings.warn("merging into a quantized base: the merged weights are quantized again, which "
                               "rounds them; pass dequantize=True for an exact, unquantized merged model",

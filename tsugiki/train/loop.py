@@ -57,7 +57,8 @@ Because every forward and backward then runs collectives:
 * checkpoints and the final adapter hold whole tensors, gathered by every rank
   and written by rank 0;
 * not supported (refused up front): fp16 (the grad scaler's overflow check
-  would differ per shard) and methods with per-step hooks (AdaLoRA).
+  would differ per shard), methods with per-step hooks (AdaLoRA) and
+  4-bit/8-bit bases (bitsandbytes' packed weights cannot be split).
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ from ..kernels.target_logits import (full_logits_loss_sum as token_loss_sum, sco
                                       split_causal_lm, target_logits_loss_sum)
 from ..data import IGNORE_INDEX, Collator, PackedCollator, batch_plan, pack, pad_token_id_for
 from ..plan import cpu_has_native_bf16
+from ..inject import bnb_linear_types
 from ..quant import no_cpu_repacking
 from . import distributed, fsdp
 from .checkpoint import (CARD_FILE, check_resume_compatible, is_our_card, load_checkpoint, method_hook,
@@ -594,6 +596,10 @@ class Trainer:
         if self.compute_dtype == torch.float16:
             raise ConfigError("fsdp: true does not support dtype: fp16 (the gradient scaler would check each shard "
                               "for overflow on its own and ranks could disagree on skipping a step); use bf16 or fp32")
+        kbit = bnb_linear_types()
+        if kbit and any(isinstance(m, kbit) for m in self.model.modules()):
+            raise ConfigError("fsdp: true cannot shard a 4-bit/8-bit base (FSDP would split bitsandbytes' packed "
+                              "weights and lose their quantization state); set fsdp: false")
         hooks = [n for n in ("training_regularizer", "on_optimizer_step") if method_hook(self.model, n) is not None]
         if hooks:
             raise ConfigError(f"fsdp: true does not support methods with per-step hooks ({', '.join(hooks)}: "
