@@ -1033,15 +1033,27 @@ def _cli_settings(args: argparse.Namespace, device: str) -> tuple[Any, dict[str,
         raise ValueError(f"two models given: {args.model!r} and --model {args.model_flag!r}; pass one")
     source = args.model or args.model_flag or model or DEFAULT_MODEL
     keys = {key: settings[key] for key in ("method", "lora_r", "lora_dropout", "target_modules")}
-    job = TrainConfig.load(None, {**keys, "method_args": method_args})
     if method_args:  # an option the method does not have: the training job's error, now
         from .pipeline import check_method
 
-        check_method(job)
-    if settings["method"] not in ("lora", "full") and settings["trainable_params"] is None:
-        settings["trainable_params"] = count_trainable(job, source)
-    settings["virtual_tokens"] = virtual_tokens(job)
+        check_method(TrainConfig.load(None, {**keys, "method_args": method_args}))
+    settings.update(adapter_counts({**keys, "method_args": method_args}, source, settings["trainable_params"]))
     return source, settings
+
+
+def adapter_counts(keys: dict[str, Any], source: Any, trainable_params: Optional[int] = None) -> dict[str, Any]:
+    """``trainable_params`` and ``virtual_tokens`` of the adapter that training ``keys`` (method,
+    lora_r, lora_dropout, target_modules, method_args) describe on ``source``'s architecture.
+
+    The parameters are counted for methods other than LoRA and full (:func:`estimate`
+    counts those itself), unless ``trainable_params`` is given.
+    """
+    from .train.config import TrainConfig
+
+    job = TrainConfig.load(None, keys)
+    if job.method not in ("lora", "full") and trainable_params is None:
+        trainable_params = count_trainable(job, source)
+    return {"trainable_params": trainable_params, "virtual_tokens": virtual_tokens(job)}
 
 
 def run_plan_cli(args: argparse.Namespace) -> int:
@@ -1086,8 +1098,6 @@ def plan(source: Any = None, *, config: Any = None, available: Optional[Union[in
     available RAM); with ``device="cuda"`` it is also the device memory that
     ``max_forward_tokens: auto`` sizes forwards by, unless ``device_memory`` is given.
     """
-    from .train.config import TrainConfig
-
     # The keys that say what the adapter is: its trainable parameters are counted for them.
     adapter = {k: estimate_args.pop(k) for k in ("method", "lora_r", "lora_dropout", "target_modules")
                if k in estimate_args}
@@ -1106,11 +1116,9 @@ def plan(source: Any = None, *, config: Any = None, available: Optional[Union[in
         if adapter.get("method") == "qlora":
             adapter["method"] = "lora"
             estimate_args.setdefault("quantization", "4bit")
-        if adapter.get("method") not in (None, "lora", "full") and "trainable_params" not in estimate_args:
-            job = TrainConfig.load(None, adapter)
-            estimate_args["trainable_params"] = count_trainable(job, source if source is not None else DEFAULT_MODEL)
-            estimate_args.setdefault("virtual_tokens", virtual_tokens(job))
-        estimate_args = {**adapter, **estimate_args}
+        counts = adapter_counts(adapter, source if source is not None else DEFAULT_MODEL,
+                                estimate_args.get("trainable_params"))
+        estimate_args = {**adapter, **counts, **estimate_args}
     source = source if source is not None else DEFAULT_MODEL
     size = None if available is None else parse_size(available) if isinstance(available, str) else int(available)
     if estimate_args.get("device") == "cuda" and size is not None:
