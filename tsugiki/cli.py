@@ -72,7 +72,7 @@ def _load(args: argparse.Namespace):
     return loaded
 
 
-def _read_jsonl(path: str) -> list[dict]:
+def _read_prompt_rows(path: str) -> list[dict]:
     """The prompt rows of a data file, each checked before any model loads (errors name the line)."""
     from .data.formats import read_rows_located, sample_from_prompt_row
 
@@ -108,7 +108,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("give --prompt TEXT (repeatable) or --input FILE.jsonl")
     if args.output:
         _refuse_existing(args.output, args.overwrite, "output file")
-    rows: list[Any] = list(args.prompt or []) + (_read_jsonl(args.input) if args.input else [])
+    rows: list[Any] = list(args.prompt or []) + (_read_prompt_rows(args.input) if args.input else [])
     loaded = _load(args)
     from .generation import generate_answers
 
@@ -170,7 +170,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _refuse_existing(args.output, args.overwrite, "output file")
     if args.max_rows is not None and args.max_rows < 1:
         raise ValueError(f"--max-rows must be a positive number of rows, got {args.max_rows}")
-    rows = _read_jsonl(args.data)
+    rows = _read_prompt_rows(args.data)
     if args.max_rows:
         rows = rows[: args.max_rows]
     loaded = _load(args)

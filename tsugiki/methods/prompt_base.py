@@ -132,11 +132,9 @@ class PromptLearningModel(BaseTuner):
     def _make_encoder(self, config: PromptLearningConfig, init_weights: bool) -> nn.Module:
         raise NotImplementedError
 
-    def set_adapter(self, adapter_name: str, inference_mode: Optional[bool] = None) -> None:
-        super().set_adapter(adapter_name, inference_mode)
-        config = self.peft_config[adapter_name]
-        trainable = not (config.inference_mode if inference_mode is None else inference_mode)
-        for name, encoder in self.prompt_encoder.items():
+    def _mark_trainable(self, config: PeftConfig, adapter_name: str, trainable: bool = True) -> None:
+        super()._mark_trainable(config, adapter_name, trainable)
+        for name, encoder in self.prompt_encoder.items():  # the prompts live here, not in the model
             for p in encoder.parameters():
                 p.requires_grad_(trainable and name == adapter_name)
 
