@@ -81,6 +81,18 @@ def test_train_generate_eval_inspect_merge(model_dir, data_file, tmp_path, capsy
     torch.testing.assert_close(merged(ids).logits, with_adapter(ids).logits, atol=1e-5, rtol=0)
 
 
+def test_generate_seed_repeats_sampled_answers(model_dir, capsys):
+    def sampled(seed):
+        argv = ["generate", "--model", model_dir, "--prompt", "Say the word number 3.", "--prompt", "Hello",
+                "--max-new-tokens", "12", "--do-sample", "--temperature", "2.0"]
+        assert main(argv + (["--seed", str(seed)] if seed is not None else [])) == 0
+        return capsys.readouterr().out
+
+    first = sampled(7)
+    assert sampled(7) == first
+    assert sampled(8) != first  # a random model at temperature 2: a new seed draws other tokens
+
+
 def test_qlora_trains_on_a_4bit_base_and_its_adapter_generates(model_dir, data_file, tmp_path, capsys):
     bnb = pytest.importorskip("bitsandbytes")
     out = str(tmp_path / "qlora")

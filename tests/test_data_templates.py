@@ -168,6 +168,20 @@ def test_answers_lose_the_text_a_custom_template_puts_after_the_response(tok):
     assert get_template("alpaca", tok).answer_from(" apple END ") == "apple END"
 
 
+@pytest.mark.parametrize("pieces, shown", [
+    ([" app", "le E", "ND", "\n"], " apple"),        # the suffix split across pieces
+    ([" apple ", "END"], " apple"),
+    (["E", "N", "D"], ""),
+    ([" ENDS are", " fine"], " ENDS are fine"),       # the suffix's letters inside the answer stay
+    ([" apple EN"], " apple EN"),                     # cut short: shown as generated
+])
+def test_streamed_answers_lose_the_template_suffix(pieces, shown):
+    from tsugiki.generation import _without_suffix
+
+    assert "".join(_without_suffix(iter(pieces), "END")) == shown
+    assert "".join(_without_suffix(iter(pieces), "")) == "".join(pieces)
+
+
 def test_chat_template_appends_eos_when_the_turn_lacks_it():
     tokenizer = make_chat_tokenizer()
     tokenizer.eos_token = "<|endoftext|>"

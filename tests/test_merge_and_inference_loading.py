@@ -151,3 +151,10 @@ def test_eval_loss_covers_every_row_of_a_file_that_mixes_formats():
     mixed = reference_loss(loaded, alpaca + completion)[0]
     assert min(loss_a, loss_b) < mixed < max(loss_a, loss_b)
     assert reference_loss(loaded, completion + alpaca)[0] == pytest.approx(mixed)
+
+
+def test_answer_scores_treat_an_empty_reference_as_matching_only_an_empty_answer():
+    from tsugiki.evaluate import contains_match, exact_match
+
+    assert contains_match("The answer is  Paris.", "paris") and exact_match(" Paris \n", "Paris")
+    assert not contains_match("anything", "") and contains_match(" ", "")

@@ -45,6 +45,9 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="Penalty > 1 discourages repeating tokens, e.g. 1.2 (default: 1.0 = off).")
     p.add_argument("--batch-size", type=int, default=8, help="Prompts generated together (default: 8).")
+    p.add_argument("--seed", type=int, default=None,
+                   help="Seed for --do-sample, so a rerun with the same prompts and --batch-size gives the "
+                        "same answers (default: none, a new draw each run).")
 
 
 def _add_output_options(p: argparse.ArgumentParser, what: str) -> None:
@@ -57,7 +60,8 @@ def _settings(args: argparse.Namespace):
 
     return GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                              repetition_penalty=args.repetition_penalty, batch_size=args.batch_size)
+                              repetition_penalty=args.repetition_penalty, batch_size=args.batch_size,
+                              seed=args.seed)
 
 
 def _load(args: argparse.Namespace):
@@ -136,6 +140,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     loaded = _load(args)
     settings = _settings(args)
+    settings.seed_sampling()
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     print("tsugiki chat: type a message; /reset clears the conversation, /exit (or Ctrl-D) quits.")
     while True:

@@ -7,7 +7,7 @@ Two kinds of numbers:
 * **answer accuracy** of generated answers against the references:
   ``exact`` when the answer equals the reference after trimming and collapsing
   whitespace, ``contains`` when the reference appears in the answer
-  (case-insensitive).
+  (case-insensitive; an empty reference only in an empty answer).
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ def exact_match(answer: str, reference: str) -> bool:
 
 
 def contains_match(answer: str, reference: str) -> bool:
-    return normalise_answer(reference).casefold() in normalise_answer(answer).casefold()
+    expected, got = normalise_answer(reference).casefold(), normalise_answer(answer).casefold()
+    # Every string contains "", so an empty reference would match any answer.
+    return expected in got if expected else not got
 
 
 @dataclass

@@ -30,7 +30,7 @@ Row = Union[str, dict]
 
 @dataclass
 class GenerationSettings:
-    """Decoding options (defaults: greedy, 128 new tokens, no repetition penalty)."""
+    """Decoding options (defaults: greedy, 128 new tokens, no repetition penalty, unseeded sampling)."""
 
     max_new_tokens: int = 128
     do_sample: bool = False
@@ -39,6 +39,7 @@ class GenerationSettings:
     top_k: int = 50
     repetition_penalty: float = 1.0
     batch_size: int = 8
+    seed: Optional[int] = None  # seeds torch's generator before sampling: same seed, same answers
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -51,6 +52,11 @@ class GenerationSettings:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0 (1.0 = off)")
+
+    def seed_sampling(self) -> None:
+        """Seed torch's generator, so sampled answers repeat for the same prompts and batch size."""
+        if self.seed is not None:
+            torch.manual_seed(self.seed)
 
     def generate_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = dict(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample,
@@ -183,6 +189,7 @@ def generate_answers(loaded: LoadedModel, rows: Sequence[Row], settings: Optiona
     ``use_adapter=False`` runs the bare base (the adapter disabled) for side-by-side comparisons.
     """
     settings = settings or GenerationSettings()
+    settings.seed_sampling()
     tok, net = loaded.tokenizer, loaded.model
     prompts = [prompt_token_ids(loaded.template.format_prompt(row), loaded.template, tok) for row in rows]
     old_side = tok.padding_side
@@ -229,5 +236,24 @@ def stream_answer(loaded: LoadedModel, messages_or_prompt: Union[str, dict], set
 
     thread = Thread(target=work, daemon=True)
     thread.start()
-    yield from streamer
+    yield from _without_suffix(streamer, loaded.template.answer_suffix)
     thread.join()
+
+
+def _without_suffix(pieces: Iterable[str], suffix: str) -> Iterator[str]:
+    """Pass text pieces through, dropping ``suffix`` (and the spaces around it) where the text ends with it.
+
+    The tail that could still turn out to be the suffix is held back until the text ends.
+    """
+    if not suffix:
+        yield from pieces
+        return
+    pending = ""
+    for piece in pieces:
+        pending += piece
+        safe = len(pending[: max(0, len(pending.rstrip()) - len(suffix))].rstrip())  # spaces before it wait too
+        if safe > 0:
+            yield pending[:safe]
+            pending = pending[safe:]
+    tail = pending.rstrip()
+    yield tail[: -len(suffix)].rstrip() if tail.endswith(suffix) else pending

@@ -129,11 +129,16 @@ class Template:
             return self._chat_segments(sample.messages())
         return self._instruction_segments(sample)
 
+    @property
+    def answer_suffix(self) -> str:
+        """Text a custom template puts after ``{response}`` (``"... => {response} END"``: ``"END"``)."""
+        return self.response.split("{response}", 1)[1].strip() if self.kind == "instruction" else ""
+
     def answer_from(self, generated: str) -> str:
-        """The answer in ``generated`` text: without the text a custom template puts after
-        ``{response}`` (``"... => {response} END"`` trains the model to write `` END``)."""
+        """The answer in ``generated`` text: without the template's :attr:`answer_suffix`,
+        which training taught the model to write after each answer."""
         generated = generated.strip()
-        suffix = self.response.split("{response}", 1)[1].strip() if self.kind == "instruction" else ""
+        suffix = self.answer_suffix
         if suffix and generated.endswith(suffix):
             generated = generated[: -len(suffix)].rstrip()
         return generated
