@@ -236,6 +236,33 @@ def test_inspect_names_dora(tmp_path):
     assert "method:       LORA with DoRA" in describe_adapter(str(tmp_path))
 
 
+@pytest.mark.parametrize("config, targets", [
+    (tsugiki.LoHaConfig(r=2), "q_proj, v_proj"),
+    (tsugiki.AdaptionPromptConfig(adapter_len=3, adapter_layers=1), "self_attn"),
+    (tsugiki.PromptTuningConfig(num_virtual_tokens=5, task_type="CAUSAL_LM"), "none: 5 virtual tokens"),
+])
+def test_inspect_names_the_targets_of_every_method(tmp_path, config, targets):
+    from tiny_models import tiny_llama
+    from tsugiki.inspect_adapter import describe_adapter
+
+    tsugiki.get_peft_model(tiny_llama(), config).save_pretrained(tmp_path)
+    assert f"targets:      {targets}" in describe_adapter(str(tmp_path))
+
+
+def test_inspect_reads_an_adapter_saved_as_pickle(tmp_path):
+    from tiny_models import tiny_llama
+    from tsugiki.inspect_adapter import describe_adapter
+
+    model = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(r=2))
+    model.save_pretrained(tmp_path / "st")
+    model.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert (tmp_path / "bin" / "adapter_model.bin").exists()
+    described = [describe_adapter(str(tmp_path / kind)).splitlines() for kind in ("st", "bin")]
+    # The same description but for the folder's and file's names and sizes.
+    assert [line for line in described[0] if line.startswith(("targets", "parameters"))] == \
+        [line for line in described[1] if line.startswith(("targets", "parameters"))]
+
+
 def test_fsdp_on_a_quantized_base_is_refused_before_anything_loads(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(ValueError, match="fsdp: true cannot shard a 4bit base"):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
 from safetensors import safe_open
 
-from .adapter_io import WEIGHTS_NAME
+from .adapter_io import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME
 from .config import PeftConfig
 
 IGNORE_INDEX = -100
@@ -21,26 +22,59 @@ def _size(n_bytes: int) -> str:
     return f"{n_bytes:.1f} GB"
 
 
+def _adapter_param_names() -> set[str]:
+    """The attribute names every method gives its adapter tensors (``lora_A``, ``hada_w1_a``, ...)."""
+    from . import methods  # noqa: F401  (defines the adapter layer classes)
+    from .tuner import AdapterLayer
+
+    names: set[str] = set()
+    pending = [AdapterLayer]
+    while pending:
+        cls = pending.pop()
+        names.update(cls.adapter_param_names)
+        pending.extend(cls.__subclasses__())
+    return names
+
+
+def _safetensors_dtypes() -> dict[Any, str]:
+    import torch
+
+    return {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+            torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _tensor_shapes(folder: str) -> tuple[str, dict[str, tuple[tuple[int, ...], str]]]:
+    """The weights file of an adapter folder and each tensor's shape and dtype, without loading the values
+    of a safetensors file; a pickle ``.bin`` (saved with ``safe_serialization=False``) is read weights-only."""
+    weights = os.path.join(folder, WEIGHTS_NAME)
+    if os.path.isfile(weights):
+        with safe_open(weights, "pt") as fh:
+            return weights, {k: (tuple(fh.get_slice(k).get_shape()), fh.get_slice(k).get_dtype())
+                             for k in fh.keys()}
+    pickled = os.path.join(folder, PICKLE_WEIGHTS_NAME)
+    if os.path.isfile(pickled):
+        import torch
+
+        state = torch.load(pickled, map_location="cpu", weights_only=True, mmap=True)
+        names = _safetensors_dtypes()
+        return pickled, {k: (tuple(v.shape), names.get(v.dtype, str(v.dtype))) for k, v in state.items()}
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {PICKLE_WEIGHTS_NAME}) in {folder!r}")
+
+
 def describe_adapter(folder: str) -> str:
     """Base model, method, settings, target modules, parameter count and size of an adapter folder."""
     config = PeftConfig.from_pretrained(folder)
-    weights = os.path.join(folder, WEIGHTS_NAME)
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder!r}")
+    weights, tensors = _tensor_shapes(folder)
+    adapter_names = _adapter_param_names()
     n_params, modules, dtypes = 0, set(), set()
-    with safe_open(weights, "pt") as fh:
-        for key in fh.keys():
-            shape = fh.get_slice(key).get_shape()
-            count = 1
-            for dim in shape:
-                count *= dim
-            n_params += count
-            dtypes.add(fh.get_slice(key).get_dtype())
-            parts = key.split(".")
-            for i, part in enumerate(parts):
-                if part.startswith("lora_"):
-                    modules.add(parts[i - 1])
-                    break
+    for key, (shape, dtype) in tensors.items():
+        n_params += math.prod(shape)
+        dtypes.add(dtype)
+        parts = key.split(".")
+        for i, part in enumerate(parts[1:], start=1):
+            if part in adapter_names:
+                modules.add(parts[i - 1])
+                break
     settings = config.to_dict()
     lines = [
         f"adapter:      {folder}",
@@ -51,7 +85,10 @@ def describe_adapter(folder: str) -> str:
     for key in ("r", "lora_alpha", "lora_dropout", "use_rslora", "bias", "modules_to_save"):
         if settings.get(key) not in (None, [], {}):
             lines.append(f"{key + ':':<14}{settings[key]}")
-    lines.append(f"targets:      {', '.join(sorted(modules)) or settings.get('target_modules')}")
+    targets = ", ".join(sorted(modules)) or settings.get("target_modules")
+    if not targets and settings.get("num_virtual_tokens"):  # prompt learning adapts the input, no module
+        targets = f"none: {settings['num_virtual_tokens']} virtual tokens before the input"
+    lines.append(f"targets:      {targets}")
     lines.append(f"parameters:   {n_params:,d} ({', '.join(sorted(dtypes))})")
     lines.append(f"size on disk: {_size(os.path.getsize(weights))}")
     template = os.path.join(folder, "tsugiki_template.json")
