@@ -269,3 +269,12 @@ def test_fsdp_on_a_quantized_base_is_refused_before_anything_loads(tmp_path):
         tsugiki.train({"model": str(tmp_path / "no-such-model"), "data": str(tmp_path / "no-such.jsonl"),
                        "output_dir": str(out), "method": "qlora", "fsdp": True}, progress=False)
     assert not out.exists()
+
+
+def test_a_missing_adapter_is_the_error_peft_code_catches(tmp_path):
+    from tiny_models import tiny_llama
+
+    # HF PEFT raises ValueError here; code written for it catches that. FileNotFoundError says what it is.
+    for exc in (ValueError, FileNotFoundError):
+        with pytest.raises(exc, match="does not exist"):
+            tsugiki.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "nowhere"))

@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .config import AdapterNotFoundError
 from .fileio import atomic_write_with
 from .tuner import AdapterLayer, ModulesToSaveWrapper
 
@@ -121,7 +122,7 @@ def read_adapter_weights(folder: str, allow_pickle: bool = False) -> dict[str, t
             return torch.load(pkl, map_location="cpu", weights_only=True)
         except Exception as err:
             raise AdapterLoadError(f"{pkl} could not be read ({err})") from err
-    raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder!r}; is this an adapter folder?")
+    raise AdapterNotFoundError(f"no {WEIGHTS_NAME} in {folder!r}; is this an adapter folder?")
 
 
 def file_key_to_model_key(key: str, adapter_name: str, adapter_attrs: tuple[str, ...],

@@ -19,6 +19,12 @@ from typing import Any, Callable, ClassVar, Optional
 
 from .fileio import atomic_write_text
 
+
+class AdapterNotFoundError(FileNotFoundError, ValueError):
+    """An adapter folder or file that is not there. Also a ``ValueError``, which is what HF PEFT
+    raises for it, so ``except ValueError`` in code written for PEFT still catches it."""
+
+
 CONFIG_NAME = "adapter_config.json"
 
 
@@ -186,8 +192,8 @@ class PeftConfig:
         file = path if path.endswith(".json") else os.path.join(path, CONFIG_NAME)
         if not os.path.isfile(file):
             if not os.path.exists(path):
-                raise FileNotFoundError(f"adapter folder {path!r} does not exist")
-            raise FileNotFoundError(
+                raise AdapterNotFoundError(f"adapter folder {path!r} does not exist")
+            raise AdapterNotFoundError(
                 f"{file!r} not found: {path!r} is not an adapter folder "
                 f"(expected {CONFIG_NAME} and adapter_model.safetensors)"
             )

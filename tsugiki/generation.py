@@ -17,7 +17,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .config import PeftConfig
+from .config import AdapterNotFoundError, PeftConfig
 from .data import get_template
 from .data.templates import Template
 from .data.tokenize import prompt_token_ids
@@ -116,7 +116,7 @@ def load_for_inference(model: Optional[str] = None, adapter: Optional[str] = Non
     base_name = model
     if adapter is not None:
         if not os.path.isdir(adapter):
-            raise FileNotFoundError(f"adapter folder {adapter!r} does not exist")
+            raise AdapterNotFoundError(f"adapter folder {adapter!r} does not exist")
         config = PeftConfig.from_pretrained(adapter)
         base_name = model or config.base_model_name_or_path
     base_name = base_name or DEFAULT_MODEL
