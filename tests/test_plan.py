@@ -82,6 +82,42 @@ def test_breakdown_sums_to_total_and_scales_with_tokens():
     assert ckpt.parts["activations"] < est.parts["activations"] / 5
 
 
+def test_full_fine_tuning_counts_autocasts_16_bit_weight_copies():
+    """Under bf16 autocast every fp32 trained weight the forward multiplies by is saved as a bf16 copy."""
+    kw = dict(model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True)
+    config = transformers.AutoConfig.for_model(**kw)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)  # fp32, every parameter trained
+    weights = {p.data_ptr() for p in model.parameters()}
+    copies = {}
+
+    def pack(t):
+        if t.dtype == torch.bfloat16 and t.dim() == 2 and t.untyped_storage().data_ptr() not in weights:
+            copies[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(0, 100, (2, 16))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, labels=ids)
+    shapes = {tuple(p.shape) for p in model.parameters() if p.dim() == 2}
+    matrices = sum(p.numel() for p in model.parameters() if p.dim() == 2)  # the tied embedding once
+    weight_copies = sum(n for (ptr, n) in copies.items() if n in {2 * a * b for a, b in shapes})
+    assert weight_copies >= 2 * matrices  # (an activation of a weight's size may add to it, never take)
+    est = plan.estimate(config, method="full", dtype="bf16", batch_size=2, max_length=16)
+    assert est.parts["compute_copies"] == 2 * est.params["trainable"] >= 2 * matrices
+    assert plan.estimate(config, method="full", dtype="fp32", batch_size=2, max_length=16).parts["compute_copies"] == 0
+
+
+def test_8_bit_optimizers_on_a_cpu_count_the_updates_temporaries():
+    est = {(opt, device): plan.estimate(SMOLLM2, method="full", optimizer=opt, device=device, device_memory=2**34)
+           for opt in ("adamw", "adamw_8bit") for device in ("cpu", "cuda")}
+    shape = plan.model_shape(plan.load_config(SMOLLM2))
+    # The largest trained tensor is the embedding: bitsandbytes' CPU path holds fp32 moments of it.
+    assert est["adamw_8bit", "cpu"].parts["optimizer_step"] == plan.BNB_CPU_STEP_BYTES * shape.vocab * shape.hidden
+    assert est["adamw", "cpu"].parts["optimizer_step"] == est["adamw_8bit", "cuda"].parts["optimizer_step"] == 0
+
+
 def test_activation_formula_matches_what_autograd_saves():
     """The per-block bytes equal the tensors a tsugiki-LoRA Llama block saves for backward (as the Trainer runs it)."""
     from tsugiki import LoraConfig, get_peft_model

@@ -5,8 +5,8 @@
 a transformers config object; never the weights), counts the parameters exactly,
 and adds up what one training step holds at its peak::
 
-    total = runtime + weights + trainable + gradients + optimizer
-            + activations + logits + allocator_slack
+    total = runtime + weights + trainable + gradients + optimizer + compute_copies
+            + optimizer_step + activations + logits + allocator_slack
 
 * ``weights``: frozen base parameters. Linear layers inside the blocks are
   stored at 4.5 bits/param for NF4 (4 bits + one fp32 absmax per 64 weights),
@@ -17,7 +17,15 @@ and adds up what one training step holds at its peak::
   HF PEFT default; methods other than LoRA are counted on the meta device by
   :func:`count_trainable`), so 4 bytes each, 4 more for the gradient and 8 for AdamW's
   two moments (2 with 8-bit AdamW, 0 with plain SGD). Full fine-tuning keeps
-  them at the model dtype, as ``torch.optim.AdamW`` does.
+  them fp32 too (the trainer's dtype policy).
+* ``compute_copies``: under bf16/fp16 autocast a 16-bit copy of every fp32
+  trained weight, kept for the backward (``trainable x s``; full fine-tuning
+  of SmolLM2: 0.25 GiB).
+* ``optimizer_step``: the update's own temporaries. torch's fused AdamW has
+  none; bitsandbytes' 8-bit optimizers on a CPU dequantize both moments of
+  one tensor to fp32 and quantize them back, measured 22 bytes per element of
+  the largest trained tensor (SmolLM2's embedding in full fine-tuning:
+  0.58 GiB).
 * ``activations``: tensors autograd saves for backward, per token per layer,
   derived op by op for Llama-style blocks with SDPA attention (O(T), no T x T
   matrix; on a CPU in bf16, tsugiki's attention, which keeps a little less)
@@ -97,6 +105,8 @@ SUPPORTED = LLAMA_LIKE + ("gpt2", "bert")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # Per fp32 trainable param (the trainer's `optimizer` names; paged states count where they live).
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw": 8, "paged_adamw_8bit": 2, "sgd": 0}
+# Temporaries of bitsandbytes 0.50's CPU 8-bit update per element of the tensor it updates (measured 22.0).
+BNB_CPU_STEP_BYTES = 22
 
 # nvidia-smi total memory of common cards, MiB.
 GPU_SIZES_MIB = {
@@ -581,9 +591,11 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
     weights = block_linear + (counts["total"] - counts["block_linear"]) * s
 
     adapted: set[str] = set()
+    param_bytes = 4  # the trainer's dtype policy keeps trained weights fp32, under bf16 compute too
     if full:
         trainable = counts["total"]
-        param_bytes = 4  # the trainer's dtype policy keeps trained weights fp32, under bf16 compute too
+        largest_trained = max([shape.vocab * shape.hidden]
+                              + [lin.in_features * lin.out_features for lin in shape.linears])
     elif method in ("lora", "dora"):
         chosen = targeted_linears(shape, target_modules)
         adapted = {lin.name for lin in chosen}
@@ -591,10 +603,10 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
                                        + (lin.out_features if method == "dora" else 0) for lin in chosen)
         if method == "dora" and trainable_params is not None:  # counted on the model (rank patterns, ...)
             trainable = int(trainable_params)
-        param_bytes = 4
+        largest_trained = max([lora_r * max(lin.in_features, lin.out_features) for lin in chosen], default=0)
     else:
         trainable = int(trainable_params)
-        param_bytes = 4
+        largest_trained = 0  # adapter tensors of the other methods are small beside everything else
 
     frozen = 0 if full else weights
     if max_forward_tokens == "auto":
@@ -628,6 +640,9 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
         "trainable": trainable * param_bytes,
         "gradients": trainable * param_bytes,
         "optimizer": trainable * OPTIMIZER_STATE_BYTES[optimizer] * param_bytes // 4,
+        "compute_copies": trainable * s if s < param_bytes else 0,
+        "optimizer_step": (BNB_CPU_STEP_BYTES * largest_trained
+                           if optimizer.endswith("_8bit") and device == "cpu" else 0),
         "activations": activations,
         "logits": logits_bytes(tokens, shape.vocab, shape.hidden, s,
                                chunked_output_layer(config.model_type, full, target_logits_only)),
