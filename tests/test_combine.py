@@ -99,6 +99,14 @@ def test_linear_weights_each_factor_by_root_of_weight_times_scaling():
                                    else (B @ A).T, atol=1e-5, rtol=1e-5)
 
 
+def test_weights_given_as_a_tensor_combine_as_the_same_numbers():
+    model = two_adapters(alpha_a=8, alpha_b=2)
+    model.add_weighted_adapter(["default", "b"], [0.5, -2.0], "numbers", combination_type="linear")
+    model.add_weighted_adapter(["default", "b"], torch.tensor([0.5, -2.0]), "tensor", combination_type="linear")
+    for layer in lora_layers(model, "tensor").values():
+        assert torch.equal(layer.get_delta_weight("tensor"), layer.get_delta_weight("numbers"))
+
+
 def test_linear_with_one_source_has_the_weighted_delta():
     model = two_adapters()
     model.add_weighted_adapter(["b"], [-0.4], "only_b", combination_type="svd")  # one source: linear

@@ -249,6 +249,19 @@ def test_inspect_names_the_targets_of_every_method(tmp_path, config, targets):
     assert f"targets:      {targets}" in describe_adapter(str(tmp_path))
 
 
+def test_a_folder_of_several_adapters_points_to_its_subfolders(tmp_path):
+    from tiny_models import tiny_llama
+    from tsugiki.inspect_adapter import describe_adapter
+
+    model = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(r=2))
+    model.add_adapter("second", tsugiki.LoraConfig(r=2))
+    model.save_pretrained(tmp_path / "both")
+    assert "more adapters in subfolders: second" in describe_adapter(str(tmp_path / "both"))
+    model.save_pretrained(tmp_path / "one", selected_adapters=["second"])  # nothing at the top
+    with pytest.raises(ValueError, match=r"holds adapters in the subfolders \['second'\].*one/second"):
+        tsugiki.PeftModel.from_pretrained(tiny_llama(), tmp_path / "one")
+
+
 def test_inspect_reads_an_adapter_saved_as_pickle(tmp_path):
     from tiny_models import tiny_llama
     from tsugiki.inspect_adapter import describe_adapter

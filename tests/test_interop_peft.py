@@ -92,6 +92,30 @@ def test_hf_peft_adapter_with_an_init_tsugiki_lacks_loads_but_cannot_be_created(
         tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(r=4, init_lora_weights=init))
 
 
+def test_hf_peft_config_keys_at_their_defaults_load_without_a_warning(tmp_path, recwarn):
+    for kind, config in (("lora", peft.LoraConfig(r=4)), ("loha", peft.LoHaConfig(r=4))):
+        peft.get_peft_model(tiny_llama(), config).save_pretrained(str(tmp_path / kind))
+        tsugiki.PeftModel.from_pretrained(tiny_llama(), tmp_path / kind)
+    assert not [w for w in recwarn if "adapter config" in str(w.message)]
+    path = tmp_path / "lora" / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({**saved, "layer_replication": [[0, 2]], "qalora_group_size": 32}))
+    with pytest.warns(UserWarning, match=r"does not support: layer_replication=\[\[0, 2\]\], qalora_group_size=32$"):
+        tsugiki.PeftConfig.from_pretrained(tmp_path / "lora")
+
+
+def test_unload_keeps_the_trained_head_as_hf_peft_does(tmp_path):
+    ids = token_batch()
+    theirs = peft.get_peft_model(tiny_bert_classifier(), peft.LoraConfig(r=4, task_type="SEQ_CLS"))
+    randomize_adapters(theirs)
+    _randomize_heads(theirs)
+    theirs.save_pretrained(str(tmp_path))
+    ours = tsugiki.PeftModel.from_pretrained(tiny_bert_classifier(), tmp_path)
+    expected = _logits(theirs.unload(), ids)
+    assert not torch.allclose(expected, _logits(tiny_bert_classifier(), ids), atol=1e-4)  # the head is trained
+    torch.testing.assert_close(_logits(ours.unload(), ids), expected, atol=ATOL, rtol=0)
+
+
 def test_second_named_adapter_both_ways(tmp_path):
     ids = token_batch()
     ours = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(r=4, task_type="CAUSAL_LM"))

@@ -93,6 +93,21 @@ def test_dora_merges_alone():
         model.merge_adapter(["default"])
 
 
+def test_a_refused_merge_leaves_no_layer_merged():
+    # 'plain' on q_proj and v_proj, DoRA 'default' on v_proj only: q_proj could merge both, v_proj cannot.
+    model = _model(target_modules=["v_proj"])
+    model.add_adapter("plain", LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    randomize(model, MARKERS)
+    ids = token_batch()
+    before = logits(model, ids)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    with pytest.raises(ValueError, match="is merged alone"):
+        model.merge_adapter(["plain", "default"])
+    assert all(not m.merged_adapters for m in model.modules() if isinstance(m, LoraLinear))
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters() if "base_layer" in n)
+    assert torch.equal(logits(model, ids), before)
+
+
 def test_generate():
     model = _model()
     randomize(model, MARKERS)

@@ -96,6 +96,13 @@ def test_set_disable_delete_adapter():
     torch.testing.assert_close(model(ids).logits, base_logits, rtol=0, atol=0)
     with pytest.raises(ValueError, match="no adapter named 'nope'"):
         model.set_adapter("nope")
+    with pytest.raises(TypeError, match="one adapter at a time.*add_weighted_adapter"):
+        model.base_model.set_adapter(["default", "b"])  # HF PEFT activates both; tsugiki says what to do
+    assert model.active_adapters == []  # as HF PEFT; nothing is left to describe or save
+    with pytest.raises(ValueError, match="no adapter left"):
+        model.peft_type
+    with pytest.raises(ValueError, match="nothing to save"):
+        model.save_pretrained("never-written")
 
 
 def test_peft_attributes_ported_code_reads():

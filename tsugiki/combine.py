@@ -319,6 +319,8 @@ def add_weighted_adapter(peft_model, adapters: Sequence[str], weights: Sequence[
     has ``lora_alpha = r`` (scaling 1), is not made active, and its config is the first
     source's with the new ``r`` and the sources' ``target_modules`` combined.
     """
+    # A tensor of weights (or of one weight each) reads as plain numbers, as HF PEFT takes it.
+    weights = [w.item() if isinstance(w, torch.Tensor) and w.numel() == 1 else w for w in weights]
     _check_args(peft_model, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp, density,
                 majority_sign_method)
     adapters, weights = list(adapters), [float(w) for w in weights]

@@ -3,7 +3,8 @@
 Every method's config is a dataclass deriving from :class:`PeftConfig`. The
 JSON file holds every dataclass field plus ``peft_type``; a file written by
 another PEFT version may hold keys this version does not know: they are
-ignored with a warning, so adapters keep loading across versions.
+ignored, so adapters keep loading across versions, with a warning that names
+those set to something other than empty or HF PEFT's default.
 """
 
 from __future__ import annotations
@@ -26,6 +27,19 @@ class AdapterNotFoundError(FileNotFoundError, ValueError):
 
 
 CONFIG_NAME = "adapter_config.json"
+
+# HF PEFT writes every option of its config; these of its keys tsugiki lacks have a default that is not
+# empty, so a file holding that value asks for nothing tsugiki ignores. The metadata keys describe the file.
+_PEFT_DEFAULTS = {"megatron_core": "megatron.core", "qalora_group_size": 16}
+_METADATA_KEYS = {"peft_version", "auto_mapping"}
+
+
+def _left_at_default(key: str, value: Any) -> bool:
+    """Whether an ``adapter_config.json`` key tsugiki does not know is unset (None, False, empty) or at
+    HF PEFT's default: ignoring it then changes nothing, so it needs no warning."""
+    if key in _METADATA_KEYS or value is None or value is False or value in ({}, [], ""):
+        return True
+    return key in _PEFT_DEFAULTS and _PEFT_DEFAULTS[key] == value
 
 
 class PeftType(str, enum.Enum):
@@ -169,12 +183,10 @@ class PeftConfig:
                 f"supported: {', '.join(sorted(CONFIG_REGISTRY))}"
             )
         known = {f.name for f in dataclasses.fields(target_cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            warnings.warn(
-                f"ignoring adapter config keys this version does not know: {', '.join(unknown)}",
-                stacklevel=2,
-            )
+        ignored = [f"{k}={data[k]!r}" for k in sorted(set(data) - known) if not _left_at_default(k, data[k])]
+        if ignored:
+            warnings.warn(f"ignoring adapter config settings this version does not support: {', '.join(ignored)}",
+                          stacklevel=2)
         return target_cls(**{k: v for k, v in data.items() if k in known})
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
@@ -193,9 +205,13 @@ class PeftConfig:
         if not os.path.isfile(file):
             if not os.path.exists(path):
                 raise AdapterNotFoundError(f"adapter folder {path!r} does not exist")
+            inside = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, CONFIG_NAME))) \
+                if os.path.isdir(path) else []
+            hint = (f"; it holds adapters in the subfolders {inside} (saved with several adapters): give "
+                    f"{os.path.join(path, inside[0])!r}, or subfolder={inside[0]!r}") if inside else ""
             raise AdapterNotFoundError(
                 f"{file!r} not found: {path!r} is not an adapter folder "
-                f"(expected {CONFIG_NAME} and adapter_model.safetensors)"
+                f"(expected {CONFIG_NAME} and adapter_model.safetensors){hint}"
             )
         try:
             with open(file, encoding="utf-8") as fh:

@@ -88,11 +88,15 @@ class PeftModel(nn.Module):
 
     @property
     def active_adapters(self) -> list[str]:
-        return [self.base_model.active_adapter]
+        """The active adapter's name in a list (empty once every adapter is deleted)."""
+        return [self.base_model.active_adapter] if self.base_model.active_adapter else []
 
     @property
     def active_peft_config(self) -> PeftConfig:
         """The active adapter's config."""
+        if self.active_adapter not in self.peft_config:
+            raise ValueError("the model has no adapter left (all were deleted); add one with add_adapter "
+                             "or load_adapter")
         return self.peft_config[self.active_adapter]
 
     @property
@@ -242,6 +246,9 @@ class PeftModel(nn.Module):
                           stacklevel=2)
         save_directory = os.fspath(save_directory)
         names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
+        if not names:
+            raise ValueError("nothing to save: the model has no adapter (all were deleted)"
+                             if not self.peft_config else "selected_adapters is empty; name the adapters to save")
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"selected_adapters has unknown adapters {unknown}; have {list(self.peft_config)}")

@@ -115,6 +115,10 @@ class AdapterLayer:
         if dropout is not None and name in dropout:
             del dropout[name]
 
+    def merge_problem(self, name: str, merged: Sequence[str]) -> Optional[str]:
+        """Why ``name`` cannot be merged on top of the ``merged`` adapters, or None (it can)."""
+        return None
+
     def unmerge_all(self) -> None:
         while self.merged_adapters:
             self.unmerge(self.merged_adapters[-1])
@@ -321,6 +325,11 @@ class BaseTuner(nn.Module):
         unmerged first (with a warning) when another adapter is activated: the
         forward could not take the merged one out again.
         """
+        if not isinstance(adapter_name, str):
+            raise TypeError(f"set_adapter takes one adapter name, got {adapter_name!r}: tsugiki runs one adapter "
+                            "at a time. To apply several together, combine them into one with "
+                            "add_weighted_adapter(names, weights, new_name), or fold them into the base with "
+                            "merge_adapter(names)")
         if adapter_name not in self.peft_config:
             raise ValueError(f"no adapter named {adapter_name!r}; have: {', '.join(self.peft_config)}")
         merged = {n for _, m in self.adapter_layers() if isinstance(m, AdapterLayer) for n in m.merged_adapters}
@@ -398,15 +407,31 @@ class BaseTuner(nn.Module):
 
     # -- merging --------------------------------------------------------------
     def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
+        """Add ``adapter_names`` (default: the active adapter) into the base weights, all or none:
+        a merge refused in one layer (or a non-finite update under ``safe_merge``) leaves no layer merged."""
         names = list(adapter_names) if adapter_names is not None else [self.active_adapter]
         for n in names:
             if n not in self.peft_config:
                 raise ValueError(f"no adapter named {n!r}; have: {', '.join(self.peft_config)}")
-        for _, module in self.adapter_layers():
-            if isinstance(module, AdapterLayer):
+        layers = [m for _, m in self.adapter_layers() if isinstance(m, AdapterLayer)]
+        for module in layers:  # refuse before any weight changes
+            merged = list(module.merged_adapters)
+            for n in (n for n in names if n in module.adapter_names):
+                problem = module.merge_problem(n, merged)
+                if problem:
+                    raise ValueError(problem)
+                merged.append(n)
+        done: list[tuple[AdapterLayer, str]] = []
+        try:
+            for module in layers:
                 for n in names:
-                    if n in module.adapter_names:
+                    if n in module.adapter_names and n not in module.merged_adapters:
                         module.merge(n, safe_merge=safe_merge)
+                        done.append((module, n))
+        except Exception:
+            for module, n in reversed(done):
+                module.unmerge(n)
+            raise
 
     def unmerge_adapter(self) -> None:
         for _, module in self.adapter_layers():
@@ -419,7 +444,10 @@ class BaseTuner(nn.Module):
             self.merge_adapter(adapter_names, safe_merge=safe_merge)
         for name, module in list(self.adapter_layers()):
             if isinstance(module, ModulesToSaveWrapper):
-                keep = module.current() if merge else module.original_module
+                # The active adapter's trained copy stays, merged or not (a classifier head trained from
+                # scratch is the adapter's, not the base's), as in HF PEFT.
+                keep = module.modules_to_save[module.active_adapter] \
+                    if module.active_adapter in module.modules_to_save else module.original_module
                 replace_module(self.model, name, keep)
             else:
                 replace_module(self.model, name, module.base_layer)
@@ -458,5 +486,6 @@ class BaseTuner(nn.Module):
         return self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unload(self) -> nn.Module:
-        """Remove every adapter without merging; return the plain base model."""
+        """Remove every adapter without merging; return the plain base model. Modules trained whole
+        (``modules_to_save``) keep the active adapter's copy, as HF PEFT's ``unload`` does."""
         return self._unload(merge=False)

@@ -32,7 +32,7 @@ import re
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -633,14 +633,20 @@ class LoraLinear(LoraLayer, nn.Module):
             plain = F.linear(x, self._weight_out_in().to(A.weight.dtype))
         return (factor - 1) * plain + factor * B(A(x)) * s
 
+    def merge_problem(self, name: str, merged: Sequence[str]) -> Optional[str]:
+        dora = [n for n in [*merged, name] if n in self.lora_magnitude_vector]
+        if dora and merged and name not in merged:
+            # DoRA's norm is of W0 + s B A; stacking merges would change which W0 it sees.
+            return (f"cannot merge adapter {name!r} on top of {list(merged)}: a DoRA adapter ({dora[0]!r}) "
+                    "is merged alone; unmerge the others first, or merge_and_unload one adapter at a time")
+        return None
+
     def merge(self, name: str, safe_merge: bool = False) -> None:
         if name in self.merged_adapters:
             return
-        dora = [n for n in self.merged_adapters + [name] if n in self.lora_magnitude_vector]
-        if dora and self.merged_adapters:
-            # DoRA's norm is of W0 + s B A; stacking merges would change which W0 it sees.
-            raise ValueError(f"cannot merge adapter {name!r} on top of {self.merged_adapters}: a DoRA adapter "
-                             f"({dora[0]!r}) is merged alone; unmerge the others first")
+        problem = self.merge_problem(name, self.merged_adapters)
+        if problem:
+            raise ValueError(problem)
         if name not in self.lora_magnitude_vector:
             return super().merge(name, safe_merge)
         weight = self._weight_out_in().float()
