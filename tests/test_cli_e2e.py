@@ -46,6 +46,12 @@ def test_train_generate_eval_inspect_merge(model_dir, data_file, tmp_path, capsy
     # An unfinished run resumes: a second call with a larger max_steps continues from checkpoint-6.
     assert main(_train_args(model_dir, data_file, out, "--max_steps", "7")) == 0
     assert json.loads(open(os.path.join(out, "summary.json")).read())["steps"] == 7
+    # A max_steps below the newest checkpoint would train nothing: refused, the run's files untouched.
+    capsys.readouterr()
+    assert main(_train_args(model_dir, data_file, out, "--max_steps", "4")) == 2
+    assert "it is at step 7, past this run's 4 steps" in capsys.readouterr().err
+    assert json.loads(open(os.path.join(out, "summary.json")).read())["steps"] == 7
+    assert "max_steps: 7" in open(os.path.join(out, "train_config.yaml")).read()
 
     capsys.readouterr()
     assert main(["generate", "--adapter", out, "--prompt", "Say the word number 3.", "--max-new-tokens", "4"]) == 0

@@ -148,6 +148,27 @@ def test_unknown_keys_suggest_the_closest_name(tmp_path):
         TrainConfig.load(str(path))
 
 
+@pytest.mark.parametrize("hf_name, ours", [("gradient_accumulation_steps", "grad_accum"),
+                                           ("num_train_epochs", "num_epochs"), ("optim", "optimizer"),
+                                           ("per_device_train_batch_size", "batch_size")])
+def test_hugging_face_argument_names_point_to_tsugikis(hf_name, ours, capsys):
+    from tsugiki.cli import main
+
+    with pytest.raises(ConfigError, match=f"'{hf_name}' in the settings given; did you mean '{ours}'"):
+        TrainConfig.load(overrides={hf_name: "2"})
+    assert main(["train", f"--{hf_name}", "2"]) == 2
+    assert f"did you mean '--{ours}'" in capsys.readouterr().err
+
+
+def test_eval_steps_without_held_out_rows_is_refused(tmp_path):
+    import tsugiki
+
+    with pytest.raises(ConfigError, match="eval_steps=5 evaluates held-out rows and there are none"):
+        tsugiki.train({"model": str(tmp_path / "no-model"), "data": str(tmp_path / "d.jsonl"), "eval_steps": 5,
+                       "output_dir": str(tmp_path / "out")}, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("key,value,message", [
     ("learning_rate", -1e-4, "learning_rate=-0.0001: must be > 0"),
     ("lr_scheduler", "cosin", "lr_scheduler='cosin'.*did you mean 'cosine'"),
@@ -225,3 +246,21 @@ def test_only_a_gguf_base_whose_weights_all_stay_frozen_loads_in_the_compute_dty
     assert dtype(method_args={"bias": "all"}) is None
     assert dtype(method="ia3") == torch.bfloat16
     assert load_dtype(TrainConfig.load(None, {"model": str(tmp_path / "folder"), "dtype": "bf16"})) is None
+
+
+class _RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return (print, ("this ran while loading",))
+
+
+def test_trainer_state_is_read_without_running_code(tmp_path, capsys):
+    from tsugiki.train.checkpoint import load_trainer_state, rng_state
+
+    good = tmp_path / "good.pt"
+    torch.save({"step": 3, "rng": rng_state()}, good)  # numpy's RNG state holds an array: allowed
+    assert load_trainer_state(str(good))["step"] == 3
+    bad = tmp_path / "bad.pt"
+    torch.save({"step": 3, "extra": _RunsCodeWhenUnpickled()}, bad)
+    with pytest.raises(ValueError, match="holds objects other than tensors"):
+        load_trainer_state(str(bad))
+    assert "this ran" not in capsys.readouterr().out

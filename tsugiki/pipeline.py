@@ -162,6 +162,8 @@ def run_training(config: Union[None, str, os.PathLike, Mapping[str, Any], TrainC
     check_method(cfg)
     if not cfg.data:
         raise ConfigError("data is not set: give a training file (jsonl/json/csv/parquet) or a saved dataset folder")
+    if cfg.eval_steps and not cfg.eval_data and not cfg.eval_split:
+        raise cfg.no_eval_rows_error()
     distributed.init_distributed()  # before any CUDA work: each rank pins its own GPU
     progress = progress and distributed.is_main()
     resolve_resume(cfg)  # refuses a non-empty output_dir early, before anything slow happens

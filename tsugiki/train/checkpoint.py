@@ -25,6 +25,7 @@ checkpoint is a whole one.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
@@ -234,7 +235,7 @@ def saved_examples_per_step(checkpoint: str, saved_config: dict[str, Any]) -> in
     if not os.path.isfile(path):
         return single
     # mmap: only the small header is read, not the optimizer tensors.
-    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    state = load_trainer_state(path, mmap=True)
     return int(state.get("examples_per_step", single))
 
 
@@ -269,6 +270,19 @@ def check_resume_compatible(checkpoint: str, config: TrainConfig, world_size: in
         raise ConfigError(
             f"cannot resume from {checkpoint}: the run there used different settings ({'; '.join(diffs)}); "
             "restore them, or start a new run with another output_dir (or overwrite: true)")
+
+
+def load_trainer_state(path: str, mmap: bool = False) -> dict[str, Any]:
+    """Read a ``trainer_state.pt`` without running code from it: weights-only unpickling, which
+    allows tensors and plain containers, plus the numpy array types of numpy's RNG state."""
+    numpy_core = getattr(np, "_core", None) or np.core  # numpy 2 renamed it
+    numpy_rng = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), numpy_core.multiarray._reconstruct]
+    try:
+        with torch.serialization.safe_globals(numpy_rng):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path} holds objects other than tensors and plain values, which tsugiki does not "
+                         f"unpickle (they could run code); was it written by tsugiki? ({err})") from err
 
 
 # ---------------------------------------------------------------------- RNG
@@ -408,7 +422,7 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
                 raise ValueError(f"checkpoint {path}: {name} has shape {tuple(saved[name].shape)}, "
                                  f"the model has {tuple(param.shape)}")
             fsdp.load_full_into(param, saved[name])
-    state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
+    state = load_trainer_state(os.path.join(path, STATE_FILE))
     optimizer_state = state.pop("optimizer")
     if fsdp.is_sharded(model):
         optimizer_state = fsdp.shard_optimizer_state(optimizer, optimizer_state)

@@ -17,7 +17,7 @@ import difflib
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import yaml
 
@@ -86,10 +86,10 @@ class TrainConfig:
     learning_rate: float = _f(2e-4, "Peak learning rate of AdamW.")
     lr_scheduler: str = _f("cosine", "Learning-rate schedule after warm-up: cosine, linear or constant.")
     optimizer: str = _f("adamw", "adamw (torch, fused where the device allows; 8 bytes of state per trainable parameter), adamw_8bit (bitsandbytes' block-wise 8-bit states: 2 bytes), or paged_adamw / paged_adamw_8bit (bitsandbytes' states in CUDA unified memory, paged to the CPU under memory pressure; on a CPU the same as unpaged).")
-    warmup_steps: int = _f(0, "Steps of linear warm-up from 0 to `learning_rate`.")
+    warmup_steps: int = _f(0, "Steps of linear warm-up to `learning_rate`: update k (from 0) of the first W runs at (k+1)/(W+1) x learning_rate, so none is spent at 0 (transformers' Trainer uses k/W); the schedule follows.")
     weight_decay: float = _f(0.0, "AdamW decoupled weight decay; never applied to biases and norm weights (1-D parameters).")
     max_grad_norm: float = _f(1.0, "Clip the global gradient L2 norm to this value (0 = no clipping).")
-    neftune_alpha: Optional[float] = _f(None, "NEFTune noise alpha (e.g. 5); None or 0 = off. Training only.")
+    neftune_alpha: Optional[float] = _f(None, "NEFTune noise alpha (e.g. 5); None or 0 = off. Training only. Each embedding gets uniform noise of half-width alpha / sqrt(L x hidden), L the padded length of the forward's rows, as in transformers (so pad_to_multiple_of and max_forward_tokens change its size a little).")
     dtype: str = _f("auto", "Compute dtype: auto (bf16 where the hardware supports it, else fp32), bf16, fp16 or fp32. Trainable weights and optimizer state stay fp32.")
     target_logits_only: bool = _f(True, "Compute the output layer only at positions that carry loss: the same loss and gradients as full logits, with less time and memory (Llama-, Qwen-, Mistral-, GPT-2-style models; others always use full logits).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory. Each forward also gets longer (max_forward_tokens: auto), so on a CPU whose matrix products are fast (AMX) it can be faster too; see benchmarks/README.md.")
@@ -128,7 +128,7 @@ class TrainConfig:
         if path is not None:
             values.update(_coerce_all(_read_yaml(path), f"config file {path}"))
         if overrides:
-            values.update(_coerce_all(overrides, "overrides"))
+            values.update(_coerce_all(overrides, "the settings given"))
         return cls(**values)
 
     def replace(self, **changes) -> "TrainConfig":
@@ -177,6 +177,12 @@ class TrainConfig:
         if not (self.resume is False or (isinstance(self.resume, str) and self.resume)):
             bad("resume", "must be 'auto', a checkpoint path, or false")
 
+    def no_eval_rows_error(self) -> "ConfigError":
+        """What to raise when eval_steps asks for evaluations and no rows are held out (HF's Trainer
+        refuses this too), instead of never evaluating."""
+        return ConfigError(f"eval_steps={self.eval_steps} evaluates held-out rows and there are none: set "
+                          "eval_split (e.g. 0.05) or eval_data, or eval_steps: 0")
+
     # ------------------------------------------------------------------ write
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -212,14 +218,34 @@ def _read_yaml(path: str) -> dict:
     return data
 
 
+# Names of transformers' TrainingArguments / TRL's SFTConfig and what tsugiki calls them.
+HF_KEY_NAMES = {
+    "gradient_accumulation_steps": "grad_accum", "per_device_train_batch_size": "batch_size",
+    "num_train_epochs": "num_epochs", "lr_scheduler_type": "lr_scheduler", "optim": "optimizer",
+    "max_seq_length": "max_length", "neftune_noise_alpha": "neftune_alpha", "bf16": "dtype",
+    "fp16": "dtype", "model_name_or_path": "model", "dataset_name": "data", "train_file": "data",
+    "resume_from_checkpoint": "resume", "eval_strategy": "eval_steps", "save_strategy": "save_steps",
+    "r": "lora_r", "warmup_ratio": "warmup_steps",
+}
+
+
+def suggest_key(key: str, valid: Sequence[str]) -> Optional[str]:
+    """The config key someone typing ``key`` most likely meant: tsugiki's name for a Hugging Face
+    training argument, else the closest spelling among ``valid``, else None."""
+    if key in HF_KEY_NAMES and HF_KEY_NAMES[key] in valid:
+        return HF_KEY_NAMES[key]
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
 def _coerce_all(values: Mapping[str, Any], source: str) -> dict[str, Any]:
     hints = typing.get_type_hints(TrainConfig)
     out = {}
     for raw_key, value in values.items():
         key = str(raw_key).replace("-", "_")
         if key not in hints:
-            close = difflib.get_close_matches(key, list(hints), n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(hints)}"
+            close = suggest_key(key, list(hints))
+            hint = f"; did you mean {close!r}?" if close else f"; valid keys: {', '.join(hints)}"
             raise ConfigError(f"unknown key {raw_key!r} in {source}{hint}")
         try:
             out[key] = _coerce(key, value, hints[key])

@@ -321,6 +321,8 @@ class Trainer:
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
         if len(train_examples) == 0:
             raise ValueError("train_examples is empty: nothing to train on (check `data` and `max_rows`)")
+        if config.eval_steps and not eval_examples:
+            raise config.no_eval_rows_error()
         self.model, self.config, self.tokenizer = model, config, tokenizer
         pad = pad_token_id_for(tokenizer) if tokenizer is not None else 0
         if config.packing:
@@ -579,6 +581,12 @@ class Trainer:
             check_resume_compatible(resume_from, cfg, self.world_size)
             saved = load_checkpoint(resume_from, self.model, self.optimizer, self.scheduler, self.scaler)
             saved.pop("examples_per_step", None)  # checked above; the trainer recomputes it
+            if saved["step"] > self.total_steps:
+                raise ConfigError(
+                    f"cannot resume from {resume_from}: it is at step {saved['step']}, past this run's "
+                    f"{self.total_steps} steps (max_steps / num_epochs), so nothing would train and the step-"
+                    f"{saved['step']} adapter would be saved as this run's; raise max_steps to at least "
+                    f"{saved['step']}, or start over with another output_dir (or overwrite: true)")
             self.state.update(saved)
             # The saved lr followed the old schedule; recompute it in case max_steps changed.
             for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
