@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import tsugiki
-from tiny_models import randomize_adapters, tiny_bert_classifier, tiny_gpt2, tiny_llama, token_batch
+from tiny_models import (randomize_adapters, tiny_bert_classifier, tiny_gpt2, tiny_llama,
+                         tiny_roberta_classifier, token_batch)
 
 ATOL = 1e-5
 
@@ -31,6 +32,9 @@ CASES = {
         exclude_modules=["model.layers.0.mlp.up_proj"])),
     "gpt2-default": (tiny_gpt2, dict(r=4, lora_alpha=8, task_type="CAUSAL_LM")),
     "bert-classifier": (tiny_bert_classifier, dict(r=4, lora_alpha=8, task_type="SEQ_CLS")),
+    "roberta-classifier": (tiny_roberta_classifier, dict(r=4, lora_alpha=8, task_type="SEQ_CLS")),
+    "roberta-classifier-all-linear": (tiny_roberta_classifier, dict(r=4, task_type="SEQ_CLS",
+                                                                    target_modules="all-linear")),
 }
 
 
@@ -90,6 +94,14 @@ def test_hf_peft_adapter_with_an_init_tsugiki_lacks_loads_but_cannot_be_created(
     assert not torch.allclose(expected, base_logits, atol=1e-4)
     with pytest.raises(ValueError, match=f"init_lora_weights='{init}' is an HF PEFT initialisation tsugiki does not"):
         tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(r=4, init_lora_weights=init))
+
+
+def test_all_linear_leaves_a_trained_head_whole_as_hf_peft_does():
+    config = dict(r=4, task_type="SEQ_CLS", target_modules="all-linear")
+    ours = tsugiki.get_peft_model(tiny_roberta_classifier(), tsugiki.LoraConfig(**config))
+    theirs = peft.get_peft_model(tiny_roberta_classifier(), peft.LoraConfig(**config))
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    assert not [n for n in ours.targeted_module_names if n.startswith("classifier")]
 
 
 def test_hf_peft_config_keys_at_their_defaults_load_without_a_warning(tmp_path, recwarn):
@@ -166,3 +178,12 @@ def test_file_form_matches_hf_peft(tmp_path):
         if isinstance(a, list):
             a, b = sorted(a), sorted(b)
         assert a == b, key
+
+
+def test_default_targets_are_hf_pefts_where_it_has_them():
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as theirs
+    from tsugiki.inject import DEFAULT_TARGETS
+
+    differ = {t: (sorted(DEFAULT_TARGETS[t]), sorted(theirs[t])) for t in DEFAULT_TARGETS
+              if t in theirs and not isinstance(theirs[t], str) and sorted(DEFAULT_TARGETS[t]) != sorted(theirs[t])}
+    assert differ == {}

@@ -133,6 +133,31 @@ def test_embedding_lora_matches_definition_and_merges():
     torch.testing.assert_close(layer(ids), expected, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("scale_kind", ["buffer", "float"])
+def test_a_scaled_embeddings_update_is_scaled_as_its_merge_is(scale_kind):
+    class ScaledEmbedding(nn.Embedding):  # Gemma 3's (a buffer) and BART's (a float) multiply inside
+        def __init__(self):
+            super().__init__(10, 4)
+            if scale_kind == "buffer":
+                self.register_buffer("embed_scale", torch.tensor(2.0), persistent=False)
+            else:
+                self.embed_scale = 2.0
+
+        def forward(self, ids):
+            return super().forward(ids) * self.embed_scale
+
+    torch.manual_seed(0)
+    layer = LoraEmbedding(ScaledEmbedding())
+    layer.update_layer("default", 2, 4, 0.0, False, False)
+    layer.set_adapter("default")
+    ids = torch.tensor([[1, 2, 9]])
+    A, B = layer.lora_embedding_A["default"], layer.lora_embedding_B["default"]
+    expected = (layer.base_layer.weight[ids] + (A.T[ids] @ B.T) * 2.0) * 2.0
+    torch.testing.assert_close(layer(ids), expected)
+    layer.merge("default")
+    torch.testing.assert_close(layer(ids), expected, atol=1e-6, rtol=0)
+
+
 def test_embedding_default_init_is_a_no_op():
     emb = nn.Embedding(10, 4)
     layer = LoraEmbedding(emb)

@@ -9,7 +9,7 @@ import torch
 import tsugiki
 from helpers_adapters import (check_generate, check_interop, check_merge, check_save_load_exact, logits,
                               randomize, train_and_check, train_tiny_cli)
-from tiny_models import TinyConvNet, tiny_gpt2, tiny_llama, token_batch
+from tiny_models import TinyConvNet, tiny_falcon, tiny_gpt2, tiny_llama, token_batch
 from tsugiki.methods.lokr import LoKrConfig, LoKrLayer, factorization
 
 MARKERS = ("lokr_",)
@@ -165,3 +165,9 @@ def test_unsupported_layers_are_named():
     with pytest.raises(ValueError, match="cannot mix LOKR with LORA"):
         model = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(target_modules=["q_proj"]))
         model.add_adapter("kron", LoKrConfig(target_modules=["q_proj"]))
+
+
+def test_linear_subclasses_are_targets_as_in_hf_peft(tmp_path):
+    kwargs = dict(r=2, alpha=4, target_modules=["query_key_value", "dense_4h_to_h"])  # FalconLinear layers
+    check_interop(tiny_falcon, LoKrConfig(task_type="CAUSAL_LM", **kwargs),
+                  peft.LoKrConfig(task_type="CAUSAL_LM", **kwargs), MARKERS, tmp_path)

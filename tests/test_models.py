@@ -170,6 +170,17 @@ def test_load_model_quantizes_on_load(llama_dir, quantization, layer_type):
         assert layer.compute_dtype == torch.bfloat16 and layer.weight.quant_type == "nf4"
 
 
+def test_load_model_quantizes_linear_subclasses(tmp_path):
+    from tiny_models import tiny_falcon
+
+    tiny_falcon(hidden=64).save_pretrained(tmp_path)  # FalconLinear, which transformers' loader skips
+    model = models.load_model(str(tmp_path), quantization="4bit", device="cpu")
+    block = model.transformer.h[0]
+    assert all(isinstance(layer, bnb.nn.Linear4bit) for layer in (block.self_attention.query_key_value,
+                                                                  block.self_attention.dense, block.mlp.dense_4h_to_h))
+    assert type(model.lm_head) is nn.Linear
+
+
 def test_load_model_skip_modules_on_load_still_keeps_the_head(llama_dir):
     model = models.load_model(llama_dir, quantization="4bit", device="cpu", skip_modules=["v_proj"])
     assert type(model.model.layers[0].self_attn.v_proj) is nn.Linear

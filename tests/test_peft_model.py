@@ -397,3 +397,17 @@ def test_unknown_config_keys_are_ignored_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="some_future_option"):
         loaded = tsugiki.PeftModel.from_pretrained(tiny_llama(), tmp_path)
     assert loaded.peft_config["default"].r == 4
+
+
+def test_layers_to_transform_counts_t5_blocks_as_hf_peft_does():
+    import peft
+
+    cfg = T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2, decoder_start_token_id=0)
+    chosen = {}
+    for lib in (peft, tsugiki):
+        torch.manual_seed(0)
+        model = lib.get_peft_model(T5ForConditionalGeneration(cfg),
+                                   lib.LoraConfig(r=2, target_modules=["q", "v"], layers_to_transform=[1]))
+        chosen[lib.__name__] = sorted(model.targeted_module_names)
+    assert chosen["tsugiki"] == chosen["peft"]
+    assert all(".block.1." in name for name in chosen["tsugiki"])  # not T5's sub-layer index 'layer.1'

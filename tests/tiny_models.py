@@ -41,6 +41,25 @@ def tiny_bert_classifier(seed: int = 0, num_labels: int = 3) -> BertForSequenceC
     return BertForSequenceClassification(cfg).eval()
 
 
+def tiny_falcon(seed: int = 0, hidden: int = 32):
+    """Falcon's linear layers are FalconLinear, a subclass of nn.Linear."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(seed)
+    return FalconForCausalLM(FalconConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=2,
+                                          num_attention_heads=4)).eval()
+
+
+def tiny_roberta_classifier(seed: int = 0, num_labels: int = 3):
+    """RoBERTa's head is a module with sub-modules (classifier.dense, classifier.out_proj)."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = RobertaConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=70, num_labels=num_labels)
+    return RobertaForSequenceClassification(cfg).eval()
+
+
 class TinyMLP(nn.Module):
     """A plain torch model (no transformers) to show injection works on any nn.Module."""
 

@@ -132,9 +132,11 @@ def file_key_to_model_key(key: str, adapter_name: str, adapter_attrs: tuple[str,
     for i, part in enumerate(parts):
         if part in adapter_attrs:
             return ".".join(parts[: i + 1] + [adapter_name] + parts[i + 1:])
-    owner, _, param = key.rpartition(".")
-    if owner in wrapper_prefixes:
-        return f"{owner}.modules_to_save.{adapter_name}.{param}"
+    # A modules_to_save module may have sub-modules (RoBERTa's head: classifier.dense, classifier.out_proj).
+    for i in range(len(parts) - 1, 0, -1):
+        owner = ".".join(parts[:i])
+        if owner in wrapper_prefixes:
+            return ".".join([owner, "modules_to_save", adapter_name, *parts[i:]])
     return key
 
 

@@ -17,38 +17,41 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-# model_type -> default LoRA targets (the attention query and value projections).
+# model_type -> default LoRA targets: the attention query and value projections, HF PEFT's choice where
+# it has one (phi adds its MLP; fused attention projections are targeted whole).
 DEFAULT_TARGETS: dict[str, list[str]] = {
     **{t: ["q_proj", "v_proj"] for t in (
-        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
-        "gemma2", "gemma3_text", "phi3", "olmo", "olmo2", "granite", "stablelm", "starcoder2",
-        "smollm3", "opt", "cohere", "deepseek_v2", "mllama", "xglm", "m2m_100", "blenderbot",
-        "bart", "mbart", "pegasus", "marian", "whisper",
+        "llama", "llama4", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
+        "gemma2", "gemma3_text", "olmo", "olmo2", "granite", "stablelm", "starcoder2", "smollm3", "opt",
+        "cohere", "mllama", "xglm", "m2m_100", "blenderbot", "bart", "mbart", "pegasus", "marian", "whisper",
+        "gptj", "gpt_neo",
     )},
     **{t: ["query", "value"] for t in (
-        "bert", "roberta", "xlm-roberta", "electra", "deberta", "layoutlm", "camembert",
-        "ernie", "megatron-bert", "mpnet", "xlm",
+        "bert", "roberta", "xlm-roberta", "electra", "layoutlm", "camembert", "ernie", "megatron-bert",
     )},
+    **{t: ["query_key_value"] for t in ("gpt_neox", "bloom", "falcon", "RefinedWeb", "RefinedWebModel", "chatglm")},
     "gpt2": ["c_attn"],
     "gpt_bigcode": ["c_attn"],
-    "gpt_neox": ["query_key_value"],
-    "bloom": ["query_key_value"],
-    "falcon": ["query_key_value"],
-    "gptj": ["q_proj", "v_proj"],
-    "gpt_neo": ["q_proj", "v_proj"],
-    "phi": ["q_proj", "v_proj"],
+    "btlm": ["c_proj", "c_attn"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "phi3": ["qkv_proj"],
+    "codegen": ["qkv_proj"],
+    "mpt": ["Wqkv"],
     "t5": ["q", "v"],
     "mt5": ["q", "v"],
     "distilbert": ["q_lin", "v_lin"],
+    "xlm": ["q_lin", "v_lin"],
+    "mpnet": ["q", "v"],
+    "deberta": ["in_proj"],
     "deberta-v2": ["query_proj", "value_proj"],
 }
 
-DEFAULT_LAYER_PATTERNS = ("layers", "h", "blocks", "layer")
+DEFAULT_LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")  # HF PEFT's, in its order
 
 TargetSpec = Union[str, Sequence[str], None]
 
@@ -204,6 +207,27 @@ def find_targets(
     if not selected:
         raise ValueError(_no_match_message(model, target_modules, layers_to_transform, allowed_types))
     return selected
+
+
+def config_targets(model: nn.Module, config: Any, target_modules: TargetSpec = None,
+                   allowed_types: Optional[tuple[type, ...]] = None) -> list[str]:
+    """The modules an adapter config grafts onto (:func:`find_targets` with its settings).
+
+    Modules trained whole (``modules_to_save``, e.g. a classifier head) are left out, sub-modules
+    included: RoBERTa's head holds ``classifier.dense``, which "all-linear" would otherwise match.
+    ``target_modules`` overrides the config's (a method that resolves its own).
+    """
+    keep_whole = list(getattr(config, "modules_to_save", None) or [])
+    targets = find_targets(model, target_modules if target_modules is not None else config.target_modules,
+                           config.exclude_modules, config.layers_to_transform, config.layers_pattern,
+                           allowed_types=allowed_types)
+    return [n for n in targets if not _within(n, keep_whole)]
+
+
+def _within(name: str, modules: Sequence[str]) -> bool:
+    """Whether ``name`` is one of ``modules`` (names or suffixes) or inside one."""
+    parts = name.split(".")
+    return bool(modules) and any(name_matches(".".join(parts[:i]), modules) for i in range(1, len(parts) + 1))
 
 
 def _no_match_message(model, target_modules, layers_to_transform, allowed_types) -> str:

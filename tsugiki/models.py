@@ -318,6 +318,13 @@ def _readable_checkpoint(resolved: ResolvedModel, auto_class):
     return (files, config, model_class) if model_class is not None else None
 
 
+def _holds_kbit_layers(model: nn.Module) -> bool:
+    from .inject import bnb_linear_types
+
+    kbit = bnb_linear_types()
+    return bool(kbit) and any(isinstance(m, kbit) for m in model.modules())
+
+
 def _from_pretrained(resolved, auto_class, dtype, device, bnb_config):
     """The model from transformers; a k-bit load on a CPU reads a local checkpoint rather than mapping it."""
     readable = _readable_checkpoint(resolved, auto_class) if bnb_config is not None and device.type == "cpu" else None
@@ -501,8 +508,10 @@ def load_model(
                 skips = list(skip_modules) + _head_names(resolved, auto_class) if skip_modules else None
                 bnb_config = _bnb_config(bits, quant_type, double_quant, compute_dtype, skips)
             model = _from_pretrained(resolved, auto_class, dtype, target, bnb_config)
-            if on_load:
+            if on_load and _holds_kbit_layers(model):
                 return model
+            # transformers' loader quantizes exact nn.Linear layers only: a model whose linear layers are a
+            # subclass (Falcon's FalconLinear) arrives unquantized and is quantized below.
         if bits:
             quant.quantize_model(
                 model, bits=bits, quant_type=quant_type, double_quant=double_quant,

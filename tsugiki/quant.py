@@ -219,7 +219,8 @@ def quantize_model(
     targets = [
         (name, module)
         for name, module in model.named_modules()
-        if type(module) is nn.Linear and id(module) not in skipped
+        # nn.Linear subclasses too (Falcon's FalconLinear computes x W^T + b like its base class)
+        if isinstance(module, nn.Linear) and id(module) not in skipped
     ]
     for name, linear in targets:
         device = linear.weight.device

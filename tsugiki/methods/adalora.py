@@ -55,7 +55,7 @@ from torch import nn
 
 from ..config import (PeftConfig, PeftType, config_from_method_args, module_spec_problem, register_config,
                       register_method)
-from ..inject import (conv1d_type, find_targets, linear_layer_types, replace_module,
+from ..inject import (config_targets, conv1d_type, linear_layer_types, replace_module,
                       resolve_default_targets)
 from ..tuner import register_tuner
 from .lora import LoraLayer, LoraModel, _linear_shape
@@ -375,11 +375,7 @@ class AdaLoraModel(LoraModel):
         if config.target_modules is None:  # record the resolved default in the saved config
             model_type = getattr(getattr(self.model, "config", None), "model_type", None)
             config.target_modules = list(ADALORA_DEFAULT_TARGETS.get(model_type) or resolve_default_targets(self.model))
-        exclude = config.exclude_modules
-        if config.modules_to_save and not isinstance(exclude, str):
-            exclude = list(exclude or []) + list(config.modules_to_save)
-        targets = find_targets(self.model, config.target_modules, exclude, config.layers_to_transform,
-                               config.layers_pattern, allowed_types=linear_layer_types() + (AdaLoraLinear,))
+        targets = config_targets(self.model, config, allowed_types=linear_layer_types() + (AdaLoraLinear,))
         pattern = dict(config.rank_pattern or {})
         conv1d = conv1d_type()
         for name in targets:

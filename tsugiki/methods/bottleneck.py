@@ -34,7 +34,7 @@ from torch import nn
 
 from ..config import (PeftConfig, PeftType, config_from_method_args, module_spec_problem, register_config,
                       register_method)
-from ..inject import find_targets, replace_module
+from ..inject import config_targets, replace_module
 from ..tuner import AdapterLayer, BaseTuner, register_tuner, rows_per_adapter
 
 ADAPTER_TYPES = ("series", "parallel")
@@ -270,11 +270,7 @@ class BottleneckModel(BaseTuner):
             # record the resolved placement in the saved config
             config.adapter_layers = "both" if config.adapter_type == "series" else "ffn"
         targets_spec = config.target_modules if config.target_modules is not None else config.default_targets(self.model)
-        exclude = config.exclude_modules
-        if config.modules_to_save and not isinstance(exclude, str):
-            exclude = list(exclude or []) + list(config.modules_to_save)
-        targets = find_targets(self.model, targets_spec, exclude, config.layers_to_transform,
-                               config.layers_pattern)
+        targets = config_targets(self.model, config, target_modules=targets_spec)
         # a wrapped block's own children are not wrapped again (nested adapters would double-count)
         targets = [t for t in targets if not any(t.startswith(o + ".") for o in targets if o != t)]
         hidden = _hidden_size(self.model)

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..config import (PeftConfig, PeftType, config_from_method_args, module_spec_problem, register_config,
                       register_method)
-from ..inject import bnb_linear_types, conv1d_type, find_targets, linear_layer_types, replace_module
+from ..inject import bnb_linear_types, config_targets, conv1d_type, linear_layer_types, replace_module
 from ..tuner import AdapterLayer, BaseTuner, register_tuner, rows_per_adapter
 
 # model_type -> default targets / the feed-forward ones among them (HF PEFT's per-architecture defaults).
@@ -309,11 +309,7 @@ class IA3Model(BaseTuner):
             config.target_modules = list(IA3_DEFAULT_TARGETS[model_type])
         if config.feedforward_modules is None:
             config.feedforward_modules = list(IA3_DEFAULT_FEEDFORWARD.get(model_type, []))
-        exclude = config.exclude_modules
-        if config.modules_to_save and not isinstance(exclude, str):
-            exclude = list(exclude or []) + list(config.modules_to_save)
-        targets = find_targets(self.model, config.target_modules, exclude,
-                               config.layers_to_transform, config.layers_pattern)
+        targets = config_targets(self.model, config)
         supported = linear_layer_types() + (IA3Linear,)
         for name in targets:
             if not isinstance(self.model.get_submodule(name), supported):

@@ -41,7 +41,7 @@ from torch.nn.modules import module as _nn_module
 
 from ..config import (PeftConfig, PeftType, config_from_method_args, module_spec_problem, register_config,
                       register_method)
-from ..inject import (bnb_linear_types, conv1d_type, find_targets, linear_layer_types, replace_module,
+from ..inject import (bnb_linear_types, config_targets, conv1d_type, linear_layer_types, replace_module,
                       resolve_default_targets)
 from ..kernels import decode, native
 from ..kernels.lora_fused import lora_add
@@ -854,7 +854,13 @@ class LoraEmbedding(LoraLayer, nn.Module):
         base = self.base_layer
         after_A = F.embedding(x, self.lora_embedding_A[name].T, base.padding_idx, base.max_norm,
                               base.norm_type, base.scale_grad_by_freq, base.sparse)
-        return (after_A @ self.lora_embedding_B[name].T) * self.scaling[name]
+        out = (after_A @ self.lora_embedding_B[name].T) * self.scaling[name]
+        # Scaled embeddings (Gemma 3's, BART's) multiply their lookup inside the module: the update
+        # too, as it is once merged into the table.
+        embed_scale = getattr(base, "embed_scale", None)
+        if isinstance(embed_scale, torch.Tensor):
+            return out * embed_scale.to(out.dtype)
+        return out * embed_scale if isinstance(embed_scale, (int, float)) else out
 
 
 
@@ -868,14 +874,7 @@ class LoraModel(BaseTuner):
         supported = linear_layer_types() + (nn.Embedding, LoraLinear, LoraEmbedding)
         if config.target_modules is None:  # record the resolved default in the saved config
             config.target_modules = resolve_default_targets(self.model)
-        exclude = config.exclude_modules
-        if config.modules_to_save and not isinstance(exclude, str):
-            # modules trained in full need no low-rank update on top
-            exclude = list(exclude or []) + list(config.modules_to_save)
-        targets = find_targets(
-            self.model, config.target_modules, exclude,
-            config.layers_to_transform, config.layers_pattern, allowed_types=supported,
-        )
+        targets = config_targets(self.model, config, allowed_types=supported)
         conv1d = conv1d_type()
         init = config.init_lora_weights if init_weights else False
         problem = new_adapter_init_problem(init)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PeftConfig, config_from_method_args, module_spec_problem
-from ..inject import bnb_linear_types, find_targets, replace_module, resolve_default_targets
+from ..inject import bnb_linear_types, config_targets, replace_module, resolve_default_targets
 from ..tuner import AdapterLayer, BaseTuner
 from .lora import _pattern_value
 
@@ -234,11 +234,7 @@ class LycorisTuner(BaseTuner):
     def _inject(self, config: LycorisConfig, adapter_name: str, init_weights: bool) -> None:
         if config.target_modules is None:  # record the resolved default in the saved config
             config.target_modules = resolve_default_targets(self.model)
-        exclude = config.exclude_modules
-        if config.modules_to_save and not isinstance(exclude, str):
-            exclude = list(exclude or []) + list(config.modules_to_save)
-        targets = find_targets(self.model, config.target_modules, exclude,
-                               config.layers_to_transform, config.layers_pattern)
+        targets = config_targets(self.model, config)
         init = config.init_weights if init_weights else False
         for name in targets:
             target = self.model.get_submodule(name)
@@ -251,7 +247,8 @@ class LycorisTuner(BaseTuner):
 
     def _wrap(self, name: str, target: nn.Module) -> LycorisLayer:
         kbit = bnb_linear_types()
-        if type(target) not in (nn.Linear, nn.Conv2d) and not (kbit and isinstance(target, kbit)):
+        # Subclasses count (Falcon's FalconLinear); GPT-2's Conv1D is not an nn.Linear.
+        if not isinstance(target, (nn.Linear, nn.Conv2d)) and not (kbit and isinstance(target, kbit)):
             raise ValueError(f"{self.method_name} supports nn.Linear and nn.Conv2d targets, but {name} is "
                              f"{type(target).__name__}; remove it from target_modules (or use LoRA, which "
                              "also covers GPT-2's Conv1D and embeddings)")
