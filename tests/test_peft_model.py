@@ -337,6 +337,28 @@ def test_auto_peft_model_refuses_an_adapter_of_another_task(tmp_path):
         tsugiki.AutoPeftModel.from_pretrained(tmp_path / "adapter")
 
 
+def test_auto_peft_model_loads_an_adapter_without_task_type_as_its_base_class(tmp_path):
+    import peft
+
+    base_dir = tmp_path / "base"
+    tiny_llama().save_pretrained(base_dir)
+    ids = token_batch()
+    for lib in (tsugiki, peft):  # each one's file, loaded by both
+        model = lib.get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), lib.LoraConfig(r=4))
+        randomize_adapters(model)
+        expected = model(ids).logits
+        model.save_pretrained(tmp_path / lib.__name__)
+        for loader in (tsugiki.AutoPeftModel, peft.AutoPeftModel):
+            loaded = loader.from_pretrained(tmp_path / lib.__name__)
+            assert type(loaded.get_base_model()).__name__ == "LlamaForCausalLM"
+            torch.testing.assert_close(loaded(ids).logits, expected, rtol=0, atol=1e-6)
+    config = json.loads((tmp_path / "tsugiki" / "adapter_config.json").read_text())
+    config["auto_mapping"]["parent_library"] = "os"
+    (tmp_path / "tsugiki" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="not a transformers class"):
+        tsugiki.AutoPeftModel.from_pretrained(tmp_path / "tsugiki")
+
+
 def test_find_all_linear_names_excludes_head():
     assert tsugiki.find_all_linear_names(tiny_llama()) == [
         "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]

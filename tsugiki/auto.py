@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Any, Optional
 
@@ -29,8 +30,27 @@ class _AutoPeftModel:
                 f"{adapter_dir}: adapter_config.json has no base_model_name_or_path; load the base "
                 "model yourself and call PeftModel.from_pretrained(base, adapter_dir)"
             )
-        base = cls._load_base(base_path, config.revision, **model_kwargs)
+        base = cls._load_base(base_path, config.revision, cls._base_class(adapter_dir, config), **model_kwargs)
         return PeftModel.from_pretrained(base, adapter_dir, adapter_name=adapter_name, is_trainable=is_trainable)
+
+    @classmethod
+    def _base_class(cls, adapter_dir: str | os.PathLike, config: PeftConfig) -> Any:
+        """The transformers class to load the base with: this class's, or for ``AutoPeftModel`` and an
+        adapter without a task type, the one its ``auto_mapping`` records (a transformers class only)."""
+        import transformers
+
+        mapping = config.auto_mapping
+        if cls.peft_task_type is not None or config.task_type is not None or not mapping:
+            return getattr(transformers, cls.auto_class_name)
+        library, name = mapping.get("parent_library", ""), mapping.get("base_model_class", "")
+        if library != "transformers" and not library.startswith("transformers."):
+            raise ValueError(f"{adapter_dir}: auto_mapping names {library}.{name}, not a transformers class; "
+                             "load the base model yourself and use PeftModel.from_pretrained(base, adapter_dir)")
+        found = getattr(importlib.import_module(library), name, None) or getattr(transformers, name, None)
+        if found is None or not hasattr(found, "from_pretrained"):
+            raise ValueError(f"{adapter_dir}: auto_mapping names {library}.{name}, which this transformers "
+                             "version lacks; load the base yourself and use PeftModel.from_pretrained")
+        return found
 
     @classmethod
     def _check_task_type(cls, adapter_dir: str | os.PathLike, task_type: Optional[str]) -> None:
@@ -43,17 +63,14 @@ class _AutoPeftModel:
                          f"not load; {fix}")
 
     @classmethod
-    def _load_base(cls, base_path: str, revision: Optional[str], **model_kwargs: Any):
-        import transformers
-
+    def _load_base(cls, base_path: str, revision: Optional[str], base_class: Any, **model_kwargs: Any):
         from .models import DEFAULT_MODEL, load_model
 
         if base_path == DEFAULT_MODEL or str(base_path).endswith(".gguf"):
             return load_model(base_path, task=cls.loader_task or "causal_lm", **model_kwargs)
-        auto = getattr(transformers, cls.auto_class_name)
         if revision:
             model_kwargs.setdefault("revision", revision)
-        return auto.from_pretrained(base_path, **model_kwargs)
+        return base_class.from_pretrained(base_path, **model_kwargs)
 
 
 class AutoPeftModel(_AutoPeftModel):

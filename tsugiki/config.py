@@ -31,7 +31,7 @@ CONFIG_NAME = "adapter_config.json"
 # HF PEFT writes every option of its config; these of its keys tsugiki lacks have a default that is not
 # empty, so a file holding that value asks for nothing tsugiki ignores. The metadata keys describe the file.
 _PEFT_DEFAULTS = {"megatron_core": "megatron.core", "qalora_group_size": 16}
-_METADATA_KEYS = {"peft_version", "auto_mapping"}
+_METADATA_KEYS = {"peft_version"}
 
 
 def _left_at_default(key: str, value: Any) -> bool:
@@ -127,6 +127,9 @@ class PeftConfig:
         revision: the base model's revision, if any.
         inference_mode: ``True`` when the adapter is loaded for inference only
             (its parameters are frozen).
+        auto_mapping: for an adapter without ``task_type``, the base model's class
+            (``{"base_model_class": ..., "parent_library": ...}``), written by
+            ``save_pretrained`` so ``AutoPeftModel`` can load that class again.
     """
 
     peft_type_name: ClassVar[str] = ""
@@ -135,6 +138,7 @@ class PeftConfig:
     base_model_name_or_path: Optional[str] = None
     revision: Optional[str] = None
     inference_mode: bool = False
+    auto_mapping: Optional[dict] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.task_type, TaskType):

@@ -263,6 +263,10 @@ class PeftModel(nn.Module):
             adapter_io.save_adapter_weights(state, folder, safe_serialization=safe_serialization)
             saved = copy.deepcopy(config)
             saved.inference_mode = True
+            if saved.task_type is None:  # what AutoPeftModel (tsugiki's or HF PEFT's) loads the base as
+                base_class = type(self.get_base_model())
+                saved.auto_mapping = {"base_model_class": base_class.__name__,
+                                      "parent_library": base_class.__module__}
             saved.save_pretrained(folder)
             _write_model_card(folder, saved, state)
 
