@@ -51,6 +51,20 @@ def test_interop_with_hf_peft(make, projection, tmp_path):
                   tmp_path)
 
 
+@pytest.mark.parametrize("multi_query", [True, False])
+def test_falcon_multi_query_attention_takes_one_key_value_head(multi_query):
+    from tiny_models import tiny_falcon
+    from transformers import FalconForCausalLM
+
+    base = tiny_falcon()
+    base.config.multi_query = multi_query  # Falcon-7B's setting: True
+    base = FalconForCausalLM(base.config).eval()
+    model = tsugiki.get_peft_model(base, _config())
+    assert model.peft_config["default"].num_attention_heads == (1 if multi_query else 4)
+    check_trains(model)
+    check_generate_left_padding(model)
+
+
 def test_zero_init_prefix_is_attended_but_carries_nothing():
     model = tsugiki.get_peft_model(tiny_llama(), _config(init_weights="zero"))
     assert all((p == 0).all() for n, p in model.named_parameters() if p.requires_grad)

@@ -147,6 +147,9 @@ def _kv_dims(config: PrefixTuningConfig, model: nn.Module) -> None:
     """For grouped-query attention the prefixes have the key/value width (as HF PEFT sets them)."""
     model_config = _text_config(model)
     kv_heads = getattr(model_config, "num_key_value_heads", None)
+    if getattr(model_config, "model_type", None) == "falcon" and not (
+            model_config.new_decoder_architecture or not model_config.multi_query):
+        kv_heads = 1  # Falcon's multi-query attention (Falcon-7B): one key/value head, whatever num_kv_heads says
     if kv_heads is None or config.token_dim is not None or config.num_attention_heads is not None:
         return
     heads = getattr(model_config, "num_attention_heads", None)
