@@ -29,6 +29,12 @@ def _train_args(model_dir, data_file, out, *extra):
             "--logging_steps", "1", "--dtype", "fp32", "--eval_split", "4", "--tensorboard", "false", *extra]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_train_generate_eval_inspect_merge(model_dir, data_file, tmp_path, capsys):
     out = str(tmp_path / "run")
     assert main(_train_args(model_dir, data_file, out)) == 0
@@ -81,6 +87,11 @@ def test_train_generate_eval_inspect_merge(model_dir, data_file, tmp_path, capsy
 
     merged_dir = str(tmp_path / "merged")
     assert main(["merge", "--adapter", out, "--output", merged_dir]) == 0
+    # Readable as any new file is (safetensors writes its files private): a server may run as another user.
+    assert {oct(os.stat(os.path.join(merged_dir, f)).st_mode & 0o777) for f in os.listdir(merged_dir)} == \
+        {oct(0o666 & ~_umask())}
+    assert {oct(os.stat(os.path.join(out, f)).st_mode & 0o777) for f in os.listdir(out)
+            if os.path.isfile(os.path.join(out, f))} == {oct(0o666 & ~_umask())}
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)
     with_adapter = tsugiki.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), out)
     ids = torch.tensor([[1, 5, 9, 30]])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import peft
 import pytest
 import torch
@@ -141,3 +144,15 @@ def test_load_adapter_into_an_existing_name_that_does_not_fit_changes_nothing(tm
     after = _lora_values(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert list(model.peft_config) == ["default"]
+
+
+def test_saved_files_get_the_permissions_any_new_file_gets(tmp_path):
+    # Written to a private temporary name and renamed, they must not stay private (0600).
+    old = os.umask(0o022)
+    try:
+        tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(r=2)).save_pretrained(tmp_path)
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes["adapter_model.safetensors"] == modes["adapter_config.json"] == modes["plain.txt"] == 0o644

@@ -189,7 +189,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- merge
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .fileio import ensure_directory
+    from .fileio import ensure_directory, open_up_private_files
     from .generation import load_for_inference
     from .pipeline import TEMPLATE_FILE, save_template
     from .train.loop import resolve_dtype
@@ -211,6 +211,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     ensure_directory(args.output, "output folder")
     merged.save_pretrained(args.output)
     loaded.tokenizer.save_pretrained(args.output)
+    open_up_private_files(args.output)
     # The prompt format goes with the model, so generate/chat/eval on the merged folder format as training did.
     save_template(loaded.template, args.output)
     print(f"merged model saved in {args.output} (loads with transformers' AutoModelForCausalLM); "

@@ -25,6 +25,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        # mkstemp made it private (0600), and a writer may have made its own: give it what open() would
+        os.chmod(tmp, _new_file_mode())
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -32,6 +34,28 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def _new_file_mode() -> int:
+    """The permissions ``open(path, "w")`` gives a new file: 0666 less the process's umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def open_up_private_files(folder: str | os.PathLike) -> None:
+    """Give files under ``folder`` left private (0600) the permissions a new file gets.
+
+    safetensors writes through a private temporary file, so a model saved by transformers'
+    ``save_pretrained`` is readable by its owner only, unlike the config beside it; a merged
+    model shared with a serving container or another user could not be read.
+    """
+    mode = _new_file_mode()
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path) and (os.stat(path).st_mode & 0o777) == 0o600 and mode != 0o600:
+                os.chmod(path, mode)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

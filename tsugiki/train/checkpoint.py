@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import distributed, fsdp
+from ..fileio import open_up_private_files
 from ..model import CARD_MARKER
 from .config import CONFIG_FILENAME, ConfigError, TrainConfig
 
@@ -362,6 +363,7 @@ def save_checkpoint(output_dir: str, step: int, model: nn.Module, optimizer: tor
             "method_state": method_state() if method_state is not None else None,
         }, os.path.join(tmp, STATE_FILE))
         config.save(os.path.join(tmp, CONFIG_FILENAME))
+        open_up_private_files(tmp)
         _fsync_tree(tmp)
         with open(os.path.join(tmp, COMPLETE_MARKER), "w") as fh:
             fh.write(f"{step}\n")

@@ -83,6 +83,7 @@ from ..kernels.block_fused import fused_blocks
 from ..kernels.target_logits import (full_logits_loss_sum as token_loss_sum, scored_positions, shifted_targets,
                                       split_causal_lm, target_logits_loss_sum)
 from ..data import IGNORE_INDEX, Collator, PackedCollator, batch_plan, pack, pad_token_id_for
+from ..fileio import open_up_private_files
 from ..plan import cpu_has_native_bf16
 from ..inject import bnb_linear_types
 from ..quant import no_cpu_repacking
@@ -750,6 +751,7 @@ class Trainer:
                           os.path.join(tmp, "model", TRAINABLE_FILE))
             if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
                 self.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+            open_up_private_files(tmp)
             adapter = []
             for sub in ("tokenizer", "model"):  # model last, so its files win any name clash
                 src = os.path.join(tmp, sub)
