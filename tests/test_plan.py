@@ -481,7 +481,7 @@ def test_plan_cli_takes_the_methods_own_options(tmp_path, capsys):
     assert plan.main([str(tmp_path), "--method", "prompt_tuning", "--method-args", "num_virtual_tokens=50",
                       "--max-length", "64", "--ram", "100GB"]) == 0
     out = capsys.readouterr().out
-    assert "batch 1 x 64 tokens (+ 50 virtual)" in out
+    assert "batch 4 x 64 tokens (+ 50 virtual)" in out
     assert f"{50 * 32:,} trainable" in out  # 50 virtual tokens x hidden 32
     with pytest.raises(ValueError, match="'num_virtual_tokens' is not a LoraConfig option"):
         plan.main([str(tmp_path), "--method", "lora", "--method-args", "num_virtual_tokens=3"])
@@ -553,3 +553,15 @@ def test_python_plan_takes_a_training_config(tmp_path, capsys):
     wider = plan.plan(config=cfg, verbose=False, batch_size=8, max_forward_tokens=0)
     assert wider.total == plan.estimate(str(tmp_path), **{**plan.training_settings(cfg), "batch_size": 8,
                                                           "max_forward_tokens": 0}).total > want.total
+
+
+def test_plan_offers_the_optimizers_training_does_and_assumes_trainings_defaults(capsys):
+    from tsugiki.train.config import OPTIMIZERS, TrainConfig
+
+    assert sorted(plan.OPTIMIZER_STATE_BYTES) == sorted(OPTIMIZERS)
+    assert plan.main(["--ram", "100GB"]) == 0
+    job = TrainConfig()
+    assert f"batch {job.batch_size} x {job.max_length} tokens" in capsys.readouterr().out
+    # The Python estimate reads a training config's spellings too.
+    assert plan.estimate(SMOLLM2, dtype="auto", quantization="none").total == \
+        plan.estimate(SMOLLM2, dtype=plan.auto_dtype("cpu"), quantization=None).total

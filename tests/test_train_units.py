@@ -264,3 +264,19 @@ def test_trainer_state_is_read_without_running_code(tmp_path, capsys):
     with pytest.raises(ValueError, match="holds objects other than tensors"):
         load_trainer_state(str(bad))
     assert "this ran" not in capsys.readouterr().out
+
+
+def test_method_args_may_not_contradict_the_jobs_own_keys():
+    from tsugiki.config import train_targets
+    from tsugiki.methods.lora import lora_from_train_config
+
+    job = TrainConfig.load(overrides={"lora_r": "4", "method_args": "r=2"})
+    with pytest.raises(ValueError, match=r"method_args: r=2 conflicts with the job's lora_r \(4\); set lora_r"):
+        lora_from_train_config(job, "base")
+    agreeing = TrainConfig.load(overrides={"lora_r": "4", "method_args": "r=4,use_rslora=true"})
+    assert lora_from_train_config(agreeing, "base").use_rslora
+    # Targets left to the architecture's default may come from method_args (a regex, say).
+    regex = TrainConfig.load(overrides={"method_args": {"target_modules": r".*\.(q|v)_proj"}})
+    assert lora_from_train_config(regex, "base").target_modules == r".*\.(q|v)_proj"
+    assert train_targets([r".*\.(q|v)_proj"]) == r".*\.(q|v)_proj"  # --target_modules takes one too
+    assert train_targets(["q_proj", "v_proj"]) == ["q_proj", "v_proj"] and train_targets(["all-linear"]) == "all-linear"

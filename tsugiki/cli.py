@@ -17,7 +17,11 @@ EPILOG = "Run 'tsugiki <command> --help' for the options of each command."
 
 
 # ----------------------------------------------------------------------------- shared options
-def _add_model_options(p: argparse.ArgumentParser, adapter_required: bool = False) -> None:
+DTYPE_HELP = ("Base weights' dtype: auto = bf16 where the hardware runs it natively (as training does), else fp32 "
+              "(default: auto).")
+
+
+def _add_model_options(p: argparse.ArgumentParser, adapter_required: bool = False, dtype_help: str = DTYPE_HELP) -> None:
     p.add_argument("--model", default=None,
                    help="Base model: a Hugging Face model folder, a .gguf file, or 'smollm2-135m-instruct' "
                         "(default: the adapter's base_model_name_or_path, else the built-in default).")
@@ -26,9 +30,7 @@ def _add_model_options(p: argparse.ArgumentParser, adapter_required: bool = Fals
                                                                        " (default: none, the bare base)."))
     p.add_argument("--quantization", choices=("none", "4bit", "8bit"), default="none",
                    help="Load the base quantized with bitsandbytes (default: none).")
-    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                   help="Base weights' dtype: auto = bf16 where the hardware runs it natively (as training "
-                        "does), else fp32 (default: auto).")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto", help=dtype_help)
     p.add_argument("--template", default=None,
                    help="Prompt template: chat, alpaca, japanese, llama2 or your own string with {instruction} "
                         "and {response} (default: the one saved with the adapter, else the one saved in the "
@@ -36,15 +38,18 @@ def _add_model_options(p: argparse.ArgumentParser, adapter_required: bool = Fals
                         "merge saves it with the merged model.")
 
 
-def _add_generation_options(p: argparse.ArgumentParser) -> None:
+def _add_generation_options(p: argparse.ArgumentParser, batches: bool = True) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, help="Most tokens to generate per answer (default: %(default)s).")
     p.add_argument("--do-sample", action="store_true", help="Sample instead of greedy decoding.")
-    p.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (default: 1.0).")
-    p.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling threshold (default: 1.0 = off).")
-    p.add_argument("--top-k", type=int, default=50, help="Sample among the k most likely tokens (default: 50).")
+    p.add_argument("--temperature", type=float, default=1.0, help="With --do-sample: sampling temperature (default: 1.0).")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="With --do-sample: nucleus sampling threshold (default: 1.0 = off).")
+    p.add_argument("--top-k", type=int, default=50,
+                   help="With --do-sample: sample among the k most likely tokens (default: 50).")
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="Penalty > 1 discourages repeating tokens, e.g. 1.2 (default: 1.0 = off).")
-    p.add_argument("--batch-size", type=int, default=8, help="Prompts generated together (default: 8).")
+    if batches:
+        p.add_argument("--batch-size", type=int, default=8, help="Prompts generated together (default: 8).")
     p.add_argument("--seed", type=int, default=None,
                    help="Seed for --do-sample, so a rerun with the same prompts and --batch-size gives the "
                         "same answers (default: none, a new draw each run).")
@@ -60,7 +65,7 @@ def _settings(args: argparse.Namespace):
 
     return GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                              repetition_penalty=args.repetition_penalty, batch_size=args.batch_size,
+                              repetition_penalty=args.repetition_penalty, batch_size=getattr(args, "batch_size", 1),
                               seed=args.seed)
 
 
@@ -98,9 +103,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from .train import distributed
 
-    result = run_training(config_from_args(args))
+    config = config_from_args(args)
+    result = run_training(config)
     if distributed.is_main():
-        print(f"adapter saved in {result.output_dir}")
+        print(f"{'model' if config.method == 'full' else 'adapter'} saved in {result.output_dir}")
     return 0
 
 
@@ -197,6 +203,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if os.path.isdir(args.output) and os.listdir(args.output) and not args.overwrite:
         raise FileExistsError(f"output folder {args.output!r} is not empty; pass --overwrite or choose another")
     quant = None if args.quantization == "none" else args.quantization
+    if not quant and (args.dequantize or args.requantize):
+        raise ValueError("--dequantize and --requantize choose what a merge into a --quantization 4bit/8bit base "
+                         "saves; without --quantization the base is not quantized and the merged model is plain")
     if quant and args.dequantize == args.requantize:
         raise ValueError(f"merging into a {quant} base: pass --dequantize (an unquantized merged model; "
                          "--dtype fp32 keeps it unrounded) "
@@ -283,10 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_options(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("chat", help="Talk to the model in the terminal; answers stream as they are generated.")
+    p = sub.add_parser("chat", help="Talk to the model in the terminal; answers stream as they are generated.",
+                       description="A conversation in the terminal with a base model (+ adapter): each answer "
+                                   "streams as it is generated and joins the history the next one sees. "
+                                   "/reset clears it, /exit (or Ctrl-D) quits.")
     _add_model_options(p)
     p.add_argument("--system", default=None, help="A system message that starts the conversation.")
-    _add_generation_options(p)
+    _add_generation_options(p, batches=False)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("eval", help="Score base and base + adapter side by side on held-out rows.",
@@ -303,7 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval, max_new_tokens=64)
 
     p = sub.add_parser("merge", help="Fold an adapter into its base and save a plain transformers model.")
-    _add_model_options(p, adapter_required=True)
+    _add_model_options(p, adapter_required=True,
+                       dtype_help="dtype of the merged model: auto = the base's as it loads (a model folder: its "
+                                  "saved dtype; a .gguf file: fp32, exact for its dequantized blocks); bf16 "
+                                  "halves the size of an fp32 one (default: auto).")
     p.add_argument("--output", required=True, help="Folder for the merged model (safetensors + tokenizer).")
     p.add_argument("--overwrite", action="store_true", help="Write into a non-empty --output folder.")
     p.add_argument("--dequantize", action="store_true",
@@ -330,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="Estimate peak memory before loading anything, and whether it fits.")
     add_plan_arguments(p)
     p.set_defaults(func=None)
+    for command in sub.choices.values():  # `tsugiki train --debug` as well as `tsugiki --debug train`
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="Show full tracebacks on errors.")
     return parser
 
 
@@ -379,6 +397,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `tsugiki ... | head` closed the pipe: nothing wrong, nothing more to print
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, OSError, ImportError) as err:
         if args.debug:
             raise

@@ -16,7 +16,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional, Sequence, Union
 
 from .fileio import atomic_write_text
 
@@ -101,8 +101,18 @@ def register_method(*names: str):
 _OPTION_ALIASES = {"lora_r": "r", "rank": "r", "lora_rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
 
 
+# A method option the training job sets from its own key: method_args may not set it to something else.
+TRAIN_KEY_OF_OPTION = {"r": "lora_r", "lora_alpha": "lora_alpha", "alpha": "lora_alpha",
+                       "lora_dropout": "lora_dropout", "target_modules": "target_modules"}
+
+
 def config_from_method_args(cls: type["PeftConfig"], method_args: Optional[dict], **fixed: Any) -> "PeftConfig":
-    """``cls(**fixed, **method_args)``, naming unknown keys with the closest valid one."""
+    """``cls(**fixed, **method_args)``, naming unknown keys with the closest valid one.
+
+    An option ``fixed`` takes from a training key (:data:`TRAIN_KEY_OF_OPTION`: ``r`` from
+    ``lora_r``, ...) is refused in ``method_args`` when the two differ: the saved
+    ``train_config.yaml`` would say one thing and the adapter the other.
+    """
     import difflib
 
     args = dict(method_args or {})
@@ -113,7 +123,24 @@ def config_from_method_args(cls: type["PeftConfig"], method_args: Optional[dict]
             close = [alias] if alias in known else difflib.get_close_matches(key, sorted(known), n=1)
             raise ValueError(f"method_args: {key!r} is not a {cls.__name__} option"
                              + (f"; did you mean {close[0]!r}?" if close else f"; options: {', '.join(sorted(known))}"))
+        train_key = TRAIN_KEY_OF_OPTION.get(key)
+        if train_key and fixed.get(key) is not None and args[key] != fixed[key]:
+            raise ValueError(f"method_args: {key}={args[key]!r} conflicts with the job's {train_key} "
+                             f"({fixed[key]!r}); set {train_key} instead")
     return cls(**{**fixed, **args})
+
+
+_REGEX_CHARACTERS = set("*+?[](){}|^$\\")
+
+
+def train_targets(targets: Optional[Sequence[str]]) -> Union[None, str, list[str]]:
+    """A training job's ``target_modules`` list as an adapter config takes it: None (the architecture's
+    default), ``"all-linear"``, one regular expression (``'.*\\.(q|v)_proj'``), or module names."""
+    if not targets:
+        return None
+    if len(targets) == 1 and (targets[0] == "all-linear" or _REGEX_CHARACTERS & set(targets[0])):
+        return targets[0]
+    return list(targets)
 
 
 @dataclass

@@ -14,12 +14,13 @@ from .config import CONFIG_NAME, PeftConfig
 IGNORE_INDEX = -100
 
 
-def _size(n_bytes: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n_bytes < 1024 or unit == "GB":
-            return f"{n_bytes:.1f} {unit}" if unit != "B" else f"{n_bytes} B"
+def _size(n_bytes: float) -> str:
+    """Bytes in binary units (KiB, MiB, GiB), as training reports sizes."""
+    for unit in ("B", "KiB", "MiB"):
+        if n_bytes < 1024:
+            return f"{n_bytes:.1f} {unit}" if unit != "B" else f"{int(n_bytes)} B"
         n_bytes /= 1024
-    return f"{n_bytes:.1f} GB"
+    return f"{n_bytes:.1f} GiB"
 
 
 def _adapter_param_names() -> set[str]:

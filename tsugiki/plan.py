@@ -16,7 +16,7 @@ and adds up what one training step holds at its peak::
 * ``trainable``/``gradients``/``optimizer``: adapter parameters are fp32 (the
   HF PEFT default; methods other than LoRA are counted on the meta device by
   :func:`count_trainable`), so 4 bytes each, 4 more for the gradient and 8 for AdamW's
-  two moments (2 with 8-bit AdamW, 0 with plain SGD). Full fine-tuning keeps
+  two moments (2 with 8-bit AdamW). Full fine-tuning keeps
   them fp32 too (the trainer's dtype policy).
 * ``compute_copies``: under bf16/fp16 autocast a 16-bit copy of every fp32
   trained weight, kept for the backward (``trainable x s``; full fine-tuning
@@ -104,7 +104,7 @@ LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
 SUPPORTED = LLAMA_LIKE + ("gpt2", "bert")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # Per fp32 trainable param (the trainer's `optimizer` names; paged states count where they live).
-OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw": 8, "paged_adamw_8bit": 2, "sgd": 0}
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw": 8, "paged_adamw_8bit": 2}
 # Temporaries of bitsandbytes 0.50's CPU 8-bit update per element of the tensor it updates (measured 22.0).
 BNB_CPU_STEP_BYTES = 22
 
@@ -557,11 +557,16 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
     0: the whole micro-batch in one forward. ``virtual_tokens``: what a prompt
     method puts in front of every row (prompt tuning, p-tuning): the rows the
     model runs are that much longer than the ``max_length`` the data is cut to.
+    ``dtype="auto"`` and ``quantization="none"`` read as in a training config.
     """
+    if dtype == "auto":
+        dtype = auto_dtype(device)
+    if quantization == "none":
+        quantization = None
     if dtype not in DTYPE_BYTES:
-        raise ValueError(f"dtype={dtype!r}: use one of {', '.join(DTYPE_BYTES)}")
+        raise ValueError(f"dtype={dtype!r}: use one of {', '.join(DTYPE_BYTES)} or auto")
     if quantization not in (None, "4bit", "8bit"):
-        raise ValueError(f"quantization={quantization!r}: use None, '4bit' or '8bit'")
+        raise ValueError(f"quantization={quantization!r}: use None (or 'none'), '4bit' or '8bit'")
     if optimizer not in OPTIMIZER_STATE_BYTES:
         raise ValueError(f"optimizer={optimizer!r}: use one of {', '.join(OPTIMIZER_STATE_BYTES)}")
     if device not in RUNTIME_BYTES:
@@ -903,9 +908,9 @@ def training_settings(cfg: Any, *, device: str = "cpu", dtype: Optional[str] = N
     dtype = dtype or cfg.dtype
     if dtype == "auto":
         dtype = auto_dtype(device)
-    targets = cfg.target_modules
-    if targets is not None and list(targets) == ["all-linear"]:
-        targets = "all-linear"
+    from .config import train_targets
+
+    targets = train_targets(cfg.target_modules)
     max_length = cfg.max_length
     if longest_row is not None and not cfg.packing:
         max_length = max(1, min(max_length, longest_row))
@@ -961,17 +966,29 @@ def _forward_tokens(text: str) -> Union[int, str]:
 
 
 # What a flag means when neither it nor a --config gives a value (estimate()'s defaults).
-CLI_DEFAULTS = dict(method="lora", lora_r=8, lora_dropout=0.0, target_modules=None, trainable_params=None,
-                    quantization=None, double_quant=True, dtype="bf16", batch_size=1, max_length=512,
-                    optimizer="adamw", gradient_checkpointing=False, activation_offloading=False,
-                    target_logits_only=True, max_forward_tokens="auto")
+CLI_KEYS = ("method", "lora_r", "lora_dropout", "target_modules", "trainable_params", "quantization",
+            "double_quant", "dtype", "batch_size", "max_length", "optimizer", "gradient_checkpointing",
+            "activation_offloading", "target_logits_only", "max_forward_tokens")
+
+
+def cli_defaults() -> dict[str, Any]:
+    """What ``tsugiki plan`` assumes for a setting not given: ``tsugiki train``'s default, so a plain
+    ``tsugiki plan`` sizes the job a plain ``tsugiki train`` runs (rows of max_length tokens)."""
+    from .train.config import TrainConfig
+
+    job = TrainConfig()
+    return dict(method=job.method, lora_r=job.lora_r, lora_dropout=job.lora_dropout, target_modules=None,
+                trainable_params=None, quantization=None, double_quant=True, dtype=job.dtype,
+                batch_size=job.batch_size, max_length=job.max_length, optimizer=job.optimizer,
+                gradient_checkpointing=job.gradient_checkpointing, activation_offloading=False,
+                target_logits_only=job.target_logits_only, max_forward_tokens=job.max_forward_tokens)
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``plan`` options to ``parser`` (used by ``tsugiki plan`` and ``python -m tsugiki.plan``).
 
     Every setting defaults to ``None`` so that :func:`run_plan_cli` can tell a
-    flag given from one left to ``--config`` or to :data:`CLI_DEFAULTS`.
+    flag given from one left to ``--config`` or to :func:`cli_defaults` (``tsugiki train``'s).
     """
     a = parser.add_argument
     a("model", nargs="?", default=None,
@@ -985,8 +1002,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
            "tsugiki train re-checks with the real rows before loading the model")
     a("--method", default=None, help="lora (default), qlora, dora, full, or any other training method (ia3, "
                                      "prompt_tuning, ...; estimated like LoRA with their own parameter count)")
-    a("--lora-r", type=int, default=None, help="LoRA rank (default 8)")
-    a("--lora-dropout", type=float, default=None, help="LoRA dropout (default 0)")
+    a("--lora-r", type=int, default=None, help="LoRA rank (default: tsugiki train's, 8)")
+    a("--lora-dropout", type=float, default=None, help="LoRA dropout (default: tsugiki train's, 0.05)")
     a("--target-modules", default=None,
       help="comma-separated module names or 'all-linear' (default: the architecture's, q_proj,v_proj for Llama)")
     a("--method-args", default=None, metavar="KEY=VALUE,...",
@@ -998,9 +1015,10 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     a("--no-double-quant", dest="double_quant", action="store_false", default=None,
       help="4-bit without double quantization")
     a("--dtype", choices=sorted(DTYPE_BYTES) + ["auto"], default=None,
-      help="compute dtype (default bf16; 'auto' as in training: bf16 where the hardware has it)")
-    a("--batch-size", type=int, default=None, help="batch size (default 1)")
-    a("--max-length", type=int, default=None, help="sequence length in tokens (default 512)")
+      help="compute dtype (default: auto, as in training: bf16 where the hardware runs it natively, else fp32)")
+    a("--batch-size", type=int, default=None, help="batch size (default: tsugiki train's, 4)")
+    a("--max-length", type=int, default=None,
+      help="tokens per row (default: tsugiki train's max_length, 1024; training re-checks with its real rows)")
     a("--optimizer", choices=sorted(OPTIMIZER_STATE_BYTES), default=None, help="default adamw")
     a("--gradient-checkpointing", action="store_true", default=None, help="recompute blocks in backward")
     a("--full-logits", dest="target_logits_only", action="store_false", default=None,
@@ -1017,10 +1035,10 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 
 def _cli_settings(args: argparse.Namespace, device: str) -> tuple[Any, dict[str, Any]]:
-    """The model and the estimate() arguments: CLI_DEFAULTS < the --config job < flags given."""
+    """The model and the estimate() arguments: cli_defaults() < the --config job < flags given."""
     from .train.config import TrainConfig
 
-    settings = dict(CLI_DEFAULTS)
+    settings = cli_defaults()
     model = None
     method_args = args.method_args
     if args.config:
@@ -1030,7 +1048,7 @@ def _cli_settings(args: argparse.Namespace, device: str) -> tuple[Any, dict[str,
         job = training_settings(cfg, device=device, dtype=auto_dtype(device, args.gpu) if cfg.dtype == "auto" else None,
                                 trainable_params=args.trainable_params)
         settings.update({key: value for key, value in job.items() if key != "device"})
-    given = {key: getattr(args, key) for key in CLI_DEFAULTS if getattr(args, key) is not None}
+    given = {key: getattr(args, key) for key in CLI_KEYS if getattr(args, key) is not None}
     if "method" in given and given["method"] == "qlora":
         given["method"] = "lora"
         given.setdefault("quantization", "4bit")

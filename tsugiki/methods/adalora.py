@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from ..config import (PeftConfig, PeftType, config_from_method_args, module_spec_problem, register_config,
-                      register_method)
+                      register_method, train_targets)
 from ..inject import (config_targets, conv1d_type, linear_layer_types, replace_module,
                       resolve_default_targets)
 from ..tuner import register_tuner
@@ -545,9 +545,6 @@ def adalora_from_train_config(cfg: Any, base_name: str) -> AdaLoraConfig:
     init_r = args.get("init_r", cfg.lora_r)
     if "target_r" not in args:
         fixed["target_r"] = max(1, (2 * init_r) // 3) if isinstance(init_r, int) else init_r
-    targets = cfg.target_modules
-    if targets and len(targets) == 1 and targets[0] == "all-linear":
-        targets = "all-linear"
     return config_from_method_args(
         AdaLoraConfig, args, init_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=targets or None, task_type="CAUSAL_LM", base_model_name_or_path=base_name, **fixed)
+        target_modules=train_targets(cfg.target_modules), task_type="CAUSAL_LM", base_model_name_or_path=base_name, **fixed)

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..config import (PeftConfig, PeftType, config_from_method_args, module_spec_problem, register_config,
-                      register_method)
+                      register_method, train_targets)
 from ..inject import bnb_linear_types, config_targets, conv1d_type, linear_layer_types, replace_module
 from ..tuner import AdapterLayer, BaseTuner, register_tuner, rows_per_adapter
 
@@ -347,9 +347,7 @@ class IA3Model(BaseTuner):
 @register_method("ia3")
 def ia3_from_train_config(cfg: Any, base_name: str) -> IA3Config:
     """(IA)^3 for ``tsugiki train``: ``target_modules`` (if set) plus any IA3Config option in ``method_args``."""
-    targets = cfg.target_modules
-    if targets and len(targets) == 1 and targets[0] == "all-linear":
-        targets = "all-linear"
+    targets = train_targets(cfg.target_modules)
     fixed: dict[str, Any] = {"task_type": "CAUSAL_LM", "base_model_name_or_path": base_name}
     if targets:
         fixed["target_modules"] = targets

@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn.modules import module as _nn_module
 
 from ..config import (PeftConfig, PeftType, config_from_method_args, module_spec_problem, register_config,
-                      register_method)
+                      register_method, train_targets)
 from ..inject import (bnb_linear_types, config_targets, conv1d_type, linear_layer_types, replace_module,
                       resolve_default_targets)
 from ..kernels import decode, native
@@ -935,12 +935,9 @@ def dora_from_train_config(cfg: Any, base_name: str) -> LoraConfig:
 
 
 def _lora_config_for_training(cfg: Any, base_name: str, method_args: Optional[dict], **extra: Any) -> LoraConfig:
-    targets = cfg.target_modules
-    if targets and len(targets) == 1 and targets[0] == "all-linear":
-        targets = "all-linear"
     config = config_from_method_args(
         LoraConfig, method_args, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=targets or None, task_type="CAUSAL_LM", base_model_name_or_path=base_name, **extra)
+        target_modules=train_targets(cfg.target_modules), task_type="CAUSAL_LM", base_model_name_or_path=base_name, **extra)
     problem = new_adapter_init_problem(config.init_lora_weights)
     if problem:
         raise ValueError(f"method_args: {problem}")

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PeftConfig, config_from_method_args, module_spec_problem
+from ..config import PeftConfig, config_from_method_args, module_spec_problem, train_targets
 from ..inject import bnb_linear_types, config_targets, replace_module, resolve_default_targets
 from ..tuner import AdapterLayer, BaseTuner
 from .lora import _pattern_value
@@ -258,9 +258,6 @@ class LycorisTuner(BaseTuner):
 
 def lycoris_from_train_config(cls: type[LycorisConfig], cfg: Any, base_name: str) -> LycorisConfig:
     """A LoHa/LoKr config for ``tsugiki train``: r/alpha from ``lora_r``/``lora_alpha``, the rest from method_args."""
-    targets = cfg.target_modules
-    if targets and len(targets) == 1 and targets[0] == "all-linear":
-        targets = "all-linear"
     return config_from_method_args(cls, cfg.method_args, r=cfg.lora_r, alpha=cfg.lora_alpha,
-                                   target_modules=targets or None, task_type="CAUSAL_LM",
+                                   target_modules=train_targets(cfg.target_modules), task_type="CAUSAL_LM",
                                    base_model_name_or_path=base_name)

@@ -67,8 +67,8 @@ class TrainConfig:
     lora_r: int = _f(8, "LoRA rank r.")
     lora_alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha / r.")
     lora_dropout: float = _f(0.05, "Dropout on the LoRA input, in [0, 1).")
-    method_args: Optional[dict] = _f(None, "The method's own options as a mapping, e.g. {num_virtual_tokens: 20} for prompt tuning, or any LoraConfig option for lora (use_rslora, rank_pattern, ...); on the command line key=value,key=value or a JSON object.")
-    target_modules: Optional[list[str]] = _f(None, "Modules to adapt: names/suffixes (comma-separated on the command line), 'all-linear', or None for the per-architecture default.")
+    method_args: Optional[dict] = _f(None, "The method's own options as a mapping, e.g. {num_virtual_tokens: 20} for prompt tuning, or any LoraConfig option for lora (use_rslora, rank_pattern, ...); on the command line key=value,key=value or a JSON object. The rank, alpha, dropout and targets have their own keys (lora_r, lora_alpha, lora_dropout, target_modules); method_args may not contradict them.")
+    target_modules: Optional[list[str]] = _f(None, "Modules to adapt: names/suffixes (comma-separated on the command line), 'all-linear', one regular expression over full module names (e.g. '.*\\.(q|v)_proj'), or None for the per-architecture default.")
     # --- data shaping
     template: Optional[str] = _f(None, "Prompt template name (None = the tokenizer's chat template or the plain default).")
     max_length: int = _f(1024, "Maximum tokens per example (longer ones are truncated).")
