@@ -345,6 +345,9 @@ def test_auto_peft_model_loads_an_adapter_without_task_type_as_its_base_class(tm
     ids = token_batch()
     for lib in (tsugiki, peft):  # each one's file, loaded by both
         model = lib.get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), lib.LoraConfig(r=4))
+        model.save_pretrained(tmp_path / "no-task")
+        assert type(tsugiki.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "no-task")) \
+            is tsugiki.PeftModelForCausalLM  # the class asked for, as in HF PEFT
         randomize_adapters(model)
         expected = model(ids).logits
         model.save_pretrained(tmp_path / lib.__name__)

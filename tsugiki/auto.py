@@ -7,7 +7,7 @@ import os
 from typing import Any, Optional
 
 from .config import PeftConfig
-from .model import PeftModel
+from .model import TASK_MODELS, PeftModel
 
 
 class _AutoPeftModel:
@@ -31,7 +31,9 @@ class _AutoPeftModel:
                 "model yourself and call PeftModel.from_pretrained(base, adapter_dir)"
             )
         base = cls._load_base(base_path, config.revision, cls._base_class(adapter_dir, config), **model_kwargs)
-        return PeftModel.from_pretrained(base, adapter_dir, adapter_name=adapter_name, is_trainable=is_trainable)
+        # This class's wrapper (AutoPeftModelForCausalLM: PeftModelForCausalLM), whatever task_type the file has.
+        wrapper = TASK_MODELS.get(cls.peft_task_type, PeftModel)
+        return wrapper.from_pretrained(base, adapter_dir, adapter_name=adapter_name, is_trainable=is_trainable)
 
     @classmethod
     def _base_class(cls, adapter_dir: str | os.PathLike, config: PeftConfig) -> Any:

@@ -48,10 +48,13 @@ class DataStats:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def summary(self) -> str:
+    def summary(self, role: str = "train") -> str:
+        """One line about the file; ``role="eval"`` for an evaluation file (its rows all evaluate)."""
+        split = (f"{self.train_rows} train + {self.eval_rows} eval rows" if role == "train"
+                 else f"{self.train_rows + self.eval_rows} eval rows")
         return (
             f"{self.source}: {self.rows_read} rows read, format {self.format}, template {self.template}; "
-            f"{self.train_rows} train + {self.eval_rows} eval rows, {self.tokens} tokens "
+            f"{split}, {self.tokens} tokens "
             f"({self.trainable_tokens} trained on); {self.truncated} truncated to {self.max_length} tokens, "
             f"{self.dropped_no_trainable} dropped with no trainable token, {self.dropped_empty} dropped as empty"
         )

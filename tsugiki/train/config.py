@@ -70,7 +70,7 @@ class TrainConfig:
     method_args: Optional[dict] = _f(None, "The method's own options as a mapping, e.g. {num_virtual_tokens: 20} for prompt tuning, or any LoraConfig option for lora (use_rslora, rank_pattern, ...); on the command line key=value,key=value or a JSON object. The rank, alpha, dropout and targets have their own keys (lora_r, lora_alpha, lora_dropout, target_modules); method_args may not contradict them.")
     target_modules: Optional[list[str]] = _f(None, "Modules to adapt: names/suffixes (comma-separated on the command line), 'all-linear', one regular expression over full module names (e.g. '.*\\.(q|v)_proj'), or None for the per-architecture default.")
     # --- data shaping
-    template: Optional[str] = _f(None, "Prompt template name (None = the tokenizer's chat template or the plain default).")
+    template: Optional[str] = _f(None, "Prompt template: chat (the tokenizer's chat template), alpaca, japanese, llama2, auto, or your own string with {instruction} and {response} (and optionally {input}); None = auto: chat when the tokenizer has a chat template, else alpaca.")
     max_length: int = _f(1024, "Maximum tokens per example (longer ones are truncated).")
     packing: bool = _f(False, "Pack several examples into one row (no padding; attention kept per example via position_ids).")
     group_by_length: bool = _f(False, "Order batches so rows of similar length go together (less padding), still shuffled per epoch.")
