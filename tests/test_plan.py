@@ -565,3 +565,11 @@ def test_plan_offers_the_optimizers_training_does_and_assumes_trainings_defaults
     # The Python estimate reads a training config's spellings too.
     assert plan.estimate(SMOLLM2, dtype="auto", quantization="none").total == \
         plan.estimate(SMOLLM2, dtype=plan.auto_dtype("cpu"), quantization=None).total
+
+
+def test_plan_counts_adalora_without_a_run_length(tmp_path, capsys):
+    from helpers_data import tiny_llama
+
+    tiny_llama().config.save_pretrained(tmp_path)  # AdaLoRA's schedule needs max_steps; its count does not
+    assert plan.main([str(tmp_path), "--method", "adalora", "--ram", "100GB"]) == 0
+    assert "trainable" in capsys.readouterr().out

@@ -1083,6 +1083,9 @@ def adapter_counts(keys: dict[str, Any], source: Any, trainable_params: Optional
     """
     from .train.config import TrainConfig
 
+    if keys.get("method") == "adalora" and "total_step" not in (keys.get("method_args") or {}):
+        # AdaLoRA's schedule needs the run's length, its parameter count does not: any length counts.
+        keys = {**keys, "max_steps": keys.get("max_steps") or 1}
     job = TrainConfig.load(None, keys)
     if job.method not in ("lora", "full") and trainable_params is None:
         trainable_params = count_trainable(job, source)
