@@ -104,10 +104,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import distributed
 
     config = config_from_args(args)
-    result = run_training(config)
+    try:
+        result = run_training(config)
+    except KeyboardInterrupt:
+        if distributed.is_main():
+            _say_how_to_resume(config)
+        raise
     if distributed.is_main():
         print(f"{'model' if config.method == 'full' else 'adapter'} saved in {result.output_dir}")
     return 0
+
+
+def _say_how_to_resume(config) -> None:
+    """After Ctrl-C: what a rerun of the same command starts from."""
+    from .train.checkpoint import latest_checkpoint
+
+    newest = latest_checkpoint(config.output_dir) if config.output_dir and os.path.isdir(config.output_dir) else None
+    if newest:
+        print(f"the newest checkpoint is {newest}: run the same command again to resume from it", file=sys.stderr)
+    elif config.save_steps:
+        print(f"no checkpoint was saved yet (one every {config.save_steps} steps): a rerun starts over",
+              file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- generate
