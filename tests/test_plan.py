@@ -29,6 +29,9 @@ def meta_count(build, cfg) -> int:
          num_key_value_heads=2, head_dim=40, vocab_size=321, attention_bias=True, mlp_bias=True),
     dict(model_type="qwen2", hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
          num_key_value_heads=2, vocab_size=300, tie_word_embeddings=False),
+    *[dict(model_type=t, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, head_dim=24, vocab_size=300, pad_token_id=0)
+      for t in ("gemma3_text", "smollm3", "granite", "qwen3")],
 ])
 def test_llama_like_counts_match_meta_models(kw):
     cfg = transformers.AutoConfig.for_model(**kw)

@@ -100,7 +100,7 @@ SLACK_FRACTION = {"cpu": 0.40, "cuda": 0.10}
 SPLIT_SLACK_FRACTION = {"cpu": 1.0, "cuda": 0.0}  # x one forward's activations, when a step runs 2+ forwards
 LOGITS_FP32_COPIES = 3
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "smollm3", "granite")
 SUPPORTED = LLAMA_LIKE + ("gpt2", "bert")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # Per fp32 trainable param (the trainer's `optimizer` names; paged states count where they live).
@@ -284,7 +284,8 @@ def model_shape(config) -> Shape:
             Linear("mlp.up_proj", h, i, mlp_bias),
             Linear("mlp.down_proj", i, h, mlp_bias),
         )
-        norms = (4 if mt == "gemma2" else 2) * h + (2 * hd if mt == "qwen3" else 0)
+        # gemma2/3 norm after attention and MLP too; qwen3 and gemma3 normalise queries and keys per head.
+        norms = (4 if mt in ("gemma2", "gemma3_text") else 2) * h + (2 * hd if mt in ("qwen3", "gemma3_text") else 0)
         return Shape("llama", h, i, c.num_hidden_layers, heads, kv, hd, c.vocab_size,
                      bool(c.tie_word_embeddings), linears, norms, c.vocab_size * h, h, ("q_proj", "v_proj"))
     if mt == "gpt2":
