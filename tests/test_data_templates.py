@@ -182,6 +182,21 @@ def test_streamed_answers_lose_the_template_suffix(pieces, shown):
     assert "".join(_without_suffix(iter(pieces), "")) == "".join(pieces)
 
 
+def test_a_chat_template_that_refuses_a_conversation_names_the_row(tmp_path):
+    from helpers_data import write_jsonl
+
+    tokenizer = make_chat_tokenizer()
+    tokenizer.chat_template = ("{% if messages[0]['role'] != 'system' %}{{ raise_exception('A system message is "
+                               "required') }}{% endif %}" + CHATML)
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                          {"role": "assistant", "content": "hello"}]},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    with pytest.raises(DataError, match=r"chat\.jsonl, line 2: the chat template .* refused the conversation "
+                                        r"\(user, assistant\): A system message is required"):
+        build_dataset(str(path), tokenizer, get_template("chat", tokenizer))
+
+
 def test_chat_template_appends_eos_when_the_turn_lacks_it():
     tokenizer = make_chat_tokenizer()
     tokenizer.eos_token = "<|endoftext|>"

@@ -191,9 +191,17 @@ class Template:
             raise DataError(f"template {self.name!r} is a chat template and needs a tokenizer: Template.from_dict(d, tokenizer)")
         if not messages:
             return ""
-        return self.tokenizer.apply_chat_template(
-            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        from jinja2.exceptions import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except TemplateError as err:  # the template's own raise_exception(...): it refuses these turns
+            roles = ", ".join(m["role"] for m in messages)
+            raise DataError(f"the chat template of {self.name!r} refused the conversation ({roles}): {err}. "
+                            "Give the rows the turns it expects (a system message, or none), or use an "
+                            "instruction template (--template alpaca, or your own)") from None
 
     def _opening_prefix(self, through: str, content: str) -> str:
         """The text before a conversation's content when it opens with an assistant turn.
