@@ -62,6 +62,10 @@ def _prepare_config(config: PeftConfig, model: nn.Module) -> PeftConfig:
 class PeftModel(nn.Module):
     """A base model plus named adapters; see the module docstring."""
 
+    # transformers' Trainer refuses to train a quantized model unless it carries trainable adapters, which
+    # it detects by HF PEFT's class or by this flag (set by its own adapter integration).
+    _hf_peft_config_loaded = True
+
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
                  _init_weights: bool = True):
         super().__init__()
@@ -428,27 +432,52 @@ def _write_model_card(folder: str, config: PeftConfig, state: dict[str, torch.Te
     atomic_write_text(path, "\n".join(lines))
 
 
-class PeftModelForCausalLM(PeftModel):
+class _TransformersInputs(PeftModel):
+    """A wrapper of a transformers model, whose ``forward`` names the model's usual inputs.
+
+    Tools read them from the signature: transformers' Trainer keeps only the dataset
+    columns ``forward`` names (it looks inside HF PEFT's class, which this is not).
+    Inputs left at None are not passed; positions stay positions.
+    """
+
+    def forward(self, input_ids: Any = None, attention_mask: Any = None, *args: Any, inputs_embeds: Any = None,
+                labels: Any = None, position_ids: Any = None, token_type_ids: Any = None,
+                decoder_input_ids: Any = None, decoder_attention_mask: Any = None, start_positions: Any = None,
+                end_positions: Any = None, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
+        named = dict(inputs_embeds=inputs_embeds, labels=labels, position_ids=position_ids,
+                     token_type_ids=token_type_ids, decoder_input_ids=decoder_input_ids,
+                     decoder_attention_mask=decoder_attention_mask, start_positions=start_positions,
+                     end_positions=end_positions)
+        kwargs.update((k, v) for k, v in named.items() if v is not None)
+        if args:
+            args = (input_ids, attention_mask, *args)
+        else:  # transformers models take both by name
+            kwargs.update((k, v) for k, v in (("input_ids", input_ids), ("attention_mask", attention_mask))
+                          if v is not None)
+        return super().forward(*args, adapter_names=adapter_names, **kwargs)
+
+
+class PeftModelForCausalLM(_TransformersInputs):
     """Causal LM: ``forward(input_ids, labels=...)`` gives a loss; ``generate`` works."""
 
 
-class PeftModelForSeq2SeqLM(PeftModel):
+class PeftModelForSeq2SeqLM(_TransformersInputs):
     """Encoder-decoder LM (T5, BART, ...)."""
 
 
-class PeftModelForSequenceClassification(PeftModel):
+class PeftModelForSequenceClassification(_TransformersInputs):
     """Classifier: the head (``classifier``/``score``) trains in full and is saved with the adapter."""
 
 
-class PeftModelForTokenClassification(PeftModel):
+class PeftModelForTokenClassification(_TransformersInputs):
     """Token classifier: the head trains in full and is saved with the adapter."""
 
 
-class PeftModelForFeatureExtraction(PeftModel):
+class PeftModelForFeatureExtraction(_TransformersInputs):
     """Encoder producing hidden states (embeddings)."""
 
 
-class PeftModelForQuestionAnswering(PeftModel):
+class PeftModelForQuestionAnswering(_TransformersInputs):
     """Extractive QA head (span start/end logits)."""
 
 
