@@ -280,3 +280,12 @@ def test_method_args_may_not_contradict_the_jobs_own_keys():
     assert lora_from_train_config(regex, "base").target_modules == r".*\.(q|v)_proj"
     assert train_targets([r".*\.(q|v)_proj"]) == r".*\.(q|v)_proj"  # --target_modules takes one too
     assert train_targets(["q_proj", "v_proj"]) == ["q_proj", "v_proj"] and train_targets(["all-linear"]) == "all-linear"
+
+
+def test_in_memory_data_is_refused_with_how_to_pass_it():
+    rows = [{"instruction": "say hi", "output": "hi"}] * 20000
+    with pytest.raises(ConfigError, match=r"data in the settings given is a list; it must be the path") as err:
+        TrainConfig.load(overrides={"data": rows})
+    assert len(str(err.value)) < 400  # not the rows' repr
+    with pytest.raises(ConfigError, match=r"^lora_r='.{0,40}' in the settings given"):
+        TrainConfig.load(overrides={"lora_r": "x" * 10000})

@@ -159,6 +159,9 @@ def run_training(config: Union[None, str, os.PathLike, Mapping[str, Any], TrainC
     ``callbacks``: functions ``f(trainer, record)`` called after every optimizer step.
     """
     cfg = as_config(config, **overrides)
+    callbacks = [callbacks] if callable(callbacks) else list(callbacks)  # one function, or several
+    if not all(callable(c) for c in callbacks):
+        raise TypeError(f"callbacks must be functions f(trainer, record), got {callbacks!r}")
     check_method(cfg)
     if not cfg.data:
         raise ConfigError("data is not set: give a training file (jsonl/json/csv/parquet) or a saved dataset folder")

@@ -25,11 +25,17 @@ __all__ = [
 class _TrainModule(types.ModuleType):
     """Makes ``tsugiki.train(config)`` run a whole job while ``tsugiki.train.Trainer`` etc. stay importable."""
 
-    def __call__(self, config=None, **overrides):
-        """Fine-tune as ``config`` says (YAML path, dict or TrainConfig); see :func:`tsugiki.pipeline.run_training`."""
+    def __call__(self, config=None, progress=True, callbacks=(), **overrides):
+        """Fine-tune as ``config`` says (YAML path, dict or TrainConfig); keyword arguments override its keys.
+
+        ``progress``: the progress bar and summary lines. ``callbacks``: functions
+        ``f(trainer, record)`` called after every optimizer step (``record`` holds the
+        step's metrics; ``loss`` on logging steps). Returns ``TrainResult(output_dir,
+        metrics)``. See :func:`tsugiki.pipeline.run_training` and ``tsugiki train --help``.
+        """
         from ..pipeline import run_training
 
-        return run_training(config, **overrides)
+        return run_training(config, progress=progress, callbacks=callbacks, **overrides)
 
 
 sys.modules[__name__].__class__ = _TrainModule

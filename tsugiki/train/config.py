@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import difflib
 import os
+import reprlib
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -247,10 +248,16 @@ def _coerce_all(values: Mapping[str, Any], source: str) -> dict[str, Any]:
             close = suggest_key(key, list(hints))
             hint = f"; did you mean {close!r}?" if close else f"; valid keys: {', '.join(hints)}"
             raise ConfigError(f"unknown key {raw_key!r} in {source}{hint}")
+        if key in ("data", "eval_data") and value is not None and not isinstance(value, (str, os.PathLike)):
+            raise ConfigError(
+                f"{key} in {source} is a {type(value).__name__}; it must be the path of a data file (jsonl, json, "
+                "csv, parquet) or of a saved datasets folder. Write in-memory rows to a file first (e.g. "
+                "datasets.Dataset.from_list(rows).to_json('train.jsonl')), or give tokenized examples to "
+                "tsugiki.train.Trainer")
         try:
             out[key] = _coerce(key, value, hints[key])
         except (TypeError, ValueError) as err:
-            raise ConfigError(f"{key}={value!r} in {source}: {err}") from None
+            raise ConfigError(f"{key}={reprlib.repr(value)} in {source}: {err}") from None
     return out
 
 
