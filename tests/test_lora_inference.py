@@ -13,6 +13,7 @@ import torch
 
 import tsugiki
 from tsugiki import adapter_io
+from tsugiki.kernels.decode import single_row_decoding
 from tsugiki.methods.lora import LoraLinear, decoding_forwards
 from tiny_models import randomize_adapters, tiny_gpt2, tiny_llama, token_batch
 
@@ -420,6 +421,20 @@ def test_one_row_takes_the_update_from_the_stacked_product(kernel_name, bias, mo
     with model.disable_adapter(), torch.inference_mode():
         bare = layer(x)
     assert (got.double() - bare.double()).abs().max() > 20 * 2 ** -7 * scale  # the update is really there
+
+
+def test_a_stack_built_under_inference_mode_leaves_the_weight_usable_outside_it(monkeypatch):
+    model, layer = _stacked_mlp("native", monkeypatch)
+    x = torch.randn(1, 1, 8).to(torch.bfloat16)
+    _decode_row(model, layer, x)  # under torch.inference_mode(), as generate_answers runs
+    assert "_decode_stack" in layer.__dict__ and not layer.base_layer.weight.is_inference()
+    with torch.no_grad(), single_row_decoding(model), decoding_forwards(model):
+        layer(x)  # the stack takes the adapter's A again, outside inference mode
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as the trainer runs a bf16 base
+        out = layer(x)
+    out.float().sum().backward()  # the weight can be saved for backward
+    assert layer.lora_A["default"].weight.grad is not None
 
 
 def test_the_stack_follows_the_adapter_and_lets_go_of_replaced_weights(monkeypatch):

@@ -480,7 +480,9 @@ class LoraLinear(LoraLayer, nn.Module):
             return None
         out, r = weight.shape[0], A.shape[0]
         stack = self.__dict__.get("_decode_stack")
-        with torch.no_grad():
+        # Never an inference tensor, even under the caller's inference_mode: the base weight lives in it, and
+        # later no_grad generation or training must be able to use that weight.
+        with torch.inference_mode(False), torch.no_grad():
             if stack is None or stack.data_ptr() != weight.data_ptr() or stack.shape[0] != out + r:
                 stack = torch.empty(out + r, weight.shape[1], dtype=weight.dtype)
                 stack[:out].copy_(weight)
