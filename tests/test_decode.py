@@ -115,6 +115,27 @@ def test_the_native_kernel_switches_onednn_off_for_its_product_only(monkeypatch)
     assert torch._C._get_mkldnn_enabled() == before  # restored after an error too
 
 
+def test_threads_decoding_at_once_leave_onednn_as_they_found_it(monkeypatch):
+    import threading
+
+    x, w, b = _operands((1, 1))
+    monkeypatch.setattr(decode, "ROW_KERNEL", "native")
+    before = torch._C._get_mkldnn_enabled()
+    start = threading.Barrier(4)
+
+    def decode_rows():
+        start.wait()
+        for _ in range(1000):
+            decode.linear(x, w, b)
+
+    threads = [threading.Thread(target=decode_rows) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch._C._get_mkldnn_enabled() == before  # each saving and restoring its own left it off
+
+
 def _stacked_operands(bias, out_features=1536, in_features=576, r=16, seed=0):
     """x, [W; A], [b; 0] (or None), U as the column-major view stacked_row takes, and the fp64 W x + b + U A x."""
     x, w, b = _operands((1, 1), in_features, out_features, bias, seed=seed)

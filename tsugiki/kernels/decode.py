@@ -44,6 +44,7 @@ in extra rows, and at one row :func:`stacked_row` computes ``W x`` and
 
 from __future__ import annotations
 
+import threading
 import types
 from contextlib import contextmanager
 from typing import Iterator, Optional
@@ -65,15 +66,33 @@ def _mv_row(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor])
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
+# The switch is process-wide: threads decoding at once share one "off" period, counted, so the last one
+# out restores what the first one in found (each saving and restoring its own could leave it off for good).
+_onednn_lock = threading.Lock()
+_onednn_users = [0, True]  # threads inside _without_onednn, the setting found by the first
+
+
+@contextmanager
+def _without_onednn() -> Iterator[None]:
+    with _onednn_lock:
+        if _onednn_users[0] == 0:
+            _onednn_users[1] = _get_onednn()
+            _set_onednn(False)
+        _onednn_users[0] += 1
+    try:
+        yield
+    finally:
+        with _onednn_lock:
+            _onednn_users[0] -= 1
+            if _onednn_users[0] == 0:
+                _set_onednn(_onednn_users[1])
+
+
 def _native_row(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     if _set_onednn is None:
         return F.linear(x, weight, bias)
-    enabled = _get_onednn()
-    _set_onednn(False)
-    try:
+    with _without_onednn():
         return F.linear(x, weight, bias)
-    finally:
-        _set_onednn(enabled)
 
 
 ROW_KERNELS = {"mv": _mv_row, "native": _native_row}
@@ -132,15 +151,11 @@ def stacked_row(x: torch.Tensor, stack: torch.Tensor, bias: Optional[torch.Tenso
     native = ROW_KERNEL == "native"
     if not native:
         y, z = ROW_KERNELS[ROW_KERNEL](x, stack, bias).split_with_sizes(sizes, -1)
-    enabled = _get_onednn()
-    _set_onednn(False)  # one switch for both calls where the row kernel is "native"
-    try:
+    with _without_onednn():  # one switch for both calls where the row kernel is "native"
         if native:
             y, z = F.linear(x, stack, bias).split_with_sizes(sizes, -1)
         _scale_and_shift(y, scale, shift)
         y.view(-1).addmv_(update, z.view(-1))
-    finally:
-        _set_onednn(enabled)
     return y
 
 
