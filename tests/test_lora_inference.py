@@ -135,6 +135,17 @@ def test_a_changed_dora_factor_is_seen_by_the_next_inference_call(edit):
     assert (after - before).abs().max() > 1e-4  # DoRA renormalises rows: a scaled W changes little
 
 
+def test_a_changed_base_bias_is_seen_by_a_dora_layers_next_inference_call():
+    model = _grafted(tiny_llama(attention_bias=True), use_dora=True)
+    ids = token_batch()
+    before = _fast(model, ids)
+    with torch.no_grad():  # DoRA scales the base output, bias included: the plan keeps (1 - m/n) b
+        model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.bias.add_(1.0)
+    after = _fast(model, ids)
+    torch.testing.assert_close(after, _reference(model, ids), atol=1e-5, rtol=1e-5)
+    assert (after - before).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize("edit", _edits(), ids=lambda f: f.__name__)
 def test_a_changed_adapter_is_seen_by_the_next_inference_call(edit):
     model = _grafted(tiny_llama())

@@ -782,9 +782,11 @@ class _InferencePlan:
                 plan.scaled_B_t = (B.t() * layer.scaling[name]).contiguous()
                 return plan
             magnitudes, base = layer.lora_magnitude_vector._parameters, layer.base_layer._parameters
+            watched = [(plan.a_params, "weight"), (magnitudes, name), (base, "weight")]
+            if base.get("bias") is not None:  # bias_shift below is made of it
+                watched.append((base, "bias"))
             plan.watched = tuple((params, key, params[key], params[key]._version, params[key].data_ptr())
-                                 for params, key in ((plan.a_params, "weight"), (magnitudes, name),
-                                                     (base, "weight")))
+                                 for params, key in watched)
             factor = magnitudes[name].float() / layer._dora_norm(name, torch.float32)
             plan.scaled_B_t = (B.t().float() * (layer.scaling[name] * factor)).to(B.dtype).contiguous()
             plan.factor = factor
