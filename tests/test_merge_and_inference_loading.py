@@ -158,3 +158,12 @@ def test_answer_scores_treat_an_empty_reference_as_matching_only_an_empty_answer
 
     assert contains_match("The answer is  Paris.", "paris") and exact_match(" Paris \n", "Paris")
     assert not contains_match("anything", "") and contains_match(" ", "")
+
+
+def test_inference_in_bf16_keeps_the_buffers_fp32_as_training_does(model_dir):
+    import torch
+
+    loaded = load_for_inference(model_dir, dtype="bf16")
+    floats = {name: t.dtype for name, t in loaded.model.named_buffers() if t.is_floating_point()}
+    assert floats and set(floats.values()) == {torch.float32}  # RoPE's inv_freq: its precision sets the angles
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}

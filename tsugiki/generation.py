@@ -130,7 +130,10 @@ def load_for_inference(model: Optional[str] = None, adapter: Optional[str] = Non
     if dtype is not None and not quantization and not saved_quant:
         from .train.loop import resolve_dtype
 
-        base = base.to(resolve_dtype(dtype, next(base.parameters()).device))
+        target = resolve_dtype(dtype, next(base.parameters()).device)
+        for param in base.parameters():  # weights only: buffers (RoPE's inv_freq) keep fp32, as in training
+            if param.is_floating_point() and param.dtype != target:
+                param.data = param.data.to(target)
     net: nn.Module = PeftModel.from_pretrained(base, adapter) if adapter else base
     net.eval()
     chosen = get_template(template, tokenizer) if template is not None else None
