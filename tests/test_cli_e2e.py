@@ -202,6 +202,17 @@ def test_cli_errors_are_one_clear_line(argv, message, model_dir, data_file, tmp_
     assert message in capsys.readouterr().err
 
 
+def test_overwrite_keeps_the_earlier_run_until_the_new_one_can_start(model_dir, data_file, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(_train_args(model_dir, data_file, out, "--max_steps", "2", "--eval_split", "0")) == 0
+    before = sorted(os.listdir(out))
+    # Refused on the way (a missing data file; targets that match nothing, found once the model is loaded):
+    assert main(_train_args(model_dir, str(tmp_path / "typo.jsonl"), out, "--overwrite", "true")) == 2
+    assert main(_train_args(model_dir, data_file, out, "--overwrite", "true", "--target_modules", "nope",
+                            "--eval_split", "0")) == 2
+    assert sorted(os.listdir(out)) == before and "matched no module" in capsys.readouterr().err
+
+
 def test_non_empty_output_dir_is_refused_before_loading(model_dir, data_file, tmp_path, capsys):
     out = tmp_path / "busy"
     out.mkdir()

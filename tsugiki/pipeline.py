@@ -169,7 +169,9 @@ def run_training(config: Union[None, str, os.PathLike, Mapping[str, Any], TrainC
         raise cfg.no_eval_rows_error()
     distributed.init_distributed()  # before any CUDA work: each rank pins its own GPU
     progress = progress and distributed.is_main()
-    resolve_resume(cfg)  # refuses a non-empty output_dir early, before anything slow happens
+    # Refuses a non-empty output_dir early, before anything slow happens; removes nothing yet (the trainer
+    # does, once data and model have loaded), so a job refused on the way keeps the run it would replace.
+    resolve_resume(cfg, clean=False)
 
     tokenizer = load_tokenizer(cfg.model)
     template = get_template(cfg.template, tokenizer)

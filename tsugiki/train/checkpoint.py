@@ -93,16 +93,21 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
     return found[-1][1] if found else None
 
 
-def remove_leftovers(output_dir: str) -> list[str]:
-    """Delete what an interrupted save or rotation left: ``.checkpoint-*.tmp``/``.old``/``.final.tmp`` folders and
+def leftovers(output_dir: str) -> list[str]:
+    """What an interrupted save or rotation left: ``.checkpoint-*.tmp``/``.old``/``.final.tmp`` folders and
     ``checkpoint-N`` folders without a COMPLETE marker (only a half-done deletion makes those)."""
-    removed = []
-    if os.path.isdir(output_dir):
-        for name in os.listdir(output_dir):
-            path = os.path.join(output_dir, name)
-            if _TMP_RE.match(name) or (_CKPT_RE.match(name) and os.path.isdir(path) and not is_complete(path)):
-                shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
-                removed.append(name)
+    if not os.path.isdir(output_dir):
+        return []
+    return [name for name in os.listdir(output_dir)
+            if _TMP_RE.match(name) or (_CKPT_RE.match(name) and os.path.isdir(os.path.join(output_dir, name))
+                                       and not is_complete(os.path.join(output_dir, name)))]
+
+
+def remove_leftovers(output_dir: str) -> list[str]:
+    """Delete :func:`leftovers`; returns their names."""
+    removed = leftovers(output_dir)
+    for name in removed:
+        shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
     return removed
 
 
@@ -145,7 +150,7 @@ def user_files(output_dir: str) -> set[str]:
             and not (name == CARD_FILE and is_our_card(os.path.join(output_dir, name)))}
 
 
-def resolve_resume(config: TrainConfig) -> Optional[str]:
+def resolve_resume(config: TrainConfig, clean: bool = True) -> Optional[str]:
     """Check ``output_dir`` and decide where to resume from (None = fresh start).
 
     * ``output_dir`` that is a file: error.
@@ -163,12 +168,17 @@ def resolve_resume(config: TrainConfig) -> Optional[str]:
     card), and a user's file under another name the run writes (``tokenizer_config.json``,
     ``adapter_config.json``, ...) is an error here, before anything is removed or trained.
 
+    ``clean=False`` checks and decides without removing anything: what a job calls before it
+    loads its data and model, so a job refused on the way (a missing file, a bad key) has not
+    deleted the earlier run that ``overwrite`` would replace. The trainer calls it again, cleaning,
+    when training is about to start.
+
     Across processes (``WORLD_SIZE`` > 1, see :mod:`tsugiki.train.distributed`) it joins the
     process group, then only rank 0 inspects and cleans ``output_dir``; every rank gets rank 0's
     answer, or raises rank 0's error, so all of them resume from the same checkpoint.
     """
     distributed.init_distributed()
-    return distributed.run_on_main(lambda: _resolve_resume_here(config))
+    return distributed.run_on_main(lambda: _resolve_resume_here(config, clean))
 
 
 def _same_folder(a: str, b: str) -> bool:
@@ -178,9 +188,11 @@ def _same_folder(a: str, b: str) -> bool:
         return False
 
 
-def _resolve_resume_here(config: TrainConfig) -> Optional[str]:
-    """:func:`resolve_resume` for one process; it may delete leftovers and an earlier run's files in ``output_dir``."""
+def _resolve_resume_here(config: TrainConfig, clean: bool = True) -> Optional[str]:
+    """:func:`resolve_resume` for one process; with ``clean`` it deletes leftovers and an earlier run's files
+    in ``output_dir``."""
     out = config.output_dir
+    tidy = remove_leftovers if clean else leftovers  # either way, the names no longer count as content
     if os.path.exists(out) and not os.path.isdir(out):
         raise NotADirectoryError(f"output_dir={out!r} is a file; give a directory path")
     path = None  # an explicit checkpoint to resume from
@@ -191,16 +203,16 @@ def _resolve_resume_here(config: TrainConfig) -> Optional[str]:
                 f"resume={path!r} is not a complete checkpoint (a checkpoint-N folder with a "
                 f"{COMPLETE_MARKER} file); use resume: auto to take the newest complete one")
         if _same_folder(os.path.dirname(os.path.abspath(path)), out):  # the run goes on in its own folder
-            remove_leftovers(out)
+            tidy(out)
             return path
     if not os.path.isdir(out):
         return path
-    remove_leftovers(out)
+    left = set(tidy(out))
     if config.resume == "auto" and not config.overwrite:
         latest = latest_checkpoint(out)
         if latest is not None:
             return latest
-    entries = os.listdir(out)
+    entries = [e for e in os.listdir(out) if e not in left]
     ours = run_files(out)
     restartable = bool(ours) and all(e in RUN_RECORDS for e in entries)  # a run that never checkpointed
     if entries and not config.overwrite and not (restartable and config.resume is not False):
@@ -219,7 +231,7 @@ def _resolve_resume_here(config: TrainConfig) -> Optional[str]:
             f"output_dir={out!r} holds {', '.join(clashes)}, which this run would write and which no earlier "
             f"tsugiki run there wrote (a run's folder has {CONFIG_FILENAME} or checkpoints); move or delete "
             f"{'it' if len(clashes) == 1 else 'them'}, or choose another output_dir")
-    for name in ours:  # an earlier run's files only; anything a user put there stays
+    for name in ours if clean else ():  # an earlier run's files only; anything a user put there stays
         entry = os.path.join(out, name)
         shutil.rmtree(entry) if os.path.isdir(entry) else os.remove(entry)
     return path
