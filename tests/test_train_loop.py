@@ -616,3 +616,17 @@ def test_offloading_hands_each_layer_input_to_save_on_cpu_and_keeps_the_gradient
     config = model.base_model.model.config
     assert packed == [(3, 20, config.hidden_size)] * config.num_hidden_layers
     assert_all_equal(*grads)
+
+
+def test_a_diverged_step_stops_the_run_before_it_writes_nan_weights(tmp_path):
+    from tsugiki.train.loop import TrainingDiverged
+
+    out = tmp_path / "nan"
+    model = tiny_model()
+    trainer = Trainer(model, make_config(out, batch_size=2, max_steps=3, learning_rate=1e30, dtype="fp32",
+                                         max_grad_norm=0.0),
+                      random_examples(8), progress=False)
+    with pytest.raises(TrainingDiverged, match="training diverged at step 2: .* gradient norm nan"):
+        trainer.train()
+    assert not (out / "adapter_model.safetensors").exists()  # no NaN adapter presented as the result
+    assert all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)  # step 2 not taken

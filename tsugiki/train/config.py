@@ -150,8 +150,8 @@ class TrainConfig:
                 bad(key, "must be >= 0")
         if self.max_steps == 0 or self.max_steps < -1:
             bad("max_steps", "must be a positive number of steps, or -1 to use num_epochs")
-        if not self.learning_rate > 0:
-            bad("learning_rate", "must be > 0")
+        if not 0 < self.learning_rate < float("inf"):
+            bad("learning_rate", "must be a finite number > 0")
         for key in ("weight_decay", "max_grad_norm", "lora_alpha"):
             if getattr(self, key) < 0:
                 bad(key, "must be >= 0")

@@ -128,6 +128,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+class TrainingDiverged(ValueError):
+    """A step's loss or gradient was NaN or infinite: the run stops before it corrupts the weights."""
+
+
 def apply_dtype_policy(model: nn.Module, dtype: torch.dtype) -> None:
     """Frozen floating weights -> ``dtype``; trainable weights -> fp32. Quantized (integer) weights are left alone.
 
@@ -488,6 +492,13 @@ class Trainer:
             total_norm = total_norm.full_tensor()
         grad_norm = float(total_norm)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this update uses
+        if self.scaler is None and not (math.isfinite(grad_norm) and math.isfinite(float(loss_sum))):
+            # fp16's scaler skips such a step by itself; anywhere else it would write NaN into every weight
+            raise TrainingDiverged(
+                f"training diverged at step {self.state['step'] + 1}: loss {float(loss_sum) / max(n_targets, 1):.4g}, "
+                f"gradient norm {grad_norm:.4g}, so the step was not taken and nothing more is saved. Lower "
+                f"learning_rate (this step's: {lr:.3g}) or raise warmup_steps, check the data, and start again "
+                "(overwrite: true); checkpoints already saved are intact")
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
