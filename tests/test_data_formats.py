@@ -186,3 +186,15 @@ def test_bad_values_name_row_and_field():
         normalise({"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}]}, "messages", "row 2")
     with pytest.raises(DataError, match=r"field 'messages\[0\]': expected an object"):
         normalise({"messages": ["hi"]}, "messages", "row 2")
+
+
+def test_a_row_in_another_format_is_an_error_not_a_silent_drop(tmp_path):
+    from helpers_data import make_tokenizer, write_jsonl
+    from tsugiki.data import DataError, build_dataset
+
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(5)]
+    rows.insert(3, {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    with pytest.raises(DataError, match=r"mixed\.jsonl, line \d: this row is in the .* format .* put rows of one "
+                                        r"format in a file"):
+        build_dataset(str(path), make_tokenizer(), "alpaca")

@@ -287,8 +287,15 @@ def normalise(row: dict[str, Any], fmt: str, where: str) -> Sample | None:
     and drops such rows). ``where`` names the row in error messages.
 
     Raises:
-        DataError: a value has the wrong type, or a message has a bad role.
+        DataError: a value has the wrong type, a message has a bad role, or the row is in
+            another format than the file's (it would be dropped as empty, silently).
     """
+    required = _FORMAT_FIELDS[fmt][0]
+    if any(key not in row for key in required):
+        own = next((name for name, (fields, _) in _FORMAT_FIELDS.items() if all(k in row for k in fields)), None)
+        if own is not None and own != fmt:
+            raise DataError(f"{where}: this row is in the {own} format ({', '.join(sorted(row))}) but the file is "
+                            f"read as {fmt} rows ({', '.join(required)}); put rows of one format in a file")
     if fmt == "messages":
         return _normalise_messages(row.get("messages"), where)
     if fmt == "text":
