@@ -291,7 +291,8 @@ def test_bad_row_value_names_file_and_row(tmp_path, tok):
     path.write_text('\n\n\n{"prompt": "a", "completion": 3}\n')
     with pytest.raises(DataError, match=r"d\.jsonl, line 4, field 'completion': expected a string"):
         build_dataset(path, tok, "alpaca")
-    path.write_text('{"prompt": "a", "completion": "b"}\n\n{"messages": [{"role": "assistant", "content": "x"}]}\n')
+    path.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n\n'
+                    '{"messages": [{"role": "assistant", "content": "x"}]}\n')
     with pytest.raises(DataError, match=r"d\.jsonl, line 3: template 'alpaca': turns must alternate"):
         build_dataset(path, tok, "alpaca")
     # Mixed types within one field stop at loading, naming the line.
