@@ -213,6 +213,22 @@ def test_overwrite_keeps_the_earlier_run_until_the_new_one_can_start(model_dir, 
     assert sorted(os.listdir(out)) == before and "matched no module" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("damaged", ["trainer_state.pt", "trainable.safetensors"])
+def test_a_damaged_checkpoint_is_named_with_the_one_to_resume_from(model_dir, data_file, tmp_path, capsys, damaged):
+    out = str(tmp_path / "run")
+    assert main(_train_args(model_dir, data_file, out, "--max_steps", "2", "--save_steps", "1",
+                            "--eval_split", "0")) == 0
+    path = os.path.join(out, "checkpoint-2", damaged)
+    with open(path, "r+b") as fh:
+        fh.truncate(40)
+    capsys.readouterr()
+    assert main(_train_args(model_dir, data_file, out, "--max_steps", "3", "--save_steps", "1",
+                            "--eval_split", "0")) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint-2 is damaged: {damaged} cannot be read" in err
+    assert f"resume: {os.path.join(out, 'checkpoint-1')}" in err and "Traceback" not in err
+
+
 def test_non_empty_output_dir_is_refused_before_loading(model_dir, data_file, tmp_path, capsys):
     out = tmp_path / "busy"
     out.mkdir()

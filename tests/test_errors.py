@@ -291,3 +291,25 @@ def test_a_missing_adapter_is_the_error_peft_code_catches(tmp_path):
     for exc in (ValueError, FileNotFoundError):
         with pytest.raises(exc, match="does not exist"):
             tsugiki.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "nowhere"))
+
+
+def test_unexpected_errors_are_one_line_in_the_cli(tmp_path, capsys, monkeypatch):
+    from tsugiki import cli
+
+    def boom(args):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")  # torch.save, disk full
+
+    parser_default = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_func(parser_default(), "inspect", boom))
+    assert cli.main(["inspect", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("tsugiki inspect: error: RuntimeError: [enforce fail") and "--debug" in err
+    assert "Traceback" not in err
+
+
+def _with_func(parser, command, func):
+    import argparse
+
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sub.choices[command].set_defaults(func=func)
+    return parser

@@ -422,6 +422,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"tsugiki {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # not an input problem we know of: still one line, and where to look further
+        if args.debug:
+            raise
+        print(f"tsugiki {args.command}: error: {type(err).__name__}: {err} (--debug shows the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -49,9 +49,12 @@ def _tensor_shapes(folder: str) -> tuple[str, dict[str, tuple[tuple[int, ...], s
     of a safetensors file; a pickle ``.bin`` (saved with ``safe_serialization=False``) is read weights-only."""
     weights = os.path.join(folder, WEIGHTS_NAME)
     if os.path.isfile(weights):
-        with safe_open(weights, "pt") as fh:
-            return weights, {k: (tuple(fh.get_slice(k).get_shape()), fh.get_slice(k).get_dtype())
-                             for k in fh.keys()}
+        try:
+            with safe_open(weights, "pt") as fh:
+                return weights, {k: (tuple(fh.get_slice(k).get_shape()), fh.get_slice(k).get_dtype())
+                                 for k in fh.keys()}
+        except Exception as err:  # safetensors' own error types
+            raise ValueError(f"{weights} is corrupt or truncated ({err}); save the adapter again") from err
     pickled = os.path.join(folder, PICKLE_WEIGHTS_NAME)
     if os.path.isfile(pickled):
         import torch

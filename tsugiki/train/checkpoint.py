@@ -285,6 +285,14 @@ def check_resume_compatible(checkpoint: str, config: TrainConfig, world_size: in
             "restore them, or start a new run with another output_dir (or overwrite: true)")
 
 
+def _damaged(checkpoint: str, name: str, err: Exception) -> ValueError:
+    others = [c for _, c in list_checkpoints(os.path.dirname(os.path.abspath(checkpoint)))
+              if not _same_folder(c, checkpoint)]
+    fix = f"resume: {others[-1]} (the one before)" if others else "overwrite: true to start over"
+    return ValueError(f"checkpoint {checkpoint} is damaged: {name} cannot be read ({type(err).__name__}: "
+                      f"{str(err).splitlines()[0] if str(err) else ''}); delete that folder, or set {fix}")
+
+
 def load_trainer_state(path: str, mmap: bool = False) -> dict[str, Any]:
     """Read a ``trainer_state.pt`` without running code from it: weights-only unpickling, which
     allows tensors and plain containers, plus the numpy array types of numpy's RNG state."""
@@ -296,6 +304,8 @@ def load_trainer_state(path: str, mmap: bool = False) -> dict[str, Any]:
     except pickle.UnpicklingError as err:
         raise ValueError(f"{path} holds objects other than tensors and plain values, which tsugiki does not "
                          f"unpickle (they could run code); was it written by tsugiki? ({err})") from err
+    except (RuntimeError, EOFError) as err:  # a truncated or empty zip archive
+        raise _damaged(os.path.dirname(path), os.path.basename(path), err) from err
 
 
 # ---------------------------------------------------------------------- RNG
@@ -422,7 +432,10 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
     """
     if not is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE_MARKER} file)")
-    saved = load_file(os.path.join(path, TRAINABLE_FILE))
+    try:
+        saved = load_file(os.path.join(path, TRAINABLE_FILE))
+    except Exception as err:  # safetensors' own error types: a damaged file
+        raise _damaged(path, TRAINABLE_FILE, err) from err
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing = sorted(set(params) - set(saved))
     unexpected = sorted(set(saved) - set(params))
