@@ -289,3 +289,14 @@ def test_in_memory_data_is_refused_with_how_to_pass_it():
     assert len(str(err.value)) < 400  # not the rows' repr
     with pytest.raises(ConfigError, match=r"^lora_r='.{0,40}' in the settings given"):
         TrainConfig.load(overrides={"lora_r": "x" * 10000})
+
+
+def test_paths_starting_with_a_tilde_mean_the_home_folder(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "job.yaml").write_text("data: ~/train.jsonl\noutput_dir: ~/runs/a\n")
+    cfg = TrainConfig.load("~/job.yaml", {"model": "~/models/m"})
+    assert (cfg.data, cfg.output_dir, cfg.model) == (os.path.join(str(tmp_path), "train.jsonl"),
+                                                     os.path.join(str(tmp_path), "runs/a"),
+                                                     os.path.join(str(tmp_path), "models/m"))

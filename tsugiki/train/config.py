@@ -127,6 +127,7 @@ class TrainConfig:
         """Defaults, then the YAML file at ``path`` (if any), then ``overrides`` (which win)."""
         values: dict[str, Any] = {}
         if path is not None:
+            path = os.path.expanduser(os.fspath(path))
             values.update(_coerce_all(_read_yaml(path), f"config file {path}"))
         if overrides:
             values.update(_coerce_all(overrides, "the settings given"))
@@ -239,6 +240,9 @@ def suggest_key(key: str, valid: Sequence[str]) -> Optional[str]:
     return close[0] if close else None
 
 
+_PATH_KEYS = ("model", "data", "eval_data", "output_dir", "resume")
+
+
 def _coerce_all(values: Mapping[str, Any], source: str) -> dict[str, Any]:
     hints = typing.get_type_hints(TrainConfig)
     out = {}
@@ -258,6 +262,8 @@ def _coerce_all(values: Mapping[str, Any], source: str) -> dict[str, Any]:
             out[key] = _coerce(key, value, hints[key])
         except (TypeError, ValueError) as err:
             raise ConfigError(f"{key}={reprlib.repr(value)} in {source}: {err}") from None
+        if key in _PATH_KEYS and isinstance(out[key], str) and out[key].startswith("~"):
+            out[key] = os.path.expanduser(out[key])  # a YAML file or a quoted flag: no shell expanded it
     return out
 
 
