@@ -198,3 +198,14 @@ def test_a_row_in_another_format_is_an_error_not_a_silent_drop(tmp_path):
     with pytest.raises(DataError, match=r"mixed\.jsonl, line \d: this row is in the .* format .* put rows of one "
                                         r"format in a file"):
         build_dataset(str(path), make_tokenizer(), "alpaca")
+
+
+@pytest.mark.parametrize("suffix, content, line", [
+    (".jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "x"}\n', 2),
+    (".csv", b'instruction,output\n"a","b"\n"caf\xe9","x"\n', 3),
+])
+def test_a_file_that_is_not_utf8_names_the_line(tmp_path, suffix, content, line):
+    path = tmp_path / f"latin1{suffix}"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=rf"latin1\{suffix}, line {line}: not UTF-8 text \(byte 0xe9\)"):
+        load_rows(str(path))

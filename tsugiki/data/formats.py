@@ -161,8 +161,12 @@ def _csv_text_features(p: Path) -> datasets.Features | None:
 
     import datasets
 
-    with open(p, newline="", encoding="utf-8-sig") as fh:
-        header = next(csv.reader(fh), None)
+    try:
+        with open(p, newline="", encoding="utf-8-sig") as fh:
+            header = next(csv.reader(fh), None)
+    except UnicodeDecodeError:
+        read_utf8(p)  # raises the error that names the line
+        raise
     if not header:
         return None
     return datasets.Features({name: datasets.Value("string") for name in header})
@@ -212,13 +216,24 @@ def _read_json_checked(p: Path, max_rows: int | None) -> tuple[list[dict], dict[
     return rows, columns, places
 
 
+def read_utf8(p: str | os.PathLike) -> str:
+    """A text file's content (a UTF-8 byte-order mark dropped); a file that is not UTF-8 is an error
+    naming the line of its first bad byte."""
+    raw = Path(p).read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{p}, line {line}: not UTF-8 text (byte 0x{raw[err.start]:02x}); save the file as "
+                        "UTF-8") from None
+
+
 def _read_json(p: Path, max_rows: int | None) -> tuple[list[dict], list[str]]:
     """Parse a JSON array or JSON-lines file; errors name the 1-based line.
 
     Returns the rows and, per row, where it sits in the file (for later messages).
     """
-    with open(p, encoding="utf-8-sig") as f:
-        content = f.read()
+    content = read_utf8(p)
     if p.suffix.lower() == ".json" and content.lstrip().startswith("["):
         try:
             rows = json.loads(content)

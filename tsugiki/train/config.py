@@ -206,6 +206,8 @@ def _plain(value):
 
 
 def _read_yaml(path: str) -> dict:
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path!r} is a folder; give the YAML file in it")
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
     with open(path, encoding="utf-8") as fh:
@@ -213,6 +215,8 @@ def _read_yaml(path: str) -> dict:
             data = yaml.safe_load(fh)
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path!r} is not valid YAML: {err}") from err
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path!r} is not UTF-8 text; give a YAML file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
