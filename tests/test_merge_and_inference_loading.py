@@ -167,3 +167,35 @@ def test_inference_in_bf16_keeps_the_buffers_fp32_as_training_does(model_dir):
     floats = {name: t.dtype for name, t in loaded.model.named_buffers() if t.is_floating_point()}
     assert floats and set(floats.values()) == {torch.float32}  # RoPE's inv_freq: its precision sets the angles
     assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+
+
+def test_merge_writes_all_or_nothing_and_never_over_its_inputs(model_dir, data_file, tmp_path, capsys, monkeypatch):
+    adapter = str(tmp_path / "adapter")
+    _train(model_dir, data_file, adapter)
+    adapter_files = sorted(os.listdir(adapter))
+    for output in (adapter, model_dir):
+        assert main(["merge", "--adapter", adapter, "--model", model_dir, "--output", output, "--overwrite"]) == 2
+        assert "folder the merge reads; choose another folder" in capsys.readouterr().err
+    assert sorted(os.listdir(adapter)) == adapter_files
+
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    for stale in ("model-00001-of-00002.safetensors", "model.safetensors.index.json"):  # an older, sharded merge
+        (merged / stale).write_text("old")
+    (merged / "notes.txt").write_text("mine")
+    import tsugiki.pipeline
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:  # the last file fails: nothing of this merge may be left
+        patch.setattr(tsugiki.pipeline, "save_template", full_disk)
+        assert main(["merge", "--adapter", adapter, "--output", str(merged), "--overwrite"]) == 2
+    assert sorted(os.listdir(merged)) == ["model-00001-of-00002.safetensors", "model.safetensors.index.json",
+                                          "notes.txt"]
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    assert main(["merge", "--adapter", adapter, "--output", str(merged), "--overwrite"]) == 0
+    names = set(os.listdir(merged))
+    assert "model.safetensors" in names and "notes.txt" in names and not names & {
+        "model-00001-of-00002.safetensors", "model.safetensors.index.json"}
+    AutoModelForCausalLM.from_pretrained(merged)  # loads: no stale index pointing at old shards

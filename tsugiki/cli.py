@@ -212,13 +212,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- merge
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .fileio import ensure_directory, open_up_private_files
+    import shutil
+    import tempfile
+
+    from .fileio import MODEL_WEIGHT_FILES, ensure_directory, move_into, open_up_private_files
     from .generation import load_for_inference
     from .pipeline import TEMPLATE_FILE, save_template
     from .train.loop import resolve_dtype
 
     if os.path.isdir(args.output) and os.listdir(args.output) and not args.overwrite:
         raise FileExistsError(f"output folder {args.output!r} is not empty; pass --overwrite or choose another")
+    _refuse_output_over_inputs(args.output, args.adapter, args.model)
     quant = None if args.quantization == "none" else args.quantization
     if not quant and (args.dequantize or args.requantize):
         raise ValueError("--dequantize and --requantize choose what a merge into a --quantization 4bit/8bit base "
@@ -235,14 +239,31 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if dequantize and dtype is not None:  # the whole model in the dtype asked for, not only the merged layers
         merged.to(dtype)
     ensure_directory(args.output, "output folder")
-    merged.save_pretrained(args.output)
-    loaded.tokenizer.save_pretrained(args.output)
-    open_up_private_files(args.output)
-    # The prompt format goes with the model, so generate/chat/eval on the merged folder format as training did.
-    save_template(loaded.template, args.output)
+    # Written next to the output first: a failure on the way (a full disk) leaves the output as it was.
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(args.output))}.", suffix=".tmp",
+                               dir=os.path.dirname(os.path.abspath(args.output)))
+    try:
+        merged.save_pretrained(staging)
+        loaded.tokenizer.save_pretrained(staging)
+        # The prompt format goes with the model, so generate/chat/eval on the merged folder format as training did.
+        save_template(loaded.template, staging)
+        open_up_private_files(staging)
+        move_into(staging, args.output, stale=MODEL_WEIGHT_FILES)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     print(f"merged model saved in {args.output} (loads with transformers' AutoModelForCausalLM); "
           f"prompt template {loaded.template.name!r} saved as {TEMPLATE_FILE}")
     return 0
+
+
+def _refuse_output_over_inputs(output: str, adapter: Optional[str], model: Optional[str]) -> None:
+    """A merged model written over its own base or adapter would destroy what it was made from."""
+    from .config import PeftConfig
+
+    base = model or (PeftConfig.from_pretrained(adapter).base_model_name_or_path if adapter else None)
+    for what, folder in (("base model", base), ("adapter", adapter)):
+        if folder and os.path.isdir(folder) and os.path.exists(output) and os.path.samefile(folder, output):
+            raise ValueError(f"--output {output!r} is the {what} folder the merge reads; choose another folder")
 
 
 # ----------------------------------------------------------------------------- inspect

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 import tempfile
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 
 @contextlib.contextmanager
@@ -56,6 +58,27 @@ def open_up_private_files(folder: str | os.PathLike) -> None:
             path = os.path.join(root, name)
             if not os.path.islink(path) and (os.stat(path).st_mode & 0o777) == 0o600 and mode != 0o600:
                 os.chmod(path, mode)
+
+
+# A transformers model's weights, one file or shards and their index.
+MODEL_WEIGHT_FILES = re.compile(r"^(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?$")
+
+
+def move_into(source: str | os.PathLike, folder: str | os.PathLike, stale: Optional[re.Pattern] = None) -> None:
+    """Move every entry of ``source`` into ``folder`` (one rename each), replacing entries of the same name.
+
+    Entries of ``folder`` whose names match ``stale`` and that ``source`` lacks are removed, so an
+    old model's shard index does not outlive it; every other file in ``folder`` stays.
+    """
+    new = set(os.listdir(source))
+    for name in os.listdir(folder) if stale is not None else ():
+        if name not in new and stale.match(name):
+            os.remove(os.path.join(folder, name))
+    for name in sorted(new):
+        dest = os.path.join(folder, name)
+        if os.path.isdir(dest) and not os.path.islink(dest):
+            shutil.rmtree(dest)
+        os.replace(os.path.join(source, name), dest)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
