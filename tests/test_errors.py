@@ -313,3 +313,17 @@ def _with_func(parser, command, func):
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     sub.choices[command].set_defaults(func=func)
     return parser
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_model_loads(tmp_path, capsys):
+    from tsugiki import cli
+
+    (tmp_path / "data.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    (tmp_path / "a-file").write_text("x")
+    no_model = str(tmp_path / "no-model")  # never reached: the output is checked first
+    assert cli.main(["generate", "--model", no_model, "--prompt", "hi", "--output", str(tmp_path),
+                     "--overwrite"]) == 2
+    assert "is a folder; give a file path" in capsys.readouterr().err
+    assert cli.main(["train", "--model", no_model, "--data", str(tmp_path / "data.jsonl"),
+                     "--output_dir", str(tmp_path / "a-file" / "run")]) == 2
+    assert "cannot be written" in capsys.readouterr().err

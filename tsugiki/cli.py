@@ -92,8 +92,14 @@ def _read_prompt_rows(path: str) -> list[dict]:
 
 
 def _refuse_existing(path: str, overwrite: bool, what: str) -> None:
+    """Checked before any model loads: an --output file the run could not write at the end."""
+    from .fileio import check_writable
+
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{what} {path!r} is a folder; give a file path")
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{what} {path!r} already exists; pass --overwrite to replace it")
+    check_writable(os.path.dirname(os.path.abspath(path)), f"the folder of {what}")
 
 
 # ----------------------------------------------------------------------------- train

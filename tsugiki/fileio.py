@@ -93,6 +93,23 @@ def atomic_write_with(path: str | os.PathLike, writer: Callable[[str], None]) ->
         writer(tmp)
 
 
+def check_writable(path: str | os.PathLike, what: str) -> None:
+    """Fail now, not after an hour's work, when ``path`` (a folder or a file to be) cannot be written:
+    the folder itself if it exists, else the nearest folder above it that does."""
+    path = os.path.abspath(os.fspath(path))
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise NotADirectoryError(f"{what} {path!r} cannot be written: {probe} is not a folder; choose another")
+    try:  # a real write: permission bits say nothing about read-only mounts, or to root
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        raise PermissionError(f"{what} {path!r} cannot be written ({probe}: {err.strerror}); choose "
+                              "another") from None
+
+
 def ensure_directory(path: str | os.PathLike, what: str = "output folder") -> str:
     """Create ``path`` as a folder, or fail clearly when a file is in the way."""
     path = os.fspath(path)

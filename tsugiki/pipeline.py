@@ -24,7 +24,7 @@ from torch import nn
 
 from .data import build_dataset, get_template
 from .data.templates import Template
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, check_writable
 from .config import METHOD_BUILDERS, PeftConfig
 from .model import get_peft_model
 from .models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
@@ -75,6 +75,10 @@ def check_method(cfg: TrainConfig) -> None:
             f"fsdp: true cannot shard a {quantization_of(cfg)} base: FSDP would split bitsandbytes' packed "
             "weights and lose their quantization state. Use fsdp: false (each process keeps the whole "
             "quantized base, which is small), or quantization: none")
+    if cfg.optimizer != "adamw":  # bitsandbytes' optimizers: say now, not after the model has loaded
+        from .quant import require_bitsandbytes
+
+        require_bitsandbytes(f"optimizer: {cfg.optimizer}")
     if cfg.method == "full" and cfg.method_args:
         raise ConfigError("method_args: method 'full' takes no options")
     if cfg.method != "full":
@@ -172,6 +176,7 @@ def run_training(config: Union[None, str, os.PathLike, Mapping[str, Any], TrainC
     # Refuses a non-empty output_dir early, before anything slow happens; removes nothing yet (the trainer
     # does, once data and model have loaded), so a job refused on the way keeps the run it would replace.
     resolve_resume(cfg, clean=False)
+    check_writable(cfg.output_dir, "output_dir")
 
     tokenizer = load_tokenizer(cfg.model)
     template = get_template(cfg.template, tokenizer)
