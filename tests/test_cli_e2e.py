@@ -229,6 +229,24 @@ def test_a_damaged_checkpoint_is_named_with_the_one_to_resume_from(model_dir, da
     assert f"resume: {os.path.join(out, 'checkpoint-1')}" in err and "Traceback" not in err
 
 
+def test_a_second_run_into_a_folder_in_use_is_refused(model_dir, data_file, tmp_path, capsys):
+    import socket
+
+    out = tmp_path / "busy-run"
+    out.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".tsugiki-run.lock").write_text(f"{other.pid} {socket.gethostname()}\n")
+        assert main(_train_args(model_dir, data_file, str(out), "--max_steps", "1")) == 2
+        assert f"is in use by another tsugiki run (pid {other.pid} on" in capsys.readouterr().err
+    finally:
+        other.kill()
+        other.wait()
+    # The same lock left by a process that is gone (killed mid-run) does not block the next run.
+    assert main(_train_args(model_dir, data_file, str(out), "--max_steps", "1", "--eval_split", "0")) == 0
+    assert not (out / ".tsugiki-run.lock").exists()  # released at the end
+
+
 def test_non_empty_output_dir_is_refused_before_loading(model_dir, data_file, tmp_path, capsys):
     out = tmp_path / "busy"
     out.mkdir()

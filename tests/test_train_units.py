@@ -170,7 +170,7 @@ def test_eval_steps_without_held_out_rows_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("learning_rate", -1e-4, "learning_rate=-0.0001: must be > 0"),
+    ("learning_rate", -1e-4, "learning_rate=-0.0001: must be a finite number > 0"),
     ("lr_scheduler", "cosin", "lr_scheduler='cosin'.*did you mean 'cosine'"),
     ("batch_size", 0, "batch_size=0"),
     ("lora_dropout", 1.5, "lora_dropout=1.5"),

@@ -24,11 +24,13 @@ checkpoint is a whole one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
 import re
 import shutil
+import socket
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -91,6 +93,61 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
 def latest_checkpoint(output_dir: str) -> Optional[str]:
     found = list_checkpoints(output_dir)
     return found[-1][1] if found else None
+
+
+# ---------------------------------------------------------------------- one run per output_dir
+LOCK_FILE = ".tsugiki-run.lock"  # "<pid> <host>" of the run training into the folder
+
+
+def run_lock_holder(output_dir: str) -> Optional[str]:
+    """Who holds ``output_dir``'s run lock, if a live process does: "pid N on HOST"; None when there is no
+    lock, or it was left by a process that is gone (killed) or by this one."""
+    try:
+        with open(os.path.join(output_dir, LOCK_FILE), encoding="utf-8") as fh:
+            pid_text, _, host = fh.read().strip().partition(" ")
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        return None
+    if host == socket.gethostname():
+        if pid == os.getpid():
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:  # alive, another user's
+            pass
+    return f"pid {pid} on {host}"
+
+
+def refuse_if_in_use(output_dir: str) -> None:
+    """Raise FileExistsError when a live run holds ``output_dir``'s lock."""
+    holder = run_lock_holder(output_dir)
+    if holder:
+        raise FileExistsError(f"output_dir={output_dir!r} is in use by another tsugiki run ({holder}); wait for "
+                              f"it to end or choose another output_dir (delete {LOCK_FILE} there if no run is "
+                              "using it)")
+
+
+def take_run_lock(output_dir: str) -> None:
+    """Mark ``output_dir`` as this process's run; refuse when a live run holds it."""
+    refuse_if_in_use(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, LOCK_FILE), "w", encoding="utf-8") as fh:
+        fh.write(f"{os.getpid()} {socket.gethostname()}\n")
+
+
+def release_run_lock(output_dir: str) -> None:
+    """Remove ``output_dir``'s run lock if this process holds it."""
+    path = os.path.join(output_dir, LOCK_FILE)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            mine = fh.read().split(" ")[0].strip() == str(os.getpid())
+    except OSError:
+        return
+    if mine:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
 
 
 def leftovers(output_dir: str) -> list[str]:
@@ -195,6 +252,8 @@ def _resolve_resume_here(config: TrainConfig, clean: bool = True) -> Optional[st
     tidy = remove_leftovers if clean else leftovers  # either way, the names no longer count as content
     if os.path.exists(out) and not os.path.isdir(out):
         raise NotADirectoryError(f"output_dir={out!r} is a file; give a directory path")
+    # Before anything is removed: a second run into the same folder must not touch the first one's files.
+    take_run_lock(out) if clean else refuse_if_in_use(out)
     path = None  # an explicit checkpoint to resume from
     if config.resume not in ("auto", False):
         path = config.resume
@@ -207,7 +266,7 @@ def _resolve_resume_here(config: TrainConfig, clean: bool = True) -> Optional[st
             return path
     if not os.path.isdir(out):
         return path
-    left = set(tidy(out))
+    left = set(tidy(out)) | {LOCK_FILE}
     if config.resume == "auto" and not config.overwrite:
         latest = latest_checkpoint(out)
         if latest is not None:

@@ -89,7 +89,8 @@ from ..inject import bnb_linear_types
 from ..quant import no_cpu_repacking
 from . import distributed, fsdp
 from .checkpoint import (CARD_FILE, check_resume_compatible, is_our_card, load_checkpoint, method_hook,
-                         resolve_resume, save_checkpoint, TRAINABLE_FILE, trainable_state, user_files)
+                         release_run_lock, resolve_resume, save_checkpoint, TRAINABLE_FILE, trainable_state,
+                         user_files)
 from .config import ConfigError, TrainConfig
 from .neftune import neftune
 from .records import files_size, make_recorder, peak_memory_bytes, plot_loss_curve, write_summary
@@ -654,7 +655,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> TrainResult:
-        """Run (or resume) training to ``total_steps``; returns the output folder and summary metrics."""
+        """Run (or resume) training to ``total_steps``; returns the output folder and summary metrics.
+
+        While it runs, ``output_dir`` holds a lock file naming this process, so a second run into the
+        same folder is refused instead of mixing its files with this one's.
+        """
+        try:
+            return self._train()
+        finally:
+            if self.rank == 0:
+                release_run_lock(self.config.output_dir)
+
+    def _train(self) -> TrainResult:
         cfg = self.config
         resume_from = self.prepare()
         st = self.state
