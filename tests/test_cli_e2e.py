@@ -247,6 +247,22 @@ def test_a_second_run_into_a_folder_in_use_is_refused(model_dir, data_file, tmp_
     assert not (out / ".tsugiki-run.lock").exists()  # released at the end
 
 
+def test_resume_finds_the_same_files_however_their_paths_are_spelt(model_dir, data_file, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copy(data_file, tmp_path / "rows.jsonl")
+    monkeypatch.chdir(tmp_path)
+    out = str(tmp_path / "run")
+    assert main(_train_args(model_dir, "rows.jsonl", out, "--max_steps", "2", "--save_steps", "1",
+                            "--eval_split", "0")) == 0
+    assert f"data: {tmp_path / 'rows.jsonl'}" in open(os.path.join(out, "train_config.yaml")).read()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # another folder, another spelling of the same file
+    assert main(_train_args(model_dir, "../rows.jsonl", out, "--max_steps", "3", "--save_steps", "1",
+                            "--eval_split", "0")) == 0
+    assert json.loads(open(os.path.join(out, "summary.json")).read())["steps"] == 3
+
+
 def test_non_empty_output_dir_is_refused_before_loading(model_dir, data_file, tmp_path, capsys):
     out = tmp_path / "busy"
     out.mkdir()

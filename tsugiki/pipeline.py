@@ -163,6 +163,10 @@ def run_training(config: Union[None, str, os.PathLike, Mapping[str, Any], TrainC
     ``callbacks``: functions ``f(trainer, record)`` called after every optimizer step.
     """
     cfg = as_config(config, **overrides)
+    for key in ("model", "data", "eval_data"):  # saved as absolute paths: a resume from elsewhere finds them
+        value = getattr(cfg, key)
+        if isinstance(value, str) and os.path.exists(value):
+            setattr(cfg, key, os.path.abspath(value))
     callbacks = [callbacks] if callable(callbacks) else list(callbacks)  # one function, or several
     if not all(callable(c) for c in callbacks):
         raise TypeError(f"callbacks must be functions f(trainer, record), got {callbacks!r}")

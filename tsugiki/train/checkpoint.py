@@ -314,6 +314,9 @@ def saved_examples_per_step(checkpoint: str, saved_config: dict[str, Any]) -> in
 def _resume_values(values: dict[str, Any]) -> dict[str, Any]:
     """A config's ``RESUME_KEYS``, each as what it does to the run."""
     out = {k: values[k] for k in RESUME_KEYS}
+    for key in ("model", "data", "eval_data"):  # a local path, however spelt (./data.jsonl, absolute)
+        if key in out and isinstance(out[key], str) and os.path.exists(out[key]):
+            out[key] = os.path.realpath(out[key])
     if values["eval_data"]:  # nothing is held out of `data` then: every row trains
         out["eval_split"] = 0.0
     out["neftune_alpha"] = values["neftune_alpha"] or None  # 0 and None both mean off
