@@ -327,3 +327,12 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_model_loads(tmp_p
     assert cli.main(["train", "--model", no_model, "--data", str(tmp_path / "data.jsonl"),
                      "--output_dir", str(tmp_path / "a-file" / "run")]) == 2
     assert "cannot be written" in capsys.readouterr().err
+
+
+def test_eval_rows_without_an_answer_are_named_before_any_model_loads(tmp_path, capsys):
+    from tsugiki import cli
+
+    (tmp_path / "held-out.jsonl").write_text('{"instruction": "a", "output": "b"}\n'
+                                             '{"instruction": "c", "output": "  "}\n')
+    assert cli.main(["eval", "--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "held-out.jsonl")]) == 2
+    assert "held-out.jsonl, line 2: no reference answer to score against" in capsys.readouterr().err

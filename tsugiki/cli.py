@@ -81,13 +81,19 @@ def _load(args: argparse.Namespace):
     return loaded
 
 
-def _read_prompt_rows(path: str) -> list[dict]:
-    """The prompt rows of a data file, each checked before any model loads (errors name the line)."""
+def _read_prompt_rows(path: str, with_answers: bool = False) -> list[dict]:
+    """The prompt rows of a data file, each checked before any model loads (errors name the line);
+    ``with_answers``: each must hold a reference answer too, as eval scores against it."""
     from .data.formats import read_rows_located, sample_from_prompt_row
+    from .generation import reference_answer
 
     rows, _columns, places = read_rows_located(path)
     for row, place in zip(rows, places):
         sample_from_prompt_row(row, where=f"{path}, {place}")
+        answer = reference_answer(row) if with_answers else "-"
+        if not (answer or "").strip():
+            raise ValueError(f"{path}, {place}: no reference answer to score against (output, response, "
+                             "completion, or a final assistant message); eval needs one in every row")
     return [dict(r) for r in rows]
 
 
@@ -204,7 +210,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _refuse_existing(args.output, args.overwrite, "output file")
     if args.max_rows is not None and args.max_rows < 1:
         raise ValueError(f"--max-rows must be a positive number of rows, got {args.max_rows}")
-    rows = _read_prompt_rows(args.data)
+    rows = _read_prompt_rows(args.data, with_answers=True)
     if args.max_rows:
         rows = rows[: args.max_rows]
     loaded = _load(args)
