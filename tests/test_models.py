@@ -334,3 +334,18 @@ def test_default_gguf_loads_as_a_trainable_model():
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[1] < losses[0]
+
+
+def test_a_missing_or_damaged_tokenizer_is_named(tmp_path):
+    from helpers_data import save_model_folder
+
+    folder = Path(save_model_folder(tmp_path / "m"))
+    tokenizer_json = (folder / "tokenizer.json").read_text()
+    (folder / "tokenizer.json").write_text(tokenizer_json[:1000])
+    with pytest.raises(ValueError, match=r"the tokenizer in .*/m cannot be read \(JSONDecodeError"):
+        models.load_tokenizer(str(folder))
+    for name in list(folder.iterdir()):
+        if name.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            name.unlink()
+    with pytest.raises(FileNotFoundError, match=r"/m has no tokenizer files"):
+        models.load_tokenizer(str(folder))

@@ -12,6 +12,7 @@ import gc
 import importlib.util
 import json
 import os
+import re
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +161,9 @@ def _is_tokenizer_folder(name_or_path) -> bool:
     return os.path.isfile(os.path.join(name_or_path, "tokenizer_config.json"))
 
 
+_TOKENIZER_FILES = re.compile(r"^(tokenizer.*|.*vocab.*\.(json|txt)|merges\.txt|.*\.model|.*\.tiktoken)$")
+
+
 def load_tokenizer(name_or_path: str | os.PathLike | None = None):
     """Load the tokenizer for a model, ready for batched training.
 
@@ -174,6 +178,10 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None):
     else:
         resolved = resolve_model(name_or_path)
         path, kwargs = resolved.from_pretrained_args()
+    if resolved.kind == "hf_dir" and not any(_TOKENIZER_FILES.match(n) for n in os.listdir(path)):
+        raise FileNotFoundError(f"{path} has no tokenizer files (tokenizer.json, tokenizer_config.json, "
+                                "tokenizer.model, vocab.json, ...); copy the tokenizer of the model it was made "
+                                "from into the folder (tokenizer.save_pretrained(folder))")
     try:
         with _damaged_files_named(resolved):
             tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
@@ -181,6 +189,11 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None):
         if resolved.kind == "hub_id":
             raise _hub_hint(resolved, error) from error
         raise
+    except Exception as error:  # a damaged tokenizer.json: a JSON or tokenizers error that names no file
+        if resolved.kind != "hf_dir":
+            raise
+        raise ValueError(f"the tokenizer in {path} cannot be read ({type(error).__name__}: {error}); is a "
+                         "tokenizer file damaged or cut short? Save the tokenizer there again") from error
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(
