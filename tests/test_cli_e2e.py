@@ -263,6 +263,21 @@ def test_resume_finds_the_same_files_however_their_paths_are_spelt(model_dir, da
     assert json.loads(open(os.path.join(out, "summary.json")).read())["steps"] == 3
 
 
+def test_the_tokenizer_saved_with_the_adapter_keeps_its_padding_side(data_file, tmp_path):
+    from helpers_data import make_chat_tokenizer, tiny_llama
+
+    model_dir = tmp_path / "left-padded"
+    tiny_llama().save_pretrained(model_dir)
+    make_chat_tokenizer().save_pretrained(model_dir)
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    config["padding_side"] = "left"  # a model meant for batched generation
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    out = tmp_path / "run"
+    assert main(_train_args(str(model_dir), data_file, str(out), "--max_steps", "1", "--eval_split", "0")) == 0
+    saved = json.loads((out / "tokenizer_config.json").read_text())
+    assert saved["padding_side"] == "left"  # training pads on the right; the saved tokenizer is as it came
+
+
 def test_non_empty_output_dir_is_refused_before_loading(model_dir, data_file, tmp_path, capsys):
     out = tmp_path / "busy"
     out.mkdir()

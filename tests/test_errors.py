@@ -336,3 +336,17 @@ def test_eval_rows_without_an_answer_are_named_before_any_model_loads(tmp_path, 
                                              '{"instruction": "c", "output": "  "}\n')
     assert cli.main(["eval", "--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "held-out.jsonl")]) == 2
     assert "held-out.jsonl, line 2: no reference answer to score against" in capsys.readouterr().err
+
+
+def test_an_adapter_given_as_a_file_or_whose_base_moved_says_what_to_pass(tmp_path, capsys):
+    from tiny_models import tiny_llama
+    from tsugiki import cli
+
+    (tmp_path / "rows.jsonl").write_text("{}\n")
+    assert cli.main(["generate", "--adapter", str(tmp_path / "rows.jsonl"), "--prompt", "hi"]) == 2
+    assert "is a file; give the adapter's folder" in capsys.readouterr().err
+    model = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(r=2))
+    model.peft_config["default"].base_model_name_or_path = str(tmp_path / "moved-away")
+    model.save_pretrained(tmp_path / "adapter")
+    assert cli.main(["generate", "--adapter", str(tmp_path / "adapter"), "--prompt", "hi"]) == 2
+    assert "is not there any more; give its new place with --model" in capsys.readouterr().err

@@ -630,3 +630,20 @@ def test_a_diverged_step_stops_the_run_before_it_writes_nan_weights(tmp_path):
         trainer.train()
     assert not (out / "adapter_model.safetensors").exists()  # no NaN adapter presented as the result
     assert all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)  # step 2 not taken
+
+
+def test_a_callback_returning_false_stops_the_run_which_saves_as_at_its_end(tmp_path):
+    out = tmp_path / "stopped"
+    model = tiny_model()
+    model.config.use_cache = True
+    seen = []
+
+    def stop_at_two(trainer, record):
+        seen.append(trainer.state["step"])
+        return trainer.state["step"] < 2
+
+    result = Trainer(model, make_config(out, batch_size=2, max_steps=6), random_examples(16), progress=False,
+                     callbacks=[stop_at_two]).train()
+    assert seen == [1, 2] and result.metrics["steps"] == 2
+    assert (out / "adapter_model.safetensors").exists()
+    assert model.config.use_cache is True  # the model is handed back as it came

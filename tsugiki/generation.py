@@ -115,10 +115,16 @@ def load_for_inference(model: Optional[str] = None, adapter: Optional[str] = Non
     torch.set_flush_denormal(True)
     base_name = model
     if adapter is not None:
+        if os.path.isfile(adapter):
+            raise AdapterNotFoundError(f"adapter {adapter!r} is a file; give the adapter's folder (the one "
+                                       "with adapter_config.json)")
         if not os.path.isdir(adapter):
             raise AdapterNotFoundError(f"adapter folder {adapter!r} does not exist")
         config = PeftConfig.from_pretrained(adapter)
         base_name = model or config.base_model_name_or_path
+        if not model and base_name and os.path.isabs(base_name) and not os.path.exists(base_name):
+            raise FileNotFoundError(f"the adapter's base model {base_name!r} (recorded in its "
+                                    "adapter_config.json) is not there any more; give its new place with --model")
     base_name = base_name or DEFAULT_MODEL
     tokenizer = load_tokenizer(adapter if adapter and _adapter_has_tokenizer(adapter) else base_name)
     base = load_model(base_name, quantization=quantization)

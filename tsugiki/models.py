@@ -168,7 +168,8 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None):
     """Load the tokenizer for a model, ready for batched training.
 
     The pad token becomes the EOS token when the tokenizer has none, and
-    padding is on the right (what the loss masking expects).
+    padding is on the right (what the loss masking expects); the side it had is kept as
+    ``saved_padding_side``, which the trainer saves it with.
     """
     from transformers import AutoTokenizer
 
@@ -200,6 +201,7 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None):
                 f"The tokenizer of {path!r} has neither a pad nor an EOS token; set tokenizer.pad_token yourself."
             )
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.saved_padding_side = tokenizer.padding_side  # what it is saved with again (see the trainer)
     tokenizer.padding_side = "right"
     return tokenizer
 

@@ -13,11 +13,12 @@ memory available, with changes that fit when it does not) → base model
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import logging
 import os
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -154,13 +155,29 @@ def load_saved_template(folder: str, tokenizer: Any) -> Optional[Template]:
         return Template.from_dict(json.load(fh), tokenizer)
 
 
+@contextlib.contextmanager
+def _transformers_bars(shown: bool) -> Iterator[None]:
+    """transformers' own progress bars (loading weights) off when the job's are."""
+    from transformers.utils import logging as hf_logging
+
+    was_shown = hf_logging.is_progress_bar_enabled()
+    if not shown:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_shown and not shown:
+            hf_logging.enable_progress_bar()
+
+
 def run_training(config: Union[None, str, os.PathLike, Mapping[str, Any], TrainConfig] = None,
                  progress: bool = True, callbacks: Sequence[Callable] = (), **overrides: Any) -> TrainResult:
     """Fine-tune as ``config`` says; returns ``TrainResult(output_dir, metrics)``.
 
     ``config`` is a YAML path, a dict of keys, or a :class:`TrainConfig`;
     keyword arguments override its keys. See ``tsugiki train --help`` for every key.
-    ``callbacks``: functions ``f(trainer, record)`` called after every optimizer step.
+    ``callbacks``: functions ``f(trainer, record)`` called after every optimizer step; one returning
+    False stops the run after that step (the adapter is saved as at the end).
     """
     cfg = as_config(config, **overrides)
     for key in ("model", "data", "eval_data"):  # saved as absolute paths: a resume from elsewhere finds them
@@ -200,8 +217,9 @@ def run_training(config: Union[None, str, os.PathLike, Mapping[str, Any], TrainC
         _say(planned[0], progress)
 
     set_seed(cfg.seed)  # before the adapter is created, so its initial weights repeat
-    model = load_model(cfg.model, quantization=quantization_of(cfg), device=distributed.local_device(),
-                       dtype=load_dtype(cfg))
+    with _transformers_bars(progress):
+        model = load_model(cfg.model, quantization=quantization_of(cfg), device=distributed.local_device(),
+                           dtype=load_dtype(cfg))
     model = graft(model, cfg)
     if progress and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()

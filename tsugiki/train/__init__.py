@@ -30,7 +30,7 @@ class _TrainModule(types.ModuleType):
 
         ``progress``: the progress bar and summary lines. ``callbacks``: functions
         ``f(trainer, record)`` called after every optimizer step (``record`` holds the
-        step's metrics; ``loss`` on logging steps). Returns ``TrainResult(output_dir,
+        step's metrics; ``loss`` on logging steps); one returning False stops the run there. Returns ``TrainResult(output_dir,
         metrics)``. See :func:`tsugiki.pipeline.run_training` and ``tsugiki train --help``.
         """
         from ..pipeline import run_training

@@ -310,7 +310,9 @@ class Trainer:
             or ``position_ids``). Default: ``tsugiki.data.Collator`` (right padding), or
             ``PackedCollator`` (one padding-free row) with packing. Eval always uses ``Collator``.
         tokenizer: saved next to the final adapter when given; supplies the pad id.
-        callbacks: functions ``f(trainer, record)`` called after every optimizer step.
+        callbacks: functions ``f(trainer, record)`` called after every optimizer step; one returning
+            False stops the run after that step, which then saves and reports as at its end (under
+            several processes, return the same on each).
         progress: show the tqdm bar.
 
     Data order: each epoch is cut into optimizer steps of ``batch_size * grad_accum * world_size``
@@ -571,6 +573,7 @@ class Trainer:
         model_config = _find_attr(self.model, "config")
         self._pass_use_cache = model_config is not None and hasattr(model_config, "use_cache")
         if self._pass_use_cache:
+            self._use_cache_before = (model_config, model_config.use_cache)  # put back when training ends
             model_config.use_cache = False  # no KV cache while training
         self._parts = split_causal_lm(self.model) if cfg.target_logits_only else None
         self.forward_tokens = (auto_forward_tokens(self.model, self.compute_dtype, self.device,
@@ -705,18 +708,27 @@ class Trainer:
                     self.recorder.advance()
                     if cfg.save_steps and (st["step"] % cfg.save_steps == 0 or st["step"] == self.total_steps):
                         self._checkpoint(st["step"])
-                    for callback in self.callbacks:
-                        callback(self, record)
+                    # A callback returning False stops the run after this step (it still saves and reports).
+                    if [callback(self, record) for callback in self.callbacks].count(False):
+                        self._say(f"stopped by a callback after step {st['step']}")
+                        break
             if self.eval_examples and (not eval_metrics or st["last"].get("eval_step") != st["step"]):
                 eval_metrics = self.evaluate()
                 self.recorder.log({"step": st["step"], "epoch": self._epoch_float(), **eval_metrics})
+            self._restore_use_cache()  # before the final save: a saved config.json keeps the model's own setting
             adapter_files = self._save_final()
         finally:
+            self._restore_use_cache()
             self.recorder.close()
             self.model.train(was_training)
         summary = self._summarise(resume_from, eval_metrics, adapter_files)
         distributed.barrier()  # when train() returns on any rank, rank 0's files are all in place
         return TrainResult(cfg.output_dir, summary)
+
+    def _restore_use_cache(self) -> None:
+        config, value = self.__dict__.pop("_use_cache_before", (None, None))
+        if config is not None:
+            config.use_cache = value
 
     def _epoch_float(self) -> float:
         return round(self.state["epoch"] + self.state["batch_index"] / self.steps_per_epoch, 4)
@@ -773,7 +785,13 @@ class Trainer:
                 save_file(trainable if trainable is not None else trainable_state(self.model),
                           os.path.join(tmp, "model", TRAINABLE_FILE))
             if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
-                self.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+                side = self.tokenizer.padding_side
+                # Saved as it came (left-padding tokenizers stay so for batched generation), not as training pads.
+                self.tokenizer.padding_side = getattr(self.tokenizer, "saved_padding_side", side)
+                try:
+                    self.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+                finally:
+                    self.tokenizer.padding_side = side
             open_up_private_files(tmp)
             adapter = []
             for sub in ("tokenizer", "model"):  # model last, so its files win any name clash
