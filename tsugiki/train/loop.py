@@ -725,6 +725,18 @@ class Trainer:
         distributed.barrier()  # when train() returns on any rank, rank 0's files are all in place
         return TrainResult(cfg.output_dir, summary)
 
+    def _save_tokenizer(self, folder: str) -> None:
+        """Saved as it came (a left-padding tokenizer stays so, for batched generation), not as training pads."""
+        side = getattr(self.tokenizer, "padding_side", None)
+        saved_side = getattr(self.tokenizer, "saved_padding_side", side)
+        if saved_side != side:
+            self.tokenizer.padding_side = saved_side
+        try:
+            self.tokenizer.save_pretrained(folder)
+        finally:
+            if saved_side != side:
+                self.tokenizer.padding_side = side
+
     def _restore_use_cache(self) -> None:
         config, value = self.__dict__.pop("_use_cache_before", (None, None))
         if config is not None:
@@ -785,13 +797,7 @@ class Trainer:
                 save_file(trainable if trainable is not None else trainable_state(self.model),
                           os.path.join(tmp, "model", TRAINABLE_FILE))
             if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
-                side = self.tokenizer.padding_side
-                # Saved as it came (left-padding tokenizers stay so for batched generation), not as training pads.
-                self.tokenizer.padding_side = getattr(self.tokenizer, "saved_padding_side", side)
-                try:
-                    self.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
-                finally:
-                    self.tokenizer.padding_side = side
+                self._save_tokenizer(os.path.join(tmp, "tokenizer"))
             open_up_private_files(tmp)
             adapter = []
             for sub in ("tokenizer", "model"):  # model last, so its files win any name clash
