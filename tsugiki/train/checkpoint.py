@@ -131,10 +131,20 @@ def refuse_if_in_use(output_dir: str) -> None:
 
 def take_run_lock(output_dir: str) -> None:
     """Mark ``output_dir`` as this process's run; refuse when a live run holds it."""
-    refuse_if_in_use(output_dir)
     os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, LOCK_FILE), "w", encoding="utf-8") as fh:
-        fh.write(f"{os.getpid()} {socket.gethostname()}\n")
+    path = os.path.join(output_dir, LOCK_FILE)
+    for _ in range(2):
+        try:  # created only if absent: of two runs starting together, one gets it
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            refuse_if_in_use(output_dir)
+            with contextlib.suppress(FileNotFoundError):  # left by a process that is gone: take it over
+                os.remove(path)
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(f"{os.getpid()} {socket.gethostname()}\n")
+        return
+    refuse_if_in_use(output_dir)  # another run took the stale lock first
 
 
 def release_run_lock(output_dir: str) -> None:
