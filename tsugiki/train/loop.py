@@ -498,8 +498,9 @@ class Trainer:
         if self.scaler is None and not (math.isfinite(grad_norm) and math.isfinite(float(loss_sum))):
             # fp16's scaler skips such a step by itself; anywhere else it would write NaN into every weight
             raise TrainingDiverged(
-                f"training diverged at step {self.state['step'] + 1}: loss {float(loss_sum) / max(n_targets, 1):.4g}, "
-                f"gradient norm {grad_norm:.4g}, so the step was not taken and nothing more is saved. Lower "
+                f"training diverged at step {self.state['step'] + 1}: loss "
+                f"{float(loss_sum) / max(n_targets, 1):.4g}, gradient norm {grad_norm:.4g}, so the step was not "
+                "taken and nothing more is saved. Lower "
                 f"learning_rate (this step's: {lr:.3g}) or raise warmup_steps, check the data, and start again "
                 "(overwrite: true); checkpoints already saved are intact")
         if self.scaler is not None:
@@ -709,7 +710,7 @@ class Trainer:
                     if cfg.save_steps and (st["step"] % cfg.save_steps == 0 or st["step"] == self.total_steps):
                         self._checkpoint(st["step"])
                     # A callback returning False stops the run after this step (it still saves and reports).
-                    if [callback(self, record) for callback in self.callbacks].count(False):
+                    if any([callback(self, record) is False for callback in self.callbacks]):  # each one runs
                         self._say(f"stopped by a callback after step {st['step']}")
                         break
             if self.eval_examples and (not eval_metrics or st["last"].get("eval_step") != st["step"]):
