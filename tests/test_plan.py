@@ -576,3 +576,9 @@ def test_plan_counts_adalora_without_a_run_length(tmp_path, capsys):
     tiny_llama().config.save_pretrained(tmp_path)  # AdaLoRA's schedule needs max_steps; its count does not
     assert plan.main([str(tmp_path), "--method", "adalora", "--ram", "100GB"]) == 0
     assert "trainable" in capsys.readouterr().out
+
+
+def test_python_plan_and_the_command_line_size_the_same_default_job(capsys):
+    assert plan.main(["--ram", "100GB", "--json"]) == 0
+    cli_total = json.loads(capsys.readouterr().out)["total"]
+    assert plan.plan(verbose=False).total == cli_total

@@ -1127,7 +1127,8 @@ def plan(source: Any = None, *, config: Any = None, available: Optional[Union[in
          verbose: bool = True, **estimate_args: Any) -> Estimate:
     """Estimate (see :func:`estimate` for the arguments), print the breakdown and the fit verdict, return it.
 
-    ``source`` defaults to ``config``'s model, else the built-in default model.
+    ``source`` defaults to ``config``'s model, else the built-in default model. Settings not
+    given are ``tsugiki train``'s defaults (batch 4 x 1024 tokens, ...), as in ``tsugiki plan``.
     ``config``: a training job (a YAML path, a dict of train keys or a
     ``TrainConfig``) whose settings :func:`training_settings` turns into the
     estimate's; ``estimate_args`` override them. ``available`` is a memory size
@@ -1149,10 +1150,14 @@ def plan(source: Any = None, *, config: Any = None, available: Optional[Union[in
                                 trainable_params=estimate_args.get("trainable_params"))
         estimate_args = {**job, **estimate_args}
         source = source if source is not None else cfg.model
-    elif adapter:  # as the command line does: qlora is LoRA on a 4-bit base; other methods are counted
+    else:  # what is not given is tsugiki train's default, as on the command line
+        defaults = {k: v for k, v in cli_defaults().items()
+                    if k not in adapter and k not in ("method", "target_modules", "trainable_params")}
+        estimate_args = {**defaults, **estimate_args}
+    if config is None and adapter:  # as the command line does: qlora is LoRA on a 4-bit base; others counted
         if adapter.get("method") == "qlora":
             adapter["method"] = "lora"
-            estimate_args.setdefault("quantization", "4bit")
+            estimate_args["quantization"] = estimate_args.get("quantization") or "4bit"
         counts = adapter_counts(adapter, source if source is not None else DEFAULT_MODEL,
                                 estimate_args.get("trainable_params"))
         estimate_args = {**adapter, **counts, **estimate_args}
