@@ -21,7 +21,8 @@ DTYPE_HELP = ("Base weights' dtype: auto = bf16 where the hardware runs it nativ
               "(default: auto).")
 
 
-def _add_model_options(p: argparse.ArgumentParser, adapter_required: bool = False, dtype_help: str = DTYPE_HELP) -> None:
+def _add_model_options(p: argparse.ArgumentParser, adapter_required: bool = False,
+                       dtype_help: str = DTYPE_HELP) -> None:
     p.add_argument("--model", default=None,
                    help="Base model: a Hugging Face model folder, a .gguf file, or 'smollm2-135m-instruct' "
                         "(default: the adapter's base_model_name_or_path, else the built-in default).")
@@ -41,7 +42,8 @@ def _add_model_options(p: argparse.ArgumentParser, adapter_required: bool = Fals
 def _add_generation_options(p: argparse.ArgumentParser, batches: bool = True) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, help="Most tokens to generate per answer (default: %(default)s).")
     p.add_argument("--do-sample", action="store_true", help="Sample instead of greedy decoding.")
-    p.add_argument("--temperature", type=float, default=1.0, help="With --do-sample: sampling temperature (default: 1.0).")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="With --do-sample: sampling temperature (default: 1.0).")
     p.add_argument("--top-p", type=float, default=1.0,
                    help="With --do-sample: nucleus sampling threshold (default: 1.0 = off).")
     p.add_argument("--top-k", type=int, default=50,
@@ -90,8 +92,7 @@ def _read_prompt_rows(path: str, with_answers: bool = False) -> list[dict]:
     rows, _columns, places = read_rows_located(path)
     for row, place in zip(rows, places):
         sample_from_prompt_row(row, where=f"{path}, {place}")
-        answer = reference_answer(row) if with_answers else "-"
-        if not (answer or "").strip():
+        if with_answers and not (reference_answer(row) or "").strip():
             raise ValueError(f"{path}, {place}: no reference answer to score against (output, response, "
                              "completion, or a final assistant message); eval needs one in every row")
     return [dict(r) for r in rows]

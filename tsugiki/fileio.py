@@ -60,8 +60,11 @@ def open_up_private_files(folder: str | os.PathLike) -> None:
                 os.chmod(path, mode)
 
 
-# A transformers model's weights, one file or shards and their index.
-MODEL_WEIGHT_FILES = re.compile(r"^(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?$")
+# The file names of a model folder: its weights (one file, or shards and their index), and the files a
+# tokenizer keeps its vocabulary in (transformers' vocab_files_names and more) and the ones beside them.
+MODEL_WEIGHT_FILES = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
+TOKENIZER_FILES = re.compile(r"^(tokenizer.*|.*vocab.*\.(json|txt)|merges\.txt|.*\.model|bpe\.codes|.*\.tiktoken)$")
+TOKENIZER_EXTRA_FILES = ("special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 
 def move_into(source: str | os.PathLike, folder: str | os.PathLike, stale: Optional[re.Pattern] = None) -> None:

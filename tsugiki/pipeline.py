@@ -180,10 +180,9 @@ def run_training(config: Union[None, str, os.PathLike, Mapping[str, Any], TrainC
     False stops the run after that step (the adapter is saved as at the end).
     """
     cfg = as_config(config, **overrides)
-    for key in ("model", "data", "eval_data"):  # saved as absolute paths: a resume from elsewhere finds them
-        value = getattr(cfg, key)
-        if isinstance(value, str) and os.path.exists(value):
-            setattr(cfg, key, os.path.abspath(value))
+    # Local files saved as absolute paths, so a resume from another directory finds them.
+    cfg = cfg.replace(**{key: os.path.abspath(getattr(cfg, key)) for key in ("model", "data", "eval_data")
+                         if isinstance(getattr(cfg, key), str) and os.path.exists(getattr(cfg, key))})
     callbacks = [callbacks] if callable(callbacks) else list(callbacks)  # one function, or several
     if not all(callable(c) for c in callbacks):
         raise TypeError(f"callbacks must be functions f(trainer, record), got {callbacks!r}")

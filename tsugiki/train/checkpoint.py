@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import distributed, fsdp
-from ..fileio import open_up_private_files
+from ..fileio import MODEL_WEIGHT_FILES, TOKENIZER_EXTRA_FILES, TOKENIZER_FILES, open_up_private_files
 from ..model import CARD_MARKER
 from .config import CONFIG_FILENAME, ConfigError, TrainConfig
 
@@ -54,13 +54,9 @@ RUN_RECORDS = (CONFIG_FILENAME, "metrics.jsonl", "summary.json", "loss_curve.png
 # What a finished run leaves at the top of output_dir besides its records: the adapter (or, for method
 # full, the model), the tokenizer, the prompt template (tsugiki.pipeline.TEMPLATE_FILE, not imported:
 # the pipeline imports this module) and the adapter card README.md (ours only with CARD_MARKER).
+# (A full model's weights and the tokenizer's files by their patterns in tsugiki.fileio.)
 RUN_OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", TRAINABLE_FILE,
-               "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-               "pytorch_model.bin", "pytorch_model.bin.index.json", "tsugiki_template.json")
-# A full model's shards, and the file names tokenizers save under (transformers' vocab_files_names and more).
-_OUTPUT_RE = re.compile(r"^(model-\d+-of-\d+\.safetensors|pytorch_model-\d+-of-\d+\.bin|tokenizer.*"
-                        r"|special_tokens_map\.json|added_tokens\.json|chat_template\.(jinja|json)"
-                        r"|.*vocab.*\.(json|txt)|merges\.txt|.*\.model|bpe\.codes|.*\.tiktoken)$")
+               "config.json", "generation_config.json", "tsugiki_template.json", *TOKENIZER_EXTRA_FILES)
 CARD_FILE = "README.md"
 # Keys whose change makes an old checkpoint a different run: which rows train and in what order, the
 # adapter, and the update. max_steps/num_epochs may change (to extend a run); keys of speed, memory,
@@ -191,7 +187,7 @@ def is_our_card(path: str) -> bool:
 def written_by_runs(name: str) -> bool:
     """A run writes an entry of this name at the top of output_dir (records, checkpoints, final outputs)."""
     return (name in RUN_RECORDS or name in RUN_OUTPUTS or name == CARD_FILE or bool(_CKPT_RE.match(name))
-            or bool(_OUTPUT_RE.match(name)))
+            or bool(MODEL_WEIGHT_FILES.match(name)) or bool(TOKENIZER_FILES.match(name)))
 
 
 def is_run_folder(output_dir: str) -> bool:
