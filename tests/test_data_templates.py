@@ -104,7 +104,7 @@ def test_every_format_goes_through_the_template(tok):
     for fmt, data in rows.items():
         train, _, stats = build_dataset(data, tok, "Q: {instruction}\n{input}A: {response}")
         assert stats.format == fmt
-        assert trained_text(tok, train[0]) == "Bonjour.</s>"
+        assert trained_text(tok, train[0]) == " Bonjour.</s>"  # the template's space after "A:" opens the answer
         assert tok.decode(train[0]["input_ids"]).startswith("<s>Q: Translate to French\n")
     # text rows: the whole text (+ EOS) is trained on, whatever the template
     train, _, stats = build_dataset([{"text": "hello world"}], tok, "alpaca")
@@ -142,8 +142,18 @@ def test_chat_opening_with_an_assistant_turn_trains_that_turn_only(chat_tok):
 def test_custom_template_without_input_placeholder_keeps_the_input(tok):
     template = get_template("Q: {instruction}\nA: {response}", tok)
     row = {"instruction": "Add one to", "input": "value 41", "output": "42"}
-    assert template.format_prompt(row) == "Q: Add one to\n\nvalue 41\nA: "
-    assert get_template("Q: {instruction}\nA: {response}", tok).format_prompt({"instruction": "hi"}) == "Q: hi\nA: "
+    assert template.format_prompt(row) == "Q: Add one to\n\nvalue 41\nA:"
+    assert get_template("Q: {instruction}\nA: {response}", tok).format_prompt({"instruction": "hi"}) == "Q: hi\nA:"
+
+
+def test_a_custom_template_s_space_before_the_response_is_tokenized_with_the_answer(tok):
+    """"A: {response}" trains the tokens the whole text has (" Paris" one word), not a lone space then "Paris"."""
+    template = get_template("Q: {instruction}\nA:\t {response} END", tok)
+    assert (template.prompt, template.response) == ("Q: {instruction}\nA:", "\t {response} END")
+    example = build_dataset([{"instruction": "capital of France", "output": "Paris"}], tok, template)[0][0]
+    assert example["input_ids"][:-1] == tok("Q: capital of France\nA:\t Paris END")["input_ids"]
+    assert trained_text(tok, example) == "\t Paris END</s>"
+    assert template.answer_from("\t Paris END") == "Paris"
 
 
 def test_generation_prompt_starts_as_the_training_row_does():
@@ -226,7 +236,7 @@ def test_custom_dict_template_with_no_input_variant(tok):
     assert template.format_prompt(ALPACA_ROWS[0]) == "I: What is the capital of France?\nA:"
     assert template.format_prompt(ALPACA_ROWS[1]) == "I: Translate to French\nX: good morning\nA:"
     # Braces that are not placeholders stay literal.
-    assert get_template('{"q": {instruction}} {response}', tok).format_prompt("hi") == '{"q": hi} '
+    assert get_template('{"q": {instruction}} {response}', tok).format_prompt("hi") == '{"q": hi}'
 
 
 def test_auto_picks_alpaca_without_chat_template(tok):

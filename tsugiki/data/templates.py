@@ -11,7 +11,8 @@ Two kinds:
 
   * a string holding ``{instruction}``, optionally ``{input}`` and ``{system}``,
     and ``{response}``; everything before ``{response}`` is the prompt, e.g.
-    ``"Q: {instruction}\\nA: {response}"``; or
+    ``"Q: {instruction}\\nA: {response}"``, except spaces just before it,
+    which open the response (so ``" Paris"`` is tokenized as one word); or
   * a dict with the fields of :meth:`Template.to_dict` (``prompt`` with
     ``{instruction}``, optional ``prompt_no_input``, ``response`` with
     ``{response}``, ``system``, ``system_with_input``, ``system_format``,
@@ -337,4 +338,9 @@ def _from_string(spec: str, tokenizer: Any) -> Template:
     prompt, after = spec.split("{response}")
     if "{instruction}" not in prompt:
         raise DataError(f"custom template has no {{instruction}} placeholder before {{response}}: {spec!r}")
-    return Template(name="custom", prompt=prompt, response="{response}" + after, tokenizer=tokenizer)
+    # In "A: {response}" the space belongs to the answer: left at the prompt's end it is
+    # tokenized alone (a lone space token, rare before a word in pretraining text) instead
+    # of as part of the answer's first word (" Paris"), as llama2's " {response}" has it.
+    lead = prompt[len(prompt.rstrip(" \t")):]
+    prompt = prompt[: len(prompt) - len(lead)]
+    return Template(name="custom", prompt=prompt, response=lead + "{response}" + after, tokenizer=tokenizer)
