@@ -647,3 +647,14 @@ def test_a_callback_returning_false_stops_the_run_which_saves_as_at_its_end(tmp_
     assert seen == [1, 2] and result.metrics["steps"] == 2
     assert (out / "adapter_model.safetensors").exists()
     assert model.config.use_cache is True  # the model is handed back as it came
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"input_ids": [1, 2, 3]}, r"train_examples\[2\] has no 'labels'.*a copy of input_ids trains on every token"),
+    ({"input_ids": [1, 2, 3], "labels": [1, 2]}, r"train_examples\[2\]: 'input_ids' has 3 tokens but 'labels' 2"),
+])
+def test_rows_the_trainer_cannot_batch_are_named(tmp_path, bad, message):
+    rows = random_examples(4)
+    rows[2] = bad
+    with pytest.raises(ValueError, match=message):
+        Trainer(tiny_model(), make_config(tmp_path / "out", max_steps=1), rows)

@@ -72,7 +72,7 @@ import random
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -295,6 +295,20 @@ def count_tokens(batch: Batch) -> int:
 
 
 # ---------------------------------------------------------------------- the trainer
+def _check_examples(examples: Sequence[dict], name: str) -> None:
+    """Refuse rows the collators cannot batch, naming the first such row."""
+    for i, e in enumerate(examples):
+        missing = [k for k in ("input_ids", "labels") if not isinstance(e, Mapping) or k not in e]
+        if missing:
+            raise ValueError(
+                f"{name}[{i}] has no {' or '.join(repr(k) for k in missing)}: each row needs 'input_ids' and "
+                "'labels' (-100 where no loss is taken; a copy of input_ids trains on every token), as "
+                "tsugiki.data.build_dataset makes them")
+        if len(e["input_ids"]) != len(e["labels"]):
+            raise ValueError(f"{name}[{i}]: 'input_ids' has {len(e['input_ids'])} tokens but 'labels' "
+                             f"{len(e['labels'])}; they must be the same length")
+
+
 class Trainer:
     """Train ``model`` on tokenized examples according to ``config``.
 
@@ -331,6 +345,9 @@ class Trainer:
             raise ValueError("train_examples is empty: nothing to train on (check `data` and `max_rows`)")
         if config.eval_steps and not eval_examples:
             raise config.no_eval_rows_error()
+        _check_examples(train_examples, "train_examples")
+        if eval_examples:
+            _check_examples(eval_examples, "eval_examples")
         self.model, self.config, self.tokenizer = model, config, tokenizer
         pad = pad_token_id_for(tokenizer) if tokenizer is not None else 0
         if config.packing:
