@@ -124,6 +124,16 @@ def test_yaml_then_overrides_with_coercion(tmp_path):
     assert TrainConfig.load(overrides={"resume": "runs/a/checkpoint-10"}).resume == "runs/a/checkpoint-10"
 
 
+def test_a_key_given_twice_in_the_config_file_is_refused(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("lora_r: 8\nmethod_args:\n  use_dora: true\n  use_dora: false\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml': key 'use_dora' is given twice \(lines 3 and 4\)"):
+        TrainConfig.load(str(path))
+    path.write_text("lora_r: 8\nmax_steps: 3\nlora_r: 16\n")
+    with pytest.raises(ConfigError, match=r"key 'lora_r' is given twice \(lines 1 and 3\)"):
+        TrainConfig.load(str(path))
+
+
 def test_method_args_on_the_command_line_as_pairs_or_as_a_mapping():
     def parsed(text):
         return TrainConfig.load(overrides={"method_args": text}).method_args

@@ -205,6 +205,26 @@ def _plain(value):
     return list(value) if isinstance(value, tuple) else value
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error instead of the last one winning."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str):
+                continue  # the keys a config can hold are names
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                raise _DuplicateKey(f"key {key!r} is given twice (lines {first_line[key]} and {line})")
+            first_line[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def _read_yaml(path: str) -> dict:
     if os.path.isdir(path):
         raise ConfigError(f"config file {path!r} is a folder; give the YAML file in it")
@@ -212,7 +232,9 @@ def _read_yaml(path: str) -> dict:
         raise ConfigError(f"config file {path!r} does not exist")
     with open(path, encoding="utf-8") as fh:
         try:
-            data = yaml.safe_load(fh)
+            data = yaml.load(fh, Loader=_UniqueKeyLoader)
+        except _DuplicateKey as err:
+            raise ConfigError(f"config file {path!r}: {err}; keep one") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path!r} is not valid YAML: {err}") from err
         except UnicodeDecodeError:
