@@ -171,6 +171,18 @@ def test_csv_cells_are_text_even_when_a_column_holds_numbers(tmp_path):
     assert sample.turns == [("user", "add one"), ("assistant", "42")] and sample.input == "41"
 
 
+@pytest.mark.parametrize("text, message", [
+    ("", r"empty\.csv: the file is empty; a CSV file needs a header line"),
+    ("\n\n", r"empty\.csv: the file is empty"),
+    ("instruction,output\n\n", r"empty\.csv: the data holds no rows: only the header line 'instruction,output'"),
+])
+def test_an_empty_or_header_only_csv_file_is_named_as_such(tmp_path, text, message):
+    path = tmp_path / "empty.csv"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError, match=message):
+        read_rows(path)
+
+
 def test_prompt_row_with_a_non_text_input_is_named():
     from tsugiki.data.formats import sample_from_prompt_row
 

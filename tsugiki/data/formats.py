@@ -155,20 +155,26 @@ def load_rows(path: str | os.PathLike, max_rows: int | None = None) -> datasets.
     return ds
 
 
-def _csv_text_features(p: Path) -> datasets.Features | None:
-    """Every column of the CSV file ``p`` as a string column (None for a file without a header)."""
+def _csv_text_features(p: Path) -> datasets.Features:
+    """Every column of the CSV file ``p`` as a string column.
+
+    Raises DataError for a file without a header or without a row under it."""
     import csv
 
     import datasets
 
     try:
         with open(p, newline="", encoding="utf-8-sig") as fh:
-            header = next(csv.reader(fh), None)
+            lines = (row for row in csv.reader(fh) if row)  # blank lines hold no row
+            header, first_row = next(lines, None), next(lines, None)
     except UnicodeDecodeError:
         read_utf8(p)  # raises the error that names the line
         raise
     if not header:
-        return None
+        raise DataError(f"{p}: the file is empty; a CSV file needs a header line naming the columns "
+                        "(e.g. instruction,output) and a row per example")
+    if first_row is None:
+        raise DataError(f"{p}: the data holds no rows: only the header line {','.join(header)!r}")
     return datasets.Features({name: datasets.Value("string") for name in header})
 
 
