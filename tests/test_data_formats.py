@@ -103,6 +103,10 @@ def test_normalise_every_format():
     # Missing or empty required values are dropped (None), not errors.
     assert normalise({"instruction": "I", "output": None}, "alpaca", "row 1") is None
     assert normalise({"text": ""}, "text", "row 1") is None
+    # ... and so are values of whitespace alone: a row of nothing but spaces teaches nothing.
+    assert normalise({"text": " \n\t"}, "text", "row 1") is None
+    assert normalise({"instruction": "I", "output": "  "}, "alpaca", "row 1") is None
+    assert normalise({"prompt": "\n", "completion": "C"}, "prompt_completion", "row 1") is None
     assert normalise({"messages": [{"role": "user", "content": "U"}]}, "messages", "row 1") is None
 
 

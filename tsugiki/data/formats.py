@@ -304,7 +304,7 @@ def detect_format(column_names, source: str | os.PathLike | None = None) -> str:
 def normalise(row: dict[str, Any], fmt: str, where: str) -> Sample | None:
     """Turn one raw row of format ``fmt`` into a :class:`Sample`.
 
-    Returns ``None`` when a required value is missing or empty (the caller counts
+    Returns ``None`` when a required value is missing, empty or blank (the caller counts
     and drops such rows). ``where`` names the row in error messages.
 
     Raises:
@@ -321,7 +321,7 @@ def normalise(row: dict[str, Any], fmt: str, where: str) -> Sample | None:
         return _normalise_messages(row.get("messages"), where)
     if fmt == "text":
         text = _string(row, "text", where)
-        return Sample(text=text) if text else None
+        return Sample(text=text) if text.strip() else None
     instr_key, resp_key, extra_key = {
         "alpaca": ("instruction", "output", "input"),
         "dolly": ("instruction", "response", "context"),
@@ -329,7 +329,7 @@ def normalise(row: dict[str, Any], fmt: str, where: str) -> Sample | None:
     }[fmt]
     instruction, response = _string(row, instr_key, where), _string(row, resp_key, where)
     extra = _string(row, extra_key, where) if extra_key else ""
-    if not instruction or not response:
+    if not instruction.strip() or not response.strip():  # nothing to ask, or nothing to learn
         return None
     return Sample(turns=[("user", instruction), ("assistant", response)], input=extra or "")
 
