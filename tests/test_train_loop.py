@@ -658,3 +658,15 @@ def test_rows_the_trainer_cannot_batch_are_named(tmp_path, bad, message):
     rows[2] = bad
     with pytest.raises(ValueError, match=message):
         Trainer(tiny_model(), make_config(tmp_path / "out", max_steps=1), rows)
+
+
+def test_a_warmup_as_long_as_the_run_is_warned_about(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="tsugiki.train"):
+        Trainer(tiny_model(), make_config(tmp_path / "long", max_steps=4, warmup_steps=4), random_examples(4),
+                progress=False).prepare()
+    assert "warmup_steps=4 is not below the run's 4 steps: the learning rate never reaches" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tsugiki.train"):
+        Trainer(tiny_model(), make_config(tmp_path / "short", max_steps=4, warmup_steps=3), random_examples(4),
+                progress=False).prepare()
+    assert "warmup_steps" not in caplog.text

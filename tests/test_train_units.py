@@ -186,7 +186,9 @@ def test_eval_steps_without_held_out_rows_is_refused(tmp_path):
     ("lora_dropout", 1.5, "lora_dropout=1.5"),
     ("dtype", "float32", "dtype='float32': must be one of auto, bf16, fp32, fp16"),
     ("max_steps", 0, "max_steps=0"),
-    ("batch_size", "four", "batch_size='four'"),
+    ("batch_size", "four", "batch_size='four'.*expected an integer, got the text 'four'"),
+    ("learning_rate", "fast", "learning_rate='fast'.*expected a number, got the text 'fast'"),
+    ("max_length", 1, "max_length=1: must be >= 2"),
     ("packing", "maybe", "packing='maybe'.*true or false"),
     ("activation_offloading", True, "activation_offloading=True: .*set gradient_checkpointing: true"),
 ])

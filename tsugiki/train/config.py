@@ -143,9 +143,11 @@ class TrainConfig:
         def bad(key: str, why: str):
             raise ConfigError(f"{key}={getattr(self, key)!r}: {why}")
 
-        for key in ("lora_r", "batch_size", "grad_accum", "max_length", "logging_steps", "num_epochs", "pad_to_multiple_of"):
+        for key in ("lora_r", "batch_size", "grad_accum", "logging_steps", "num_epochs", "pad_to_multiple_of"):
             if getattr(self, key) < 1:
                 bad(key, "must be >= 1")
+        if self.max_length < 2:
+            bad("max_length", "must be >= 2 (a token and the next one to predict)")
         for key in ("warmup_steps", "save_steps", "eval_steps", "seed"):
             if getattr(self, key) < 0:
                 bad(key, "must be >= 0")
@@ -360,19 +362,26 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
         if isinstance(value, str):
-            number = float(value)  # accepts "1e3"; ValueError names the text
+            number = _number(value, "an integer")  # accepts "1e3"
             if number.is_integer():
                 return int(number)
         raise TypeError("expected an integer")
     if hint is float:
         if isinstance(value, bool):
             raise TypeError("expected a number, got a boolean")
-        return float(value)
+        return _number(value, "a number") if isinstance(value, str) else float(value)
     if hint is str:
         if not isinstance(value, (str, os.PathLike)):
             raise TypeError("expected a string")
         return os.fspath(value)
     return value
+
+
+def _number(text: str, kind: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise TypeError(f"expected {kind}, got the text {text!r}") from None
 
 
 # ---------------------------------------------------------------------- CLI

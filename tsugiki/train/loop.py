@@ -66,6 +66,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import inspect
+import logging
 import math
 import os
 import random
@@ -95,6 +96,8 @@ from .config import ConfigError, TrainConfig
 from .neftune import neftune
 from .records import files_size, make_recorder, peak_memory_bytes, plot_loss_curve, write_summary
 from .schedules import make_scheduler
+
+log = logging.getLogger("tsugiki.train")
 
 Batch = dict[str, torch.Tensor]
 
@@ -608,6 +611,10 @@ class Trainer:
             [local if r == self.rank else 0 for r in range(self.world_size)])]
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg.lr_scheduler, cfg.warmup_steps, self.total_steps)
+        if cfg.warmup_steps >= self.total_steps and distributed.is_main():
+            log.warning("warmup_steps=%d is not below the run's %d steps: the learning rate never reaches "
+                        "learning_rate=%g; lower warmup_steps (e.g. to %d)", cfg.warmup_steps, self.total_steps,
+                        cfg.learning_rate, max(1, self.total_steps // 10))
         self.scaler = torch.amp.GradScaler(self.device.type) if self.compute_dtype == torch.float16 else None
         self.state: dict[str, Any] = {"step": 0, "epoch": 0, "batch_index": 0, "tokens_seen": 0,
                                       "train_time_s": 0.0, "window": _new_window(), "last": {}}
