@@ -190,6 +190,10 @@ def test_train_python_api_matches_cli_keys(model_dir, data_file, tmp_path, monke
     (["train", "--model", "MODEL", "--output_dir", "OUT"], "data is not set"),
     (["eval", "--adapter", "nowhere", "--data", "DATA"], "adapter folder 'nowhere' does not exist"),
     (["inspect", "nowhere"], "does not exist"),
+    (["eval", "--model", "MODEL", "--data", "DATA", "--no-base"], "--no-base leaves nothing to score without --adapter"),
+    (["eval", "--model", "MODEL", "--data", "DATA", "--show", "-1"], "argument --show: must be 0 or more, got -1"),
+    (["inspect", "--data", "DATA", "--model", "MODEL", "--rows", "two"],
+     "argument --rows: expected a whole number, got 'two'"),
 ])
 def test_cli_errors_are_one_clear_line(argv, message, model_dir, data_file, tmp_path, capsys):
     argv = [a.replace("MODEL", model_dir).replace("DATA", data_file).replace("OUT", str(tmp_path / "o"))

@@ -175,8 +175,8 @@ def load_adapter_weights(peft_model: nn.Module, state: dict[str, torch.Tensor], 
             lines.append(f"  missing {len(missing)} key(s), e.g. {', '.join(missing[:5])}")
         if unexpected:
             lines.append(f"  unexpected {len(unexpected)} key(s), e.g. {', '.join(unexpected[:5])}")
-        lines.append("  Was it trained on another base model or with other target_modules? "
-                     "Pass strict=False to load what fits anyway.")
+        lines.append("  Was it trained on another base model or with other target_modules? (In Python, "
+                     "from_pretrained/load_adapter(..., strict=False) loads what fits anyway.)")
         raise AdapterLoadError("\n".join(lines))
 
     for model_key, tensor in mapped.items():

@@ -17,6 +17,17 @@ EPILOG = "Run 'tsugiki <command> --help' for the options of each command."
 
 
 # ----------------------------------------------------------------------------- shared options
+def _count(text: str) -> int:
+    """argparse type: a whole number >= 0 (a number of rows to show)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 DTYPE_HELP = ("Base weights' dtype: auto = bf16 where the hardware runs it natively (as training does), else fp32 "
               "(default: auto).")
 
@@ -211,6 +222,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _refuse_existing(args.output, args.overwrite, "output file")
     if args.max_rows is not None and args.max_rows < 1:
         raise ValueError(f"--max-rows must be a positive number of rows, got {args.max_rows}")
+    if args.no_base and not args.adapter:
+        raise ValueError("--no-base leaves nothing to score without --adapter; give the adapter to evaluate, "
+                         "or drop --no-base to score the base model")
     rows = _read_prompt_rows(args.data, with_answers=True)
     if args.max_rows:
         rows = rows[: args.max_rows]
@@ -358,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.add_argument("--data", required=True, help="Held-out rows with reference answers (any supported format).")
     p.add_argument("--max-rows", type=int, default=None, help="Use only the first N rows.")
-    p.add_argument("--show", type=int, default=5, help="Print this many sample answers (default: 5).")
+    p.add_argument("--show", type=_count, default=5, help="Print this many sample answers (default: 5).")
     p.add_argument("--no-base", action="store_true", help="Skip the bare-base column.")
     p.add_argument("--no-loss", action="store_true", help="Skip loss/perplexity (generation only).")
     _add_output_options(p, "Also write the scores as JSON here.")
@@ -390,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-on", choices=("response", "all"), default="response",
                    help="Which tokens carry loss (default: response).")
     p.add_argument("--max-length", type=int, default=1024, help="Truncate rows to this many tokens (default: 1024).")
-    p.add_argument("--rows", type=int, default=3, help="How many examples to show (default: 3).")
+    p.add_argument("--rows", type=_count, default=3, help="How many examples to show (default: 3).")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("plan", help="Estimate peak memory before loading anything, and whether it fits.")
