@@ -81,15 +81,15 @@ def test_hf_peft_adapter_loads_in_tsugiki(case, tmp_path):
     torch.testing.assert_close(_logits(ours, ids), expected, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("init", ["orthogonal", "olora"])
+@pytest.mark.parametrize("init", ["orthogonal", "mica"])
 def test_hf_peft_adapter_with_an_init_tsugiki_lacks_loads_but_cannot_be_created(init, tmp_path):
     ids = token_batch()
     theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=init))
     randomize_adapters(theirs)
     base_logits = _logits(tiny_llama(), ids)
-    expected = _logits(theirs, ids)  # OLoRA moved part of W into A, B: its base is no longer tiny_llama's
+    expected = _logits(theirs, ids)
     theirs.save_pretrained(str(tmp_path))
-    ours = tsugiki.PeftModel.from_pretrained(theirs.unload(), tmp_path)  # the base as PEFT left it
+    ours = tsugiki.PeftModel.from_pretrained(tiny_llama(), tmp_path)
     torch.testing.assert_close(_logits(ours, ids), expected, atol=ATOL, rtol=0)
     assert not torch.allclose(expected, base_logits, atol=1e-4)
     with pytest.raises(ValueError, match=f"init_lora_weights='{init}' is an HF PEFT initialisation tsugiki does not"):
@@ -187,3 +187,76 @@ def test_default_targets_are_hf_pefts_where_it_has_them():
     differ = {t: (sorted(DEFAULT_TARGETS[t]), sorted(theirs[t])) for t in DEFAULT_TARGETS
               if t in theirs and not isinstance(theirs[t], str) and sorted(DEFAULT_TARGETS[t]) != sorted(theirs[t])}
     assert differ == {}
+
+
+def _trained_in_place(model, seed=4):
+    # Stand in for training: move every adapter weight away from its PiSSA/OLoRA start.
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+FACTORED = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+@pytest.mark.parametrize("made_by, loaded_by", [(peft, tsugiki), (tsugiki, peft), (tsugiki, tsugiki)])
+def test_pissa_and_olora_adapters_load_onto_the_original_base(init, made_by, loaded_by, tmp_path):
+    """They were trained on W - s B0 A0: loading recomputes that residual from the original W."""
+    ids = token_batch()
+    model = made_by.get_peft_model(tiny_llama(), made_by.LoraConfig(init_lora_weights=init, **FACTORED))
+    _trained_in_place(model)
+    trained = _logits(model, ids)
+    model.save_pretrained(str(tmp_path / "a"))
+    loaded = loaded_by.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "a"))
+    torch.testing.assert_close(_logits(loaded, ids), trained, atol=ATOL, rtol=0)
+    assert (trained - _logits(tiny_llama(), ids)).abs().max() > 1e-2  # the adapter does change the answer
+
+
+def test_a_seeded_randomized_pissa_start_repeats_on_load(tmp_path):
+    ids = token_batch()
+    model = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(init_lora_weights="pissa_niter_2", **FACTORED))
+    _trained_in_place(model)
+    model.save_pretrained(tmp_path / "a")
+    torch.manual_seed(123)  # another global RNG state: the start does not depend on it
+    loaded = tsugiki.PeftModel.from_pretrained(tiny_llama(), tmp_path / "a")
+    torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("init, options", [("pissa", {}), ("olora", {"rank_pattern": {"v_proj": 2}}),
+                                           ("pissa", {"use_rslora": True, "alpha_pattern": {"q_proj": 3}})])
+def test_a_converted_pissa_or_olora_adapter_is_plain_lora_for_the_original_base(init, options, tmp_path):
+    ids = token_batch()
+    model = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(init_lora_weights=init, **FACTORED, **options))
+    model.save_pretrained(tmp_path / "start")
+    _trained_in_place(model)
+    model.save_pretrained(tmp_path / "plain", path_initial_model_for_weight_conversion=tmp_path / "start")
+    saved = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
+    assert saved["init_lora_weights"] is True and saved["r"] == 8
+    loaders = (tsugiki,) if options.get("use_rslora") else (tsugiki, peft)  # PEFT refuses rsLoRA with patterns
+    for library in loaders:
+        loaded = library.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "plain"))
+        torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), atol=ATOL, rtol=0)
+    # HF PEFT's own conversion writes the same adapter.
+    if not options.get("use_rslora"):
+        theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(init_lora_weights=init, **FACTORED, **options))
+        theirs.save_pretrained(str(tmp_path / "theirs_start"))
+        _trained_in_place(theirs)
+        theirs.save_pretrained(str(tmp_path / "theirs"), path_initial_model_for_weight_conversion=str(tmp_path / "theirs_start"))
+        ours_w, theirs_w = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("plain", "theirs"))
+        assert sorted(ours_w) == sorted(theirs_w)
+        for key in ours_w:
+            torch.testing.assert_close(ours_w[key], theirs_w[key], atol=1e-5, rtol=0)
+
+
+def test_conversion_is_refused_where_it_cannot_hold(tmp_path):
+    plain = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(**FACTORED))
+    plain.save_pretrained(tmp_path / "start")
+    with pytest.raises(ValueError, match="converts PiSSA/OLoRA adapters; this one has init_lora_weights=True"):
+        plain.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=tmp_path / "start")
+    pissa = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(init_lora_weights="pissa", **{**FACTORED, "r": 2}))
+    with pytest.raises(ValueError, match=r"start: base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight is of shape \(4, 16\), not \(2, 16\); give the folder where this adapter was saved right after get_peft_model"):
+        pissa.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=tmp_path / "start")
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()

@@ -80,6 +80,22 @@ def test_pissa_init_keeps_output_and_uses_top_singular_vectors():
     assert residual[7:].abs().max() < 1e-5
 
 
+def test_olora_init_keeps_output_and_starts_from_qr():
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10)
+    w0 = base.weight.detach().clone()
+    x = torch.randn(4, 12)
+    before = base(x)
+    layer = LoraLinear(base)
+    layer.update_layer("default", 3, 6, 0.0, "olora", False)
+    layer.set_adapter("default")
+    torch.testing.assert_close(layer(x), before, atol=1e-5, rtol=0)
+    Q, R = torch.linalg.qr(w0)
+    torch.testing.assert_close(layer.lora_B["default"].weight, Q[:, :3], atol=1e-6, rtol=0)
+    torch.testing.assert_close(layer.lora_A["default"].weight, R[:3], atol=1e-6, rtol=0)
+    torch.testing.assert_close(layer.base_layer.weight, w0 - 2.0 * Q[:, :3] @ R[:3], atol=1e-6, rtol=0)
+
+
 def test_merge_unmerge_exact_and_idempotent():
     layer = _wrap_linear(init=False)
     w0 = layer.base_layer.weight.detach().clone()

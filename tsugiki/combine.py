@@ -63,7 +63,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .methods.lora import LoraConfig, LoraEmbedding, LoraLayer, LoraLinear
+from .methods.lora import LoraConfig, LoraEmbedding, LoraLayer, LoraLinear, starts_from_base_weight
 from .tuner import ModulesToSaveWrapper
 
 FACTOR_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -255,8 +255,8 @@ def _new_config(model: nn.Module, configs: dict[str, LoraConfig], rank: int) -> 
     config.rank_pattern = {}
     config.alpha_pattern = {}
     config.target_modules = _new_target_modules(model, configs)
-    if isinstance(config.init_lora_weights, str) and config.init_lora_weights.startswith("pissa"):
-        # The combined weights are not a PiSSA split of the base; never re-run that init on load.
+    if starts_from_base_weight(config.init_lora_weights):
+        # The combined weights are not a PiSSA/OLoRA split of the base; never re-run that init on load.
         config.init_lora_weights = True
     saved = [m for c in configs.values() for m in (c.modules_to_save or [])]
     config.modules_to_save = list(dict.fromkeys(saved)) or None

@@ -28,7 +28,7 @@ from .config import PeftConfig, TaskType
 from .fileio import atomic_write_text, ensure_directory
 from . import methods  # noqa: F401  (registers every method's config and tuner)
 from .kernels.decode import single_row_decoding
-from .methods.lora import LoraConfig, decoding_forwards
+from .methods.lora import LoraConfig, as_lora_for_original_base, decoding_forwards
 from .quant import unpack_cpu_4bit
 from .tuner import BASE_ADAPTER_NAME, TUNER_REGISTRY, BaseTuner, batch_adapter_names
 
@@ -242,14 +242,21 @@ class PeftModel(nn.Module):
         sharded across processes). ``safe_serialization=False`` writes the pickle
         ``adapter_model.bin`` instead of ``adapter_model.safetensors``. Either file left
         from an earlier save in the other format is removed, so the folder holds one
-        adapter. HF PEFT's other options (``save_embedding_layers``, ``push_to_hub``, ...)
+        adapter. ``path_initial_model_for_weight_conversion``: the folder a PiSSA/OLoRA
+        adapter was saved in before training; the adapter is then written as a plain
+        rank-2r LoRA for the original base (:func:`tsugiki.methods.lora.as_lora_for_original_base`).
+        HF PEFT's other options (``save_embedding_layers``, ``push_to_hub``, ...)
         are not supported and are named in a warning.
         """
+        initial_folder = kwargs.pop("path_initial_model_for_weight_conversion", None)
         if kwargs:
             warnings.warn(f"save_pretrained: ignoring options tsugiki does not support: {', '.join(sorted(kwargs))}",
                           stacklevel=2)
         save_directory = os.fspath(save_directory)
         names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
+        if initial_folder is not None and len(names) != 1:
+            raise ValueError("path_initial_model_for_weight_conversion holds one adapter's start; save one adapter "
+                             f"at a time (selected_adapters=[name]); this model has {names}")
         if not names:
             raise ValueError("nothing to save: the model has no adapter (all were deleted)"
                              if not self.peft_config else "selected_adapters is empty; name the adapters to save")
@@ -264,6 +271,9 @@ class PeftModel(nn.Module):
             ensure_directory(folder, "adapter folder")
             config = self.peft_config[name]
             state = get_peft_model_state_dict(self, state_dict=state_dict, adapter_name=name)
+            if initial_folder is not None:
+                initial = adapter_io.read_adapter_weights(os.fspath(initial_folder))
+                state, config = as_lora_for_original_base(state, config, initial, os.fspath(initial_folder))
             adapter_io.save_adapter_weights(state, folder, safe_serialization=safe_serialization)
             saved = copy.deepcopy(config)
             saved.inference_mode = True

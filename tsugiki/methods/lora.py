@@ -27,6 +27,7 @@ not embeddings.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import re
 import warnings
@@ -47,10 +48,10 @@ from ..kernels import decode, native
 from ..kernels.lora_fused import lora_add
 from ..tuner import AdapterLayer, BaseTuner, current_batch_adapters, register_tuner
 
-_INIT_CHOICES = (True, False, "gaussian", "pissa")
+_INIT_CHOICES = (True, False, "gaussian", "pissa", "olora")
 # HF PEFT initialisations tsugiki does not compute. Their adapters hold ordinary A and B
 # matrices, so a saved one loads and runs; only creating a new adapter with them is refused.
-_LOAD_ONLY_INITS = ("eva", "olora", "corda", "loftq", "orthogonal", "mica")
+_LOAD_ONLY_INITS = ("eva", "corda", "loftq", "orthogonal", "mica")
 
 
 def new_adapter_init_problem(init: Union[bool, str]) -> Optional[str]:
@@ -58,8 +59,55 @@ def new_adapter_init_problem(init: Union[bool, str]) -> Optional[str]:
     if init in _LOAD_ONLY_INITS:
         return (f"init_lora_weights={init!r} is an HF PEFT initialisation tsugiki does not compute; adapters "
                 "saved with it load as they are (PeftModel.from_pretrained), but to create one use True, "
-                "'gaussian' or 'pissa'")
+                "'gaussian', 'pissa' or 'olora'")
     return None
+
+
+def starts_from_base_weight(init: Union[bool, str]) -> bool:
+    """PiSSA and OLoRA: A, B start as a factor of W, and the base keeps W - s B0 A0.
+
+    Their adapters are trained on that residual base, so loading one rebuilds it
+    (deterministically: SVD, QR, a seeded randomized SVD) before the saved A and B go in.
+    """
+    return isinstance(init, str) and (init == "olora" or init.startswith("pissa"))
+
+
+def as_lora_for_original_base(state: dict[str, torch.Tensor], config: "LoraConfig",
+                              initial: dict[str, torch.Tensor], where: str) -> tuple[dict, "LoraConfig"]:
+    """A trained PiSSA/OLoRA adapter rewritten as a plain LoRA for the original base W.
+
+    Trained on the residual W - s B0 A0, the model computes W + s (B A - B0 A0) =
+    W + s [B, -B0] [A; A0]: a rank-2r LoRA, with ``lora_alpha`` (and ``alpha_pattern``) doubled,
+    or times sqrt(2) under rsLoRA, so that the scale s stays. ``initial`` holds A0, B0: the
+    adapter saved before training, under the same file keys as ``state``.
+    """
+    if not starts_from_base_weight(config.init_lora_weights):
+        raise ValueError(f"path_initial_model_for_weight_conversion converts PiSSA/OLoRA adapters; this one has "
+                         f"init_lora_weights={config.init_lora_weights!r} and loads on the original base as it is")
+    if config.use_dora:
+        raise ValueError("path_initial_model_for_weight_conversion: a DoRA adapter's update is not linear in A and "
+                         "B, so it cannot be rewritten for the original base; save it as it is (it loads on any "
+                         "copy of the base: the residual is recomputed)")
+    out = dict(state)
+    for key, tensor in state.items():
+        part = ".lora_A." if ".lora_A." in key else ".lora_B." if ".lora_B." in key else None
+        if part is None:
+            continue  # modules_to_save and biases do not depend on the start
+        start = initial.get(key)
+        if start is None or start.shape != tensor.shape:
+            found = "missing" if start is None else f"of shape {tuple(start.shape)}, not {tuple(tensor.shape)}"
+            raise ValueError(f"{where}: {key} is {found}; give the folder where this adapter was saved right "
+                             "after get_peft_model, before training")
+        start = start.to(tensor.dtype)
+        out[key] = torch.cat([tensor, start]) if part == ".lora_A." else torch.cat([tensor, -start], dim=1)
+    factor = math.sqrt(2) if config.use_rslora else 2
+    converted = copy.deepcopy(config)
+    converted.init_lora_weights = True
+    converted.r *= 2
+    converted.lora_alpha *= factor
+    converted.rank_pattern = {k: 2 * v for k, v in config.rank_pattern.items()}
+    converted.alpha_pattern = {k: factor * v for k, v in config.alpha_pattern.items()}
+    return out, converted
 
 
 @register_config
@@ -84,7 +132,11 @@ class LoraConfig(PeftConfig):
         use_rslora: use ``lora_alpha / sqrt(r)`` (rank-stabilised LoRA).
         init_lora_weights: ``True`` (A Kaiming-uniform, B zero), ``"gaussian"`` (A ~ N(0, 1/r)),
             ``"pissa"`` / ``"pissa_niter_<k>"`` (A, B from the top-r singular vectors of W; W keeps
-            the residual), or ``False`` (both random: the adapter is not a no-op; for tests).
+            the residual), ``"olora"`` (B, A = the first r columns of Q and rows of R in W = QR;
+            W keeps the residual), or ``False`` (both random: the adapter is not a no-op; for tests).
+            PiSSA and OLoRA adapters are saved as trained on the residual; loading one
+            recomputes it from the original W, or ``save_pretrained(...,
+            path_initial_model_for_weight_conversion=)`` saves a plain LoRA for the original W.
         use_dora: weight-decomposed LoRA (DoRA, see the module docstring); linear-like layers only
             (default False).
         lora_bias: accepted so HF PEFT files load; must be ``False`` here.
@@ -128,7 +180,7 @@ class LoraConfig(PeftConfig):
         init = self.init_lora_weights
         if not (init in _INIT_CHOICES + _LOAD_ONLY_INITS
                 or (isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+", init))):
-            raise bad("init_lora_weights", "use True, False, 'gaussian', 'pissa' or 'pissa_niter_<k>'")
+            raise bad("init_lora_weights", "use True, False, 'gaussian', 'pissa', 'pissa_niter_<k>' or 'olora'")
         for key in ("target_modules", "exclude_modules"):
             problem = module_spec_problem(getattr(self, key))
             if problem:
@@ -271,8 +323,8 @@ class LoraLinear(LoraLayer, nn.Module):
         if A.is_meta or init is False:
             return  # meta: nothing to fill; False: keep nn.Linear's random init for both
         with torch.no_grad():
-            if isinstance(init, str) and init.startswith("pissa"):
-                self._pissa_init(name, init)
+            if starts_from_base_weight(init):
+                self._factor_base_init(name, init)
                 return
             if init == "gaussian":
                 nn.init.normal_(A, std=1.0 / self.r[name])
@@ -280,24 +332,36 @@ class LoraLinear(LoraLayer, nn.Module):
                 nn.init.kaiming_uniform_(A, a=math.sqrt(5))
             nn.init.zeros_(B)
 
-    def _pissa_init(self, name: str, init: str) -> None:
-        """A, B from the top-r singular triplets of W; the base keeps W - s B A."""
+    def _factor_base_init(self, name: str, init: str) -> None:
+        """A, B from a factorisation of W (out, in); the base keeps W - s B A.
+
+        PiSSA: W = U S Vh, A = sqrt(S_r / s) Vh_r, B = U_r sqrt(S_r / s), so s B A is W's best
+        rank-r part (``pissa_niter_<k>``: a randomized SVD with k power iterations, seeded so that
+        loading repeats it). OLoRA: W = Q R, A = R[:r], B = Q[:, :r].
+        """
         if isinstance(self.base_layer, bnb_linear_types()):
-            raise ValueError("PiSSA init needs an unquantized base layer; quantize after initialising")
+            raise ValueError(f"init_lora_weights={init!r} needs an unquantized base layer: the adapter starts from "
+                             "W, and W - s B A stays in the base. Load the base unquantized (PiSSA/OLoRA adapters "
+                             "too), or save the adapter with path_initial_model_for_weight_conversion")
         r, s = self.r[name], self.scaling[name]
         w = self.base_layer.weight.data.float()
         w = w.T if self.fan_in_fan_out else w  # (out, in)
-        if init == "pissa":
-            U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+        if init == "olora":
+            Q, R = torch.linalg.qr(w)
+            A, B = R[:r], Q[:, :r]
         else:
-            niter = int(init.rsplit("_", 1)[1])
-            U, S, V = torch.svd_lowrank(w, q=r, niter=niter)
-            Vh = V.T
-        root = torch.sqrt(S[:r] / s)
-        A = root[:, None] * Vh[:r]  # (r, in)
-        B = U[:, :r] * root[None, :]  # (out, r)
-        self.lora_A[name].weight.data = A.to(self.lora_A[name].weight.dtype)
-        self.lora_B[name].weight.data = B.to(self.lora_B[name].weight.dtype)
+            if init == "pissa":
+                U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(0)
+                    U, S, V = torch.svd_lowrank(w, q=r, niter=int(init.rsplit("_", 1)[1]))
+                Vh = V.T
+            root = torch.sqrt(S[:r] / s)
+            A = root[:, None] * Vh[:r]  # (r, in)
+            B = U[:, :r] * root[None, :]  # (out, r)
+        self.lora_A[name].weight.data = A.contiguous().to(self.lora_A[name].weight.dtype)
+        self.lora_B[name].weight.data = B.contiguous().to(self.lora_B[name].weight.dtype)
         self._add_to_base_weight(-self.get_delta_weight(name))
 
     def get_delta_weight(self, name: str) -> torch.Tensor:
@@ -844,8 +908,8 @@ class LoraEmbedding(LoraLayer, nn.Module):
             if init is False:
                 nn.init.normal_(self.lora_embedding_A[name])
                 nn.init.normal_(self.lora_embedding_B[name])
-            elif isinstance(init, str) and init.startswith("pissa"):
-                raise ValueError("PiSSA init is for linear layers; do not target embeddings with it")
+            elif starts_from_base_weight(init):
+                raise ValueError(f"init_lora_weights={init!r} is for linear layers; do not target embeddings with it")
             else:
                 nn.init.zeros_(self.lora_embedding_A[name])
                 nn.init.normal_(self.lora_embedding_B[name])
@@ -880,7 +944,11 @@ class LoraModel(BaseTuner):
             config.target_modules = resolve_default_targets(self.model)
         targets = config_targets(self.model, config, allowed_types=supported)
         conv1d = conv1d_type()
-        init = config.init_lora_weights if init_weights else False
+        init = config.init_lora_weights
+        if not init_weights:
+            # Loading: A and B come from the file. A PiSSA/OLoRA adapter was trained on the base
+            # minus its starting update, so that residual is rebuilt first (as HF PEFT does too).
+            init = init if starts_from_base_weight(init) else False
         problem = new_adapter_init_problem(init)
         if problem:
             raise ValueError(problem)
@@ -905,7 +973,8 @@ class LoraModel(BaseTuner):
                 layer.update_layer(adapter_name, r, alpha, config.lora_dropout, init, config.use_rslora,
                                    use_dora=config.use_dora)
             else:
-                layer.update_layer(adapter_name, r, alpha, config.lora_dropout, init, config.use_rslora)
+                layer.update_layer(adapter_name, r, alpha, config.lora_dropout, init if init_weights else False,
+                                   config.use_rslora)
             layer.set_adapter(self.active_adapter, trainable=False)
             if layer is not target:
                 replace_module(self.model, name, layer)
