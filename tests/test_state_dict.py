@@ -133,6 +133,17 @@ def test_load_adapter_into_an_existing_name_replaces_its_weights(tmp_path):
     torch.testing.assert_close(_logits(model, ids), _logits(trained, ids), atol=0, rtol=0)
 
 
+def test_load_adapter_leaves_the_model_in_eval_mode_unless_it_is_to_train(tmp_path):
+    tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(**LORA)).save_pretrained(tmp_path / "a")
+    for trainable, training_after in ((False, False), (True, True)):
+        for library in (tsugiki, peft):
+            model = library.get_peft_model(tiny_llama(), library.LoraConfig(**{**LORA, "lora_dropout": 0.1}))
+            model.train()
+            model.load_adapter(str(tmp_path / "a"), adapter_name="other", is_trainable=trainable)
+            assert model.training is training_after, library.__name__
+            assert any(m.training for m in model.modules()) is training_after, library.__name__
+
+
 def test_load_adapter_into_an_existing_name_that_does_not_fit_changes_nothing(tmp_path):
     wider = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(**{**LORA, "r": 8}))
     wider.save_pretrained(tmp_path / "r8")

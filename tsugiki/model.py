@@ -315,7 +315,8 @@ class PeftModel(nn.Module):
 
         Into an adapter that already exists under that name, as HF PEFT does, only the
         weights are loaded: its config (rank, scaling, targets) stays, and a file that
-        does not fit it is an error that changes nothing.
+        does not fit it is an error that changes nothing. Unless ``is_trainable``, the
+        model is put in eval mode afterwards (dropout off), as HF PEFT does.
         """
         folder = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
         config = PeftConfig.from_pretrained(folder)
@@ -324,13 +325,15 @@ class PeftModel(nn.Module):
         state = adapter_io.read_adapter_weights(folder, allow_pickle=allow_pickle)
         if adapter_name in self.peft_config:
             _load_weights(self, state, adapter_name, folder, strict)  # checks everything before copying
-            return
-        self.add_adapter(adapter_name, config, _init_weights=False)
-        try:
-            _load_weights(self, state, adapter_name, folder, strict)
-        except BaseException:
-            self.delete_adapter(adapter_name)  # leave the model as it was
-            raise
+        else:
+            self.add_adapter(adapter_name, config, _init_weights=False)
+            try:
+                _load_weights(self, state, adapter_name, folder, strict)
+            except BaseException:
+                self.delete_adapter(adapter_name)  # leave the model as it was
+                raise
+        if not is_trainable:
+            self.eval()
 
 
 def _load_weights(peft_model: PeftModel, state: dict[str, torch.Tensor], adapter_name: str, folder: str,
