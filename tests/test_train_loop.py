@@ -15,6 +15,7 @@ from tsugiki.train import schedules
 from tsugiki.train.config import TrainConfig
 from tsugiki.data import Collator
 from tsugiki.train.loop import Trainer, split_rows, token_loss_sum
+from tsugiki.train.records import read_metrics
 
 VOCAB = 101
 
@@ -307,6 +308,9 @@ def test_resume_from_a_path_into_another_folder_follows_the_fresh_start_rules(tm
     assert result.metrics["resumed_from"] == checkpoint and (u2 / "README.md").read_text() == "mine"
     _, result = run(tmp_path / "new", rows, batch_size=2, max_steps=4, save_steps=2, resume=checkpoint)
     assert result.metrics["resumed_from"] == checkpoint
+    # The new folder's records cover the whole run: the earlier run's steps, then its own.
+    steps = [r["step"] for r in read_metrics(str(tmp_path / "new")) if "loss" in r]
+    assert steps == [1, 2, 3, 4]
     # Into its own folder the run simply goes on, past the newer checkpoints there.
     _, result = run(tmp_path / "a1", rows, batch_size=2, max_steps=4, save_steps=2, resume=checkpoint)
     assert result.metrics["resumed_from"] == checkpoint

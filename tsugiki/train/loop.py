@@ -699,7 +699,7 @@ class Trainer:
         resume_from = self.prepare()
         st = self.state
         self.recorder = make_recorder(cfg.output_dir, self.total_steps, st["step"], cfg.tensorboard, self.progress,
-                                      rank=self.rank)
+                                      rank=self.rank, earlier_run=os.path.dirname(resume_from) if resume_from else None)
         for note in self.recorder.notes:
             self._say(note)
         if resume_from and self.rank == 0:

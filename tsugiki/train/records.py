@@ -17,6 +17,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import sys
 from typing import Any, Optional
 
@@ -42,14 +43,20 @@ class RunRecorder:
 
     ``start_step`` > 0 means a resumed run: the bar starts there and metrics
     lines from after that step (written by the interrupted run) are discarded.
+    ``earlier_run``: the folder of the run resumed from; when it is another folder,
+    its metrics up to ``start_step`` start this run's file, so the file (and the loss
+    curve) covers the whole run.
     """
 
     def __init__(self, output_dir: str, total_steps: int, start_step: int = 0,
-                 tensorboard: bool = True, progress: bool = True):
+                 tensorboard: bool = True, progress: bool = True, earlier_run: Optional[str] = None):
         self.output_dir = output_dir
         self.metrics_path = os.path.join(output_dir, METRICS_FILE)
         self.notes: list[str] = []
         os.makedirs(output_dir, exist_ok=True)
+        earlier = os.path.join(earlier_run, METRICS_FILE) if earlier_run else None
+        if start_step and earlier and os.path.isfile(earlier) and not os.path.exists(self.metrics_path):
+            shutil.copyfile(earlier, self.metrics_path)
         self._truncate_metrics(start_step)
         self._file = open(self.metrics_path, "a", encoding="utf-8")
         self._tb = self._open_tensorboard(start_step) if tensorboard else None
@@ -153,11 +160,11 @@ class QuietRecorder:
 
 
 def make_recorder(output_dir: str, total_steps: int, start_step: int = 0, tensorboard: bool = True,
-                  progress: bool = True, rank: int = 0):
+                  progress: bool = True, rank: int = 0, earlier_run: Optional[str] = None):
     """A :class:`RunRecorder` on rank 0, a :class:`QuietRecorder` on every other rank."""
     if rank != 0:
         return QuietRecorder(rank)
-    return RunRecorder(output_dir, total_steps, start_step, tensorboard, progress)
+    return RunRecorder(output_dir, total_steps, start_step, tensorboard, progress, earlier_run)
 
 
 def read_metrics(output_dir: str) -> list[dict[str, Any]]:
