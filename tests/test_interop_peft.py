@@ -260,3 +260,15 @@ def test_conversion_is_refused_where_it_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match=r"start: base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight is of shape \(4, 16\), not \(2, 16\); give the folder where this adapter was saved right after get_peft_model"):
         pissa.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=tmp_path / "start")
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_dora_parameters_have_hf_pefts_names():
+    """Code that reaches for ``lora_magnitude_vector[name].weight``, or filters parameters by name, runs on both."""
+    config = dict(r=2, use_dora=True, target_modules=["q_proj", "v_proj"])
+    ours = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(**config))
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**config))
+    names = {lib: sorted(n for n, p in m.named_parameters() if p.requires_grad)
+             for lib, m in (("ours", ours), ("theirs", theirs))}
+    assert names["ours"] == names["theirs"]
+    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.lora_magnitude_vector["default"].weight.shape == (layer.out_features,)

@@ -110,8 +110,8 @@ def _dora_edits():
             layer.lora_A["default"].weight.mul_(-3.0)
 
     def magnitude_replaced(layer):
-        m = layer.lora_magnitude_vector["default"]
-        layer.lora_magnitude_vector["default"] = torch.nn.Parameter(torch.randn_like(m))
+        m = layer.lora_magnitude_vector["default"].weight
+        layer.lora_magnitude_vector["default"].weight = torch.nn.Parameter(torch.randn_like(m))
 
     def base_weight_in_place(layer):
         with torch.no_grad():

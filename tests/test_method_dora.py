@@ -29,7 +29,7 @@ def _dora_reference(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     adapted = W + layer.scaling["default"] * B @ A
     norm = torch.linalg.norm(adapted, dim=1).detach()
-    out = x @ (layer.lora_magnitude_vector["default"][:, None] * adapted / norm[:, None]).T
+    out = x @ (layer.lora_magnitude_vector["default"].weight[:, None] * adapted / norm[:, None]).T
     bias = layer.base_layer.bias
     return out if bias is None else out + bias
 
@@ -37,7 +37,7 @@ def _dora_reference(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
 def test_magnitude_starts_at_the_row_norm_and_changes_nothing():
     model = _model()
     layer = model.base_model.model.model.layers[0].mlp.down_proj  # Linear(32 -> 16)
-    m = layer.lora_magnitude_vector["default"]
+    m = layer.lora_magnitude_vector["default"].weight
     assert m.shape == (16,) and m.requires_grad
     torch.testing.assert_close(m, torch.linalg.norm(layer.base_layer.weight, dim=1))
     torch.testing.assert_close(logits(model, token_batch()), logits(tiny_llama(), token_batch()), atol=1e-6, rtol=0)
@@ -50,7 +50,7 @@ def test_output_and_gradients_follow_the_formula(make, path):
     randomize(model, MARKERS)
     layer = model.base_model.model.get_submodule(path)
     x = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
-    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.lora_magnitude_vector["default"]]
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.lora_magnitude_vector["default"].weight]
     out = layer(x)
     ref = _dora_reference(layer, x)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
@@ -165,7 +165,7 @@ def test_kbit_base():
     x = torch.randn(2, 64)
     A, B, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
     norm = torch.linalg.norm(quant.dequantize_weight(layer.base_layer) + s * B @ A, dim=1)
-    factor = layer.lora_magnitude_vector["default"] / norm
+    factor = layer.lora_magnitude_vector["default"].weight / norm
     # W x through the 4-bit kernel itself (it rounds differently from a dequantized matmul)
     expected = factor * (layer.base_layer(x) + s * x @ A.T @ B.T)
     torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-4)
@@ -199,7 +199,7 @@ def _dora_layer(bias: bool, dropout: float, dtype: torch.dtype) -> LoraLinear:
     layer.update_layer("default", r=4, alpha=8, dropout=dropout, init=True, use_rslora=False, use_dora=True)
     with torch.no_grad():  # a trained-looking adapter: B and m away from their initial values
         layer.lora_B["default"].weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
-        layer.lora_magnitude_vector["default"].mul_(torch.linspace(0.7, 1.3, 40))
+        layer.lora_magnitude_vector["default"].weight.mul_(torch.linspace(0.7, 1.3, 40))
     layer.base_layer.to(dtype).requires_grad_(False)
     return layer.train()
 
@@ -211,7 +211,7 @@ def test_fused_dora_forward_equals_the_reference_path(bias, dropout, dtype):
     """The training path (fused LoRA add, ``b + f * z``) against ``base + _adapter_out``: values and gradients."""
     layer = _dora_layer(bias, dropout, dtype)
     params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight,
-              layer.lora_magnitude_vector["default"]]
+              layer.lora_magnitude_vector["default"].weight]
     x0 = torch.randn(2, 9, 48, generator=torch.Generator().manual_seed(0)).to(dtype)
     g = torch.randn(2, 9, 40, generator=torch.Generator().manual_seed(1)).to(dtype)
     results = []

@@ -674,3 +674,28 @@ def test_a_warmup_as_long_as_the_run_is_warned_about(tmp_path, caplog):
         Trainer(tiny_model(), make_config(tmp_path / "short", max_steps=4, warmup_steps=3), random_examples(4),
                 progress=False).prepare()
     assert "warmup_steps" not in caplog.text
+
+
+def test_a_dora_checkpoint_from_before_the_magnitude_became_a_module_resumes(tmp_path):
+    """Earlier releases saved DoRA's magnitude as ``...lora_magnitude_vector.default`` (no ``.weight``)."""
+    from safetensors.torch import load_file, save_file
+
+    def dora_model():
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+        return get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                                   use_dora=True))
+
+    rows = random_examples(8)
+    run(tmp_path / "a", rows, model=dora_model(), batch_size=2, max_steps=2, save_steps=1)
+    path = tmp_path / "a" / "checkpoint-1" / ckpt.TRAINABLE_FILE
+    saved = load_file(path)
+    save_file({k.removesuffix(".weight") if "lora_magnitude_vector" in k else k: v for k, v in saved.items()}, path)
+    assert any(k.endswith("lora_magnitude_vector.default") for k in load_file(path))
+    trainer = Trainer(dora_model(), make_config(tmp_path / "a", batch_size=2, max_steps=2, save_steps=1,
+                                                resume=str(tmp_path / "a" / "checkpoint-1")), rows, progress=False)
+    trainer.prepare()
+    magnitude = next(p for n, p in trainer.model.named_parameters() if "lora_magnitude_vector" in n)
+    expected = next(v for k, v in saved.items() if "lora_magnitude_vector" in k)
+    assert torch.equal(magnitude.detach(), expected)

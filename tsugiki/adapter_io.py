@@ -42,6 +42,11 @@ class IncompatibleKeys(NamedTuple):
     unexpected_keys: list[str]
 
 
+# Holders whose one tensor HF PEFT files under the holder's own key: DoRA's magnitude is
+# ``...lora_magnitude_vector.<adapter>.weight`` in the model but ``...lora_magnitude_vector`` on disk.
+_WEIGHT_UNDER_HOLDER_KEY = ("lora_magnitude_vector",)
+
+
 def _adapter_attr_pattern(attrs: tuple[str, ...]) -> re.Pattern:
     return re.compile(rf"(^|\.)({'|'.join(map(re.escape, attrs))})\.([^.]+)(\.|$)")
 
@@ -65,7 +70,10 @@ def adapter_state_dict(peft_model: nn.Module, adapter_name: str, adapter_attrs: 
         m = pattern.search(name)
         if m:
             if m.group(3) == adapter_name:
-                out[name[: m.start(3)] + name[m.end(3) + 1:] if m.group(4) else name[: m.start(3) - 1]] = tensor
+                key = name[: m.start(3)] + name[m.end(3) + 1:] if m.group(4) else name[: m.start(3) - 1]
+                if m.group(2) in _WEIGHT_UNDER_HOLDER_KEY:
+                    key = key.removesuffix(".weight")
+                out[key] = tensor
             continue
         if ".modules_to_save." in name:
             prefix, rest = name.split(".modules_to_save.", 1)
@@ -131,7 +139,8 @@ def file_key_to_model_key(key: str, adapter_name: str, adapter_attrs: tuple[str,
     parts = key.split(".")
     for i, part in enumerate(parts):
         if part in adapter_attrs:
-            return ".".join(parts[: i + 1] + [adapter_name] + parts[i + 1:])
+            tail = ["weight"] if part in _WEIGHT_UNDER_HOLDER_KEY and i == len(parts) - 1 else parts[i + 1:]
+            return ".".join(parts[: i + 1] + [adapter_name] + tail)
     # A modules_to_save module may have sub-modules (RoBERTa's head: classifier.dense, classifier.out_proj).
     for i in range(len(parts) - 1, 0, -1):
         owner = ".".join(parts[:i])

@@ -291,6 +291,15 @@ class LoraLayer(AdapterLayer):
             w.data = (w.data.float() + delta).to(w.dtype)
 
 
+class DoraMagnitude(nn.Module):
+    """DoRA's magnitude ``m`` of one adapter, one entry per output row, as ``.weight``
+    (HF PEFT's layout: ``lora_magnitude_vector[name].weight``; files drop the ``.weight``)."""
+
+    def __init__(self, magnitude: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(magnitude)
+
+
 class LoraLinear(LoraLayer, nn.Module):
     """LoRA around a linear-like layer: nn.Linear, Conv1D, or a bitsandbytes k-bit linear."""
 
@@ -302,7 +311,7 @@ class LoraLinear(LoraLayer, nn.Module):
         self._init_lora(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
-        self.lora_magnitude_vector = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # name -> DoraMagnitude
         self._dora_merge_factor: dict[str, torch.Tensor] = {}  # m / norm used at merge, to undo it
         self.fan_in_fan_out = fan_in_fan_out
         self.in_features, self.out_features = _linear_shape(base_layer, fan_in_fan_out)
@@ -648,10 +657,10 @@ class LoraLinear(LoraLayer, nn.Module):
     def _init_dora(self, name: str) -> None:
         A = self.lora_A[name].weight
         if A.is_meta:
-            self.lora_magnitude_vector[name] = nn.Parameter(torch.empty(self.out_features, dtype=A.dtype,
-                                                                        device="meta"))
+            self.lora_magnitude_vector[name] = DoraMagnitude(torch.empty(self.out_features, dtype=A.dtype,
+                                                                         device="meta"))
             return
-        self.lora_magnitude_vector[name] = nn.Parameter(self._dora_norm(name, A.dtype))
+        self.lora_magnitude_vector[name] = DoraMagnitude(self._dora_norm(name, A.dtype))
 
     def _dora_forward(self, x: torch.Tensor, name: str, dropout: Optional[nn.Module]) -> torch.Tensor:
         """DoRA's output ``b + f * z`` with ``z = W x + s B A x`` and ``f = m / ||W + s B A||``.
@@ -665,7 +674,7 @@ class LoraLinear(LoraLayer, nn.Module):
         up to rounding order.
         """
         A, B, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
-        factor = self.lora_magnitude_vector[name] / self._dora_norm(name, A.dtype)  # (out,)
+        factor = self.lora_magnitude_vector[name].weight / self._dora_norm(name, A.dtype)  # (out,)
         bias = getattr(self.base_layer, "bias", None)
         out = self.base_layer(x)
         if dropout is None:
@@ -687,7 +696,7 @@ class LoraLinear(LoraLayer, nn.Module):
         # DoRA: m/n * (W x + s B A x) - W x, added to the base output (the reference for _dora_forward).
         A, B = self.lora_A[name], self.lora_B[name]
         dropout, s = self.lora_dropout[name], self.scaling[name]
-        factor = self.lora_magnitude_vector[name] / self._dora_norm(name, A.weight.dtype)  # (out,)
+        factor = self.lora_magnitude_vector[name].weight / self._dora_norm(name, A.weight.dtype)  # (out,)
         x = x.to(A.weight.dtype)
         if isinstance(dropout, nn.Identity) or not self.training:
             bias = getattr(self.base_layer, "bias", None)
@@ -717,7 +726,7 @@ class LoraLinear(LoraLayer, nn.Module):
             return super().merge(name, safe_merge)
         weight = self._weight_out_in().float()
         norm = self._dora_norm(name, torch.float32)
-        factor = self.lora_magnitude_vector[name].detach().float() / norm
+        factor = self.lora_magnitude_vector[name].weight.detach().float() / norm
         new = factor[:, None] * (weight + self._delta_out_in(name))
         if safe_merge and not torch.isfinite(new).all():
             raise ValueError(f"refusing to merge DoRA adapter {name!r}: the merged weight contains NaN/Inf "
@@ -845,13 +854,13 @@ class _InferencePlan:
             if name not in layer.lora_magnitude_vector:
                 plan.scaled_B_t = (B.t() * layer.scaling[name]).contiguous()
                 return plan
-            magnitudes, base = layer.lora_magnitude_vector._parameters, layer.base_layer._parameters
-            watched = [(plan.a_params, "weight"), (magnitudes, name), (base, "weight")]
+            magnitudes, base = layer.lora_magnitude_vector[name]._parameters, layer.base_layer._parameters
+            watched = [(plan.a_params, "weight"), (magnitudes, "weight"), (base, "weight")]
             if base.get("bias") is not None:  # bias_shift below is made of it
                 watched.append((base, "bias"))
             plan.watched = tuple((params, key, params[key], params[key]._version, params[key].data_ptr())
                                  for params, key in watched)
-            factor = magnitudes[name].float() / layer._dora_norm(name, torch.float32)
+            factor = magnitudes["weight"].float() / layer._dora_norm(name, torch.float32)
             plan.scaled_B_t = (B.t().float() * (layer.scaling[name] * factor)).to(B.dtype).contiguous()
             plan.factor = factor
             bias = base.get("bias")

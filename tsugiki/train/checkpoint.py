@@ -505,6 +505,8 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
     except Exception as err:  # safetensors' own error types: a damaged file
         raise _damaged(path, TRAINABLE_FILE, err) from err
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    # DoRA's magnitude was a bare parameter (``...lora_magnitude_vector.<adapter>``) in earlier releases.
+    saved = {(k + ".weight" if k not in params and k + ".weight" in params else k): v for k, v in saved.items()}
     missing = sorted(set(params) - set(saved))
     unexpected = sorted(set(saved) - set(params))
     if missing or unexpected:
