@@ -83,6 +83,16 @@ def test_fsdp_two_processes_match_one_process_and_resume(model_dir, data_file, t
     assert_same_adapter(plain, one)
 
 
+def test_fsdp_saves_a_prompt_its_method_computes_from_sharded_parameters(model_dir, data_file, tmp_path):
+    """p-tuning saves its encoder's output: under FSDP it is computed from the whole (gathered) weights."""
+    two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    method = ["--method", "p_tuning", "--max_steps", "2", "--save_steps", "2"]
+    torchrun(fsdp_args(model_dir, data_file, two, batch_size=1, grad_accum=2) + method + ["--fsdp", "true"])
+    assert main(fsdp_args(model_dir, data_file, one, batch_size=4, grad_accum=1) + method) == 0
+    assert_same_adapter(two, one)
+    assert_same_adapter(os.path.join(two, "checkpoint-2"), os.path.join(one, "checkpoint-2"))
+
+
 def test_fsdp_in_one_process_is_refused(model_dir, data_file, tmp_path, capsys):
     out = str(tmp_path / "out")
     assert main(fsdp_args(model_dir, data_file, out, batch_size=4, grad_accum=1, max_steps=1) + ["--fsdp", "true"]) == 2

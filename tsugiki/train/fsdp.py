@@ -245,12 +245,15 @@ def shard_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict[str
 
 @contextlib.contextmanager
 def gathered_for_save(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """Within the block, ``model.state_dict()`` gives whole tensors for the adapter's parameters.
+    """Within the block, the adapter's parameters are whole tensors: in ``model.state_dict()``
+    and on the modules themselves.
 
     A collective on entry: every rank gathers every trainable parameter and every parameter
     named ``*bias`` (an adapter may save frozen biases, ``bias: all``); these are small next to
-    the frozen matrices, which stay sharded DTensors in the state dict. Yields the gathered
-    tensors by name, so rank 0 can run ``model.save_pretrained(...)`` inside the block.
+    the frozen matrices, which stay sharded DTensors. Yields the gathered tensors by name, so
+    rank 0 can run ``model.save_pretrained(...)`` inside the block. The modules hold the whole
+    tensors until the block ends (then their shards again), so a method that computes what it
+    saves from its parameters (p-tuning's prompt encoder) computes it from whole tensors too.
     An adapter that saves a frozen matrix (other than a bias) is not supported under FSDP:
     that tensor is still a shard here. No-op for an unsharded model.
     """
@@ -272,9 +275,16 @@ def gathered_for_save(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
                 state_dict[key] = value
 
     handle = model.register_state_dict_post_hook(swap)
+    # Between steps FSDP2 has the shards registered on the modules; put them back before it runs again.
+    sharded = [(module, key, param) for module in model.modules() for key, param in module._parameters.items()
+               if param is not None and id(param) in by_param and is_dtensor(param)]
     try:
+        for module, key, param in sharded:
+            module._parameters[key] = nn.Parameter(by_param[id(param)], requires_grad=param.requires_grad)
         yield gathered
     finally:
+        for module, key, param in sharded:
+            module._parameters[key] = param
         handle.remove()
 
 

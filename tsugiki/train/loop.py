@@ -586,7 +586,7 @@ class Trainer:
         self.compute_dtype = resolve_dtype(cfg.dtype, self.device)
         apply_dtype_policy(self.model, self.compute_dtype)
         offload = cfg.activation_offloading and self.device.type == "cuda"
-        if cfg.activation_offloading and not offload:
+        if cfg.activation_offloading and not offload and self.rank == 0:
             self._say(f"activation_offloading: ignored on {self.device.type}: the activations already live in "
                       "host memory")
         if cfg.gradient_checkpointing:
