@@ -272,3 +272,9 @@ def test_dora_parameters_have_hf_pefts_names():
     assert names["ours"] == names["theirs"]
     layer = ours.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.lora_magnitude_vector["default"].weight.shape == (layer.out_features,)
+
+
+def test_a_second_adapter_beside_a_pissa_one_is_warned_about(tmp_path):
+    model = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(init_lora_weights="pissa", **FACTORED))
+    with pytest.warns(UserWarning, match=r"\['default'\] \(PiSSA/OLoRA\) changed the base weights"):
+        model.add_adapter("other", tsugiki.LoraConfig(**FACTORED))

@@ -961,6 +961,12 @@ class LoraModel(BaseTuner):
         problem = new_adapter_init_problem(init)
         if problem:
             raise ValueError(problem)
+        moved = [n for n, c in self.peft_config.items() if starts_from_base_weight(getattr(c, "init_lora_weights", None))]
+        if moved and len(self.peft_config) > 1:
+            warnings.warn(f"adapter(s) {moved} (PiSSA/OLoRA) changed the base weights, so the base under the other "
+                          "adapters is not the one they were made for; keep such an adapter alone on its base, or "
+                          "save it with save_pretrained(..., path_initial_model_for_weight_conversion=) as plain "
+                          "LoRA first", stacklevel=4)
         for name in targets:
             target = self.model.get_submodule(name)
             if config.use_dora and isinstance(target, (nn.Embedding, LoraEmbedding)):
