@@ -64,3 +64,19 @@ def test_mlp_options_it_cannot_honour_are_refused():
             tsugiki.get_peft_model(tiny_llama(), _config(**kw))
     model = tsugiki.get_peft_model(tiny_llama(), _config(encoder_reparameterization_type="LSTM", encoder_dropout=0.1))
     assert torch.isfinite(logits(model, token_batch())).all()
+
+
+def test_the_prompt_embedding_to_save_is_what_hf_peft_gives_for_the_same_weights():
+    ours = tsugiki.get_peft_model(tiny_llama(), _config())
+    theirs = peft.get_peft_model(tiny_llama(), peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
+                                                                         encoder_hidden_size=8))
+    randomize_prompt(ours)
+    weights = {k.removeprefix("base_model."): v for k, v in ours.state_dict().items() if "prompt_encoder" in k}
+    assert not theirs.load_state_dict(weights, strict=False).unexpected_keys  # every prompt weight went across
+    expected = theirs.get_prompt_embedding_to_save("default")
+    torch.testing.assert_close(ours.get_prompt_embedding_to_save("default"), expected, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="no adapter named 'other'"):
+        ours.get_prompt_embedding_to_save("other")
+    lora = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="not a prompt-learning method"):
+        lora.get_prompt_embedding_to_save("default")

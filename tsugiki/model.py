@@ -213,6 +213,17 @@ class PeftModel(nn.Module):
         add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
 
     # -- counting -------------------------------------------------------------
+    def get_prompt_embedding_to_save(self, adapter_name: str) -> torch.Tensor:
+        """A prompt-learning adapter's prompt as its file stores it (``prompt_embeddings``:
+        the virtual tokens' embeddings, after p-tuning's encoder), detached."""
+        config = self.peft_config.get(adapter_name)
+        if config is None:
+            raise ValueError(f"no adapter named {adapter_name!r}; the model has {list(self.peft_config)}")
+        if not getattr(config, "is_prompt_learning", False):
+            raise ValueError(f"adapter {adapter_name!r} is {config.peft_type}, not a prompt-learning method: "
+                             "it has no prompt embedding")
+        return self.base_model.prompt_encoder[adapter_name].to_save()["prompt_embeddings"]
+
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts; 4-bit weights count as unpacked parameters."""
         trainable = total = 0
