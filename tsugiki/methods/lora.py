@@ -362,7 +362,8 @@ class LoraLinear(LoraLayer, nn.Module):
             if init == "pissa":
                 U, S, Vh = torch.linalg.svd(w, full_matrices=False)
             else:
-                with torch.random.fork_rng(devices=[]):
+                devices = [w.device.index or 0] if w.is_cuda else []  # svd_lowrank draws on w's device
+                with torch.random.fork_rng(devices=devices):
                     torch.manual_seed(0)
                     U, S, V = torch.svd_lowrank(w, q=r, niter=int(init.rsplit("_", 1)[1]))
                 Vh = V.T
