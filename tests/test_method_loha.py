@@ -153,3 +153,40 @@ def test_linear_subclasses_are_targets_as_in_hf_peft(tmp_path):
     kwargs = dict(r=2, alpha=4, target_modules=["query_key_value", "dense_4h_to_h"])  # FalconLinear layers
     check_interop(tiny_falcon, LoHaConfig(task_type="CAUSAL_LM", **kwargs),
                   peft.LoHaConfig(task_type="CAUSAL_LM", **kwargs), MARKERS, tmp_path)
+
+
+@pytest.mark.parametrize("config", [LoHaConfig(r=4, alpha=8, target_modules=["lin"]),
+                                    tsugiki.LoKrConfig(r=4, alpha=8, target_modules=["lin"])])
+def test_a_bf16_forward_keeps_only_the_cast_update_and_matches_the_fp32_reference(config):
+    """The full-size update is remade in backward, so a forward keeps it once, at the compute dtype
+    (not LoHa's two fp32 Hadamard factors and an fp32 copy of the input)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential()
+    net.lin = torch.nn.Linear(64, 96, bias=False, dtype=torch.bfloat16)
+    model = tsugiki.get_peft_model(net, config)
+    layer = model.base_model.model.lin
+    factors = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in factors:
+            p.copy_(torch.randn_like(p) * 0.3)
+    x = torch.randn(8, 64, dtype=torch.bfloat16)
+
+    saved = {}
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(x)
+    kept = sum(saved.values())
+    assert kept <= 96 * 64 * 2 + 8 * 64 * 2 + sum(p.numel() * 4 for p in factors), kept
+
+    out.float().pow(2).sum().backward()
+    grads = [p.grad.clone() for p in factors]
+    for p in factors:
+        p.grad = None
+    reference = x.float() @ (net.lin.weight.float() + layer.get_delta_weight("default")).T
+    reference.pow(2).sum().backward()
+    torch.testing.assert_close(out.float(), reference, rtol=2e-2, atol=2e-2)
+    for got, want in zip(grads, [p.grad for p in factors]):
+        torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2 * want.abs().max().item())

@@ -169,6 +169,56 @@ def test_activation_formula_matches_what_autograd_saves():
             assert per_block == pytest.approx(want, rel=0.02), (name, targets, fused, fast, dropout, dora)
 
 
+@pytest.mark.parametrize("method, dropout", [("loha", 0.0), ("lokr", 0.0), ("adalora", 0.0), ("adalora", 0.05),
+                                             ("ia3", 0.0)])
+def test_what_the_other_methods_layers_keep_matches_autograd(method, dropout):
+    """Per token and per forward, a block of these methods saves for backward what the plan counts."""
+    import tsugiki
+    from tsugiki.kernels.attention import fast_attention
+    from tsugiki.kernels.block_fused import fused_blocks
+    kw = dict(model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True)
+    config = {"loha": lambda: tsugiki.LoHaConfig(r=4, alpha=8, target_modules="all-linear"),
+              "lokr": lambda: tsugiki.LoKrConfig(r=4, alpha=8, target_modules="all-linear"),
+              "adalora": lambda: tsugiki.AdaLoraConfig(init_r=4, target_r=2, target_modules="all-linear",
+                                                       total_step=10, lora_dropout=dropout),
+              "ia3": lambda: tsugiki.IA3Config(target_modules="all-linear")}[method]
+
+    def saved(layers, tokens):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(
+            transformers.AutoConfig.for_model(**{**kw, "num_hidden_layers": layers}), dtype=torch.bfloat16)
+        model = tsugiki.get_peft_model(model, config())
+        for p in model.parameters():
+            if p.requires_grad:  # the trainer's dtype policy: trained parameters in fp32
+                p.data = p.data.float()
+        model.train()
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        ids = torch.randint(0, 100, (2, tokens // 2))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast("cpu", dtype=torch.bfloat16), fused_blocks(model, True), fast_attention(model, True):
+            model(input_ids=ids, labels=ids)
+        return sum(n for ptr, n in storages.items() if ptr not in params)
+
+    short, long = (saved(3, t) - saved(2, t) for t in (64, 128))  # one block's worth
+    per_token = (long - short) / 64
+    per_forward = short - 64 * per_token
+    shape = plan.model_shape(transformers.AutoConfig.for_model(**kw))
+    chosen = plan.targeted_linears(shape, "all-linear")
+    adapted = {lin.name for lin in chosen} if method in ("loha", "lokr") else set()
+    more, fixed = plan.method_activation_bytes(shape, 2, method, chosen, 4, dropout)
+    assert per_token == pytest.approx(more + plan.block_activation_bytes(
+        shape, 2, full=False, adapted=adapted, lora_r=0, lora_dropout=0.0, device="cpu", fast_attention=True),
+        rel=0.02)
+    assert per_forward == pytest.approx(fixed, rel=0.05, abs=1024)
+
+
 def test_verdict_flips_and_suggestions_name_what_fits():
     est = plan.estimate(SMOLLM2, dtype="bf16", batch_size=8, max_length=1024, max_forward_tokens=0)
     assert est.fits(est.total) and not est.fits(est.total - 1)

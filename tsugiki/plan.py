@@ -85,7 +85,7 @@ import re
 import sys
 import types
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -438,6 +438,36 @@ def block_activation_bytes(shape: Shape, s: int, *, full: bool, adapted: set[str
     return base + extra
 
 
+# Methods whose layers keep more than their inputs for backward (see method_activation_bytes).
+LAYER_METHODS = ("loha", "lokr", "adalora", "ia3")
+
+
+def method_activation_bytes(shape: Shape, s: int, method: str, chosen: Sequence[Linear], rank: int,
+                            dropout: float = 0.0, device: str = "cpu") -> tuple[float, float]:
+    """What a method's adapted linears of one block keep for backward besides the frozen block,
+    under the trainer's autocast: ``(bytes per token, bytes per forward)``.
+
+    LoHa / LoKr: the full-size update at the compute dtype, ``s * in * out`` per adapted
+    linear and forward (their fp32 factors and intermediates are remade in backward); the
+    inputs they keep are counted as LoRA's (:func:`block_activation_bytes` with r = 0).
+    AdaLoRA, per adapted linear: its own compute-dtype copy of the input and the r-wide product,
+    ``s (in + r)`` per token, with dropout also dropout's noise on the fp32 input (``4 * in`` on
+    a CPU, a one-byte mask on CUDA); per forward the factors' copies, ``(s + 4) r (in + out)``.
+    IA3: an fp32 copy of what it scales, per token: the input of the feed-forward projection
+    (the MLP's last linear, ``4 * in``), the output of the others (``4 * out``).
+    """
+    if method in ("loha", "lokr"):
+        return 0.0, float(s * sum(lin.in_features * lin.out_features for lin in chosen))
+    if method == "adalora":
+        noise = (4 if device == "cpu" else 1) if dropout > 0 else 0
+        per_token = sum(s * (lin.in_features + rank) + noise * lin.in_features for lin in chosen)
+        return float(per_token), float(sum((s + 4) * rank * (lin.in_features + lin.out_features) for lin in chosen))
+    if method == "ia3":
+        down = shape.linears[-1].name
+        return float(sum(4 * (lin.in_features if lin.name == down else lin.out_features) for lin in chosen)), 0.0
+    return 0.0, 0.0
+
+
 # ----------------------------------------------------------------------------- forwards
 
 AUTO_ACTIVATION_SHARE = 0.25  # max_forward_tokens: auto keeps a forward's activations under 1/4 of a reference
@@ -544,8 +574,10 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
     AdamW with fp32 states, no gradient checkpointing, CPU. ``method`` is
     ``"lora"``, ``"dora"`` (LoRA plus a magnitude per output row, and what
     DoRA keeps for backward), ``"full"`` or any other name, treated like LoRA
-    but with ``trainable_params`` fp32 parameters (and no per-module
-    activations). ``trainable_params``, when given, replaces DoRA's count too.
+    but with ``trainable_params`` fp32 parameters; LoHa, LoKr, AdaLoRA and IA3
+    (on ``target_modules``) with what their layers keep for backward
+    (:func:`method_activation_bytes`), the others with no per-module
+    activations. ``trainable_params``, when given, replaces DoRA's count too.
     ``activation_offloading`` (CUDA, with gradient checkpointing): the blocks'
     inputs move to pinned host memory; they are reported in ``offloaded``.
     ``target_logits_only`` (default True, as in the trainer): the chunked output
@@ -597,6 +629,7 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
     weights = block_linear + (counts["total"] - counts["block_linear"]) * s
 
     adapted: set[str] = set()
+    chosen: list[Linear] = []  # the adapted linears of a block
     param_bytes = 4  # the trainer's dtype policy keeps trained weights fp32, under bf16 compute too
     if full:
         trainable = counts["total"]
@@ -613,6 +646,9 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
     else:
         trainable = int(trainable_params)
         largest_trained = 0  # adapter tensors of the other methods are small beside everything else
+        chosen = targeted_linears(shape, target_modules) if method in LAYER_METHODS else []
+        if method in ("loha", "lokr"):
+            adapted = {lin.name for lin in chosen}  # they keep their inputs as LoRA does (r = 0 below)
 
     frozen = 0 if full else weights
     if max_forward_tokens == "auto":
@@ -626,15 +662,18 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
     tokens = forward_rows * (max_length + virtual_tokens)  # what one forward holds for its backward
 
     fast = uses_fast_attention(shape, config, dtype, device, max_length)
-    per_block = block_activation_bytes(shape, s, full=full, adapted=adapted, lora_r=lora_r,
+    per_block = block_activation_bytes(shape, s, full=full, adapted=adapted,
+                                       lora_r=lora_r if method in ("lora", "dora") else 0,
                                        lora_dropout=lora_dropout, device=device, fast_attention=fast,
                                        dora=method == "dora")
+    per_token_more, per_forward = method_activation_bytes(shape, s, method, chosen, lora_r, lora_dropout, device)
+    per_block += per_token_more
     block_inputs = tokens * shape.layers * s * shape.hidden
     if gradient_checkpointing:
         # Each block's input is kept (on the host when offloaded); backward recomputes one block at a time.
-        activations = tokens * per_block + (0 if activation_offloading else block_inputs)
+        activations = tokens * per_block + per_forward + (0 if activation_offloading else block_inputs)
     else:
-        activations = tokens * shape.layers * per_block
+        activations = tokens * shape.layers * per_block + shape.layers * per_forward
     # Fewer long-lived tensors pin the heap under checkpointing, so more freed blocks are reused.
     slack = SLACK_FRACTION[device] * tokens * shape.layers * per_block * (0.5 if gradient_checkpointing else 1)
     if forward_rows < batch_size:

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import PeftConfig, config_from_method_args, module_spec_problem, train_targets
 from ..inject import bnb_linear_types, config_targets, replace_module, resolve_default_targets
@@ -157,8 +158,18 @@ class LycorisLayer(AdapterLayer, nn.Module):
         return shape[0], int(torch.Size(shape[1:]).numel())
 
     # -- running ----------------------------------------------------------------------------
-    def _delta_for_forward(self, name: str) -> torch.Tensor:
-        weight = self.delta_weight(name)
+    def _delta_for_forward(self, name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """``delta_W`` for a forward: cast to ``dtype`` (None: the factors' own), with rank dropout.
+
+        Under autograd the update is checkpointed: backward remakes the full-size fp32
+        intermediates (LoHa's two Hadamard factors, the fp32 product) from the small factors
+        instead of keeping them, so a forward keeps only the cast update.
+        """
+        factors = [getattr(self, attr)[name] for attr in self.adapter_param_names if name in getattr(self, attr)]
+        if torch.is_grad_enabled() and any(f.requires_grad for f in factors):
+            weight = checkpoint(self._cast_delta, name, dtype, use_reentrant=False)
+        else:
+            weight = self._cast_delta(name, dtype)
         p = self.rank_dropout[name]
         if self.training and p:
             keep = (torch.rand(weight.shape[0], device=weight.device) > p).to(weight.dtype)
@@ -166,6 +177,10 @@ class LycorisLayer(AdapterLayer, nn.Module):
                 keep = keep / keep.mean().clamp_min(torch.finfo(weight.dtype).tiny)
             weight = weight * keep.view(-1, *[1] * (weight.dim() - 1))
         return weight
+
+    def _cast_delta(self, name: str, dtype: Optional[torch.dtype]) -> torch.Tensor:
+        delta = self.delta_weight(name)
+        return delta if dtype is None else delta.to(dtype)
 
     def _apply_delta(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
@@ -178,7 +193,10 @@ class LycorisLayer(AdapterLayer, nn.Module):
     def _adapter_out(self, x: torch.Tensor, name: str, base_out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         if self.training and self.module_dropout[name] and torch.rand(1).item() <= self.module_dropout[name]:
             return None  # module dropout: this step runs without the adapter
-        return self._apply_delta(x, self._delta_for_forward(name))
+        # A bf16/fp16 input (the compute dtype) multiplies the update at its own precision, as
+        # autocast would; the fp32 factors and their gradients stay fp32.
+        dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else None
+        return self._apply_delta(x, self._delta_for_forward(name, dtype))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.additive_forward(x, *args, **kwargs)
