@@ -167,6 +167,17 @@ def test_training_starts_with_the_memory_plan_and_warns_when_it_does_not_fit(mod
     assert any(r.getMessage().startswith("warning: memory plan:") for r in caplog.records)
 
 
+def test_a_job_the_plan_cannot_size_says_so_and_trains(model_dir, data_file, tmp_path, capsys, monkeypatch):
+    from tsugiki import plan
+
+    def unreadable(*args, **kwargs):
+        raise ValueError("model_type 'phi3' is not supported")
+
+    monkeypatch.setattr(plan, "training_fit", unreadable)
+    assert main(_train_args(model_dir, data_file, str(tmp_path / "a"), "--max_steps", "1")) == 0
+    assert "memory plan: none for this job (model_type 'phi3' is not supported)" in capsys.readouterr().out
+
+
 def test_train_python_api_matches_cli_keys(model_dir, data_file, tmp_path, monkeypatch):
     # The model given relative to the working directory: the adapter records where it is.
     monkeypatch.chdir(os.path.dirname(model_dir))

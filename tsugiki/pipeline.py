@@ -255,7 +255,8 @@ def load_dtype(cfg: TrainConfig) -> Optional[torch.dtype]:
 
 def memory_plan(cfg: TrainConfig, train_rows: Sequence[Mapping[str, Any]]) -> Optional[tuple[str, bool]]:
     """:func:`tsugiki.plan.training_fit`'s line for this job on this machine, rows sized by the longest
-    training row, and whether it fits; None for a model the plan cannot read or a method it cannot count."""
+    training row, and whether it fits; for a model the plan cannot read or a method it cannot count,
+    a line saying so (which counts as fitting: training goes on)."""
     from . import plan
 
     device = _training_device()
@@ -269,7 +270,7 @@ def memory_plan(cfg: TrainConfig, train_rows: Sequence[Mapping[str, Any]]) -> Op
         est, line = plan.training_fit(cfg, available, where, device=device.type, dtype=dtype, longest_row=longest)
     except (ValueError, OSError, ImportError) as err:  # a model the plan cannot read: training goes on
         logger.debug("no memory plan for %s: %s", cfg.model, err)
-        return None
+        return f"memory plan: none for this job ({err})", True
     return line, est.fits(available)
 
 
