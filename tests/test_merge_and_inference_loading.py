@@ -199,3 +199,16 @@ def test_merge_writes_all_or_nothing_and_never_over_its_inputs(model_dir, data_f
     assert "model.safetensors" in names and "notes.txt" in names and not names & {
         "model-00001-of-00002.safetensors", "model.safetensors.index.json"}
     AutoModelForCausalLM.from_pretrained(merged)  # loads: no stale index pointing at old shards
+
+
+@pytest.mark.parametrize("target", ["embed_tokens", "lm_head"])
+def test_lora_on_a_tied_embedding_warns_that_a_merge_would_change_the_other_use(target):
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"tied embeddings: .* merged model differs from base \+ adapter"):
+        tsugiki.get_peft_model(sized_llama(tie_word_embeddings=True),
+                               tsugiki.LoraConfig(r=2, target_modules=[target, "q_proj"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # untied: nothing to say
+        tsugiki.get_peft_model(sized_llama(tie_word_embeddings=False),
+                               tsugiki.LoraConfig(r=2, target_modules=[target, "q_proj"]))

@@ -968,6 +968,14 @@ class LoraModel(BaseTuner):
                           "adapters is not the one they were made for; keep such an adapter alone on its base, or "
                           "save it with save_pretrained(..., path_initial_model_for_weight_conversion=) as plain "
                           "LoRA first", stacklevel=4)
+        shared = _tied_weights(self.model, targets)
+        if shared:
+            pairs = ", ".join(f"{name} with {', '.join(others)}" for name, others in shared.items())
+            warnings.warn(f"LoRA on a weight another module shares (tied embeddings: {pairs}): the adapter changes "
+                          "only its own module's use of the weight, but merging folds the update into the shared "
+                          "weight, so a merged model differs from base + adapter. Keep this adapter unmerged, or "
+                          "leave the tied module out of target_modules (modules_to_save trains a separate copy)",
+                          stacklevel=4)
         for name in targets:
             target = self.model.get_submodule(name)
             if config.use_dora and isinstance(target, (nn.Embedding, LoraEmbedding)):
@@ -1006,6 +1014,23 @@ class LoraModel(BaseTuner):
             bias = getattr(target, "bias", None)
             if isinstance(bias, nn.Parameter):
                 bias.requires_grad_(True)
+
+
+def _tied_weights(model: nn.Module, targets: Sequence[str]) -> dict[str, list[str]]:
+    """Targets whose ``weight`` is also another module's (a tied input/output embedding), with those modules."""
+    owners: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        weight = module.__dict__.get("_parameters", {}).get("weight")
+        if weight is not None:
+            owners.setdefault(id(weight), []).append(module_name)
+    shared = {}
+    for name in targets:
+        module = model.get_submodule(name)
+        weight = getattr(module, "base_layer", module)._parameters.get("weight")
+        others = [o for o in owners.get(id(weight), []) if o != name and not o.startswith(name + ".")]
+        if others:
+            shared[name] = others
+    return shared
 
 
 @register_method("lora", "qlora")
