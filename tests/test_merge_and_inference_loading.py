@@ -183,6 +183,11 @@ def test_merge_writes_all_or_nothing_and_never_over_its_inputs(model_dir, data_f
     for stale in ("model-00001-of-00002.safetensors", "model.safetensors.index.json"):  # an older, sharded merge
         (merged / stale).write_text("old")
     (merged / "notes.txt").write_text("mine")
+    # A training run's folder merged over: its adapter would be applied again by transformers, its
+    # vocabulary and chat template files would be read with the new tokenizer's.
+    run_files = ("adapter_config.json", "adapter_model.safetensors", "vocab.json", "chat_template.jinja")
+    for stale in run_files:
+        (merged / stale).write_text("old")
     import tsugiki.pipeline
 
     def full_disk(*args, **kwargs):
@@ -191,13 +196,15 @@ def test_merge_writes_all_or_nothing_and_never_over_its_inputs(model_dir, data_f
     with monkeypatch.context() as patch:  # the last file fails: nothing of this merge may be left
         patch.setattr(tsugiki.pipeline, "save_template", full_disk)
         assert main(["merge", "--adapter", adapter, "--output", str(merged), "--overwrite"]) == 2
-    assert sorted(os.listdir(merged)) == ["model-00001-of-00002.safetensors", "model.safetensors.index.json",
-                                          "notes.txt"]
+    assert sorted(os.listdir(merged)) == sorted(["model-00001-of-00002.safetensors", "model.safetensors.index.json",
+                                                 "notes.txt", *run_files])
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
     assert main(["merge", "--adapter", adapter, "--output", str(merged), "--overwrite"]) == 0
     names = set(os.listdir(merged))
-    assert "model.safetensors" in names and "notes.txt" in names and not names & {
-        "model-00001-of-00002.safetensors", "model.safetensors.index.json"}
+    assert "model.safetensors" in names and "notes.txt" in names
+    assert not names & {"model-00001-of-00002.safetensors", "model.safetensors.index.json", "adapter_config.json",
+                        "adapter_model.safetensors"}
+    assert not [n for n in names if (merged / n).read_bytes() == b"old"]  # the others were written anew or removed
     AutoModelForCausalLM.from_pretrained(merged)  # loads: no stale index pointing at old shards
 
 

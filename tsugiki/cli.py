@@ -242,7 +242,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     import shutil
     import tempfile
 
-    from .fileio import MODEL_WEIGHT_FILES, ensure_directory, move_into, open_up_private_files
+    from .fileio import MODEL_FOLDER_FILES, ensure_directory, move_into, open_up_private_files
     from .generation import load_for_inference
     from .pipeline import TEMPLATE_FILE, save_template
     from .train.loop import resolve_dtype
@@ -275,7 +275,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         # The prompt format goes with the model, so generate/chat/eval on the merged folder format as training did.
         save_template(loaded.template, staging)
         open_up_private_files(staging)
-        move_into(staging, args.output, stale=MODEL_WEIGHT_FILES)
+        move_into(staging, args.output, stale=MODEL_FOLDER_FILES)  # --overwrite: no old model or adapter file stays
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"merged model saved in {args.output} (loads with transformers' AutoModelForCausalLM); "
@@ -385,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "saved dtype; a .gguf file: fp32, exact for its dequantized blocks); bf16 "
                                   "halves the size of an fp32 one (default: auto).")
     p.add_argument("--output", required=True, help="Folder for the merged model (safetensors + tokenizer).")
-    p.add_argument("--overwrite", action="store_true", help="Write into a non-empty --output folder.")
+    p.add_argument("--overwrite", action="store_true", help="Write into a non-empty --output folder: the model, "
+                   "tokenizer and adapter files there are replaced or removed; other files stay.")
     p.add_argument("--dequantize", action="store_true",
                    help="With --quantization: save the merged model unquantized, merged in fp32 and stored in "
                         "the dtype of the model's other weights (--dtype fp32: all fp32, the merge unrounded).")
