@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 import tsugiki
@@ -151,6 +152,31 @@ def test_eval_loss_covers_every_row_of_a_file_that_mixes_formats():
     mixed = reference_loss(loaded, alpaca + completion)[0]
     assert min(loss_a, loss_b) < mixed < max(loss_a, loss_b)
     assert reference_loss(loaded, completion + alpaca)[0] == pytest.approx(mixed)
+
+
+def test_eval_loss_of_a_conversation_is_that_of_its_last_answer():
+    """Earlier assistant turns are context, as in generation: a two-answer conversation scores as
+    its last answer does after the same context, and a prompt past max_length gives no loss."""
+    from tsugiki.data import get_template
+    from tsugiki.evaluate import reference_loss
+    from tsugiki.generation import LoadedModel
+
+    tokenizer = make_chat_tokenizer()
+    loaded = LoadedModel(tiny_llama(), tokenizer, get_template(None, tokenizer), None, "tiny")
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there friend"},
+             {"role": "user", "content": "and now?"}, {"role": "assistant", "content": "fine"}]
+    loss = reference_loss(loaded, [{"messages": turns}])[0]
+    # The same rows scored by hand: the tokens of the last answer only.
+    from tsugiki.data import build_dataset
+    example = build_dataset([{"messages": turns}], tokenizer, loaded.template)[0][0]
+    ids = torch.tensor([example["input_ids"]])
+    with torch.no_grad():
+        logits = loaded.model(input_ids=ids).logits[0, :-1].float()
+    targets = torch.tensor(example["input_ids"][1:])
+    answer_start = len(example["input_ids"]) - len(tokenizer("fine<|im_end|>\n", add_special_tokens=False)["input_ids"])
+    want = torch.nn.functional.cross_entropy(logits[answer_start - 1:], targets[answer_start - 1:])
+    assert loss == pytest.approx(float(want), rel=1e-5)
+    assert reference_loss(loaded, [{"instruction": "word " * 300, "output": "x"}], max_length=64) == (None, None)
 
 
 def test_answer_scores_treat_an_empty_reference_as_matching_only_an_empty_answer():

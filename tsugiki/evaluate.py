@@ -12,6 +12,7 @@ Two kinds of numbers:
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -19,10 +20,12 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .data import Collator, build_dataset, detect_format, pad_token_id_for
+from .data import IGNORE_INDEX, Collator, DataError, build_dataset, detect_format, pad_token_id_for
 from .generation import GenerationSettings, LoadedModel, Row, generate_answers, reference_answer
 from .model import PeftModel
 from .train.loop import count_targets, token_loss_sum
+
+log = logging.getLogger("tsugiki.eval")
 
 
 def normalise_answer(text: str) -> str:
@@ -100,16 +103,36 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _last_answer_only(labels: list[int]) -> list[int]:
+    """``labels`` with every target before the last run of targets (the last answer) set to -100."""
+    end = max((i for i, label in enumerate(labels) if label != IGNORE_INDEX), default=-1)
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return [label if start <= i <= end else IGNORE_INDEX for i, label in enumerate(labels)]
+
+
 @torch.no_grad()
 def reference_loss(loaded: LoadedModel, rows: Sequence[dict], max_length: int = 1024, batch_size: int = 8,
                    use_adapter: bool = True) -> tuple[float, float]:
-    """Token-weighted loss and perplexity of the reference answers."""
+    """Token-weighted loss and perplexity of the reference answers: of a conversation, its last
+    assistant turn (the earlier ones are context, as in generation). ``(None, None)`` when no row
+    has an answer token within ``max_length``."""
     # build_dataset reads one format per data set; a file may mix them, row by row as generation takes them.
     by_format: dict[str, list[dict]] = {}
     for row in rows:
         by_format.setdefault(detect_format(row, "eval row"), []).append(row)
-    examples = [example for group in by_format.values()
-                for example in build_dataset(group, loaded.tokenizer, loaded.template, max_length=max_length)[0]]
+    examples = []
+    for group in by_format.values():
+        try:
+            examples += build_dataset(group, loaded.tokenizer, loaded.template, max_length=max_length)[0]
+        except DataError as err:
+            if "no rows left" not in str(err):
+                raise
+            log.warning("no loss for these rows: %s", err)  # prompts longer than max_length, e.g.
+    if not examples:
+        return None, None
+    examples = [{**e, "labels": _last_answer_only(e["labels"])} for e in examples]
     collate = Collator(pad_token_id_for(loaded.tokenizer))
     net = loaded.model
     device = next(net.parameters()).device
