@@ -310,6 +310,7 @@ def test_default_gguf_loads_as_a_trainable_model():
 
     model = models.load_model(None, device="cpu")
     assert model.dtype == torch.float32
+    assert model.name_or_path == "smollm2-135m-instruct"  # what an adapter made on it records as its base
     assert getattr(model, "hf_quantizer", None) is None and not model.is_quantized
     assert getattr(model.config, "quantization_config", None) is None
     assert all(type(m).__name__ != "GgufLinear" for m in model.modules())

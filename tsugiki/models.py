@@ -520,6 +520,10 @@ def load_model(
                 skips = list(skip_modules) + _head_names(resolved, auto_class) if skip_modules else None
                 bnb_config = _bnb_config(bits, quant_type, double_quant, compute_dtype, skips)
             model = _from_pretrained(resolved, auto_class, dtype, target, bnb_config)
+            if resolved.gguf_file is not None:
+                # What an adapter made on it records as its base (transformers would say the file's folder).
+                default = name_or_path is None or str(name_or_path).lower() == DEFAULT_MODEL
+                model.name_or_path = model.config._name_or_path = DEFAULT_MODEL if default else resolved.gguf_file
             if on_load and _holds_kbit_layers(model):
                 return model
             # transformers' loader quantizes exact nn.Linear layers only: a model whose linear layers are a
