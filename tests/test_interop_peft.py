@@ -43,13 +43,18 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
-def _randomize_heads(model, seed=5):
-    # modules_to_save copies start equal to the original: change them so the test sees them.
+def _nudge(model, marker, seed, scale):
+    """Add seeded noise to the parameters whose names contain ``marker``."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if ".modules_to_save." in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+            if marker in name:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def _randomize_heads(model, seed=5):
+    # modules_to_save copies start equal to the original: change them so the test sees them.
+    _nudge(model, ".modules_to_save.", seed, 0.1)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -191,11 +196,7 @@ def test_default_targets_are_hf_pefts_where_it_has_them():
 
 def _trained_in_place(model, seed=4):
     # Stand in for training: move every adapter weight away from its PiSSA/OLoRA start.
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    _nudge(model, "lora_", seed, 0.05)
 
 
 FACTORED = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")

@@ -64,16 +64,22 @@ def test_dropout_applies_only_in_training():
     torch.testing.assert_close(layer(x), layer(x), rtol=0, atol=0)
 
 
-def test_pissa_init_keeps_output_and_uses_top_singular_vectors():
+def _started_from_the_base(init):
+    """A LoRA r=3, alpha=6 started with ``init`` on a 12 -> 10 linear; it must not change the output."""
     torch.manual_seed(0)
     base = nn.Linear(12, 10)
     w0 = base.weight.detach().clone()
     x = torch.randn(4, 12)
     before = base(x)
     layer = LoraLinear(base)
-    layer.update_layer("default", 3, 6, 0.0, "pissa", False)
+    layer.update_layer("default", 3, 6, 0.0, init, False)
     layer.set_adapter("default")
     torch.testing.assert_close(layer(x), before, atol=1e-5, rtol=0)
+    return layer, w0
+
+
+def test_pissa_init_keeps_output_and_uses_top_singular_vectors():
+    layer, w0 = _started_from_the_base("pissa")
     S = torch.linalg.svdvals(w0)
     residual = torch.linalg.svdvals(layer.base_layer.weight.detach())
     torch.testing.assert_close(residual[:7], S[3:], atol=1e-5, rtol=0)  # top 3 moved to B A
@@ -81,15 +87,7 @@ def test_pissa_init_keeps_output_and_uses_top_singular_vectors():
 
 
 def test_olora_init_keeps_output_and_starts_from_qr():
-    torch.manual_seed(0)
-    base = nn.Linear(12, 10)
-    w0 = base.weight.detach().clone()
-    x = torch.randn(4, 12)
-    before = base(x)
-    layer = LoraLinear(base)
-    layer.update_layer("default", 3, 6, 0.0, "olora", False)
-    layer.set_adapter("default")
-    torch.testing.assert_close(layer(x), before, atol=1e-5, rtol=0)
+    layer, w0 = _started_from_the_base("olora")
     Q, R = torch.linalg.qr(w0)
     torch.testing.assert_close(layer.lora_B["default"].weight, Q[:, :3], atol=1e-6, rtol=0)
     torch.testing.assert_close(layer.lora_A["default"].weight, R[:3], atol=1e-6, rtol=0)

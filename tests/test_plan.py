@@ -121,13 +121,34 @@ def test_8_bit_optimizers_on_a_cpu_count_the_updates_temporaries():
     assert est["adamw", "cpu"].parts["optimizer_step"] == est["adamw_8bit", "cuda"].parts["optimizer_step"] == 0
 
 
+SMALL_LLAMA = dict(model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True)
+
+
+def _saved_bytes(model, ids, dtype, fused=True, fast=True) -> int:
+    """Bytes a training forward of ``model`` saves for backward, run as the Trainer runs it (parameters left out)."""
+    from tsugiki.kernels.attention import fast_attention
+    from tsugiki.kernels.block_fused import fused_blocks
+
+    model.train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast, fused_blocks(model, fused), \
+            fast_attention(model, fast):
+        model(input_ids=ids, labels=ids)
+    return sum(n for ptr, n in storages.items() if ptr not in params)
+
+
 def test_activation_formula_matches_what_autograd_saves():
     """The per-block bytes equal the tensors a tsugiki-LoRA Llama block saves for backward (as the Trainer runs it)."""
     from tsugiki import LoraConfig, get_peft_model
-    from tsugiki.kernels.attention import fast_attention
-    from tsugiki.kernels.block_fused import fused_blocks
-    kw = dict(model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True)
+    kw = SMALL_LLAMA
     B, T = 2, 32
 
     def saved(layers, dtype, targets, dropout, fused, fast, dora):
@@ -135,20 +156,7 @@ def test_activation_formula_matches_what_autograd_saves():
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
         model = get_peft_model(model, LoraConfig(r=4, target_modules=targets, lora_dropout=dropout, use_dora=dora))
-        model.train()
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        storages = {}
-
-        def pack(t):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        ids = torch.randint(0, 100, (B, T))
-        autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast, fused_blocks(model, fused), \
-                fast_attention(model, fast):
-            model(input_ids=ids, labels=ids)
-        return sum(n for ptr, n in storages.items() if ptr not in params)
+        return _saved_bytes(model, torch.randint(0, 100, (B, T)), dtype, fused, fast)
 
     shape = plan.model_shape(transformers.AutoConfig.for_model(**kw))
     cases = [(torch.float32, "fp32", ["q_proj", "v_proj"], 0.0, False, False),
@@ -174,10 +182,7 @@ def test_activation_formula_matches_what_autograd_saves():
 def test_what_the_other_methods_layers_keep_matches_autograd(method, dropout):
     """Per token and per forward, a block of these methods saves for backward what the plan counts."""
     import tsugiki
-    from tsugiki.kernels.attention import fast_attention
-    from tsugiki.kernels.block_fused import fused_blocks
-    kw = dict(model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True)
+    kw = SMALL_LLAMA
     config = {"loha": lambda: tsugiki.LoHaConfig(r=4, alpha=8, target_modules="all-linear"),
               "lokr": lambda: tsugiki.LoKrConfig(r=4, alpha=8, target_modules="all-linear"),
               "adalora": lambda: tsugiki.AdaLoraConfig(init_r=4, target_r=2, target_modules="all-linear",
@@ -192,19 +197,7 @@ def test_what_the_other_methods_layers_keep_matches_autograd(method, dropout):
         for p in model.parameters():
             if p.requires_grad:  # the trainer's dtype policy: trained parameters in fp32
                 p.data = p.data.float()
-        model.train()
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        storages = {}
-
-        def pack(t):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        ids = torch.randint(0, 100, (2, tokens // 2))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-                torch.autocast("cpu", dtype=torch.bfloat16), fused_blocks(model, True), fast_attention(model, True):
-            model(input_ids=ids, labels=ids)
-        return sum(n for ptr, n in storages.items() if ptr not in params)
+        return _saved_bytes(model, torch.randint(0, 100, (2, tokens // 2)), torch.bfloat16)
 
     short, long = (saved(3, t) - saved(2, t) for t in (64, 128))  # one block's worth
     per_token = (long - short) / 64
