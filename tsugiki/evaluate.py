@@ -20,7 +20,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .data import IGNORE_INDEX, Collator, DataError, build_dataset, detect_format, pad_token_id_for
+from .data import IGNORE_INDEX, Collator, build_dataset, detect_format, pad_token_id_for
+from .data.errors import NoRowsLeft
 from .generation import GenerationSettings, LoadedModel, Row, generate_answers, reference_answer
 from .model import PeftModel
 from .train.loop import count_targets, token_loss_sum
@@ -126,9 +127,7 @@ def reference_loss(loaded: LoadedModel, rows: Sequence[dict], max_length: int = 
     for group in by_format.values():
         try:
             examples += build_dataset(group, loaded.tokenizer, loaded.template, max_length=max_length)[0]
-        except DataError as err:
-            if "no rows left" not in str(err):
-                raise
+        except NoRowsLeft as err:
             log.warning("no loss for these rows: %s", err)  # prompts longer than max_length, e.g.
     if not examples:
         return None, None

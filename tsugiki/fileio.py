@@ -65,12 +65,14 @@ def open_up_private_files(folder: str | os.PathLike) -> None:
 MODEL_WEIGHT_FILES = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
 TOKENIZER_FILES = re.compile(r"^(tokenizer.*|.*vocab.*\.(json|txt)|merges\.txt|.*\.model|bpe\.codes|.*\.tiktoken)$")
 TOKENIZER_EXTRA_FILES = ("special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+# The prompt template saved beside an adapter or model, so generation formats as training did.
+TEMPLATE_FILE = "tsugiki_template.json"
 # Everything a loader reads from a model folder: what replacing the model there must not leave behind
 # (an adapter's files beside merged weights make transformers apply the adapter a second time).
 MODEL_FOLDER_FILES = re.compile("|".join([
     MODEL_WEIGHT_FILES.pattern, TOKENIZER_FILES.pattern, r"^adapter_(config\.json|model\.(safetensors|bin))$",
     *(f"^{re.escape(name)}$" for name in (*TOKENIZER_EXTRA_FILES, "config.json", "generation_config.json",
-                                          "tsugiki_template.json"))]))
+                                          TEMPLATE_FILE))]))
 
 
 def move_into(source: str | os.PathLike, folder: str | os.PathLike, stale: Optional[re.Pattern] = None) -> None:

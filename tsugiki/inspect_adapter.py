@@ -10,6 +10,7 @@ from safetensors import safe_open
 
 from .adapter_io import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME
 from .config import CONFIG_NAME, PeftConfig
+from .fileio import TEMPLATE_FILE
 
 IGNORE_INDEX = -100
 
@@ -98,7 +99,7 @@ def describe_adapter(folder: str) -> str:
     others = sorted(d for d in os.listdir(folder) if os.path.isfile(os.path.join(folder, d, CONFIG_NAME)))
     if others:  # save_pretrained of several adapters puts all but 'default' in subfolders
         lines.append(f"more adapters in subfolders: {', '.join(others)} (inspect {os.path.join(folder, others[0])})")
-    template = os.path.join(folder, "tsugiki_template.json")
+    template = os.path.join(folder, TEMPLATE_FILE)
     if os.path.isfile(template):
         import json
 

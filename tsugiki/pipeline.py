@@ -25,7 +25,7 @@ from torch import nn
 
 from .data import build_dataset, get_template
 from .data.templates import Template
-from .fileio import atomic_write_text, check_writable
+from .fileio import TEMPLATE_FILE, atomic_write_text, check_writable
 from .config import METHOD_BUILDERS, PeftConfig
 from .model import get_peft_model
 from .models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
@@ -35,8 +35,6 @@ from .train.config import ConfigError, TrainConfig
 from .train.loop import Trainer, TrainResult, resolve_dtype, set_seed
 
 logger = logging.getLogger("tsugiki")
-
-TEMPLATE_FILE = "tsugiki_template.json"
 
 
 def as_config(config: Union[None, str, os.PathLike, Mapping[str, Any], TrainConfig] = None,

@@ -6,3 +6,7 @@ class DataError(ValueError):
 
     A ``ValueError`` subclass, so callers that already catch ``ValueError`` keep working.
     """
+
+
+class NoRowsLeft(DataError):
+    """Every row was dropped (empty, or without a trainable token within ``max_length``)."""

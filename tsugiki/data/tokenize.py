@@ -15,7 +15,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Iterable
 
-from .errors import DataError
+from .errors import DataError, NoRowsLeft
 from .formats import Sample, detect_format, normalise, read_rows_located
 from .templates import Template, get_template
 
@@ -174,7 +174,7 @@ def build_dataset(
         examples.append({"input_ids": input_ids, "labels": labels})
 
     if not examples:
-        raise DataError(
+        raise NoRowsLeft(
             f"{source}: no rows left after filtering ({stats.rows_read} read, {stats.dropped_empty} empty, "
             f"{stats.dropped_no_trainable} with no trainable token within max_length={max_length}); "
             "check the fields hold text, or raise max_length"

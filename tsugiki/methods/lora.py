@@ -962,20 +962,7 @@ class LoraModel(BaseTuner):
         problem = new_adapter_init_problem(init)
         if problem:
             raise ValueError(problem)
-        moved = [n for n, c in self.peft_config.items() if starts_from_base_weight(getattr(c, "init_lora_weights", None))]
-        if moved and len(self.peft_config) > 1:
-            warnings.warn(f"adapter(s) {moved} (PiSSA/OLoRA) changed the base weights, so the base under the other "
-                          "adapters is not the one they were made for; keep such an adapter alone on its base, or "
-                          "save it with save_pretrained(..., path_initial_model_for_weight_conversion=) as plain "
-                          "LoRA first", stacklevel=4)
-        shared = _tied_weights(self.model, targets)
-        if shared:
-            pairs = ", ".join(f"{name} with {', '.join(others)}" for name, others in shared.items())
-            warnings.warn(f"LoRA on a weight another module shares (tied embeddings: {pairs}): the adapter changes "
-                          "only its own module's use of the weight, but merging folds the update into the shared "
-                          "weight, so a merged model differs from base + adapter. Keep this adapter unmerged, or "
-                          "leave the tied module out of target_modules (modules_to_save trains a separate copy)",
-                          stacklevel=4)
+        self._warn_about_shared_weights(targets)
         for name in targets:
             target = self.model.get_submodule(name)
             if config.use_dora and isinstance(target, (nn.Embedding, LoraEmbedding)):
@@ -996,12 +983,30 @@ class LoraModel(BaseTuner):
             if isinstance(layer, LoraLinear):
                 layer.update_layer(adapter_name, r, alpha, config.lora_dropout, init, config.use_rslora,
                                    use_dora=config.use_dora)
-            else:
+            else:  # an embedding: PiSSA/OLoRA never moved its weight, so loading rebuilds nothing
                 layer.update_layer(adapter_name, r, alpha, config.lora_dropout, init if init_weights else False,
                                    config.use_rslora)
             layer.set_adapter(self.active_adapter, trainable=False)
             if layer is not target:
                 replace_module(self.model, name, layer)
+
+    def _warn_about_shared_weights(self, targets: Sequence[str]) -> None:
+        """Warn where base + adapter is not what a user would take it for: a base another
+        adapter's PiSSA/OLoRA start changed, or a target whose weight another module shares."""
+        moved = [n for n, c in self.peft_config.items() if starts_from_base_weight(getattr(c, "init_lora_weights", None))]
+        if moved and len(self.peft_config) > 1:
+            warnings.warn(f"adapter(s) {moved} (PiSSA/OLoRA) changed the base weights, so the base under the other "
+                          "adapters is not the one they were made for; keep such an adapter alone on its base, or "
+                          "save it with save_pretrained(..., path_initial_model_for_weight_conversion=) as plain "
+                          "LoRA first", stacklevel=5)
+        shared = _tied_weights(self.model, targets)
+        if shared:
+            pairs = ", ".join(f"{name} with {', '.join(others)}" for name, others in shared.items())
+            warnings.warn(f"LoRA on a weight another module shares (tied embeddings: {pairs}): the adapter changes "
+                          "only its own module's use of the weight, but merging folds the update into the shared "
+                          "weight, so a merged model differs from base + adapter. Keep this adapter unmerged, or "
+                          "leave the tied module out of target_modules (modules_to_save trains a separate copy)",
+                          stacklevel=5)
 
     def _mark_trainable(self, config: LoraConfig, adapter_name: str, trainable: bool = True) -> None:
         super()._mark_trainable(config, adapter_name, trainable)
@@ -1020,7 +1025,7 @@ def _tied_weights(model: nn.Module, targets: Sequence[str]) -> dict[str, list[st
     """Targets whose ``weight`` is also another module's (a tied input/output embedding), with those modules."""
     owners: dict[int, list[str]] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
-        weight = module.__dict__.get("_parameters", {}).get("weight")
+        weight = module._parameters.get("weight")
         if weight is not None:
             owners.setdefault(id(weight), []).append(module_name)
     shared = {}

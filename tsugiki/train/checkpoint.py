@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import distributed, fsdp
-from ..fileio import MODEL_WEIGHT_FILES, TOKENIZER_EXTRA_FILES, TOKENIZER_FILES, open_up_private_files
+from ..fileio import MODEL_WEIGHT_FILES, TEMPLATE_FILE, TOKENIZER_EXTRA_FILES, TOKENIZER_FILES, open_up_private_files
 from ..model import CARD_MARKER
 from .config import CONFIG_FILENAME, ConfigError, TrainConfig
 
@@ -52,11 +52,11 @@ _TMP_RE = re.compile(r"^(\.checkpoint-\d+\.(tmp|old)|\.final\.tmp)$")
 # run of ours that never reached a checkpoint, and may be restarted.
 RUN_RECORDS = (CONFIG_FILENAME, "metrics.jsonl", "summary.json", "loss_curve.png", "runs")
 # What a finished run leaves at the top of output_dir besides its records: the adapter (or, for method
-# full, the model), the tokenizer, the prompt template (tsugiki.pipeline.TEMPLATE_FILE, not imported:
-# the pipeline imports this module) and the adapter card README.md (ours only with CARD_MARKER).
+# full, the model), the tokenizer, the prompt template and the adapter card README.md (ours only with
+# CARD_MARKER).
 # (A full model's weights and the tokenizer's files by their patterns in tsugiki.fileio.)
 RUN_OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", TRAINABLE_FILE,
-               "config.json", "generation_config.json", "tsugiki_template.json", *TOKENIZER_EXTRA_FILES)
+               "config.json", "generation_config.json", TEMPLATE_FILE, *TOKENIZER_EXTRA_FILES)
 CARD_FILE = "README.md"
 # Keys whose change makes an old checkpoint a different run: which rows train and in what order, the
 # adapter, and the update. max_steps/num_epochs may change (to extend a run); keys of speed, memory,
