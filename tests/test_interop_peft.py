@@ -261,6 +261,9 @@ def test_conversion_is_refused_where_it_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match=r"start: base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight is of shape \(4, 16\), not \(2, 16\); give the folder where this adapter was saved right after get_peft_model"):
         pissa.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=tmp_path / "start")
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+    with pytest.raises(FileNotFoundError, match="path_initial_model_for_weight_conversion=.*holds no adapter"):
+        pissa.save_pretrained(tmp_path / "out2", path_initial_model_for_weight_conversion=tmp_path / "nowhere")
+    assert not (tmp_path / "out2").exists()  # nothing written
 
 
 def test_dora_parameters_have_hf_pefts_names():

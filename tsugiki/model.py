@@ -276,15 +276,23 @@ class PeftModel(nn.Module):
             raise ValueError(f"selected_adapters has unknown adapters {unknown}; have {list(self.peft_config)}")
         if not is_main_process:
             return
+        converted = None
+        if initial_folder is not None:  # checked before anything is written
+            name, where = names[0], os.fspath(initial_folder)
+            try:
+                initial = adapter_io.read_adapter_weights(where)
+            except FileNotFoundError as err:
+                raise FileNotFoundError(f"path_initial_model_for_weight_conversion={where!r} holds no adapter "
+                                        f"({err}); give the folder the adapter was saved in before training") from None
+            converted = as_lora_for_original_base(get_peft_model_state_dict(self, state_dict=state_dict,
+                                                                            adapter_name=name),
+                                                  self.peft_config[name], initial, where)
         ensure_directory(save_directory, "adapter folder")
         for name in names:
             folder = save_directory if name == "default" else os.path.join(save_directory, name)
             ensure_directory(folder, "adapter folder")
-            config = self.peft_config[name]
-            state = get_peft_model_state_dict(self, state_dict=state_dict, adapter_name=name)
-            if initial_folder is not None:
-                initial = adapter_io.read_adapter_weights(os.fspath(initial_folder))
-                state, config = as_lora_for_original_base(state, config, initial, os.fspath(initial_folder))
+            state, config = converted or (get_peft_model_state_dict(self, state_dict=state_dict, adapter_name=name),
+                                          self.peft_config[name])
             adapter_io.save_adapter_weights(state, folder, safe_serialization=safe_serialization)
             saved = copy.deepcopy(config)
             saved.inference_mode = True

@@ -259,7 +259,10 @@ def _resolve_resume_here(config: TrainConfig, clean: bool = True) -> Optional[st
     if os.path.exists(out) and not os.path.isdir(out):
         raise NotADirectoryError(f"output_dir={out!r} is a file; give a directory path")
     # Before anything is removed: a second run into the same folder must not touch the first one's files.
-    take_run_lock(out) if clean else refuse_if_in_use(out)
+    if clean:
+        take_run_lock(out)
+    else:
+        refuse_if_in_use(out)
     path = None  # an explicit checkpoint to resume from
     if config.resume not in ("auto", False):
         path = config.resume
