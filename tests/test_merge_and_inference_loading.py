@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tsugiki
 from tsugiki.cli import main
@@ -49,7 +49,9 @@ def test_merged_model_keeps_the_training_template(model_dir, data_file, tmp_path
     adapter = str(tmp_path / "alp")
     _train(model_dir, data_file, adapter, "--template", "alpaca")
     merged = str(tmp_path / "merged")
+    capsys.readouterr()
     assert main(["merge", "--adapter", adapter, "--output", merged]) == 0
+    assert "saved as tsugiki_template.json and as the tokenizer's chat template" in capsys.readouterr().out
     assert _saved_template_name(merged) == "alpaca"
 
     with_adapter = load_for_inference(adapter=adapter, dtype="fp32")
@@ -57,20 +59,32 @@ def test_merged_model_keeps_the_training_template(model_dir, data_file, tmp_path
     assert from_merged.template.name == "alpaca"
     prompt = from_merged.template.format_prompt(PROMPT)
     assert prompt == with_adapter.template.format_prompt(PROMPT)
-    assert prompt != get_template(None, from_merged.tokenizer).format_prompt(PROMPT)  # not the chat template
+    assert prompt != get_template(None, load_for_inference(model_dir).tokenizer).format_prompt(PROMPT)
     assert _generated(capsys, "--model", merged) == _generated(capsys, "--adapter", adapter)
+    # The merged tokenizer's chat template writes the trained format (the base's ChatML is gone), for
+    # transformers' apply_chat_template and anything else that reads the folder; the run's own tokenizer too.
+    for folder in (merged, adapter):
+        chat = AutoTokenizer.from_pretrained(folder).apply_chat_template(
+            [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
+        assert chat == prompt
 
     # An explicit --template is used for the merge and is what the merged folder records.
     merged_llama = str(tmp_path / "merged-llama2")
     assert main(["merge", "--adapter", adapter, "--output", merged_llama, "--template", "llama2"]) == 0
     assert _saved_template_name(merged_llama) == "llama2"
-    assert load_for_inference(merged_llama, dtype="fp32").template.name == "llama2"
+    from_llama = load_for_inference(merged_llama, dtype="fp32")
+    assert from_llama.template.name == "llama2"
+    assert from_llama.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False) == \
+        from_llama.template.format_prompt(PROMPT)
 
 
 def test_full_fine_tune_folder_template_and_precedence(model_dir, data_file, tmp_path):
     full = str(tmp_path / "full")
     _train(model_dir, data_file, full, "--template", "alpaca", "--method", "full", "--max_steps", "1")
-    assert load_for_inference(full, dtype="fp32").template.name == "alpaca"
+    loaded = load_for_inference(full, dtype="fp32")
+    assert loaded.template.name == "alpaca"
+    assert AutoTokenizer.from_pretrained(full).apply_chat_template([{"role": "user", "content": PROMPT}],
+                                                                   tokenize=False) == loaded.template.format_prompt(PROMPT)
     # Precedence: explicit template > the adapter's saved one > the model folder's > the chat template.
     assert load_for_inference(full, template="llama2", dtype="fp32").template.name == "llama2"
     adapter = str(tmp_path / "on-full")

@@ -242,6 +242,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     import shutil
     import tempfile
 
+    from .data.jinja import match_chat_template
     from .fileio import MODEL_FOLDER_FILES, ensure_directory, move_into, open_up_private_files
     from .generation import load_for_inference
     from .pipeline import TEMPLATE_FILE, save_template
@@ -271,6 +272,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
                                dir=os.path.dirname(os.path.abspath(args.output)))
     try:
         merged.save_pretrained(staging)
+        chat_template_written = match_chat_template(loaded.tokenizer, loaded.template)
         loaded.tokenizer.save_pretrained(staging)
         # The prompt format goes with the model, so generate/chat/eval on the merged folder format as training did.
         save_template(loaded.template, staging)
@@ -279,7 +281,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"merged model saved in {args.output} (loads with transformers' AutoModelForCausalLM); "
-          f"prompt template {loaded.template.name!r} saved as {TEMPLATE_FILE}")
+          f"prompt template {loaded.template.name!r} saved as {TEMPLATE_FILE}"
+          + (" and as the tokenizer's chat template" if chat_template_written else ""))
     return 0
 
 

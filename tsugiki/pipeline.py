@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .data import build_dataset, get_template
+from .data.jinja import match_chat_template
 from .data.templates import Template
 from .fileio import TEMPLATE_FILE, atomic_write_text, check_writable
 from .config import METHOD_BUILDERS, PeftConfig
@@ -221,6 +222,7 @@ def run_training(config: Union[None, str, os.PathLike, Mapping[str, Any], TrainC
     if progress and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
 
+    match_chat_template(tokenizer, template)  # the saved tokenizer's apply_chat_template formats as trained
     result = Trainer(model, cfg, train_rows, eval_rows or None, tokenizer=tokenizer, progress=progress,
                      callbacks=callbacks).train()
     if distributed.is_main():

@@ -74,7 +74,7 @@ def encode(sample: Sample, template: Template, tokenizer: Any, train_on: str = "
     labels: list[int] = []
     if template.kind == "instruction" or sample.text is not None:
         # Chat templates write their own BOS text; plain text gets the tokenizer's leading specials.
-        input_ids = _leading_special_ids(tokenizer)
+        input_ids = leading_special_ids(tokenizer)
         labels = [IGNORE_INDEX] * len(input_ids)
     segments = template.segments(sample)
     last_reply = _last_trainable(segments) if template.kind == "chat" else None
@@ -96,7 +96,7 @@ def prompt_token_ids(prompt: str, template: Template, tokenizer: Any) -> list[in
     Instruction templates get the tokenizer's leading BOS; chat templates none, since
     they write their own (a Llama-3 style tokenizer adding BOS again would double it).
     """
-    lead = _leading_special_ids(tokenizer) if template.kind != "chat" else []
+    lead = leading_special_ids(tokenizer) if template.kind != "chat" else []
     return lead + tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
@@ -104,7 +104,7 @@ def _last_trainable(segments):
     return next((s for s in reversed(segments) if s.trainable), None)
 
 
-def _leading_special_ids(tokenizer: Any) -> list[int]:
+def leading_special_ids(tokenizer: Any) -> list[int]:
     # What the tokenizer puts in front of any text (BOS for Llama-style tokenizers, nothing for GPT-2 style).
     ids = tokenizer("", add_special_tokens=True)["input_ids"]
     bos = tokenizer.bos_token_id
