@@ -144,6 +144,20 @@ def test_load_adapter_leaves_the_model_in_eval_mode_unless_it_is_to_train(tmp_pa
             assert any(m.training for m in model.modules()) is training_after, library.__name__
 
 
+@pytest.mark.parametrize("extra", [{}, {"modules_to_save": ["lm_head"]}])
+def test_load_adapter_to_train_marks_the_same_parameters_trainable_as_hf_peft(tmp_path, extra):
+    """A second adapter loaded with is_trainable=True is trainable beside the active one, not frozen."""
+    tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(**LORA, **extra)).save_pretrained(tmp_path / "a")
+    trainable = {}
+    for library in (tsugiki, peft):
+        model = library.get_peft_model(tiny_llama(), library.LoraConfig(**LORA, **extra))
+        model.load_adapter(str(tmp_path / "a"), adapter_name="other", is_trainable=True)
+        trainable[library] = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert model.active_adapter == "default"
+    assert any(".other." in n for n in trainable[tsugiki])
+    assert trainable[tsugiki] == trainable[peft]
+
+
 def test_load_adapter_into_an_existing_name_that_does_not_fit_changes_nothing(tmp_path):
     wider = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(**{**LORA, "r": 8}))
     wider.save_pretrained(tmp_path / "r8")

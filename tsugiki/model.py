@@ -335,7 +335,8 @@ class PeftModel(nn.Module):
         Into an adapter that already exists under that name, as HF PEFT does, only the
         weights are loaded: its config (rank, scaling, targets) stays, and a file that
         does not fit it is an error that changes nothing. Unless ``is_trainable``, the
-        model is put in eval mode afterwards (dropout off), as HF PEFT does.
+        model is put in eval mode afterwards (dropout off), as HF PEFT does; with it, the
+        adapter's parameters are trainable even while another adapter is active, as in HF PEFT.
         """
         folder = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
         config = PeftConfig.from_pretrained(folder)
@@ -353,6 +354,8 @@ class PeftModel(nn.Module):
                 raise
         if not is_trainable:
             self.eval()
+        elif adapter_name != self.active_adapter and hasattr(self.base_model, "train_inactive_adapter"):
+            self.base_model.train_inactive_adapter(adapter_name)  # trainable, as HF PEFT leaves it
 
 
 def _load_weights(peft_model: PeftModel, state: dict[str, torch.Tensor], adapter_name: str, folder: str,

@@ -344,6 +344,18 @@ class BaseTuner(nn.Module):
             module.set_adapter(adapter_name, trainable=trainable)
         self._mark_trainable(config, adapter_name, trainable)
 
+    def train_inactive_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name``'s parameters trainable without activating it (HF PEFT's
+        ``load_adapter(..., is_trainable=True)`` of a second adapter); the active one stays as it is."""
+        for _, module in self.adapter_layers():
+            holders = ([module.modules_to_save] if isinstance(module, ModulesToSaveWrapper)
+                       else [getattr(module, attr) for attr in module.adapter_param_names])
+            for holder in holders:
+                if adapter_name in holder:
+                    found = holder[adapter_name]
+                    for p in [found] if isinstance(found, nn.Parameter) else found.parameters():
+                        p.requires_grad_(True)
+
     def _mark_trainable(self, config: PeftConfig, adapter_name: str, trainable: bool = True) -> None:
         """Freeze everything that is not the active adapter (subclasses add bias rules)."""
         for name, p in self.model.named_parameters():
