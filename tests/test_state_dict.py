@@ -181,3 +181,35 @@ def test_saved_files_get_the_permissions_any_new_file_gets(tmp_path):
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
     assert modes["adapter_model.safetensors"] == modes["adapter_config.json"] == modes["plain.txt"] == 0o644
+
+
+def _alpaca_lora_style(library, model):
+    """alpaca-lora's finetune.py: model.state_dict replaced by one returning the adapter's file keys."""
+    whole = model.state_dict
+    model.state_dict = (lambda self, *_, **__: library.get_peft_model_state_dict(self, whole())).__get__(
+        model, type(model))
+    return model
+
+
+def test_a_state_dict_replaced_as_alpaca_lora_does_saves_the_same_adapter_as_hf_peft(tmp_path):
+    files = {}
+    for library in (tsugiki, peft):
+        model = library.get_peft_model(tiny_llama(), library.LoraConfig(**LORA))
+        randomize_adapters(model, seed=3)
+        plain = model.state_dict()
+        _alpaca_lora_style(library, model).save_pretrained(tmp_path / library.__name__)
+        files[library] = load_file(tmp_path / library.__name__ / "adapter_model.safetensors")
+        # The file-form dict handed back as save_pretrained's state_dict is taken as it is.
+        model.save_pretrained(tmp_path / f"{library.__name__}-given", state_dict=model.state_dict())
+        again = load_file(tmp_path / f"{library.__name__}-given" / "adapter_model.safetensors")
+        assert again.keys() == files[library].keys() and all(torch.equal(again[k], files[library][k]) for k in again)
+        assert any(".lora_A.default." in k for k in plain)
+    assert files[tsugiki].keys() == files[peft].keys() and len(files[tsugiki]) == 12  # 3 targets x 2 layers x A, B
+    assert all(torch.equal(files[tsugiki][k], files[peft][k]) for k in files[peft])
+
+
+def test_a_state_dict_without_the_adapter_is_refused_and_nothing_is_written(tmp_path):
+    model = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(**LORA))
+    with pytest.raises(ValueError, match=r"holds none of adapter 'default''s tensors .*lora_A\.default\.weight"):
+        model.save_pretrained(tmp_path / "out", state_dict={"some.other.weight": torch.zeros(2)})
+    assert not (tmp_path / "out").exists()

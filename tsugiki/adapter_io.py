@@ -65,7 +65,9 @@ def adapter_state_dict(peft_model: nn.Module, adapter_name: str, adapter_attrs: 
         if isinstance(module, AdapterLayer):
             lora_owners.add(name)
     if state is None:
-        state = peft_model.state_dict(keep_vars=True)
+        # The class's state_dict, not an instance's replacement: alpaca-lora style scripts set
+        # ``model.state_dict`` to one returning file keys already, which hold no adapter name.
+        state = type(peft_model).state_dict(peft_model, keep_vars=True)
     for name, tensor in state.items():
         m = pattern.search(name)
         if m:

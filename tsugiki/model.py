@@ -287,12 +287,14 @@ class PeftModel(nn.Module):
             converted = as_lora_for_original_base(get_peft_model_state_dict(self, state_dict=state_dict,
                                                                             adapter_name=name),
                                                   self.peft_config[name], initial, where)
+        # Every adapter's tensors are gathered (and checked) before any folder is made.
+        states = {name: converted or (get_peft_model_state_dict(self, state_dict=state_dict, adapter_name=name),
+                                      self.peft_config[name]) for name in names}
         ensure_directory(save_directory, "adapter folder")
         for name in names:
             folder = save_directory if name == "default" else os.path.join(save_directory, name)
             ensure_directory(folder, "adapter folder")
-            state, config = converted or (get_peft_model_state_dict(self, state_dict=state_dict, adapter_name=name),
-                                          self.peft_config[name])
+            state, config = states[name]
             adapter_io.save_adapter_weights(state, folder, safe_serialization=safe_serialization)
             saved = copy.deepcopy(config)
             saved.inference_mode = True
@@ -385,7 +387,9 @@ def get_peft_model_state_dict(model: PeftModel, state_dict: Optional[dict[str, t
     The keys carry no adapter name (``base_model.model.<module>.lora_A.weight``);
     the values are the live tensors, detached, not copies. ``state_dict``: a full
     state dict of ``model`` to take them from (for example one gathered from
-    sharded ranks); default ``model.state_dict()``.
+    sharded ranks), or one already in file form (this function's output); default
+    the model's own (its class's ``state_dict``, even when a script has replaced the
+    instance's, as alpaca-lora's does).
     """
     model = _peft_model(model)
     if adapter_name not in model.peft_config:
@@ -394,7 +398,17 @@ def get_peft_model_state_dict(model: PeftModel, state_dict: Optional[dict[str, t
     tuner = model.base_model
     state = adapter_io.adapter_state_dict(model, adapter_name, tuner.adapter_attr_names(),
                                           getattr(config, "bias", "none"), state=state_dict)
-    return tuner.adapter_state_to_save(adapter_name, state)
+    state = tuner.adapter_state_to_save(adapter_name, state)
+    if not state and state_dict is not None:  # already in file form, as this function returns it?
+        file_keys = get_peft_model_state_dict(model, adapter_name=adapter_name).keys()
+        if file_keys <= state_dict.keys():
+            state = {key: state_dict[key].detach() for key in file_keys}
+    if not state:  # never an empty adapter file
+        given = "the state_dict given" if state_dict is not None else "the model's state_dict()"
+        example = next((n for n, p in model.named_parameters() if p.requires_grad), None)
+        raise ValueError(f"{given} holds none of adapter {adapter_name!r}'s tensors (its keys name the adapter, "
+                         f"e.g. {example!r}); pass the model's full state dict, with adapter names, or none")
+    return state
 
 
 def set_peft_model_state_dict(model: PeftModel, peft_model_state_dict: dict[str, torch.Tensor],
