@@ -29,6 +29,17 @@ def test_targets_matching_nothing_name_the_request_and_existing_modules():
     assert "['qkv_proj']" in msg and "q_proj" in msg and "LlamaForCausalLM" in msg
 
 
+@pytest.mark.parametrize("config", [LoraConfig(r=2, target_modules=["0", "3"]),
+                                    tsugiki.AdaLoraConfig(r=2, target_modules=["0", "3"], total_step=10)])
+def test_a_target_of_a_type_the_method_cannot_adapt_is_named_not_skipped(config):
+    """Listed beside layers it can adapt, a Conv2d used to be left out silently (a different model
+    than HF PEFT's, which adapts it)."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(288, 4))
+    with pytest.raises(ValueError, match=r"selects modules this method cannot adapt: 0 \(Conv2d\).*LoHa and LoKr"):
+        get_peft_model(net, config)
+    assert isinstance(net[0], torch.nn.Conv2d) and isinstance(net[3], torch.nn.Linear)  # left as they were
+
+
 def test_no_default_targets_for_unknown_architecture_says_what_to_pass():
     net = torch.nn.Sequential(torch.nn.Linear(3, 3))
     with pytest.raises(ValueError, match="pass target_modules explicitly"):

@@ -170,7 +170,8 @@ def find_targets(
     """Names of the modules ``target_modules`` selects, in model order.
 
     Raises ``ValueError`` naming the request and some existing module names when
-    nothing matches.
+    nothing matches, and naming the modules when it selects some that are not of
+    ``allowed_types`` (the method cannot adapt them).
     """
     if target_modules is None:
         target_modules = resolve_default_targets(model)
@@ -184,6 +185,7 @@ def find_targets(
     patterns = list(layers_pattern or DEFAULT_LAYER_PATTERNS)
 
     selected: list[str] = []
+    unsupported: list[str] = []
     for name, module in model.named_modules():
         if not name or _is_adapter_internal(name):
             continue
@@ -201,11 +203,18 @@ def find_targets(
             if _layer_index(name, patterns) not in set(layers_to_transform):
                 continue
         if allowed_types is not None and not isinstance(module, allowed_types):
+            unsupported.append(f"{name} ({type(module).__name__})")
             continue
         selected.append(name)
 
     if not selected:
         raise ValueError(_no_match_message(model, target_modules, layers_to_transform, allowed_types))
+    if unsupported:  # named, not skipped: the user asked for them (HF PEFT refuses them too)
+        shown = ", ".join(unsupported[:5]) + (f" and {len(unsupported) - 5} more" if len(unsupported) > 5 else "")
+        raise ValueError(f"target_modules={target_modules!r} selects modules this method cannot adapt: {shown}. "
+                         f"Supported types: {', '.join(t.__name__ for t in allowed_types)}; leave those out of "
+                         "target_modules (or list them in exclude_modules)"
+                         + ("; LoHa and LoKr adapt nn.Conv2d" if "(Conv2d)" in shown else ""))
     return selected
 
 
