@@ -116,9 +116,20 @@ def test_hf_peft_config_keys_at_their_defaults_load_without_a_warning(tmp_path, 
     assert not [w for w in recwarn if "adapter config" in str(w.message)]
     path = tmp_path / "lora" / "adapter_config.json"
     saved = json.loads(path.read_text())
-    path.write_text(json.dumps({**saved, "layer_replication": [[0, 2]], "qalora_group_size": 32}))
-    with pytest.warns(UserWarning, match=r"does not support: layer_replication=\[\[0, 2\]\], qalora_group_size=32$"):
+    path.write_text(json.dumps({**saved, "option_of_a_later_version": [[0, 2]], "qalora_group_size": 32}))
+    with pytest.warns(UserWarning, match=r"does not support: option_of_a_later_version=\[\[0, 2\]\], "
+                                         r"qalora_group_size=32$"):
         tsugiki.PeftConfig.from_pretrained(tmp_path / "lora")
+
+
+def test_an_hf_peft_adapter_computing_what_tsugiki_does_not_is_refused(tmp_path):
+    """An Activated LoRA applies its update only from its invocation tokens on: loaded as a plain
+    LoRA it would answer differently, so it is refused, naming the setting."""
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], alora_invocation_tokens=[5, 6],
+                             task_type="CAUSAL_LM")
+    peft.get_peft_model(tiny_llama(), config).save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match=r"alora_invocation_tokens=\[5, 6\] \(Activated LoRA.*Use HF PEFT"):
+        tsugiki.PeftModel.from_pretrained(tiny_llama(), tmp_path)
 
 
 def test_unload_keeps_the_trained_head_as_hf_peft_does(tmp_path):

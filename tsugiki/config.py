@@ -32,6 +32,19 @@ CONFIG_NAME = "adapter_config.json"
 # empty, so a file holding that value asks for nothing tsugiki ignores. The metadata keys describe the file.
 _PEFT_DEFAULTS = {"megatron_core": "megatron.core", "qalora_group_size": 16}
 _METADATA_KEYS = {"peft_version"}
+# HF PEFT settings that change what an adapter computes (not only how it starts or runs):
+# without them the weights would load and give other outputs, so such a file is refused.
+_CHANGES_OUTPUTS = {
+    "alora_invocation_tokens": "Activated LoRA: the update applies from the invocation tokens on",
+    "arrow_config": "Arrow routing between adapters",
+    "kasa_config": "KaSA: a learned singular-value diagonal and a truncated base",
+    "layer_replication": "layers stacked again from the base's",
+    "monteclora_config": "MonteCLoRA's sampled updates",
+    "target_parameters": "LoRA on bare parameters (MoE experts)",
+    "trainable_token_indices": "trained rows of the embedding",
+    "use_bdlora": "block-diagonal LoRA factors",
+    "use_qalora": "QALoRA's pooled inputs",
+}
 
 
 def _left_at_default(key: str, value: Any) -> bool:
@@ -214,6 +227,12 @@ class PeftConfig:
                 f"supported: {', '.join(sorted(CONFIG_REGISTRY))}"
             )
         known = {f.name for f in dataclasses.fields(target_cls)}
+        unsupported = [k for k in sorted(set(data) - known) if k in _CHANGES_OUTPUTS and not _left_at_default(k, data[k])]
+        if unsupported:
+            what = "; ".join(f"{k}={data[k]!r} ({_CHANGES_OUTPUTS[k]})" for k in unsupported)
+            raise ValueError(f"adapter config sets {what}, which tsugiki does not compute: loaded without it, "
+                             "the adapter would give other outputs than it was trained to. Use HF PEFT for this "
+                             "adapter")
         ignored = [f"{k}={data[k]!r}" for k in sorted(set(data) - known) if not _left_at_default(k, data[k])]
         if ignored:
             warnings.warn(f"ignoring adapter config settings this version does not support: {', '.join(ignored)}",
