@@ -293,3 +293,19 @@ def test_a_second_adapter_beside_a_pissa_one_is_warned_about(tmp_path):
     model = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(init_lora_weights="pissa", **FACTORED))
     with pytest.warns(UserWarning, match=r"\['default'\] \(PiSSA/OLoRA\) changed the base weights"):
         model.add_adapter("other", tsugiki.LoraConfig(**FACTORED))
+
+
+def test_an_hf_peft_classifier_adapter_with_every_bias_trained_loads_strictly(tmp_path):
+    """bias="all" on a SEQ_CLS model: HF PEFT's file also holds the head's biases under
+    ``classifier.modules_to_save.bias`` and ``classifier.original_module.bias``."""
+    ids = token_batch()
+    config = dict(r=2, task_type="SEQ_CLS", bias="all")
+    theirs = peft.get_peft_model(tiny_bert_classifier(), peft.LoraConfig(**config))
+    randomize_adapters(theirs)
+    _nudge(theirs, "bias", 7, 0.1)
+    theirs.save_pretrained(str(tmp_path))
+    assert "base_model.model.classifier.original_module.bias" in load_file(tmp_path / "adapter_model.safetensors")
+    ours = tsugiki.PeftModel.from_pretrained(tiny_bert_classifier(), tmp_path)
+    torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-6, rtol=0)
+    fresh = tsugiki.get_peft_model(tiny_bert_classifier(), tsugiki.LoraConfig(**config))
+    assert fresh.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()  # not the frozen head's bias

@@ -147,7 +147,14 @@ def file_key_to_model_key(key: str, adapter_name: str, adapter_attrs: tuple[str,
     for i in range(len(parts) - 1, 0, -1):
         owner = ".".join(parts[:i])
         if owner in wrapper_prefixes:
-            return ".".join([owner, "modules_to_save", adapter_name, *parts[i:]])
+            rest = parts[i:]
+            # HF PEFT files with bias="all" also hold the wrapper's biases under their in-model
+            # names: "<head>.modules_to_save.bias" (the trained copy) and "<head>.original_module.bias".
+            if rest[0] == "original_module":
+                return key
+            if rest[0] == "modules_to_save" and len(rest) > 1:
+                rest = rest[1:]
+            return ".".join([owner, "modules_to_save", adapter_name, *rest])
     return key
 
 

@@ -1015,6 +1015,8 @@ class LoraModel(BaseTuner):
         for name, module in self.model.named_modules():
             if config.bias == "lora_only" and not isinstance(module, LoraLayer):
                 continue
+            if "original_module" in name.split("."):  # a trained head's frozen original stays frozen
+                continue
             target = module.base_layer if isinstance(module, LoraLayer) else module
             bias = getattr(target, "bias", None)
             if isinstance(bias, nn.Parameter):
