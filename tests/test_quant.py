@@ -301,11 +301,24 @@ def test_prepare_passes_checkpointing_kwargs_and_can_skip_it(monkeypatch):
 
 
 def test_prepare_plain_module_without_checkpointing_support_is_named():
-    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8))
+    # (The last linear layer is kept as the output head.)
+    model = quant.quantize_model(nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 64), nn.Linear(64, 8)))
+    assert quant.is_quantized_linear(model[1])
     with pytest.raises(ValueError, match="Sequential.*use_gradient_checkpointing=False"):
         quant.prepare_model_for_kbit_training(model)
     quant.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    assert model(torch.tensor([[1, 2]])).requires_grad  # the embedding hook gives a graph to backprop
+    assert model[0](torch.tensor([[1, 2]])).requires_grad  # the embedding hook gives a graph to backprop
+
+
+def test_prepare_on_an_unquantized_model_only_freezes_and_upcasts_as_hf_peft_does():
+    import peft
+
+    for library in (quant, peft):
+        model = library.prepare_model_for_kbit_training(tiny_llama(torch.bfloat16))
+        assert not is_checkpointing(model) and model.config.use_cache is True, library.__name__
+        assert not any(p.requires_grad for p in model.parameters())
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert not model.model.embed_tokens(torch.tensor([[1, 2]])).requires_grad
 
 
 def test_full_finetuning_of_quantized_weight_is_refused_naming_module(fp32_model):

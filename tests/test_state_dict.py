@@ -213,3 +213,41 @@ def test_a_state_dict_without_the_adapter_is_refused_and_nothing_is_written(tmp_
     with pytest.raises(ValueError, match=r"holds none of adapter 'default''s tensors .*lora_A\.default\.weight"):
         model.save_pretrained(tmp_path / "out", state_dict={"some.other.weight": torch.zeros(2)})
     assert not (tmp_path / "out").exists()
+
+
+def test_hf_peft_keyword_arguments_of_the_state_dict_functions_and_load_adapter(tmp_path):
+    model = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(**LORA))
+    randomize_adapters(model, seed=4)
+    state = tsugiki.get_peft_model_state_dict(model, unwrap_compiled=True, save_embedding_layers=False)
+    other = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(**LORA))
+    result = tsugiki.set_peft_model_state_dict(other, state, low_cpu_mem_usage=True)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+
+    # A tensor of another shape: an error that loads nothing, or left out with a warning when asked.
+    key = next(k for k in state if k.endswith("lora_A.weight"))
+    bad = {**state, key: torch.zeros(7, 3)}
+    fresh = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(**LORA))
+    with pytest.raises(AdapterLoadError, match=r"has shape \(7, 3\) in the file"):
+        tsugiki.set_peft_model_state_dict(fresh, bad)
+    before = tsugiki.get_peft_model_state_dict(fresh)[key].clone()
+    with pytest.warns(UserWarning, match=r"1 tensor\(s\) of another shape left out"):
+        tsugiki.set_peft_model_state_dict(fresh, bad, ignore_mismatched_sizes=True)
+    loaded = tsugiki.get_peft_model_state_dict(fresh)
+    assert torch.equal(loaded[key], before)
+    assert all(torch.equal(loaded[k], state[k]) for k in state if k != key)
+
+    model.save_pretrained(tmp_path / "a")
+    result = other.load_adapter(tmp_path / "a", adapter_name="second")
+    assert (result.missing_keys, result.unexpected_keys) == ([], [])
+
+
+def test_a_config_rebuilds_from_its_own_or_hf_peft_s_dict():
+    """`LoraConfig(**config.to_dict())` and `LoraConfig(**json of an HF PEFT adapter_config)` work as in HF PEFT."""
+    ours = tsugiki.LoraConfig(**LORA)
+    assert tsugiki.LoraConfig(**ours.to_dict()) == ours
+    from_theirs = tsugiki.LoraConfig(**peft.LoraConfig(**LORA).to_dict())  # (a set of targets: stored sorted)
+    assert from_theirs == tsugiki.LoraConfig(**{**LORA, "target_modules": sorted(LORA["target_modules"])})
+    with pytest.raises(ValueError, match="peft_type='LOHA' is not LoraConfig's"):
+        tsugiki.LoraConfig(**{**ours.to_dict(), "peft_type": "LOHA"})
+    with pytest.raises(TypeError, match="unexpected keyword argument 'lora_rnak'"):
+        tsugiki.LoraConfig(lora_rnak=8)

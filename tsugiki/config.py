@@ -10,7 +10,10 @@ those set to something other than empty or HF PEFT's default.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
+import functools
+import inspect
 import json
 import os
 import re
@@ -88,7 +91,41 @@ CONFIG_REGISTRY: dict[str, type["PeftConfig"]] = {}
 
 def register_config(cls: type["PeftConfig"]) -> type["PeftConfig"]:
     CONFIG_REGISTRY[cls.peft_type_name] = cls
+    _accept_hf_peft_keywords(cls)
     return cls
+
+
+def _accept_hf_peft_keywords(cls: type["PeftConfig"]) -> None:
+    """Let ``cls(**hf_peft_config.to_dict())`` work, as it does in HF PEFT: ``peft_type`` (when it
+    names this class) and HF PEFT fields left at their defaults are accepted and dropped."""
+    init = cls.__init__
+    fields = set(inspect.signature(init).parameters) - {"self"}  # InitVar arguments too
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        foreign = {k: kwargs.pop(k) for k in list(kwargs) if k not in fields}
+        peft_type = foreign.pop("peft_type", None)
+        if peft_type is not None and getattr(peft_type, "value", peft_type) != cls.peft_type_name:
+            raise ValueError(f"peft_type={getattr(peft_type, 'value', peft_type)!r} is not {cls.__name__}'s "
+                             f"({cls.peft_type_name!r}); PeftConfig.from_dict(d) picks the class from it")
+        _refuse_settings_that_change_outputs(foreign)
+        for key, value in foreign.items():
+            if not _left_at_default(key, value):
+                close = difflib.get_close_matches(key, sorted(fields), n=1)
+                raise TypeError(f"{cls.__name__} got an unexpected keyword argument {key!r}"
+                                + (f" (did you mean {close[0]!r}?)" if close else ""))
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+
+
+def _refuse_settings_that_change_outputs(settings: dict[str, Any]) -> None:
+    unsupported = [k for k in sorted(settings) if k in _CHANGES_OUTPUTS and not _left_at_default(k, settings[k])]
+    if unsupported:
+        what = "; ".join(f"{k}={settings[k]!r} ({_CHANGES_OUTPUTS[k]})" for k in unsupported)
+        raise ValueError(f"adapter config sets {what}, which tsugiki does not compute: loaded without it, "
+                         "the adapter would give other outputs than it was trained to. Use HF PEFT for this "
+                         "adapter")
 
 
 # training-job method name (``method:`` in a train config / ``--method``) ->
@@ -227,12 +264,7 @@ class PeftConfig:
                 f"supported: {', '.join(sorted(CONFIG_REGISTRY))}"
             )
         known = {f.name for f in dataclasses.fields(target_cls)}
-        unsupported = [k for k in sorted(set(data) - known) if k in _CHANGES_OUTPUTS and not _left_at_default(k, data[k])]
-        if unsupported:
-            what = "; ".join(f"{k}={data[k]!r} ({_CHANGES_OUTPUTS[k]})" for k in unsupported)
-            raise ValueError(f"adapter config sets {what}, which tsugiki does not compute: loaded without it, "
-                             "the adapter would give other outputs than it was trained to. Use HF PEFT for this "
-                             "adapter")
+        _refuse_settings_that_change_outputs({k: v for k, v in data.items() if k not in known})
         ignored = [f"{k}={data[k]!r}" for k in sorted(set(data) - known) if not _left_at_default(k, data[k])]
         if ignored:
             warnings.warn(f"ignoring adapter config settings this version does not support: {', '.join(ignored)}",

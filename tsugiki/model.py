@@ -18,7 +18,7 @@ import copy
 import dataclasses
 import os
 import warnings
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -331,8 +331,9 @@ class PeftModel(nn.Module):
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
                      subfolder: Optional[str] = None, allow_pickle: bool = False, strict: bool = True,
-                     **kwargs: Any) -> None:
-        """Load another saved adapter under ``adapter_name`` (the active adapter does not change).
+                     **kwargs: Any) -> adapter_io.IncompatibleKeys:
+        """Load another saved adapter under ``adapter_name`` (the active adapter does not change);
+        returns the keys a ``strict=False`` load left out, as HF PEFT does.
 
         Into an adapter that already exists under that name, as HF PEFT does, only the
         weights are loaded: its config (rank, scaling, targets) stays, and a file that
@@ -346,11 +347,11 @@ class PeftModel(nn.Module):
         object.__setattr__(config, "_user_modules_to_save", False)
         state = adapter_io.read_adapter_weights(folder, allow_pickle=allow_pickle)
         if adapter_name in self.peft_config:
-            _load_weights(self, state, adapter_name, folder, strict)  # checks everything before copying
+            result = _load_weights(self, state, adapter_name, folder, strict)  # checks everything before copying
         else:
             self.add_adapter(adapter_name, config, _init_weights=False)
             try:
-                _load_weights(self, state, adapter_name, folder, strict)
+                result = _load_weights(self, state, adapter_name, folder, strict)
             except BaseException:
                 self.delete_adapter(adapter_name)  # leave the model as it was
                 raise
@@ -358,6 +359,7 @@ class PeftModel(nn.Module):
             self.eval()
         elif adapter_name != self.active_adapter and hasattr(self.base_model, "train_inactive_adapter"):
             self.base_model.train_inactive_adapter(adapter_name)  # trainable, as HF PEFT leaves it
+        return result
 
 
 def _load_weights(peft_model: PeftModel, state: dict[str, torch.Tensor], adapter_name: str, folder: str,
@@ -381,7 +383,8 @@ def _peft_model(model: nn.Module) -> PeftModel:
 
 
 def get_peft_model_state_dict(model: PeftModel, state_dict: Optional[dict[str, torch.Tensor]] = None,
-                              adapter_name: str = "default") -> dict[str, torch.Tensor]:
+                              adapter_name: str = "default", unwrap_compiled: bool = False,
+                              save_embedding_layers: Union[str, bool] = "auto") -> dict[str, torch.Tensor]:
     """One adapter's tensors, keyed as ``adapter_model.safetensors`` stores them (HF PEFT's function).
 
     The keys carry no adapter name (``base_model.model.<module>.lora_A.weight``);
@@ -389,8 +392,13 @@ def get_peft_model_state_dict(model: PeftModel, state_dict: Optional[dict[str, t
     state dict of ``model`` to take them from (for example one gathered from
     sharded ranks), or one already in file form (this function's output); default
     the model's own (its class's ``state_dict``, even when a script has replaced the
-    instance's, as alpaca-lora's does).
+    instance's, as alpaca-lora's does). ``unwrap_compiled`` is accepted for HF PEFT's
+    sake (a compiled model is always unwrapped); ``save_embedding_layers=True`` is not
+    supported (the full embedding matrix is never saved) and says so in a warning.
     """
+    if save_embedding_layers is True:
+        warnings.warn("get_peft_model_state_dict: save_embedding_layers=True is not supported; the full "
+                      "embedding matrix is not included (load the adapter onto the same base)", stacklevel=2)
     model = _peft_model(model)
     if adapter_name not in model.peft_config:
         raise ValueError(f"no adapter named {adapter_name!r}; the model has {list(model.peft_config)}")
@@ -412,18 +420,28 @@ def get_peft_model_state_dict(model: PeftModel, state_dict: Optional[dict[str, t
 
 
 def set_peft_model_state_dict(model: PeftModel, peft_model_state_dict: dict[str, torch.Tensor],
-                              adapter_name: str = "default") -> adapter_io.IncompatibleKeys:
+                              adapter_name: str = "default", ignore_mismatched_sizes: bool = False,
+                              low_cpu_mem_usage: bool = False) -> adapter_io.IncompatibleKeys:
     """Copy tensors keyed as :func:`get_peft_model_state_dict` returns them into an existing adapter.
 
     Not strict, as in HF PEFT: keys that fit no tensor of the adapter and adapter
     tensors without a value are returned as ``(missing_keys, unexpected_keys)``
     and the rest is loaded. A tensor whose shape does not fit is an error, raised
-    before anything is copied.
+    before anything is copied, unless ``ignore_mismatched_sizes``: then it is left
+    out, keeps its current value, and is named in a warning. ``low_cpu_mem_usage``
+    is accepted for HF PEFT's sake (the adapter exists already, nothing is allocated).
     """
     model = _peft_model(model)
     if adapter_name not in model.peft_config:
         raise ValueError(f"no adapter named {adapter_name!r} to load into; the model has "
                          f"{list(model.peft_config)} (add_adapter or load_adapter creates one)")
+    if ignore_mismatched_sizes:
+        current = get_peft_model_state_dict(model, adapter_name=adapter_name)
+        mismatched = [k for k, v in peft_model_state_dict.items() if k in current and v.shape != current[k].shape]
+        if mismatched:
+            warnings.warn(f"set_peft_model_state_dict: {len(mismatched)} tensor(s) of another shape left out "
+                          f"(ignore_mismatched_sizes=True), e.g. {', '.join(mismatched[:3])}", stacklevel=2)
+            peft_model_state_dict = {k: v for k, v in peft_model_state_dict.items() if k not in mismatched}
     return _load_weights(model, peft_model_state_dict, adapter_name, "the given state dict", strict=False)
 
 

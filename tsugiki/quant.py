@@ -353,6 +353,9 @@ def prepare_model_for_kbit_training(
        ``config.use_cache = False`` (the KV cache is useless and wasteful in
        training).
 
+    Steps 3 and 4 only on a base with 4-bit/8-bit layers, as in HF PEFT: on an
+    unquantized model the function freezes and upcasts, nothing more.
+
     Returns the same model (modified in place). The train/eval mode is left as
     is; 4-bit weights that an eval forward repacked for bitsandbytes' CPU kernel
     get their trainable layout back (:func:`unpack_cpu_4bit`).
@@ -361,6 +364,8 @@ def prepare_model_for_kbit_training(
         param.requires_grad_(False)
     unpack_cpu_4bit(model)
     _upcast_to_fp32(model, matrices=upcast_matrices)
+    if not any(is_quantized_linear(m) for m in model.modules()):
+        return model  # HF PEFT's rule too: steps 3 and 4 are for k-bit bases only
     _enable_input_require_grads(model)
     if use_gradient_checkpointing:
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}

@@ -76,6 +76,11 @@ class AdapterLayer:
         return bool(self.merged_adapters)
 
     @property
+    def active_adapters(self) -> list[str]:
+        """The active adapter as a list (HF PEFT's name; tsugiki runs one at a time)."""
+        return [self.active_adapter] if self.active_adapter else []
+
+    @property
     def adapter_names(self) -> list[str]:
         first = getattr(self, self.adapter_param_names[0])
         return list(first.keys())
@@ -244,6 +249,11 @@ class BaseTuner(nn.Module):
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapter = adapter_name
         self.inject_adapter(config, adapter_name, init_weights=init_weights)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The active adapter as a list (HF PEFT's name), not the wrapped model's own attribute."""
+        return [self.active_adapter] if self.active_adapter else []
 
     # -- attribute passthrough ------------------------------------------------
     def __getattr__(self, name: str) -> Any:
