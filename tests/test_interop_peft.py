@@ -309,3 +309,32 @@ def test_an_hf_peft_classifier_adapter_with_every_bias_trained_loads_strictly(tm
     torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-6, rtol=0)
     fresh = tsugiki.get_peft_model(tiny_bert_classifier(), tsugiki.LoraConfig(**config))
     assert fresh.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()  # not the frozen head's bias
+
+
+def test_hf_peft_helper_names_behave_as_hf_peft_s(tmp_path):
+    ids = token_batch()
+    results = {}
+    for library in (tsugiki, peft):
+        torch.manual_seed(0)  # both draw A and B the same way, so the random starts agree
+        config = library.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+        model = library.inject_adapter_in_model(config, tiny_llama())
+        results[library] = (type(model), sorted(n for n, p in model.named_parameters() if p.requires_grad),
+                            _logits(model, ids))
+        assert library.get_peft_config({"peft_type": "LORA", "r": 3}).r == 3
+        prompt = library.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
+                                            prompt_tuning_init=library.PromptTuningInit.SAMPLE_VOCAB)
+        assert prompt.prompt_tuning_init == "SAMPLE_VOCAB" and isinstance(prompt, library.PromptLearningConfig)
+        encoder = library.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=8,
+                                              encoder_reparameterization_type=library.PromptEncoderReparameterizationType.LSTM)
+        assert encoder.encoder_reparameterization_type == "LSTM"
+    assert results[tsugiki][:2] == results[peft][:2]
+    torch.testing.assert_close(results[tsugiki][2], results[peft][2], atol=1e-6, rtol=0)
+
+    saved = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    randomize_adapters(saved)
+    saved.save_pretrained(str(tmp_path))
+    ours, theirs = tsugiki.load_peft_weights(tmp_path), peft.load_peft_weights(str(tmp_path))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    with pytest.raises(ValueError, match="use get_peft_model"):
+        tsugiki.inject_adapter_in_model(tsugiki.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2),
+                                        tiny_llama())

@@ -29,9 +29,12 @@ from .methods.prompt import (
     MultitaskPromptTuningModel,
     PromptEncoderConfig,
     PromptEncoderModel,
+    PromptEncoderReparameterizationType,
     PromptTuningConfig,
+    PromptTuningInit,
     PromptTuningModel,
 )
+from .methods.prompt_base import PromptLearningConfig
 from .model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -40,8 +43,11 @@ from .model import (
     PeftModelForSeq2SeqLM,
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
+    get_peft_config,
     get_peft_model,
     get_peft_model_state_dict,
+    inject_adapter_in_model,
+    load_peft_weights,
     set_peft_model_state_dict,
 )
 
@@ -76,13 +82,14 @@ __all__ = [
     "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel",
     "AdaLoraConfig", "AdaLoraModel",
     "MultitaskPromptTuningConfig", "MultitaskPromptTuningModel", "PrefixTuningConfig", "PrefixTuningModel",
-    "PromptEncoderConfig", "PromptEncoderModel", "PromptTuningConfig", "PromptTuningModel",
+    "PromptEncoderConfig", "PromptEncoderModel", "PromptEncoderReparameterizationType", "PromptLearningConfig",
+    "PromptTuningConfig", "PromptTuningInit", "PromptTuningModel",
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction", "AutoPeftModelForQuestionAnswering",
     "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification", "LoraConfig", "LoraModel", "PeftConfig", "PeftModel",
     "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
-    "PeftType", "TaskType", "TrainConfig", "find_all_linear_names", "get_peft_model", "get_peft_model_state_dict",
-    "load_model",
+    "PeftType", "TaskType", "TrainConfig", "find_all_linear_names", "get_peft_config", "get_peft_model",
+    "get_peft_model_state_dict", "inject_adapter_in_model", "load_model", "load_peft_weights",
     "load_tokenizer", "plan", "prepare_model_for_kbit_training", "quantize_model", "set_peft_model_state_dict", "train",
 ]

@@ -567,12 +567,45 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
         raise ValueError("this model already carries adapters; use model.add_adapter(name, config) instead")
     if not isinstance(peft_config, PeftConfig):
         raise TypeError(f"peft_config must be a tsugiki config such as LoraConfig, got {type(peft_config).__name__}")
+    if not autocast_adapter_dtype:
+        warnings.warn("get_peft_model: autocast_adapter_dtype=False is not supported; the adapter's "
+                      "parameters are fp32 whatever the base's dtype", stacklevel=2)
     cls = TASK_MODELS.get(peft_config.task_type, PeftModel)
     return cls(model, peft_config, adapter_name)
+
+
+def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_name: str = "default",
+                            low_cpu_mem_usage: bool = False, state_dict: Optional[dict] = None) -> nn.Module:
+    """Graft the adapter's layers into ``model`` in place and return ``model`` itself, not wrapped
+    (HF PEFT's function): no ``save_pretrained`` or adapter switching, only the layers, with
+    their parameters trainable and every other parameter frozen. Not for prompt-learning
+    methods, which live in the wrapper; ``low_cpu_mem_usage`` and ``state_dict`` are accepted
+    for HF PEFT's sake (the layers are created directly)."""
+    if not isinstance(peft_config, PeftConfig):
+        raise TypeError(f"peft_config must be a tsugiki config such as LoraConfig, got {type(peft_config).__name__}")
+    if peft_config.is_prompt_learning:
+        raise ValueError(f"inject_adapter_in_model: {peft_config.peft_type} adds virtual tokens in the wrapper, "
+                         "not layers in the model; use get_peft_model")
+    tuner = _tuner_for(peft_config)(model, _prepare_config(peft_config, model), adapter_name)
+    tuner.set_adapter(adapter_name, inference_mode=False)
+    return tuner.model
+
+
+def load_peft_weights(model_id: str | os.PathLike, device: Optional[str] = None, **kwargs: Any) -> dict:
+    """The tensors of a saved adapter folder, under their file keys (HF PEFT's function); pickle
+    ``adapter_model.bin`` files only with ``allow_pickle=True``."""
+    state = adapter_io.read_adapter_weights(os.fspath(model_id), allow_pickle=kwargs.pop("allow_pickle", False))
+    return {k: v.to(device) for k, v in state.items()} if device is not None else state
+
+
+def get_peft_config(config_dict: dict[str, Any]) -> PeftConfig:
+    """The config of the method ``config_dict["peft_type"]`` names (HF PEFT's function)."""
+    return PeftConfig.from_dict(config_dict)
 
 
 __all__ = [
     "LoraConfig", "PeftModel", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
     "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "get_peft_model",
+    "inject_adapter_in_model", "load_peft_weights", "get_peft_config",
 ]

@@ -31,6 +31,7 @@ the table).
 
 from __future__ import annotations
 
+import enum
 import math
 import os
 from dataclasses import InitVar, dataclass
@@ -45,7 +46,22 @@ from .prompt_base import PromptLearningConfig, PromptLearningModel, find_word_em
 
 # ---------------------------------------------------------------------------- configs
 
-_PT_INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
+class PromptTuningInit(str, enum.Enum):
+    """How prompt tuning's virtual tokens start (HF PEFT's names; plain strings work too)."""
+
+    RANDOM = "RANDOM"
+    TEXT = "TEXT"
+    SAMPLE_VOCAB = "SAMPLE_VOCAB"
+
+
+class PromptEncoderReparameterizationType(str, enum.Enum):
+    """P-tuning's encoder (HF PEFT's names; plain strings work too)."""
+
+    MLP = "MLP"
+    LSTM = "LSTM"
+
+
+_PT_INITS = tuple(m.value for m in PromptTuningInit)
 
 
 @register_config
@@ -88,7 +104,7 @@ class PromptTuningConfig(PromptLearningConfig):
             raise ValueError("tokenizer_kwargs is only used with prompt_tuning_init='TEXT'")
 
 
-_ENCODER_TYPES = ("MLP", "LSTM")
+_ENCODER_TYPES = tuple(m.value for m in PromptEncoderReparameterizationType)
 
 
 @register_config
