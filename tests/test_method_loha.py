@@ -10,7 +10,7 @@ import tsugiki
 from helpers_adapters import (check_generate, check_interop, check_merge, check_save_load_exact, logits,
                               randomize, train_and_check, train_tiny_cli)
 from tiny_models import TinyConvNet, tiny_falcon, tiny_gpt2, tiny_llama, token_batch
-from tsugiki.methods.loha import HadamardDelta, LoHaConfig, LoHaLayer
+from tsugiki.methods.loha import LoHaConfig, LoHaLayer
 
 MARKERS = ("hada_",)
 
@@ -190,35 +190,3 @@ def test_a_bf16_forward_keeps_only_the_cast_update_and_matches_the_fp32_referenc
     torch.testing.assert_close(out.float(), reference, rtol=2e-2, atol=2e-2)
     for got, want in zip(grads, [p.grad for p in factors]):
         torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2 * want.abs().max().item())
-
-
-@pytest.mark.parametrize("trainable", [(True, True, True, True), (False, True, True, False), (True, False, False, False)])
-def test_hadamard_delta_function_matches_plain_autograd(trainable):
-    """LoHa's own autograd function (factors kept, products remade in backward) against autograd
-    through the formula: the same update and the same factor gradients, for any subset trained."""
-    torch.manual_seed(0)
-    shapes = [(24, 4), (4, 40), (24, 4), (4, 40)]
-    factors = [torch.randn(s, dtype=torch.float64, requires_grad=t) for s, t in zip(shapes, trainable)]
-    upstream = torch.randn(24, 40, dtype=torch.float64)
-
-    got = HadamardDelta.apply(*factors, 0.7, None)
-    got_grads = torch.autograd.grad((got * upstream).sum(), [f for f in factors if f.requires_grad])
-    want = (factors[0] @ factors[1]) * (factors[2] @ factors[3]) * 0.7
-    want_grads = torch.autograd.grad((want * upstream).sum(), [f for f in factors if f.requires_grad])
-    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
-    for g, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
-    assert torch.autograd.gradcheck(lambda *f: HadamardDelta.apply(*f, 0.7, None), factors)
-
-
-def test_hadamard_delta_casts_its_output_and_takes_a_low_precision_gradient():
-    torch.manual_seed(0)
-    factors = [torch.randn(s, requires_grad=True) for s in [(8, 2), (2, 6), (8, 2), (2, 6)]]
-    out = HadamardDelta.apply(*factors, 2.0, torch.bfloat16)
-    assert out.dtype == torch.bfloat16
-    out.float().sum().backward()
-    assert all(f.grad.dtype == torch.float32 for f in factors)
-    want = [torch.autograd.grad(((factors[0] @ factors[1]) * (factors[2] @ factors[3]) * 2.0).sum(), f)[0]
-            for f in factors]
-    for f, w in zip(factors, want):
-        torch.testing.assert_close(f.grad, w)

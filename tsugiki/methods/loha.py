@@ -29,33 +29,6 @@ from ..tuner import register_tuner
 from .lycoris import LycorisConfig, LycorisLayer, LycorisTuner, lycoris_from_train_config
 
 
-class HadamardDelta(torch.autograd.Function):
-    """``delta_W = (W1a W1b) * (W2a W2b) * s``, returned in ``dtype``, keeping only the factors.
-
-    Backward remakes the two full-size products from the factors instead of storing them
-    (8 bytes per adapted weight under autograd's own graph): with ``G = dL/d(delta_W) * s``,
-    ``dP1 = G * P2`` and ``dP2 = G * P1``, then ``dW1a = dP1 W1b^T``, ``dW1b = W1a^T dP1``
-    (same for W2). One fp32 product is live at a time besides ``G``.
-    """
-
-    @staticmethod
-    def forward(ctx, w1a, w1b, w2a, w2b, scale: float, dtype):
-        ctx.save_for_backward(w1a, w1b, w2a, w2b)
-        ctx.scale = scale
-        delta = (w1a @ w1b).mul_(w2a @ w2b).mul_(scale)
-        return delta if dtype is None else delta.to(dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        w1a, w1b, w2a, w2b = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        g = grad.to(w1a.dtype) * ctx.scale
-        d_p2 = g * (w1a @ w1b) if need[2] or need[3] else None
-        d_p1 = g.mul_(w2a @ w2b) if need[0] or need[1] else None  # g is not needed after this
-        return (d_p1 @ w1b.T if need[0] else None, w1a.T @ d_p1 if need[1] else None,
-                d_p2 @ w2b.T if need[2] else None, w2a.T @ d_p2 if need[3] else None, None, None)
-
-
 @register_config
 @dataclass
 class LoHaConfig(LycorisConfig):
@@ -109,13 +82,6 @@ class LoHaLayer(LycorisLayer):
             w2 = torch.einsum("ijkl,jr,ip->prkl", self.hada_t2[name], w2b, w2a)
             return w1 * w2 * s
         return ((w1a @ w1b) * (w2a @ w2b) * s).reshape(self.weight_shape)
-
-    def _delta_under_autograd(self, name: str, dtype) -> torch.Tensor:
-        if name in self.hada_t1:  # CP-decomposed Conv2d: the generic checkpointed path
-            return super()._delta_under_autograd(name, dtype)
-        delta = HadamardDelta.apply(self.hada_w1_a[name], self.hada_w1_b[name], self.hada_w2_a[name],
-                                    self.hada_w2_b[name], self.scaling[name], dtype)
-        return delta.reshape(self.weight_shape)
 
 
 @register_tuner(PeftType.LOHA.value)

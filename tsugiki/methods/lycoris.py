@@ -161,13 +161,13 @@ class LycorisLayer(AdapterLayer, nn.Module):
     def _delta_for_forward(self, name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """``delta_W`` for a forward: cast to ``dtype`` (None: the factors' own), with rank dropout.
 
-        Under autograd, backward remakes the full-size fp32 intermediates (LoHa's two
-        Hadamard factors, LoKr's Kronecker product) from the small factors instead of keeping
-        them, so a forward keeps only the cast update.
+        Under autograd the update is checkpointed: backward remakes the full-size fp32
+        intermediates (LoHa's two Hadamard factors, the fp32 product) from the small factors
+        instead of keeping them, so a forward keeps only the cast update.
         """
         factors = [getattr(self, attr)[name] for attr in self.adapter_param_names if name in getattr(self, attr)]
         if torch.is_grad_enabled() and any(f.requires_grad for f in factors):
-            weight = self._delta_under_autograd(name, dtype)
+            weight = checkpoint(self._cast_delta, name, dtype, use_reentrant=False)
         else:
             weight = self._cast_delta(name, dtype)
         p = self.rank_dropout[name]
@@ -177,10 +177,6 @@ class LycorisLayer(AdapterLayer, nn.Module):
                 keep = keep / keep.mean().clamp_min(torch.finfo(weight.dtype).tiny)
             weight = weight * keep.view(-1, *[1] * (weight.dim() - 1))
         return weight
-
-    def _delta_under_autograd(self, name: str, dtype: Optional[torch.dtype]) -> torch.Tensor:
-        """The cast update, its full-size intermediates remade in backward (checkpointed)."""
-        return checkpoint(self._cast_delta, name, dtype, use_reentrant=False)
 
     def _cast_delta(self, name: str, dtype: Optional[torch.dtype]) -> torch.Tensor:
         delta = self.delta_weight(name)
