@@ -436,3 +436,16 @@ def test_layers_to_transform_counts_t5_blocks_as_hf_peft_does():
         chosen[lib.__name__] = sorted(model.targeted_module_names)
     assert chosen["tsugiki"] == chosen["peft"]
     assert all(".block.1." in name for name in chosen["tsugiki"])  # not T5's sub-layer index 'layer.1'
+
+
+def test_deleting_the_active_adapter_activates_the_first_by_name_as_hf_peft_does():
+    import peft
+
+    for library in (tsugiki, peft):
+        model = library.get_peft_model(tiny_llama(), library.LoraConfig(r=2, target_modules=["q_proj"]),
+                                       adapter_name="zeta")
+        for name in ("beta", "alpha"):
+            model.add_adapter(name, library.LoraConfig(r=2, target_modules=["q_proj"]))
+        model.delete_adapter("zeta")
+        assert model.active_adapter == "alpha", library.__name__
+        assert {n.split(".")[-2] for n, p in model.named_parameters() if p.requires_grad} == {"alpha"}

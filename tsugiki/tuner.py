@@ -412,7 +412,7 @@ class BaseTuner(nn.Module):
         self._remove_adapter_modules(adapter_name)
         del self.peft_config[adapter_name]
         if self.active_adapter == adapter_name:
-            remaining = list(self.peft_config)
+            remaining = sorted(self.peft_config)  # the first by name becomes active, as in HF PEFT
             self.active_adapter = remaining[0] if remaining else ""
             if remaining:
                 self.set_adapter(remaining[0])
