@@ -217,6 +217,16 @@ def test_merge_writes_all_or_nothing_and_never_over_its_inputs(model_dir, data_f
         assert main(["merge", "--adapter", adapter, "--model", model_dir, "--output", output, "--overwrite"]) == 2
         assert "folder the merge reads; choose another folder" in capsys.readouterr().err
     assert sorted(os.listdir(adapter)) == adapter_files
+    import tsugiki.generation
+
+    with monkeypatch.context() as patch:  # an output that cannot be a folder is refused before the model loads
+        patch.setattr(tsugiki.generation, "load_for_inference", lambda *a, **k: pytest.fail("loaded first"))
+        (tmp_path / "a-file").write_text("mine")
+        assert main(["merge", "--adapter", adapter, "--output", str(tmp_path / "a-file")]) == 2
+        assert "is a file; choose a folder path" in capsys.readouterr().err
+        assert main(["merge", "--adapter", adapter, "--output", str(tmp_path / "a-file" / "sub")]) == 2
+        assert "is not a folder" in capsys.readouterr().err
+    assert (tmp_path / "a-file").read_text() == "mine"
 
     merged = tmp_path / "merged"
     merged.mkdir()

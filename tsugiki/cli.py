@@ -243,13 +243,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
     import tempfile
 
     from .data.jinja import match_chat_template
-    from .fileio import MODEL_FOLDER_FILES, ensure_directory, move_into, open_up_private_files
+    from .fileio import MODEL_FOLDER_FILES, check_writable, ensure_directory, move_into, open_up_private_files
     from .generation import load_for_inference
     from .pipeline import TEMPLATE_FILE, save_template
     from .train.loop import resolve_dtype
 
     if os.path.isdir(args.output) and os.listdir(args.output) and not args.overwrite:
         raise FileExistsError(f"output folder {args.output!r} is not empty; pass --overwrite or choose another")
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise NotADirectoryError(f"--output {args.output!r} is a file; choose a folder path")
+    check_writable(args.output, "--output")  # before the model loads, not after
     _refuse_output_over_inputs(args.output, args.adapter, args.model)
     quant = None if args.quantization == "none" else args.quantization
     if not quant and (args.dequantize or args.requantize):
