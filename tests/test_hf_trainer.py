@@ -33,3 +33,29 @@ def test_trainer_accepts_a_quantized_base_with_an_adapter():
     with pytest.raises(ValueError, match="purely quantized"):
         validate_quantization_for_training(base)
     validate_quantization_for_training(tsugiki.get_peft_model(base, tsugiki.LoraConfig(r=4, task_type="CAUSAL_LM")))
+
+
+def test_trl_sft_trainer_is_refused_with_a_message_that_says_what_to_use(tmp_path):
+    """TRL swaps in a forward that treats `model.base_model` as the transformer backbone (HF PEFT's
+    layout); it used to fail at the first step with "no attribute 'last_hidden_state'"."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from helpers_data import make_tokenizer
+
+    model = tsugiki.get_peft_model(tiny_llama(vocab_size=400), tsugiki.LoraConfig(r=4, task_type="CAUSAL_LM"))
+    data = datasets.Dataset.from_list([{"prompt": f"say {i}", "completion": f" word {i}"} for i in range(4)])
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=1, use_cpu=True, report_to=[])
+    with pytest.raises(TypeError, match="TRL's trainer replaces the model's forward.*tsugiki train"):
+        trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=make_tokenizer())
+
+
+def test_trainer_in_bf16_mixed_precision_still_trains(tmp_path):
+    """accelerate wraps the model's forward for autocast: a replaced forward that is not TRL's stays allowed."""
+    datasets = pytest.importorskip("datasets")
+    ids = token_batch(batch=4, length=12, seed=3)
+    data = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    model = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(r=4, task_type="CAUSAL_LM"))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, use_cpu=True,
+                             report_to=[], save_strategy="no", bf16=True, learning_rate=1e-2)
+    Trainer(model=model, args=args, train_dataset=data).train()
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)

@@ -73,6 +73,16 @@ class PeftModel(nn.Module):
         self.base_model = _tuner_for(peft_config)(model, peft_config, adapter_name, init_weights=_init_weights)
         self.special_peft_forward_args = {"adapter_names"}
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        defined_in = getattr(getattr(value, "__func__", value), "__globals__", {}).get("__name__", "")
+        if name == "forward" and defined_in.startswith("trl."):  # (its __module__ is copied from ours)
+            # TRL's trainers swap in a forward that runs `model.base_model` as the transformer backbone
+            # (true of HF PEFT's wrapper only): here it would fail at the first step with an obscure error.
+            raise TypeError("TRL's trainer replaces the model's forward with one that only fits HF PEFT's "
+                            "PeftModel, so it cannot train a tsugiki model. Use `tsugiki train` (or "
+                            "tsugiki.train(...)) for supervised fine-tuning, or transformers' Trainer with this model")
+        super().__setattr__(name, value)
+
     # -- passthrough ----------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
         try:
