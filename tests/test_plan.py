@@ -395,6 +395,20 @@ def test_a_train_config_plans_as_the_trainer_runs(tmp_path):
     assert plan.training_settings(ia3, trainable_params=1000)["trainable_params"] == 1000
 
 
+def test_lora_with_modules_to_save_counts_the_module_trained_whole(tmp_path):
+    """A trained copy of SmolLM2's embedding (28.3M parameters, with gradients and AdamW's state)
+    was left out of the plan, which said 0.86 GiB for a job that peaked at 1.4."""
+    cfg = _train_config(tmp_path, method="qlora", target_modules="all-linear", batch_size=4, max_length=256,
+                        method_args={"modules_to_save": ["embed_tokens"]})
+    settings = plan.training_settings(cfg)
+    embedding = SMOLLM2["vocab_size"] * SMOLLM2["hidden_size"]
+    assert settings["trainable_params"] == plan.count_trainable(cfg.replace(method_args={})) + embedding
+    plain = plan.estimate(str(tmp_path), **plan.training_settings(cfg.replace(method_args={})))
+    whole = plan.estimate(str(tmp_path), **settings)
+    assert whole.params["trainable"] - plain.params["trainable"] == embedding
+    assert whole.total - plain.total >= 16 * embedding  # fp32 copy, gradient, two AdamW moments
+
+
 @pytest.mark.parametrize("method, method_args", [
     ("qlora", None), ("dora", None), ("ia3", None), ("loha", None), ("lokr", None), ("adalora", None),
     ("prompt_tuning", {"num_virtual_tokens": 7}), ("prefix_tuning", None), ("llama_adapter", None),

@@ -577,7 +577,8 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
     but with ``trainable_params`` fp32 parameters; LoHa, LoKr, AdaLoRA and IA3
     (on ``target_modules``) with what their layers keep for backward
     (:func:`method_activation_bytes`), the others with no per-module
-    activations. ``trainable_params``, when given, replaces DoRA's count too.
+    activations. ``trainable_params``, when given, replaces LoRA's and DoRA's count
+    too (a model-side count sees rank patterns and ``modules_to_save``).
     ``activation_offloading`` (CUDA, with gradient checkpointing): the blocks'
     inputs move to pinned host memory; they are reported in ``offloaded``.
     ``target_logits_only`` (default True, as in the trainer): the chunked output
@@ -640,9 +641,11 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
         adapted = {lin.name for lin in chosen}
         trainable = shape.layers * sum(lora_r * (lin.in_features + lin.out_features)
                                        + (lin.out_features if method == "dora" else 0) for lin in chosen)
-        if method == "dora" and trainable_params is not None:  # counted on the model (rank patterns, ...)
-            trainable = int(trainable_params)
         largest_trained = max([lora_r * max(lin.in_features, lin.out_features) for lin in chosen], default=0)
+        if trainable_params is not None:  # counted on the model: rank patterns, layer choices, modules_to_save
+            # What the formula lacks is trained whole (modules_to_save): bounded by its total as one tensor.
+            largest_trained = max(largest_trained, int(trainable_params) - trainable)
+            trainable = int(trainable_params)
     else:
         trainable = int(trainable_params)
         largest_trained = 0  # adapter tensors of the other methods are small beside everything else
@@ -942,7 +945,7 @@ def training_settings(cfg: Any, *, device: str = "cpu", dtype: Optional[str] = N
         ValueError: the method's parameters cannot be counted without a model (see :func:`count_trainable`).
     """
     method = "lora" if cfg.method in ("lora", "qlora") else cfg.method
-    if method not in ("lora", "full") and trainable_params is None:
+    if trainable_params is None and _counted_on_the_model(cfg):
         trainable_params = count_trainable(cfg)
     quantization = cfg.quantization if cfg.quantization != "none" else "4bit" if cfg.method == "qlora" else None
     dtype = dtype or cfg.dtype
@@ -1127,9 +1130,16 @@ def adapter_counts(keys: dict[str, Any], source: Any, trainable_params: Optional
         # AdaLoRA's schedule needs the run's length, its parameter count does not: any length counts.
         keys = {**keys, "max_steps": keys.get("max_steps") or 1}
     job = TrainConfig.load(None, keys)
-    if job.method not in ("lora", "full") and trainable_params is None:
+    if trainable_params is None and _counted_on_the_model(job):
         trainable_params = count_trainable(job, source)
     return {"trainable_params": trainable_params, "virtual_tokens": virtual_tokens(job)}
+
+
+def _counted_on_the_model(cfg: Any) -> bool:
+    """Whether the job's trainable parameters need :func:`count_trainable`: every method but full,
+    and LoRA whose ``method_args`` (``modules_to_save``, rank patterns, layer choices) move the
+    count off :func:`estimate`'s own formula."""
+    return cfg.method not in ("lora", "qlora", "full") or (cfg.method != "full" and bool(cfg.method_args))
 
 
 def run_plan_cli(args: argparse.Namespace) -> int:
