@@ -449,3 +449,20 @@ def test_deleting_the_active_adapter_activates_the_first_by_name_as_hf_peft_does
         model.delete_adapter("zeta")
         assert model.active_adapter == "alpha", library.__name__
         assert {n.split(".")[-2] for n, p in model.named_parameters() if p.requires_grad} == {"alpha"}
+
+
+def test_a_tied_embedding_trained_whole_warns_that_the_output_layer_keeps_the_original():
+    import warnings
+
+    def warned(model, modules):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=modules))
+        return [str(w.message) for w in caught if "modules_to_save" in str(w.message)]
+
+    tied = tiny_llama(tie_word_embeddings=True)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    (message,) = warned(tied, ["embed_tokens"])
+    assert "model.embed_tokens shares its weight with lm_head" in message and "lm_head keeps the original" in message
+    assert warned(tiny_llama(tie_word_embeddings=True), ["embed_tokens", "lm_head"]) == []
+    assert warned(tiny_llama(tie_word_embeddings=False), ["embed_tokens"]) == []

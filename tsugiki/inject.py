@@ -252,6 +252,23 @@ def _no_match_message(model, target_modules, layers_to_transform, allowed_types)
     return msg
 
 
+def tied_weights(model: nn.Module, targets: Sequence[str]) -> dict[str, list[str]]:
+    """Targets whose ``weight`` is also another module's (a tied input/output embedding), with those modules."""
+    owners: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            owners.setdefault(id(weight), []).append(module_name)
+    shared = {}
+    for name in targets:
+        module = model.get_submodule(name)
+        weight = getattr(module, "base_layer", module)._parameters.get("weight")
+        others = [o for o in owners.get(id(weight), []) if o != name and not o.startswith(name + ".")]
+        if others:
+            shared[name] = others
+    return shared
+
+
 def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     """The parent module of ``name`` and the attribute the child lives under."""
     if "." in name:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .config import PeftConfig
-from .inject import name_matches, replace_module
+from .inject import name_matches, replace_module, tied_weights
 
 BASE_ADAPTER_NAME = "__base__"
 
@@ -296,7 +296,7 @@ class BaseTuner(nn.Module):
         wanted = getattr(config, "modules_to_save", None)
         if not wanted:
             return
-        found = False
+        found, wrapped = False, []
         for name, module in list(self.model.named_modules()):
             if not name or not name_matches(name, wanted):
                 continue
@@ -306,13 +306,27 @@ class BaseTuner(nn.Module):
                 continue
             if any(isinstance(m, ModulesToSaveWrapper) for m in self._ancestors(name)):
                 continue
-            replace_module(self.model, name, ModulesToSaveWrapper(module, adapter_name))
+            wrapped.append(name)
             found = True
+        self._warn_about_tied_copies(wanted, wrapped)
+        for name in wrapped:
+            replace_module(self.model, name, ModulesToSaveWrapper(self.model.get_submodule(name), adapter_name))
         if not found and getattr(config, "_user_modules_to_save", True):
             raise ValueError(
                 f"modules_to_save={list(wanted)!r} matched no module of {type(self.model).__name__}; "
                 "list module names that exist (e.g. 'classifier', 'score', 'embed_tokens')"
             )
+
+    def _warn_about_tied_copies(self, wanted: Sequence[str], names: Sequence[str]) -> None:
+        """A module trained whole whose weight another module shares (SmolLM2's embedding and output
+        layer): the trained copy serves the listed module only, the other keeps the original."""
+        for name, others in tied_weights(self.model, names).items():
+            others = [o for o in others if o not in names]
+            if others:
+                warnings.warn(f"modules_to_save={list(wanted)!r}: {name} shares its weight with {', '.join(others)} "
+                              f"(tied embeddings); the trained copy replaces it for {name} only, {others[0]} keeps "
+                              "the original weight (as in HF PEFT). Add it to modules_to_save to train a copy "
+                              "of its own too", stacklevel=7)
 
     def _ancestors(self, name: str) -> Iterator[nn.Module]:
         parts = name.split(".")

@@ -43,7 +43,7 @@ from torch.nn.modules import module as _nn_module
 from ..config import (PeftConfig, PeftType, config_from_method_args, module_spec_problem, register_config,
                       register_method, train_targets)
 from ..inject import (bnb_linear_types, config_targets, conv1d_type, linear_layer_types, replace_module,
-                      resolve_default_targets)
+                      resolve_default_targets, tied_weights)
 from ..kernels import decode, native
 from ..kernels.lora_fused import lora_add
 from ..tuner import AdapterLayer, BaseTuner, current_batch_adapters, register_tuner
@@ -999,7 +999,7 @@ class LoraModel(BaseTuner):
                           "adapters is not the one they were made for; keep such an adapter alone on its base, or "
                           "save it with save_pretrained(..., path_initial_model_for_weight_conversion=) as plain "
                           "LoRA first", stacklevel=5)
-        shared = _tied_weights(self.model, targets)
+        shared = tied_weights(self.model, targets)
         if shared:
             pairs = ", ".join(f"{name} with {', '.join(others)}" for name, others in shared.items())
             warnings.warn(f"LoRA on a weight another module shares (tied embeddings: {pairs}): the adapter changes "
@@ -1021,23 +1021,6 @@ class LoraModel(BaseTuner):
             bias = getattr(target, "bias", None)
             if isinstance(bias, nn.Parameter):
                 bias.requires_grad_(True)
-
-
-def _tied_weights(model: nn.Module, targets: Sequence[str]) -> dict[str, list[str]]:
-    """Targets whose ``weight`` is also another module's (a tied input/output embedding), with those modules."""
-    owners: dict[int, list[str]] = {}
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        weight = module._parameters.get("weight")
-        if weight is not None:
-            owners.setdefault(id(weight), []).append(module_name)
-    shared = {}
-    for name in targets:
-        module = model.get_submodule(name)
-        weight = getattr(module, "base_layer", module)._parameters.get("weight")
-        others = [o for o in owners.get(id(weight), []) if o != name and not o.startswith(name + ".")]
-        if others:
-            shared[name] = others
-    return shared
 
 
 @register_method("lora", "qlora")
