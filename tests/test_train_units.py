@@ -170,6 +170,29 @@ def test_hugging_face_argument_names_point_to_tsugikis(hf_name, ours, capsys):
     assert f"did you mean '--{ours}'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("other_stack, says", [
+    ("modules_to_save", "give it in method_args"), ("auto_find_batch_size", "halved and retried"),
+    ("use_cache", "turns the model's KV cache off by itself"), ("load_in_4bit", "quantization: 4bit"),
+    ("bnb_4bit_use_double_quant", "uses double quantization")])
+def test_settings_tsugiki_covers_another_way_say_what_to_do(other_stack, says, capsys):
+    from tsugiki.cli import main
+
+    with pytest.raises(ConfigError, match=f"unknown key '{other_stack}' in the settings given: .*{says}"):
+        TrainConfig.load(overrides={other_stack: "true"})
+    assert main(["train", f"--{other_stack}", "true"]) == 2
+    assert f"unknown option '--{other_stack}': " in capsys.readouterr().err
+
+
+def test_modules_to_save_given_as_one_name_is_that_module_not_its_letters():
+    import tsugiki
+
+    assert tsugiki.LoraConfig(modules_to_save="embed_tokens").modules_to_save == ["embed_tokens"]
+    cfg = TrainConfig.load(overrides={"method_args": "modules_to_save=embed_tokens"})
+    from tsugiki.pipeline import adapter_config
+
+    assert adapter_config(cfg, "base").modules_to_save == ["embed_tokens"]
+
+
 def test_eval_steps_without_held_out_rows_is_refused(tmp_path):
     import tsugiki
 

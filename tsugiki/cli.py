@@ -427,7 +427,7 @@ def _unknown_options_message(parser: argparse.ArgumentParser, command: str, unkn
     """Name the unknown options and suggest the closest real one (argparse alone does not)."""
     import difflib
 
-    from .train.config import HF_KEY_NAMES
+    from .train.config import HF_KEY_NAMES, handled_otherwise
 
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
     known = [o for action in sub._actions for o in action.option_strings]
@@ -442,7 +442,9 @@ def _unknown_options_message(parser: argparse.ArgumentParser, command: str, unkn
         hf_name = HF_KEY_NAMES.get(flag.lstrip("-").replace("-", "_"))
         if hf_name and f"--{hf_name}" in known:
             close = [f"--{hf_name}"]
-        parts.append(f"unknown option {flag!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+        instead = handled_otherwise(flag) if command == "train" else None
+        parts.append(f"unknown option {flag!r}" + (f": {instead}" if instead else
+                                                    f"; did you mean {close[0]!r}?" if close else ""))
     return "; ".join(parts) + f" (see 'tsugiki {command} --help')"
 
 

@@ -230,6 +230,8 @@ class PeftConfig:
             value = getattr(self, key, None)
             if isinstance(value, (set, tuple)):
                 setattr(self, key, sorted(value))
+        if isinstance(getattr(self, "modules_to_save", None), str):  # one name, not its letters
+            self.modules_to_save = [self.modules_to_save]
         if getattr(self, "modules_to_save", None) is not None:
             self.modules_to_save = list(self.modules_to_save)
 

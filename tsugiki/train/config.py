@@ -259,6 +259,29 @@ HF_KEY_NAMES = {
 }
 
 
+# Settings of other stacks that tsugiki covers another way: what to do instead.
+HANDLED_OTHERWISE = {
+    "modules_to_save": "it is a LoRA option: give it in method_args ({modules_to_save: [embed_tokens]} in a "
+                       "config file, --method_args modules_to_save=embed_tokens on the command line)",
+    "auto_find_batch_size": "not needed: a micro-batch that runs out of memory is halved and retried "
+                            "(batch_size sets where it starts)",
+    "use_cache": "not needed: training turns the model's KV cache off by itself",
+    "dataset_text_field": "rows with a 'text' field are trained as plain text, and other fields name their "
+                          "format (instruction/output, prompt/completion, messages, ...)",
+    "load_in_4bit": "use quantization: 4bit (or method: qlora)",
+    "load_in_8bit": "use quantization: 8bit",
+    "bnb_4bit_quant_type": "quantization: 4bit is NF4 (in Python, tsugiki.load_model(..., quant_type='fp4'))",
+    "bnb_4bit_use_double_quant": "quantization: 4bit uses double quantization (in Python, "
+                                 "tsugiki.load_model(..., double_quant=False) turns it off)",
+    "bnb_4bit_compute_dtype": "dtype sets the compute dtype (auto: bf16 where the hardware has it)",
+}
+
+
+def handled_otherwise(key: str) -> Optional[str]:
+    """What to do instead of setting ``key``, for a setting of another stack that tsugiki covers another way."""
+    return HANDLED_OTHERWISE.get(key.lstrip("-").replace("-", "_"))
+
+
 def suggest_key(key: str, valid: Sequence[str]) -> Optional[str]:
     """The config key someone typing ``key`` most likely meant: tsugiki's name for a Hugging Face
     training argument, else the closest spelling among ``valid``, else None."""
@@ -278,7 +301,9 @@ def _coerce_all(values: Mapping[str, Any], source: str) -> dict[str, Any]:
         key = str(raw_key).replace("-", "_")
         if key not in hints:
             close = suggest_key(key, list(hints))
-            hint = f"; did you mean {close!r}?" if close else f"; valid keys: {', '.join(hints)}"
+            instead = handled_otherwise(key)
+            hint = (f": {instead}" if instead else f"; did you mean {close!r}?" if close
+                    else f"; valid keys: {', '.join(hints)}")
             raise ConfigError(f"unknown key {raw_key!r} in {source}{hint}")
         if key in ("data", "eval_data") and value is not None and not isinstance(value, (str, os.PathLike)):
             raise ConfigError(
