@@ -321,3 +321,17 @@ def test_chat_streams_answers_and_keeps_the_conversation(model_dir, monkeypatch,
     assert [m["role"] for m in seen_histories[0]] == ["system", "user"]
     # After /reset only the system message survives.
     assert [m["content"] for m in seen_histories[1]] == ["Be brief.", "how are you"]
+
+
+@pytest.mark.parametrize("command, extra", [("generate", ["--prompt", "hi"]), ("chat", []),
+                                            ("eval", ["--data", "DATA"])])
+@pytest.mark.parametrize("setting, message", [(["--top-p", "0"], "top_p=0.0 must be in"),
+                                              (["--max-new-tokens", "0"], "max_new_tokens=0 must be >= 1")])
+def test_bad_generation_settings_are_refused_before_the_model_loads(command, extra, setting, message, data_file,
+                                                                   monkeypatch, capsys):
+    import tsugiki.generation
+
+    monkeypatch.setattr(tsugiki.generation, "load_for_inference", lambda *a, **k: pytest.fail("loaded first"))
+    argv = [command, *[data_file if x == "DATA" else x for x in extra], *setting]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

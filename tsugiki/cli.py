@@ -62,10 +62,14 @@ def _add_generation_options(p: argparse.ArgumentParser, batches: bool = True) ->
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="Penalty > 1 discourages repeating tokens, e.g. 1.2 (default: 1.0 = off).")
     if batches:
-        p.add_argument("--batch-size", type=int, default=8, help="Prompts generated together (default: 8).")
+        p.add_argument("--batch-size", type=int, default=8,
+                       help="Prompts generated together (default: 8). In bf16/fp16 a prompt's answer can "
+                            "differ slightly with the batch it is in (padding changes the rounding, as in "
+                            "transformers); --dtype fp32 makes answers independent of it.")
     p.add_argument("--seed", type=int, default=None,
-                   help="Seed for --do-sample, so a rerun with the same prompts and --batch-size gives the "
-                        "same answers (default: none, a new draw each run).")
+                   help="Seed for --do-sample, so a rerun with the same prompts"
+                        + (" and --batch-size" if batches else "") + " gives the same answers "
+                        "(default: none, a new draw each run).")
 
 
 def _add_output_options(p: argparse.ArgumentParser, what: str) -> None:
@@ -160,10 +164,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.output:
         _refuse_existing(args.output, args.overwrite, "output file")
     rows: list[Any] = list(args.prompt or []) + (_read_prompt_rows(args.input) if args.input else [])
+    settings = _settings(args)  # checked before the model loads
     loaded = _load(args)
     from .generation import generate_answers
 
-    answers = generate_answers(loaded, rows, _settings(args))
+    answers = generate_answers(loaded, rows, settings)
     if args.output or args.input:
         lines = []
         for row, answer in zip(rows, answers):
@@ -185,8 +190,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from .generation import stream_answer
 
+    settings = _settings(args)  # checked before the model loads
     loaded = _load(args)
-    settings = _settings(args)
     settings.seed_sampling()
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     print("tsugiki chat: type a message; /reset clears the conversation, /exit (or Ctrl-D) quits.")
@@ -228,8 +233,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     rows = _read_prompt_rows(args.data, with_answers=True)
     if args.max_rows:
         rows = rows[: args.max_rows]
+    settings = _settings(args)  # checked before the model loads
     loaded = _load(args)
-    report = evaluate(loaded, rows, _settings(args), compare_base=not args.no_base, with_loss=not args.no_loss,
+    report = evaluate(loaded, rows, settings, compare_base=not args.no_base, with_loss=not args.no_loss,
                       progress=True)
     print(report.format_table(show=args.show))
     if args.output:
