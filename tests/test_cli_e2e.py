@@ -76,6 +76,12 @@ def test_train_generate_eval_inspect_merge(model_dir, data_file, tmp_path, capsy
     report = json.loads(open(scores).read())
     assert report["rows"] == 6 and {"base", "adapter"} <= set(report)
     assert report["adapter"]["loss"] < report["base"]["loss"]
+    # Each row's answers come with it, and the scores are their mean.
+    assert [r["expected"] for r in report["per_row"]] == [row["output"] for row in ROWS[:6]]
+    for side in ("base", "adapter"):
+        assert all(isinstance(r[side]["answer"], str) for r in report["per_row"])
+        assert sum(r[side]["exact"] for r in report["per_row"]) / 6 == report[side]["exact_match"]
+        assert sum(r[side]["contains"] for r in report["per_row"]) / 6 == report[side]["contains_match"]
     printed = capsys.readouterr().out
     assert "exact" in printed and "expected:" in printed
 

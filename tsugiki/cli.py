@@ -387,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", type=_count, default=5, help="Print this many sample answers (default: 5).")
     p.add_argument("--no-base", action="store_true", help="Skip the bare-base column.")
     p.add_argument("--no-loss", action="store_true", help="Skip loss/perplexity (generation only).")
-    _add_output_options(p, "Also write the scores as JSON here.")
+    _add_output_options(p, "Also write the scores as JSON here, with each row's reference and answers "
+                           "(\"per_row\").")
     _add_generation_options(p)
     p.set_defaults(func=cmd_eval, max_new_tokens=64)
 

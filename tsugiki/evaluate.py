@@ -65,7 +65,16 @@ class EvalReport:
     sides: list[SideReport]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rows": len(self.rows), **{s.name: s.to_dict() for s in self.sides}}
+        """The scores per model, and per row the reference and each model's answer with its two
+        scores, so a score can be checked afterwards."""
+        per_row = []
+        for i, reference in enumerate(self.references):
+            entry: dict[str, Any] = {"expected": reference}
+            for side in self.sides:
+                entry[side.name] = {"answer": side.answers[i], "exact": exact_match(side.answers[i], reference),
+                                    "contains": contains_match(side.answers[i], reference)}
+            per_row.append(entry)
+        return {"rows": len(self.rows), **{s.name: s.to_dict() for s in self.sides}, "per_row": per_row}
 
     def format_table(self, show: int = 5, width: int = 60) -> str:
         """Sample answers, then one line of scores per model."""
