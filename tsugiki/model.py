@@ -74,8 +74,7 @@ class PeftModel(nn.Module):
         self.special_peft_forward_args = {"adapter_names"}
 
     def __setattr__(self, name: str, value: Any) -> None:
-        defined_in = getattr(getattr(value, "__func__", value), "__globals__", {}).get("__name__", "")
-        if name == "forward" and defined_in.startswith("trl."):  # (its __module__ is copied from ours)
+        if name == "forward" and _defined_in(value).startswith("trl."):
             # TRL's trainers swap in a forward that runs `model.base_model` as the transformer backbone
             # (true of HF PEFT's wrapper only): here it would fail at the first step with an obscure error.
             raise TypeError("TRL's trainer replaces the model's forward with one that only fits HF PEFT's "
@@ -372,6 +371,11 @@ class PeftModel(nn.Module):
         return result
 
 
+def _defined_in(function: Any) -> str:
+    """The module a function's code was written in (``__module__`` can be copied by functools.wraps)."""
+    return getattr(getattr(function, "__func__", function), "__globals__", {}).get("__name__", "")
+
+
 def _load_weights(peft_model: PeftModel, state: dict[str, torch.Tensor], adapter_name: str, folder: str,
                   strict: bool) -> adapter_io.IncompatibleKeys:
     """Copy file tensors into the adapter; a tuner whose file keys are not its parameter names
@@ -589,13 +593,16 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
     """Graft the adapter's layers into ``model`` in place and return ``model`` itself, not wrapped
     (HF PEFT's function): no ``save_pretrained`` or adapter switching, only the layers, with
     their parameters trainable and every other parameter frozen. Not for prompt-learning
-    methods, which live in the wrapper; ``low_cpu_mem_usage`` and ``state_dict`` are accepted
-    for HF PEFT's sake (the layers are created directly)."""
+    methods, which live in the wrapper; ``low_cpu_mem_usage`` is accepted for HF PEFT's sake
+    (the layers are created directly), a ``state_dict`` is not used and says so."""
     if not isinstance(peft_config, PeftConfig):
         raise TypeError(f"peft_config must be a tsugiki config such as LoraConfig, got {type(peft_config).__name__}")
     if peft_config.is_prompt_learning:
         raise ValueError(f"inject_adapter_in_model: {peft_config.peft_type} adds virtual tokens in the wrapper, "
                          "not layers in the model; use get_peft_model")
+    if state_dict is not None:
+        warnings.warn("inject_adapter_in_model: state_dict is not used (the targets come from the config; "
+                      "load weights with set_peft_model_state_dict)", stacklevel=2)
     tuner = _tuner_for(peft_config)(model, _prepare_config(peft_config, model), adapter_name)
     tuner.set_adapter(adapter_name, inference_mode=False)
     return tuner.model

@@ -25,6 +25,8 @@ from __future__ import annotations
 import json
 import re
 
+from .tokenize import leading_special_ids
+
 _PLACEHOLDER = re.compile(r"\{(instruction|input|system|response)\}")
 
 
@@ -87,8 +89,6 @@ def match_chat_template(tokenizer, template) -> bool:
     Done before a tokenizer is saved beside a trained model or adapter, so that
     ``apply_chat_template`` on the saved folder writes prompts in the trained format.
     """
-    from .tokenize import leading_special_ids
-
     if template.kind != "instruction" or not hasattr(tokenizer, "chat_template"):
         return False
     tokenizer.chat_template = instruction_chat_template(template, with_bos=bool(leading_special_ids(tokenizer)))
