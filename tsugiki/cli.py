@@ -188,13 +188,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- chat
 def cmd_chat(args: argparse.Namespace) -> int:
-    from .generation import stream_answer
+    from .generation import ConversationTooLongError, fit_conversation, stream_answer
 
     settings = _settings(args)  # checked before the model loads
     loaded = _load(args)
     settings.seed_sampling()
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
-    print("tsugiki chat: type a message; /reset clears the conversation, /exit (or Ctrl-D) quits.")
+    print("tsugiki chat: type a message; /reset clears the conversation, /exit (or Ctrl-D) quits; "
+          "Ctrl-C stops an answer.")
     while True:
         try:
             line = input("you> ").strip()
@@ -208,12 +209,26 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if line == "/reset":
             history = history[:1] if args.system else []
             continue
-        history.append({"role": "user", "content": line})
+        try:
+            kept, left_out = fit_conversation(loaded, history + [{"role": "user", "content": line}],
+                                              settings.max_new_tokens)
+        except ConversationTooLongError as err:
+            print(f"({err})", file=sys.stderr)
+            continue
+        if left_out:
+            print(f"(the {left_out} oldest messages no longer fit the model's context and are left out)",
+                  file=sys.stderr)
+        history = kept
         print("bot> ", end="", flush=True)
-        pieces = []
-        for piece in stream_answer(loaded, {"messages": history}, settings):
-            pieces.append(piece)
-            print(piece, end="", flush=True)
+        pieces: list[str] = []
+        answer = stream_answer(loaded, {"messages": history}, settings)
+        try:
+            for piece in answer:
+                pieces.append(piece)
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            answer.close()  # ends generation; the part shown stays in the conversation
+            print(" [stopped]", end="")
         print()
         history.append({"role": "assistant", "content": "".join(pieces).strip()})
 
@@ -372,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="Talk to the model in the terminal; answers stream as they are generated.",
                        description="A conversation in the terminal with a base model (+ adapter): each answer "
                                    "streams as it is generated and joins the history the next one sees. "
-                                   "/reset clears it, /exit (or Ctrl-D) quits.")
+                                   "/reset clears it, /exit (or Ctrl-D) quits, Ctrl-C stops an answer. When the "
+                                   "conversation outgrows the model's context, its oldest turns are left out.")
     _add_model_options(p)
     p.add_argument("--system", default=None, help="A system message that starts the conversation.")
     _add_generation_options(p, batches=False)

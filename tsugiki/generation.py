@@ -226,27 +226,93 @@ def generate_answers(loaded: LoadedModel, rows: Sequence[Row], settings: Optiona
     return answers
 
 
-def stream_answer(loaded: LoadedModel, messages_or_prompt: Union[str, dict], settings: GenerationSettings):
-    """Generate one answer token by token (for ``tsugiki chat``); yields text pieces."""
-    from threading import Thread
+def context_length(model: nn.Module) -> Optional[int]:
+    """The number of positions the model was built for (``max_position_embeddings``, GPT-2's
+    ``n_positions``...), or None when its config does not say."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
-    from transformers import TextIteratorStreamer
+
+class ConversationTooLongError(ValueError):
+    """The newest message alone, with room for the answer, does not fit the model's context."""
+
+
+def fit_conversation(loaded: LoadedModel, messages: list[dict], room_for_answer: int) -> tuple[list[dict], int]:
+    """The newest part of ``messages`` whose prompt leaves ``room_for_answer`` tokens of the context.
+
+    The oldest turns go first, a user message and the answers after it at a time, so the
+    kept part still starts with a user turn; a leading system message always stays.
+    Returns the kept messages and how many were left out. Raises
+    :class:`ConversationTooLongError` when even the last user message does not fit.
+    """
+    limit = context_length(loaded.model)
+    if limit is None:
+        return messages, 0
+    system = messages[:1] if messages and messages[0].get("role") == "system" else []
+    turns = messages[len(system):]
+
+    def fits(kept: list[dict]) -> bool:
+        prompt = loaded.template.format_prompt({"messages": system + kept})
+        return len(prompt_token_ids(prompt, loaded.template, loaded.tokenizer)) + room_for_answer <= limit
+
+    starts = [i for i, m in enumerate(turns) if m.get("role") == "user"] or [0]
+    for start in starts:
+        if fits(turns[start:]):
+            return system + turns[start:], start
+    raise ConversationTooLongError(
+        f"the newest message does not fit the model's {limit}-token context with {room_for_answer} tokens "
+        "left for the answer; write a shorter message or lower --max-new-tokens")
+
+
+class _StopWhenSet:
+    """A stopping criterion that ends generation once ``event`` is set (another thread's Ctrl-C)."""
+
+    def __init__(self, event: Any) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def stream_answer(loaded: LoadedModel, messages_or_prompt: Union[str, dict], settings: GenerationSettings):
+    """Generate one answer token by token (for ``tsugiki chat``); yields text pieces.
+
+    Closing the generator early (the reader's Ctrl-C) stops generation within a token; an
+    error inside generation is raised here instead of leaving the reader waiting.
+    """
+    from threading import Event, Thread
+
+    from transformers import StoppingCriteriaList, TextIteratorStreamer
 
     tok, net = loaded.tokenizer, loaded.model
     ids = prompt_token_ids(loaded.template.format_prompt(messages_or_prompt), loaded.template, tok)
     enc = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    stop, failures = Event(), []
     kwargs = dict(**enc, **settings.generate_kwargs(), streamer=streamer, pad_token_id=tok.pad_token_id,
-                  eos_token_id=stop_token_ids(tok, net))
+                  eos_token_id=stop_token_ids(tok, net), stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]))
 
     def work() -> None:
-        with torch.inference_mode():
-            _generate(net, kwargs)
+        try:
+            with torch.inference_mode():
+                _generate(net, kwargs)
+        except BaseException as err:  # handed to the reader: the streamer would otherwise never end
+            failures.append(err)
+            streamer.end()
 
     thread = Thread(target=work, daemon=True)
     thread.start()
-    yield from _without_suffix(streamer, loaded.template.answer_suffix)
-    thread.join()
+    try:
+        yield from _without_suffix(streamer, loaded.template.answer_suffix)
+    finally:
+        stop.set()
+        thread.join()
+    if failures:
+        raise failures[0]
 
 
 def _without_suffix(pieces: Iterable[str], suffix: str) -> Iterator[str]:
