@@ -153,6 +153,46 @@ def test_answers_stop_at_every_end_token_the_model_configures():
     assert stop_token_ids(tokenizer, model) == [tokenizer.eos_token_id]
 
 
+def _gpt2_with_64_positions():
+    from tsugiki.generation import LoadedModel
+    from tiny_models import tiny_gpt2
+
+    tokenizer = make_chat_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token
+    model = tiny_gpt2()
+    model.resize_token_embeddings(len(tokenizer))
+    model.generation_config.eos_token_id = None  # random weights: never stop early
+    return LoadedModel(model, tokenizer, get_template(None, tokenizer), None, "gpt2")
+
+
+def test_generation_stops_at_the_end_of_the_models_context(caplog):
+    """GPT-2's position table has 64 rows: transformers would fail with 'index out of range' past it."""
+    from tsugiki.generation import GenerationSettings, generate_answers
+
+    loaded = _gpt2_with_64_positions()
+    prompt_tokens = len(loaded.tokenizer(loaded.template.format_prompt("a few words here"))["input_ids"])
+    answers = generate_answers(loaded, ["a few words here"], GenerationSettings(max_new_tokens=100))
+    assert len(loaded.tokenizer(answers[0], add_special_tokens=False)["input_ids"]) <= 64 - prompt_tokens
+    assert f"leave room for {64 - prompt_tokens} of the 100 new tokens" in caplog.text
+
+
+def test_a_prompt_longer_than_the_context_is_refused_naming_it():
+    from tsugiki.generation import GenerationSettings, generate_answers
+
+    loaded = _gpt2_with_64_positions()
+    with pytest.raises(ValueError, match=r"prompt 3 is \d+ tokens, and the model's context holds 64"):
+        generate_answers(loaded, ["hi", "hello", "word " * 80], GenerationSettings(batch_size=2))
+
+
+def test_eval_loss_cuts_rows_at_the_models_context():
+    from tsugiki.evaluate import reference_loss
+
+    loaded = _gpt2_with_64_positions()
+    long_answer = [{"instruction": "Count.", "output": "word " * 100}]  # past GPT-2's 64 positions
+    loss, ppl = reference_loss(loaded, long_answer)
+    assert loss == pytest.approx(reference_loss(loaded, long_answer, max_length=64)[0])
+
+
 def test_eval_loss_covers_every_row_of_a_file_that_mixes_formats():
     from tsugiki.data import get_template
     from tsugiki.evaluate import reference_loss

@@ -22,7 +22,7 @@ import torch
 
 from .data import IGNORE_INDEX, Collator, build_dataset, detect_format, pad_token_id_for
 from .data.errors import NoRowsLeft
-from .generation import GenerationSettings, LoadedModel, Row, generate_answers, reference_answer
+from .generation import GenerationSettings, LoadedModel, Row, context_length, generate_answers, reference_answer
 from .model import PeftModel
 from .train.loop import count_targets, token_loss_sum
 
@@ -127,7 +127,8 @@ def reference_loss(loaded: LoadedModel, rows: Sequence[dict], max_length: int = 
                    use_adapter: bool = True) -> tuple[float, float]:
     """Token-weighted loss and perplexity of the reference answers: of a conversation, its last
     assistant turn (the earlier ones are context, as in generation). ``(None, None)`` when no row
-    has an answer token within ``max_length``."""
+    has an answer token within ``max_length`` (or the model's context, when shorter)."""
+    max_length = min(max_length, context_length(loaded.model) or max_length)
     # build_dataset reads one format per data set; a file may mix them, row by row as generation takes them.
     by_format: dict[str, list[dict]] = {}
     for row in rows:

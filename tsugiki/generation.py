@@ -10,6 +10,7 @@ decoded.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
@@ -26,6 +27,7 @@ from .model import PeftModel
 from .models import DEFAULT_MODEL, load_model, load_tokenizer
 
 Row = Union[str, dict]
+log = logging.getLogger("tsugiki.generate")
 
 
 @dataclass
@@ -177,6 +179,36 @@ def reference_answer(row: Row) -> Optional[str]:
     return None
 
 
+def context_length(model: nn.Module) -> Optional[int]:
+    """The number of positions the model was built for (``max_position_embeddings``, GPT-2's
+    ``n_positions``...), or None when its config does not say."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def new_token_room(limit: Optional[int], prompt_lengths: Sequence[int], asked: int,
+                   first_row: int = 0) -> int:
+    """How many new tokens a batch of prompts may get: ``asked``, or fewer where the longest
+    prompt would run past the model's ``limit`` positions (GPT-2-style position tables have
+    no entries past it; RoPE models were not trained there). A prompt that fills the context
+    alone is an error naming its row (counted from 1)."""
+    if limit is None or not prompt_lengths:
+        return asked
+    longest = max(prompt_lengths)
+    if longest >= limit:
+        row = first_row + list(prompt_lengths).index(longest) + 1
+        raise ValueError(f"prompt {row} is {longest} tokens, and the model's context holds {limit}: "
+                         "shorten it (or use a model with a longer context)")
+    if longest + asked > limit:
+        log.warning("prompts of up to %d tokens leave room for %d of the %d new tokens asked in the model's "
+                    "%d-token context; answers stop there", longest, limit - longest, asked, limit)
+    return min(asked, limit - longest)
+
+
 def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
@@ -205,12 +237,16 @@ def generate_answers(loaded: LoadedModel, rows: Sequence[Row], settings: Optiona
     tok.padding_side = "left"  # generation continues from the right end of every row
     answers: list[str] = []
     try:
-        for chunk in _chunks(prompts, settings.batch_size):
+        limit = context_length(net)
+        for first_row, chunk in zip(range(0, len(prompts), settings.batch_size),
+                                    _chunks(prompts, settings.batch_size)):
+            room = new_token_room(limit, [len(p) for p in chunk], settings.max_new_tokens, first_row)
             enc = tok.pad({"input_ids": list(chunk)}, return_tensors="pt", padding=True)
             device = next(net.parameters()).device
             enc = {k: v.to(device) for k, v in enc.items()}
             kwargs = dict(**enc, **settings.generate_kwargs(), pad_token_id=tok.pad_token_id,
                           eos_token_id=stop_token_ids(tok, net))
+            kwargs["max_new_tokens"] = room
             if isinstance(net, PeftModel) and not use_adapter:
                 with net.disable_adapter():
                     out = _generate(net, kwargs)
@@ -224,17 +260,6 @@ def generate_answers(loaded: LoadedModel, rows: Sequence[Row], settings: Optiona
     finally:
         tok.padding_side = old_side
     return answers
-
-
-def context_length(model: nn.Module) -> Optional[int]:
-    """The number of positions the model was built for (``max_position_embeddings``, GPT-2's
-    ``n_positions``...), or None when its config does not say."""
-    config = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 class ConversationTooLongError(ValueError):
@@ -295,6 +320,7 @@ def stream_answer(loaded: LoadedModel, messages_or_prompt: Union[str, dict], set
     stop, failures = Event(), []
     kwargs = dict(**enc, **settings.generate_kwargs(), streamer=streamer, pad_token_id=tok.pad_token_id,
                   eos_token_id=stop_token_ids(tok, net), stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]))
+    kwargs["max_new_tokens"] = new_token_room(context_length(net), [len(ids)], settings.max_new_tokens)
 
     def work() -> None:
         try:
