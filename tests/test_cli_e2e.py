@@ -341,3 +341,22 @@ def test_bad_generation_settings_are_refused_before_the_model_loads(command, ext
     argv = [command, *[data_file if x == "DATA" else x for x in extra], *setting]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_train_cuts_rows_at_a_context_shorter_than_max_length(tmp_path, caplog):
+    """GPT-2's position table ends at n_positions: longer rows failed with 'index out of range'."""
+    from helpers_data import make_chat_tokenizer
+    from tiny_models import tiny_gpt2
+
+    tokenizer = make_chat_tokenizer()
+    model = tiny_gpt2()  # 64 positions
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    rows = write_jsonl(tmp_path / "long.jsonl", [{"instruction": "Count.", "output": "word " * 100}] * 4)
+    out = tmp_path / "run"
+    assert main(_train_args(str(tmp_path / "gpt2"), rows, str(out), "--max_steps", "1", "--eval_split", "0")) == 0
+    assert "max_length=1024 is longer than the model's 64-token context" in caplog.text
+    import yaml
+
+    assert yaml.safe_load((out / "train_config.yaml").read_text())["max_length"] == 64  # what the run used

@@ -179,10 +179,10 @@ def reference_answer(row: Row) -> Optional[str]:
     return None
 
 
-def context_length(model: nn.Module) -> Optional[int]:
-    """The number of positions the model was built for (``max_position_embeddings``, GPT-2's
-    ``n_positions``...), or None when its config does not say."""
-    config = getattr(model, "config", None)
+def context_length(model_or_config: Any) -> Optional[int]:
+    """The number of positions a model (or its transformers config) was built for
+    (``max_position_embeddings``, GPT-2's ``n_positions``...), or None when the config does not say."""
+    config = getattr(model_or_config, "config", model_or_config)
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:

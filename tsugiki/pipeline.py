@@ -197,6 +197,7 @@ def run_training(config: Union[None, str, os.PathLike, Mapping[str, Any], TrainC
     resolve_resume(cfg, clean=False)
     check_writable(cfg.output_dir, "output_dir")
 
+    cfg = _max_length_within_context(cfg)
     tokenizer = load_tokenizer(cfg.model)
     template = get_template(cfg.template, tokenizer)
     data_args = dict(max_length=cfg.max_length, train_on=cfg.train_on, seed=cfg.seed)
@@ -251,6 +252,24 @@ def load_dtype(cfg: TrainConfig) -> Optional[torch.dtype]:
         return None
     dtype = resolve_dtype(cfg.dtype, _training_device())
     return dtype if dtype in (torch.bfloat16, torch.float16) else None
+
+
+def _max_length_within_context(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with ``max_length`` cut to the model's context, with a warning, where it is longer:
+    positions past it have no embedding (GPT-2 style) or were never trained (RoPE). As it is
+    when the model's config cannot be read before loading."""
+    from . import plan
+    from .generation import context_length
+
+    try:
+        limit = context_length(plan.load_config(cfg.model))
+    except (ValueError, OSError, ImportError):
+        return cfg
+    if limit is None or cfg.max_length <= limit:
+        return cfg
+    logger.warning("max_length=%d is longer than the model's %d-token context: rows are cut at %d tokens",
+                   cfg.max_length, limit, limit)
+    return cfg.replace(max_length=limit)
 
 
 def memory_plan(cfg: TrainConfig, train_rows: Sequence[Mapping[str, Any]]) -> Optional[tuple[str, bool]]:
