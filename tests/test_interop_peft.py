@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import tsugiki
-from tiny_models import (randomize_adapters, tiny_bert_classifier, tiny_gpt2, tiny_llama,
-                         tiny_roberta_classifier, token_batch)
+from tiny_models import (randomize_adapters, tiny_bert_classifier, tiny_bert_question_answering, tiny_gpt2,
+                         tiny_llama, tiny_roberta_classifier, token_batch)
 
 ATOL = 1e-5
 
@@ -84,6 +84,24 @@ def test_hf_peft_adapter_loads_in_tsugiki(case, tmp_path):
 
     ours = tsugiki.PeftModel.from_pretrained(make(), tmp_path)
     torch.testing.assert_close(_logits(ours, ids), expected, atol=ATOL, rtol=0)
+
+
+def test_a_question_answering_adapter_trains_and_saves_its_head_as_hf_peft_does(tmp_path):
+    kwargs = dict(r=4, task_type="QUESTION_ANS", target_modules=["query", "value"])
+    ours = tsugiki.get_peft_model(tiny_bert_question_answering(), tsugiki.LoraConfig(**kwargs))
+    theirs = peft.get_peft_model(tiny_bert_question_answering(), peft.LoraConfig(**kwargs))
+    assert ours.peft_config["default"].modules_to_save == ["qa_outputs"]
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    randomize_adapters(ours)
+    _randomize_heads(ours)
+    ids = token_batch()
+    with torch.no_grad():
+        expected = ours(input_ids=ids).start_logits
+    ours.save_pretrained(tmp_path)
+    assert "base_model.model.qa_outputs.weight" in load_file(tmp_path / "adapter_model.safetensors")
+    loaded = peft.PeftModel.from_pretrained(tiny_bert_question_answering(), str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).start_logits, expected, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("init", ["orthogonal", "mica"])

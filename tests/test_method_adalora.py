@@ -281,7 +281,6 @@ def test_train_job_needs_total_steps():
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(target_r=16, init_r=12), "target_r=16 is invalid: the final average rank cannot exceed"),
     (dict(total_step=None), "total_step=None is invalid: AdaLoRA needs the run's total number"),
     (dict(total_step=0), "total_step=0 is invalid"),
     (dict(tinit=5, tfinal=5), "tinit (5) + tfinal (5) must be smaller than total_step"),
@@ -386,3 +385,14 @@ def test_trainer_resume_gives_the_adapter_of_an_uninterrupted_run(tmp_path):
     weights, pattern = _saved_adapter(tmp_path / "straight")
     assert pattern == straight_pattern
     assert all(torch.equal(t, straight_weights[n]) for n, t in weights.items())
+
+
+def test_a_final_rank_above_the_starting_rank_warns_and_prunes_nothing():
+    """HF PEFT accepts the config (init_r=4 beside the default target_r=8); its adapters must load here."""
+    with pytest.warns(UserWarning, match="target_r=8 is above init_r=4: the rank budget never shrinks"):
+        config = AdaLoraConfig(init_r=4, total_step=6, tinit=1, tfinal=1, target_modules=["q_proj"],
+                               task_type="CAUSAL_LM")
+    model = tsugiki.get_peft_model(tiny_llama(), config)
+    _train(model, 6, model.base_model.update_and_allocate)
+    pattern = model.peft_config["default"].rank_pattern
+    assert len(pattern) == 2 and all(kept == [True] * 4 for kept in pattern.values())

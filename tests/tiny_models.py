@@ -41,6 +41,15 @@ def tiny_bert_classifier(seed: int = 0, num_labels: int = 3) -> BertForSequenceC
     return BertForSequenceClassification(cfg).eval()
 
 
+def tiny_bert_question_answering(seed: int = 0):
+    from transformers import BertForQuestionAnswering
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=64)
+    return BertForQuestionAnswering(cfg).eval()
+
+
 def tiny_falcon(seed: int = 0, hidden: int = 32):
     """Falcon's linear layers are FalconLinear, a subclass of nn.Linear."""
     from transformers import FalconConfig, FalconForCausalLM

@@ -33,8 +33,12 @@ from .quant import unpack_cpu_4bit
 from .tuner import BASE_ADAPTER_NAME, TUNER_REGISTRY, BaseTuner, batch_adapter_names
 
 
-# Head modules that SEQ_CLS / TOKEN_CLS adapters train in full and save (as HF PEFT does).
-CLASSIFIER_MODULE_NAMES = ["classifier", "score"]
+# Task heads that adapters train in full and save, by task type (the names HF PEFT adds).
+HEAD_MODULE_NAMES = {
+    TaskType.SEQ_CLS.value: ["classifier", "score"],
+    TaskType.TOKEN_CLS.value: ["classifier", "score"],
+    TaskType.QUESTION_ANS.value: ["qa_outputs"],
+}
 
 CARD_MARKER = "<!-- written by tsugiki: safe to regenerate -->"
 
@@ -53,8 +57,8 @@ def _prepare_config(config: PeftConfig, model: nn.Module) -> PeftConfig:
         config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
     user_modules = getattr(config, "modules_to_save", None)
     object.__setattr__(config, "_user_modules_to_save", bool(user_modules))
-    if config.task_type in (TaskType.SEQ_CLS.value, TaskType.TOKEN_CLS.value) and hasattr(config, "modules_to_save"):
-        extra = [n for n in CLASSIFIER_MODULE_NAMES if n not in (config.modules_to_save or [])]
+    if config.task_type in HEAD_MODULE_NAMES and hasattr(config, "modules_to_save"):
+        extra = [n for n in HEAD_MODULE_NAMES[config.task_type] if n not in (config.modules_to_save or [])]
         config.modules_to_save = list(config.modules_to_save or []) + extra
     return config
 
@@ -559,7 +563,7 @@ class PeftModelForFeatureExtraction(_TransformersInputs):
 
 
 class PeftModelForQuestionAnswering(_TransformersInputs):
-    """Extractive QA head (span start/end logits)."""
+    """Extractive QA (span start/end logits): the head (``qa_outputs``) trains in full and is saved."""
 
 
 TASK_MODELS: dict[Optional[str], type[PeftModel]] = {

@@ -150,8 +150,10 @@ class AdaLoraConfig(PeftConfig):
         for key in ("tinit", "tfinal"):
             if not is_int(getattr(self, key)) or getattr(self, key) < 0:
                 raise bad(key, "must be a number of steps >= 0")
-        if self.target_r > self.init_r:
-            raise bad("target_r", f"the final average rank cannot exceed the starting rank init_r={self.init_r}")
+        if self.target_r > self.init_r:  # accepted (HF PEFT takes it too), but nothing will be pruned
+            warnings.warn(f"AdaLoraConfig: target_r={self.target_r} is above init_r={self.init_r}: the rank "
+                          "budget never shrinks, so every starting triplet is kept (LoRA of rank init_r); "
+                          "set target_r below init_r for AdaLoRA's pruning", stacklevel=4)
         if self.total_step is None:
             raise bad("total_step", "AdaLoRA needs the run's total number of optimizer steps "
                       "(its budget schedule depends on it); pass total_step=N")
