@@ -158,6 +158,21 @@ def test_load_adapter_to_train_marks_the_same_parameters_trainable_as_hf_peft(tm
     assert trainable[tsugiki] == trainable[peft]
 
 
+def test_adapters_loaded_to_train_stay_trainable_when_more_are_loaded_or_added(tmp_path):
+    """HF PEFT keeps each adapter's trainable flag as more adapters arrive; code training two at
+    once builds its optimizer after loading them all."""
+    tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(**LORA)).save_pretrained(tmp_path / "a")
+    trainable = {}
+    for library in (tsugiki, peft):
+        model = library.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "a"), is_trainable=True)
+        model.load_adapter(str(tmp_path / "a"), adapter_name="b", is_trainable=True)
+        model.load_adapter(str(tmp_path / "a"), adapter_name="frozen")
+        model.add_adapter("added", library.LoraConfig(r=2, target_modules=["q_proj"]))
+        model.load_adapter(str(tmp_path / "a"), adapter_name="b2", is_trainable=True)
+        trainable[library] = {n.split(".")[-2] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable[tsugiki] == {"default", "b", "b2"} == trainable[peft]
+
+
 def test_load_adapter_into_an_existing_name_that_does_not_fit_changes_nothing(tmp_path):
     wider = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(**{**LORA, "r": 8}))
     wider.save_pretrained(tmp_path / "r8")

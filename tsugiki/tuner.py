@@ -279,6 +279,8 @@ class BaseTuner(nn.Module):
             raise ValueError(f"an adapter named {adapter_name!r} already exists; pick another name")
         if adapter_name == BASE_ADAPTER_NAME:
             raise ValueError(f"{BASE_ADAPTER_NAME!r} is reserved for the bare base in mixed batches")
+        # Adapters already here keep their trainable flags (one loaded with is_trainable=True stays so).
+        flags = {p: p.requires_grad for n, p in self.model.named_parameters() if self._is_adapter_param(n)}
         self.peft_config[adapter_name] = config
         try:
             self._inject(config, adapter_name, init_weights)
@@ -288,6 +290,8 @@ class BaseTuner(nn.Module):
             del self.peft_config[adapter_name]
             raise
         self.set_adapter(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
+        for param, trainable in flags.items():
+            param.requires_grad_(trainable)
 
     def _inject(self, config: PeftConfig, adapter_name: str, init_weights: bool) -> None:
         raise NotImplementedError
