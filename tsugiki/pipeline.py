@@ -262,7 +262,7 @@ def _max_length_within_context(cfg: TrainConfig) -> TrainConfig:
     from .generation import context_length
 
     try:
-        limit = context_length(plan.load_config(cfg.model))
+        limit = context_length(plan.load_config(cfg.model or DEFAULT_MODEL))
     except (ValueError, OSError, ImportError):
         return cfg
     if limit is None or cfg.max_length <= limit:
