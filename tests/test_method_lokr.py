@@ -165,6 +165,8 @@ def test_unsupported_layers_are_named():
     with pytest.raises(ValueError, match="cannot mix LOKR with LORA"):
         model = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(target_modules=["q_proj"]))
         model.add_adapter("kron", LoKrConfig(target_modules=["q_proj"]))
+    with pytest.warns(UserWarning, match="mixed=True is not supported"):  # HF PEFT's PeftMixedModel
+        tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(target_modules=["q_proj"]), mixed=True)
 
 
 def test_linear_subclasses_are_targets_as_in_hf_peft(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -466,3 +467,14 @@ def test_a_tied_embedding_trained_whole_warns_that_the_output_layer_keeps_the_or
     assert "model.embed_tokens shares its weight with lm_head" in message and "lm_head keeps the original" in message
     assert warned(tiny_llama(tie_word_embeddings=True), ["embed_tokens", "lm_head"]) == []
     assert warned(tiny_llama(tie_word_embeddings=False), ["embed_tokens"]) == []
+
+
+def test_wrapping_a_base_that_carries_adapters_warns_that_both_wrappers_share_it(tmp_path):
+    base = tiny_llama()
+    first = tsugiki.get_peft_model(base, tsugiki.LoraConfig(target_modules=["q_proj"]))
+    first.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="already carries adapter layers"):
+        tsugiki.PeftModel.from_pretrained(base, tmp_path, adapter_name="again")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tsugiki.PeftModel.from_pretrained(first.unload(), tmp_path)  # unloaded: a plain base again

@@ -30,7 +30,7 @@ from . import methods  # noqa: F401  (registers every method's config and tuner)
 from .kernels.decode import single_row_decoding
 from .methods.lora import LoraConfig, as_lora_for_original_base, decoding_forwards
 from .quant import unpack_cpu_4bit
-from .tuner import BASE_ADAPTER_NAME, TUNER_REGISTRY, BaseTuner, batch_adapter_names
+from .tuner import BASE_ADAPTER_NAME, TUNER_REGISTRY, AdapterLayer, BaseTuner, ModulesToSaveWrapper, batch_adapter_names
 
 
 # Task heads that adapters train in full and save, by task type (the names HF PEFT adds).
@@ -73,6 +73,11 @@ class PeftModel(nn.Module):
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
                  _init_weights: bool = True):
         super().__init__()
+        if any(isinstance(m, (AdapterLayer, ModulesToSaveWrapper)) for m in model.modules()):
+            warnings.warn("this base model already carries adapter layers (it was wrapped before, by "
+                          "get_peft_model or PeftModel.from_pretrained): the new adapter is grafted beside them, "
+                          "and the earlier wrapper shares the same modules, so its outputs change too. Load the "
+                          "base again for an independent model", stacklevel=3)
         peft_config = _prepare_config(peft_config, model)
         self.base_model = _tuner_for(peft_config)(model, peft_config, adapter_name, init_weights=_init_weights)
         self.special_peft_forward_args = {"adapter_names"}
@@ -180,7 +185,9 @@ class PeftModel(nn.Module):
         """Graft another adapter; the active adapter does not change."""
         base_type = next(iter(self.peft_config.values())).peft_type if self.peft_config else None
         if base_type and peft_config.peft_type != base_type:
-            raise ValueError(f"cannot mix {peft_config.peft_type} with {base_type} adapters in one model")
+            raise ValueError(f"cannot mix {peft_config.peft_type} with {base_type} adapters in one model (tsugiki "
+                             "has no PeftMixedModel): keep one method per model, or load the base again for "
+                             "the other")
         config = _prepare_config(peft_config, self.get_base_model())
         self.base_model.inject_adapter(config, adapter_name, init_weights=_init_weights)
 
@@ -585,6 +592,9 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
         raise ValueError("this model already carries adapters; use model.add_adapter(name, config) instead")
     if not isinstance(peft_config, PeftConfig):
         raise TypeError(f"peft_config must be a tsugiki config such as LoraConfig, got {type(peft_config).__name__}")
+    if mixed:
+        warnings.warn("get_peft_model: mixed=True is not supported (tsugiki has no PeftMixedModel): the model "
+                      "holds adapters of one method, one active at a time", stacklevel=2)
     if not autocast_adapter_dtype:
         warnings.warn("get_peft_model: autocast_adapter_dtype=False is not supported; the adapter's "
                       "parameters are fp32 whatever the base's dtype", stacklevel=2)
