@@ -207,6 +207,8 @@ def test_train_python_api_matches_cli_keys(model_dir, data_file, tmp_path, monke
     (["train", "--model", "MODEL", "--output_dir", "OUT"], "data is not set"),
     (["eval", "--adapter", "nowhere", "--data", "DATA"], "adapter folder 'nowhere' does not exist"),
     (["inspect", "nowhere"], "does not exist"),
+    (["generate", "--adapter", "a", "--adapter", "b", "--prompt", "hi"],
+     "--adapter was given 2 times; generate uses one adapter (tsugiki eval scores several side by side)"),
     (["eval", "--model", "MODEL", "--data", "DATA", "--no-base"], "--no-base leaves nothing to score without --adapter"),
     (["eval", "--model", "MODEL", "--data", "DATA", "--show", "-1"], "argument --show: must be 0 or more, got -1"),
     (["inspect", "--data", "DATA", "--model", "MODEL", "--rows", "two"],
@@ -360,3 +362,35 @@ def test_train_cuts_rows_at_a_context_shorter_than_max_length(tmp_path, caplog):
     import yaml
 
     assert yaml.safe_load((out / "train_config.yaml").read_text())["max_length"] == 64  # what the run used
+
+
+def test_eval_scores_several_adapters_of_one_base_each_as_alone(model_dir, data_file, tmp_path):
+    """Each adapter's column equals its own single-adapter eval, with the template it was trained with."""
+    runs = {}
+    for name, template in (("chatty", "chat"), ("alpaca-run", "alpaca")):
+        runs[name] = str(tmp_path / name)
+        assert main(_train_args(model_dir, data_file, runs[name], "--max_steps", "3", "--eval_split", "0",
+                                "--template", template)) == 0
+    common = ["--data", data_file, "--max-rows", "4", "--max-new-tokens", "4", "--overwrite"]
+    both = tmp_path / "both.json"
+    assert main(["eval", "--adapter", runs["chatty"], "--adapter", runs["alpaca-run"], *common,
+                 "--output", str(both)]) == 0
+    report = json.loads(both.read_text())
+    assert {"base", "chatty", "alpaca-run"} <= set(report)
+    for name, folder in runs.items():
+        alone = tmp_path / f"{name}.json"
+        assert main(["eval", "--adapter", folder, *common, "--no-base", "--output", str(alone)]) == 0
+        single = json.loads(alone.read_text())
+        assert report[name]["loss"] == pytest.approx(single["adapter"]["loss"], rel=1e-6)
+        assert [r[name]["answer"] for r in report["per_row"]] == [r["adapter"]["answer"] for r in single["per_row"]]
+    assert report["chatty"]["loss"] != report["alpaca-run"]["loss"]
+
+
+def test_a_folder_of_several_adapters_says_which_one_is_used(model_dir, tmp_path, capsys):
+    model = tsugiki.get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                                   tsugiki.LoraConfig(r=2, target_modules=["q_proj"]))
+    model.add_adapter("second", tsugiki.LoraConfig(r=2, target_modules=["v_proj"]))
+    model.save_pretrained(tmp_path / "both")
+    assert main(["generate", "--adapter", str(tmp_path / "both"), "--prompt", "hi", "--max-new-tokens", "2"]) == 0
+    assert (f"{tmp_path / 'both'} also holds the adapters second in subfolders; this uses the one at its top "
+            f"(give {tmp_path / 'both' / 'second'} for another)") in capsys.readouterr().err

@@ -33,13 +33,14 @@ DTYPE_HELP = ("Base weights' dtype: auto = bf16 where the hardware runs it nativ
 
 
 def _add_model_options(p: argparse.ArgumentParser, adapter_required: bool = False,
-                       dtype_help: str = DTYPE_HELP) -> None:
+                       dtype_help: str = DTYPE_HELP, several_adapters: bool = False) -> None:
     p.add_argument("--model", default=None,
                    help="Base model: a Hugging Face model folder, a .gguf file, or 'smollm2-135m-instruct' "
                         "(default: the adapter's base_model_name_or_path, else the built-in default).")
-    p.add_argument("--adapter", default=None, required=adapter_required,
+    p.add_argument("--adapter", action="append", default=None, required=adapter_required,
                    help="Adapter folder saved by tsugiki or HF PEFT" + ("." if adapter_required else
-                                                                       " (default: none, the bare base)."))
+                                                                       " (default: none, the bare base).")
+                   + (" Repeat it to score several adapters of one base side by side." if several_adapters else ""))
     p.add_argument("--quantization", choices=("none", "4bit", "8bit"), default="none",
                    help="Load the base quantized with bitsandbytes (default: none).")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto", help=dtype_help)
@@ -84,6 +85,25 @@ def _settings(args: argparse.Namespace):
                               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                               repetition_penalty=args.repetition_penalty, batch_size=getattr(args, "batch_size", 1),
                               seed=args.seed)
+
+
+def _check_adapter_options(args: argparse.Namespace) -> None:
+    """``args.adapter``: the first ``--adapter`` (or None); ``args.adapters``: all of them, which
+    only eval takes more than one of. A folder with more adapters in subfolders gets a note."""
+    given = getattr(args, "adapter", None)
+    if not isinstance(given, list):
+        return
+    if len(given) > 1 and args.command != "eval":
+        raise ValueError(f"--adapter was given {len(given)} times; {args.command} uses one adapter "
+                         "(tsugiki eval scores several side by side)")
+    args.adapters, args.adapter = given, given[0]
+    from .config import CONFIG_NAME, adapters_in_subfolders
+
+    for folder in given:  # the root adapter of a several-adapter save is used; say that there are others
+        others = adapters_in_subfolders(folder) if os.path.isfile(os.path.join(folder, CONFIG_NAME)) else []
+        if others:
+            print(f"note: {folder} also holds the adapters {', '.join(others)} in subfolders; this uses the one at "
+                  f"its top (give {os.path.join(folder, others[0])} for another)", file=sys.stderr)
 
 
 def _load(args: argparse.Namespace):
@@ -251,7 +271,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     settings = _settings(args)  # checked before the model loads
     loaded = _load(args)
     report = evaluate(loaded, rows, settings, compare_base=not args.no_base, with_loss=not args.no_loss,
-                      progress=True)
+                      progress=True, more_adapters=getattr(args, "adapters", [])[1:],
+                      template=args.template)
     print(report.format_table(show=args.show))
     if args.output:
         atomic_write_text(args.output, json.dumps(report.to_dict(), indent=2) + "\n")
@@ -396,8 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="Score base and base + adapter side by side on held-out rows.",
                        description="Loss/perplexity on the reference answers, and exact-match and "
-                                   "contains-match of generated answers, for the base and base + adapter.")
-    _add_model_options(p)
+                                   "contains-match of generated answers, for the base and base + adapter "
+                                   "(or several adapters of one base: repeat --adapter).")
+    _add_model_options(p, several_adapters=True)
     p.add_argument("--data", required=True, help="Held-out rows with reference answers (any supported format).")
     p.add_argument("--max-rows", type=int, default=None, help="Use only the first N rows.")
     p.add_argument("--show", type=_count, default=5, help="Print this many sample answers (default: 5).")
@@ -486,6 +508,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         quiet_hub_kernel_notice()
     try:
+        _check_adapter_options(args)
         if args.command == "plan":
             from .plan import run_plan_cli
 

@@ -31,6 +31,15 @@ class AdapterNotFoundError(FileNotFoundError, ValueError):
 
 CONFIG_NAME = "adapter_config.json"
 
+
+def adapters_in_subfolders(folder: str | os.PathLike) -> list[str]:
+    """Names of the adapters saved in subfolders of ``folder`` (``save_pretrained`` of several
+    adapters puts every one but ``default`` there), sorted."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(d for d in os.listdir(folder) if os.path.isfile(os.path.join(folder, d, CONFIG_NAME)))
+
+
 # HF PEFT writes every option of its config; these of its keys tsugiki lacks have a default that is not
 # empty, so a file holding that value asks for nothing tsugiki ignores. The metadata keys describe the file.
 _PEFT_DEFAULTS = {"megatron_core": "megatron.core", "qalora_group_size": 16}
@@ -289,8 +298,7 @@ class PeftConfig:
         if not os.path.isfile(file):
             if not os.path.exists(path):
                 raise AdapterNotFoundError(f"adapter folder {path!r} does not exist")
-            inside = sorted(d for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, CONFIG_NAME))) \
-                if os.path.isdir(path) else []
+            inside = adapters_in_subfolders(path)
             hint = (f"; it holds adapters in the subfolders {inside} (saved with several adapters): give "
                     f"{os.path.join(path, inside[0])!r}, or subfolder={inside[0]!r}") if inside else ""
             raise AdapterNotFoundError(

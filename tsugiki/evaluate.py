@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
-from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -79,21 +80,23 @@ class EvalReport:
     def format_table(self, show: int = 5, width: int = 60) -> str:
         """Sample answers, then one line of scores per model."""
         lines: list[str] = []
+        label = max([10] + [len(side.name) + 2 for side in self.sides])
         for i, row in enumerate(self.rows[:show]):
             prompt = row if isinstance(row, str) else _prompt_text(row)
             lines.append(f"[{i + 1}] {_clip(prompt, width * 2)}")
-            lines.append(f"    expected:  {_clip(self.references[i], width)}")
+            lines.append(f"    {'expected:':<{label}}    {_clip(self.references[i], width)}")
             for side in self.sides:
                 mark = "ok" if exact_match(side.answers[i], self.references[i]) else "--"
-                lines.append(f"    {side.name + ':':<10} {mark} {_clip(side.answers[i], width)}")
+                lines.append(f"    {side.name + ':':<{label}} {mark} {_clip(side.answers[i], width)}")
         lines.append("")
-        header = f"{'model':<16}{'exact':>8}{'contains':>10}{'loss':>9} {'ppl':>10}"
+        model = max(16, label)
+        header = f"{'model':<{model}}{'exact':>8}{'contains':>10}{'loss':>9} {'ppl':>10}"
         lines.append(header)
         for side in self.sides:
             loss = f"{side.loss:.4f}" if side.loss is not None else "-"
             ppl = f"{side.ppl:.2f}" if side.ppl is not None else "-"
             # A space before ppl: an untrained model's perplexity runs past ten characters.
-            lines.append(f"{side.name:<16}{side.exact:>7.1%}{side.contains:>10.1%}{loss:>9} {ppl:>10}")
+            lines.append(f"{side.name:<{model}}{side.exact:>7.1%}{side.contains:>10.1%}{loss:>9} {ppl:>10}")
         return "\n".join(lines)
 
 
@@ -162,34 +165,87 @@ def reference_loss(loaded: LoadedModel, rows: Sequence[dict], max_length: int = 
 
 def evaluate(loaded: LoadedModel, rows: Sequence[Row], settings: Optional[GenerationSettings] = None,
              compare_base: bool = True, with_loss: bool = True, max_length: int = 1024,
-             progress: bool = False) -> EvalReport:
-    """Score base and/or base + adapter on ``rows`` (data rows with reference answers)."""
+             progress: bool = False, more_adapters: Sequence[str] = (),
+             template: Optional[Union[str, dict]] = None) -> EvalReport:
+    """Score base and/or base + adapter on ``rows`` (data rows with reference answers).
+
+    ``more_adapters``: further adapter folders of the same base, loaded beside the first and
+    scored each in its own column, named by its folder; each prompts with its own saved
+    template unless ``template`` is given (the bare base uses the first adapter's).
+    """
     references = [reference_answer(r) for r in rows]
     missing = [i + 1 for i, ref in enumerate(references) if ref is None]
     if missing:
         raise ValueError(f"rows {missing[:5]} have no reference answer (output/response/completion "
                          "or a final assistant message); evaluation needs one per row")
-    sides: list[tuple[str, bool]] = []
     has_adapter = isinstance(loaded.model, PeftModel)
+    if more_adapters and not has_adapter:
+        raise ValueError("more_adapters needs a first adapter loaded with the model")
+    sides: list[tuple[str, Optional[str], LoadedModel]] = []  # (column, adapter name or None, model view)
     if compare_base or not has_adapter:
-        sides.append(("base", False))
+        sides.append(("base", None, loaded))
     if has_adapter:
-        sides.append(("adapter", True))
+        folders = [loaded.adapter] + list(more_adapters)
+        labels = adapter_labels(folders) if more_adapters else ["adapter"]
+        names = [loaded.model.active_adapter] + [_load_beside(loaded, f, i) for i, f in enumerate(more_adapters, 1)]
+        for label, name, folder in zip(labels, names, folders):
+            view = loaded if folder == loaded.adapter else replace(loaded, template=_template_of(loaded, folder,
+                                                                                                  template))
+            sides.append((label, name, view))
     reports = []
-    for name, use_adapter in sides:
-        bar = _bar(len(rows), f"generating ({name})") if progress else None
+    for label, adapter_name, view in sides:
+        if adapter_name is not None:
+            view.model.set_adapter(adapter_name, inference_mode=True)
+        bar = _bar(len(rows), f"generating ({label})") if progress else None
         try:
-            answers = generate_answers(loaded, rows, settings, use_adapter=use_adapter, progress=bar)
+            answers = generate_answers(view, rows, settings, use_adapter=adapter_name is not None, progress=bar)
         finally:
             if bar is not None:
                 bar.close()
-        side = SideReport(name, answers)
+        side = SideReport(label, answers)
         side.exact = sum(exact_match(a, r) for a, r in zip(answers, references)) / len(rows)
         side.contains = sum(contains_match(a, r) for a, r in zip(answers, references)) / len(rows)
         if with_loss and all(isinstance(r, dict) for r in rows):
-            side.loss, side.ppl = reference_loss(loaded, rows, max_length, use_adapter=use_adapter)
+            side.loss, side.ppl = reference_loss(view, rows, max_length, use_adapter=adapter_name is not None)
         reports.append(side)
     return EvalReport(list(rows), references, reports)
+
+
+RESERVED_LABELS = ("base", "rows", "per_row", "expected")
+
+
+def adapter_labels(folders: Sequence[str]) -> list[str]:
+    """Column names for adapter folders: each folder's own name, or its whole path where two
+    share a name (or a name is one of the report's own keys)."""
+    names = [os.path.basename(os.path.normpath(f)) for f in folders]
+    clash = {n for n in names if names.count(n) > 1 or n in RESERVED_LABELS}
+    return [os.path.normpath(f) if n in clash else n for n, f in zip(names, folders)]
+
+
+def _load_beside(loaded: LoadedModel, folder: str, index: int) -> str:
+    """Load adapter ``folder`` into ``loaded.model`` under a new name (warning when its recorded
+    base is not the one loaded); returns the name."""
+    from .config import PeftConfig
+
+    recorded = PeftConfig.from_pretrained(folder).base_model_name_or_path
+    first = PeftConfig.from_pretrained(loaded.adapter).base_model_name_or_path
+    if recorded and first and recorded != first:
+        log.warning("adapter %s was trained on %s, the first adapter on %s: scoring it on %s", folder, recorded,
+                    first, loaded.base_name)
+    name = f"eval_{index}"
+    loaded.model.load_adapter(folder, adapter_name=name)
+    return name
+
+
+def _template_of(loaded: LoadedModel, folder: str, template: Optional[Union[str, dict]]):
+    """The template an adapter is scored with: ``template`` if given, else the one saved with it,
+    else the first adapter's."""
+    from .data import get_template
+    from .pipeline import load_saved_template
+
+    if template is not None:
+        return get_template(template, loaded.tokenizer)
+    return load_saved_template(folder, loaded.tokenizer) or loaded.template
 
 
 def _bar(total: int, desc: str):

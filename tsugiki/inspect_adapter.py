@@ -9,7 +9,7 @@ from typing import Any
 from safetensors import safe_open
 
 from .adapter_io import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME
-from .config import CONFIG_NAME, PeftConfig
+from .config import PeftConfig, adapters_in_subfolders
 from .fileio import TEMPLATE_FILE
 
 IGNORE_INDEX = -100
@@ -96,7 +96,7 @@ def describe_adapter(folder: str) -> str:
     lines.append(f"targets:      {targets}")
     lines.append(f"parameters:   {n_params:,d} ({', '.join(sorted(dtypes))})")
     lines.append(f"size on disk: {_size(os.path.getsize(weights))}")
-    others = sorted(d for d in os.listdir(folder) if os.path.isfile(os.path.join(folder, d, CONFIG_NAME)))
+    others = adapters_in_subfolders(folder)
     if others:  # save_pretrained of several adapters puts all but 'default' in subfolders
         lines.append(f"more adapters in subfolders: {', '.join(others)} (inspect {os.path.join(folder, others[0])})")
     template = os.path.join(folder, TEMPLATE_FILE)
