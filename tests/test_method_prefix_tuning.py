@@ -97,3 +97,23 @@ def test_invalid_config(kwargs, message):
 def test_other_task_types_are_refused():
     with pytest.raises(ValueError, match="CAUSAL_LM"):
         tsugiki.get_peft_model(tiny_llama(), PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=2))
+
+
+@pytest.mark.parametrize("kind", ["PREFIX_TUNING", "PROMPT_TUNING"])
+def test_get_prompt_and_word_embeddings_equal_hf_pefts(kind, tmp_path):
+    """HF PEFT's PeftModel.get_prompt(batch_size): the virtual tokens as the model receives them."""
+    theirs_cls = peft.PrefixTuningConfig if kind == "PREFIX_TUNING" else peft.PromptTuningConfig
+    theirs = peft.get_peft_model(tiny_llama(), theirs_cls(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+    theirs.save_pretrained(str(tmp_path))
+    ours = tsugiki.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert ours.word_embeddings is ours.get_base_model().get_input_embeddings()
+    with torch.no_grad():
+        mine, reference = ours.get_prompt(2), theirs.get_prompt(2)
+    if kind == "PREFIX_TUNING":
+        assert len(mine.layers) == len(reference.layers)
+        for a, b in zip(mine.layers, reference.layers):
+            torch.testing.assert_close(a.keys, b.keys)
+            torch.testing.assert_close(a.values, b.values)
+    else:
+        assert mine.shape == (2, 3, 16)
+        torch.testing.assert_close(mine, reference)

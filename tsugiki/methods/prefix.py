@@ -32,7 +32,7 @@ from torch import nn
 
 from ..config import PeftType, TaskType, config_from_method_args, register_config, register_method
 from ..tuner import register_tuner
-from .prompt_base import PromptLearningConfig, PromptLearningModel, _text_config, find_word_embeddings
+from .prompt_base import PromptLearningConfig, PromptLearningModel, _text_config
 
 
 @register_config
@@ -125,22 +125,26 @@ class PrefixTuningModel(PromptLearningModel):
         # A loaded adapter is the folded table, whatever prefix_projection says.
         return PrefixEncoder(config, projection=config.prefix_projection and init_weights)
 
-    def _insert_prompt(self, inputs: dict, config: PrefixTuningConfig, task_ids: Optional[torch.Tensor],
-                       cache_key: str) -> None:
-        ref = inputs.get("inputs_embeds") if inputs.get("inputs_embeds") is not None else inputs["input_ids"]
-        batch, n, layers, heads = ref.shape[0], config.num_virtual_tokens, config.num_layers, config.num_attention_heads
+    def _virtual_tokens(self, config: PrefixTuningConfig, task_ids: Optional[torch.Tensor], batch: int,
+                        cache: Any = None) -> Any:
+        """The prefix as a key/value cache of ``batch`` rows: added to ``cache``, or a new ``DynamicCache``."""
+        n, layers, heads = config.num_virtual_tokens, config.num_layers, config.num_attention_heads
         prefix = self.prompt_encoder[self.active_adapter]()  # (1, n, 2·L·d)
-        prefix = prefix.to(find_word_embeddings(self.model).weight.dtype).expand(batch, -1, -1)
+        prefix = prefix.to(self.word_embeddings.weight.dtype).expand(batch, -1, -1)
         prefix = prefix.reshape(batch, n, 2 * layers, heads, config.token_dim // heads)
         prefix = prefix.permute(2, 0, 3, 1, 4)  # (2·L, batch, heads, n, head_dim): keys at 2l, values at 2l+1
-        cache = inputs.get(cache_key)
         if cache is None:
             from transformers import DynamicCache
 
             cache = DynamicCache(config=self.model.config)
         for layer in range(layers):
             cache.update(prefix[2 * layer], prefix[2 * layer + 1], layer)
-        inputs[cache_key] = cache
+        return cache
+
+    def _insert_prompt(self, inputs: dict, config: PrefixTuningConfig, task_ids: Optional[torch.Tensor],
+                       cache_key: str) -> None:
+        ref = inputs.get("inputs_embeds") if inputs.get("inputs_embeds") is not None else inputs["input_ids"]
+        inputs[cache_key] = self._virtual_tokens(config, task_ids, ref.shape[0], inputs.get(cache_key))
 
 
 def _kv_dims(config: PrefixTuningConfig, model: nn.Module) -> None:

@@ -275,13 +275,28 @@ class PromptLearningModel(BaseTuner):
             self._task_ids(config, task_ids, batch, device)  # still check it
         return inputs
 
+    @property
+    def word_embeddings(self) -> nn.Module:
+        """The base model's token embedding table (HF PEFT's attribute)."""
+        return find_word_embeddings(self.model)
+
+    def get_prompt(self, batch_size: int, task_ids: Any = None) -> Any:
+        """The active adapter's virtual tokens for ``batch_size`` rows, as the model receives them:
+        embeddings ``(batch_size, n, d)`` (prefix tuning: its key/value cache). HF PEFT's method."""
+        config = self._config()
+        device = self.word_embeddings.weight.device
+        return self._virtual_tokens(config, self._task_ids(config, task_ids, batch_size, device), batch_size)
+
+    def _virtual_tokens(self, config: PromptLearningConfig, task_ids: Optional[torch.Tensor], batch: int) -> Any:
+        prompt = self.prompt_encoder[self.active_adapter](task_ids)  # (1 or B, n, d)
+        return prompt.to(self.word_embeddings.weight.dtype).expand(batch, -1, -1)
+
     def _insert_prompt(self, inputs: dict, config: PromptLearningConfig, task_ids: Optional[torch.Tensor],
                        cache_key: str) -> None:
         embeds = inputs.get("inputs_embeds")
         if embeds is None:
             embeds = find_word_embeddings(self.model)(inputs["input_ids"])
-        prompt = self.prompt_encoder[self.active_adapter](task_ids)  # (1 or B, n, d)
-        prompt = prompt.to(embeds.dtype).expand(embeds.shape[0], -1, -1)
+        prompt = self._virtual_tokens(config, task_ids, embeds.shape[0]).to(embeds.dtype)
         inputs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
         inputs["input_ids"] = None
         if inputs.get("token_type_ids") is not None:
