@@ -11,6 +11,7 @@ import tsugiki
 from helpers_adapters import (check_generate, check_interop, check_merge, check_save_load_exact, logits,
                               randomize, saved_bytes, train_and_check, train_tiny_cli)
 from tiny_models import tiny_gpt2, tiny_llama, token_batch
+from tsugiki.adapter_io import AdapterLoadError
 from tsugiki.methods.lora import LoraConfig, LoraLinear
 
 MARKERS = ("lora_",)
@@ -319,3 +320,14 @@ def test_kbit_row_norm_in_bf16_equals_the_norm_of_the_dequantized_weight(bits):
     with torch.no_grad():  # bitsandbytes repacks 4-bit weights here on AVX512-BF16 CPUs
         model(input_ids=ids)
     check()
+
+
+def test_an_hf_peft_dora_adapter_on_an_embedding_is_refused_as_not_computed(tmp_path):
+    """HF PEFT has DoRA for embeddings; the error says tsugiki lacks it, not that the model is wrong."""
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, use_dora=True,
+                                                               target_modules=["embed_tokens", "q_proj"]))
+    theirs.save_pretrained(str(tmp_path))
+    with pytest.raises(AdapterLoadError) as err:
+        tsugiki.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert "cannot be loaded: use_dora=True: DoRA is not available for embedding layers" in str(err.value)
+    assert "another model" not in str(err.value)

@@ -29,6 +29,10 @@ class AdapterNotFoundError(FileNotFoundError, ValueError):
     raises for it, so ``except ValueError`` in code written for PEFT still catches it."""
 
 
+class NotComputedError(ValueError):
+    """A setting tsugiki does not compute (e.g. DoRA on an embedding): the model is not at fault."""
+
+
 CONFIG_NAME = "adapter_config.json"
 
 

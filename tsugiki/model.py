@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import adapter_io
-from .config import PeftConfig, TaskType
+from .config import NotComputedError, PeftConfig, TaskType
 from .fileio import atomic_write_text, ensure_directory
 from . import methods  # noqa: F401  (registers every method's config and tuner)
 from .kernels.decode import single_row_decoding
@@ -339,6 +339,9 @@ class PeftModel(nn.Module):
         target_cls = cls if cls is not PeftModel else TASK_MODELS.get(config.task_type, PeftModel)
         try:
             peft_model = target_cls(model, config, adapter_name, _init_weights=False)
+        except NotComputedError as err:
+            raise adapter_io.AdapterLoadError(f"adapter {folder!r} cannot be loaded: {err}. tsugiki does not "
+                                              "compute this; HF PEFT may") from err
         except ValueError as err:
             raise adapter_io.AdapterLoadError(
                 f"adapter {folder!r} does not fit {type(model).__name__}: {err}. It was made for "

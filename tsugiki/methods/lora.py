@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _nn_module
 
-from ..config import (PeftConfig, PeftType, config_from_method_args, module_spec_problem, register_config,
-                      register_method, train_targets)
+from ..config import (NotComputedError, PeftConfig, PeftType, config_from_method_args, module_spec_problem,
+                      register_config, register_method, train_targets)
 from ..inject import (bnb_linear_types, config_targets, conv1d_type, linear_layer_types, replace_module,
                       resolve_default_targets, tied_weights)
 from ..kernels import decode, native
@@ -966,7 +966,7 @@ class LoraModel(BaseTuner):
         for name in targets:
             target = self.model.get_submodule(name)
             if config.use_dora and isinstance(target, (nn.Embedding, LoraEmbedding)):
-                raise ValueError(f"use_dora=True: DoRA is not available for embedding layers ({name}); "
+                raise NotComputedError(f"use_dora=True: DoRA is not available for embedding layers ({name}); "
                                  "leave embeddings out of target_modules, or use plain LoRA for them")
             r, alpha = config.rank_and_alpha(name)
             if isinstance(target, (LoraLinear, LoraEmbedding)):
