@@ -356,3 +356,22 @@ def test_hf_peft_helper_names_behave_as_hf_peft_s(tmp_path):
     with pytest.raises(ValueError, match="use get_peft_model"):
         tsugiki.inject_adapter_in_model(tsugiki.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2),
                                         tiny_llama())
+
+
+def test_layer_and_model_status_equal_hf_pefts():
+    import dataclasses
+
+    statuses = {}
+    for library in (tsugiki, peft):
+        model = library.get_peft_model(tiny_bert_classifier(), library.LoraConfig(
+            r=2, task_type="SEQ_CLS", target_modules=["query", "value"]))
+        model.add_adapter("other", library.LoraConfig(r=2, task_type="SEQ_CLS", target_modules=["query"]))
+        model.merge_adapter()  # merged in the LoRA layers, not in the head: "irregular" over the model
+        layers = [dataclasses.asdict(s) for s in model.get_layer_status()]
+        for layer in layers:
+            layer.pop("module_type")  # the classes' own names
+        statuses[library] = (layers, dataclasses.asdict(model.get_model_status()), model.modules_to_save,
+                             model.base_model_torch_dtype)
+    assert statuses[tsugiki] == statuses[peft]
+    assert statuses[tsugiki][1]["merged_adapters"] == "irregular"
+    assert statuses[tsugiki][1]["requires_grad"] == {"default": True, "other": False}

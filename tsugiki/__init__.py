@@ -50,6 +50,7 @@ from .model import (
     load_peft_weights,
     set_peft_model_state_dict,
 )
+from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 
 __version__ = "0.1.0"
 
@@ -89,7 +90,8 @@ __all__ = [
     "AutoPeftModelForTokenClassification", "LoraConfig", "LoraModel", "PeftConfig", "PeftModel",
     "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
     "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
-    "PeftType", "TaskType", "TrainConfig", "find_all_linear_names", "get_peft_config", "get_peft_model",
+    "PeftType", "TaskType", "TrainConfig", "TunerLayerStatus", "TunerModelStatus", "find_all_linear_names",
+    "get_layer_status", "get_model_status", "get_peft_config", "get_peft_model",
     "get_peft_model_state_dict", "inject_adapter_in_model", "load_model", "load_peft_weights",
     "load_tokenizer", "plan", "prepare_model_for_kbit_training", "quantize_model", "set_peft_model_state_dict", "train",
 ]

@@ -244,6 +244,29 @@ class PeftModel(nn.Module):
                              "it has no prompt embedding")
         return self.base_model.prompt_encoder[adapter_name].to_save()["prompt_embeddings"]
 
+    @property
+    def modules_to_save(self) -> Optional[set[str]]:
+        """Every adapter's ``modules_to_save`` names together (None when there are none), as HF PEFT."""
+        names = {n for c in self.peft_config.values() for n in (getattr(c, "modules_to_save", None) or [])}
+        return names or None
+
+    @property
+    def base_model_torch_dtype(self) -> Optional[torch.dtype]:
+        """The base model's dtype (transformers' ``model.dtype``), None for a module without one."""
+        return getattr(self.get_base_model(), "dtype", None)
+
+    def get_layer_status(self) -> list:
+        """Each adapter layer's adapters, flags and devices (:func:`tsugiki.get_layer_status`)."""
+        from .status import get_layer_status
+
+        return get_layer_status(self)
+
+    def get_model_status(self):
+        """The adapters' status over the whole model (:func:`tsugiki.get_model_status`)."""
+        from .status import get_model_status
+
+        return get_model_status(self)
+
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts; 4-bit weights count as unpacked parameters."""
         trainable = total = 0
