@@ -394,3 +394,15 @@ def test_a_folder_of_several_adapters_says_which_one_is_used(model_dir, tmp_path
     assert main(["generate", "--adapter", str(tmp_path / "both"), "--prompt", "hi", "--max-new-tokens", "2"]) == 0
     assert (f"{tmp_path / 'both'} also holds the adapters second in subfolders; this uses the one at its top "
             f"(give {tmp_path / 'both' / 'second'} for another)") in capsys.readouterr().err
+
+
+def test_warnings_show_as_one_line_and_python_s_format_comes_back():
+    code = ("import warnings, tsugiki.cli as cli\n"
+            "python_format = warnings.formatwarning\n"
+            "cli.cmd_inspect = lambda args: warnings.warn('the base is tied') or 0\n"
+            "assert cli.main(['inspect', 'x']) == 0\n"
+            "print(warnings.formatwarning is python_format)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "warning: the base is tied\n" in done.stderr and "UserWarning" not in done.stderr
+    assert done.stdout == "True\n"

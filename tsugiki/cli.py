@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from typing import Any, Optional, Sequence
 
 EPILOG = "Run 'tsugiki <command> --help' for the options of each command."
@@ -493,6 +494,12 @@ def _unknown_options_message(parser: argparse.ArgumentParser, command: str, unkn
     return "; ".join(parts) + f" (see 'tsugiki {command} --help')"
 
 
+def _one_line_warning(message: Warning | str, category: type, filename: str, lineno: int, line: Any = None) -> str:
+    """A warning as the command line shows it: what it says, not the source line that raised it
+    (--debug keeps Python's own format)."""
+    return f"warning: {message}\n"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -503,10 +510,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"tsugiki {args.command}: error: {_unknown_options_message(parser, args.command, unknown)}",
               file=sys.stderr)
         return 2
+    python_format = warnings.formatwarning
     if not args.debug:
         from .quant import quiet_hub_kernel_notice
 
         quiet_hub_kernel_notice()
+        warnings.formatwarning = _one_line_warning
     try:
         _check_adapter_options(args)
         if args.command == "plan":
@@ -531,6 +540,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"tsugiki {args.command}: error: {type(err).__name__}: {err} (--debug shows the traceback)",
               file=sys.stderr)
         return 1
+    finally:
+        warnings.formatwarning = python_format
 
 
 if __name__ == "__main__":  # pragma: no cover
