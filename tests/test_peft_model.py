@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 
 import pytest
@@ -478,3 +479,28 @@ def test_wrapping_a_base_that_carries_adapters_warns_that_both_wrappers_share_it
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tsugiki.PeftModel.from_pretrained(first.unload(), tmp_path)  # unloaded: a plain base again
+
+
+def test_push_to_hub_uploads_the_adapter_files_only(monkeypatch):
+    """Without it the call reached transformers' push_to_hub of the base: the whole model's weights."""
+    import huggingface_hub
+
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls.append(("token", token))
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            calls.append(("create", repo_id, private, exist_ok))
+            return type("Repo", (), {"repo_id": f"me/{repo_id}"})()
+
+        def upload_folder(self, repo_id, folder_path, commit_message, revision, create_pr):
+            calls.append(("upload", repo_id, sorted(os.listdir(folder_path))))
+            return "commit"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    model = tsugiki.get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
+    assert model.push_to_hub("my-adapter", private=True, use_auth_token="secret") == "commit"
+    assert calls == [("token", "secret"), ("create", "my-adapter", True, True),
+                     ("upload", "me/my-adapter", ["README.md", "adapter_config.json", "adapter_model.safetensors"])]

@@ -348,6 +348,28 @@ class PeftModel(nn.Module):
             saved.save_pretrained(folder)
             _write_model_card(folder, saved, state)
 
+    def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload adapter with tsugiki",
+                    private: Optional[bool] = None, token: Optional[str] = None, revision: Optional[str] = None,
+                    create_pr: bool = False, selected_adapters: Optional[Sequence[str]] = None,
+                    **kwargs: Any) -> Any:
+        """Upload the adapter files (what :meth:`save_pretrained` writes, never the base model's
+        weights) to the Hugging Face Hub repository ``repo_id``, created when missing (HF PEFT's
+        method). Returns huggingface_hub's commit info. ``use_auth_token`` is taken as ``token``."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        token = kwargs.pop("use_auth_token", None) if token is None else token
+        if kwargs:
+            warnings.warn(f"push_to_hub: ignoring options tsugiki does not support: {', '.join(sorted(kwargs))}",
+                          stacklevel=2)
+        api = HfApi(token=token if isinstance(token, str) else None)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, selected_adapters=selected_adapters)  # before any repo is created
+            repo = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+            return api.upload_folder(repo_id=repo, folder_path=folder, commit_message=commit_message,
+                                     revision=revision, create_pr=create_pr)
+
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
                         is_trainable: bool = False, config: Optional[PeftConfig] = None,
