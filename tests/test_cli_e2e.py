@@ -364,7 +364,7 @@ def test_train_cuts_rows_at_a_context_shorter_than_max_length(tmp_path, caplog):
     assert yaml.safe_load((out / "train_config.yaml").read_text())["max_length"] == 64  # what the run used
 
 
-def test_eval_scores_several_adapters_of_one_base_each_as_alone(model_dir, data_file, tmp_path):
+def test_eval_scores_several_adapters_of_one_base_each_as_alone(model_dir, data_file, tmp_path, capsys):
     """Each adapter's column equals its own single-adapter eval, with the template it was trained with."""
     runs = {}
     for name, template in (("chatty", "chat"), ("alpaca-run", "alpaca")):
@@ -384,6 +384,8 @@ def test_eval_scores_several_adapters_of_one_base_each_as_alone(model_dir, data_
         assert report[name]["loss"] == pytest.approx(single["adapter"]["loss"], rel=1e-6)
         assert [r[name]["answer"] for r in report["per_row"]] == [r["adapter"]["answer"] for r in single["per_row"]]
     assert report["chatty"]["loss"] != report["alpaca-run"]["loss"]
+    assert main(["eval", "--adapter", runs["chatty"], "--adapter", runs["chatty"] + "/", *common]) == 2
+    assert f"adapter '{runs['chatty']}/' is given twice" in capsys.readouterr().err
 
 
 def test_a_folder_of_several_adapters_says_which_one_is_used(model_dir, tmp_path, capsys):

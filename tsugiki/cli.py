@@ -98,6 +98,9 @@ def _check_adapter_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--adapter was given {len(given)} times; {args.command} uses one adapter "
                          "(tsugiki eval scores several side by side)")
     args.adapters, args.adapter = given, given[0]
+    from .evaluate import refuse_repeated_adapters
+
+    refuse_repeated_adapters(given)  # before a model loads
     from .config import CONFIG_NAME, adapters_in_subfolders
 
     for folder in given:  # the root adapter of a several-adapter save is used; say that there are others

@@ -181,6 +181,7 @@ def evaluate(loaded: LoadedModel, rows: Sequence[Row], settings: Optional[Genera
     has_adapter = isinstance(loaded.model, PeftModel)
     if more_adapters and not has_adapter:
         raise ValueError("more_adapters needs a first adapter loaded with the model")
+    refuse_repeated_adapters([loaded.adapter or "", *more_adapters])
     sides: list[tuple[str, Optional[str], LoadedModel]] = []  # (column, adapter name or None, model view)
     if compare_base or not has_adapter:
         sides.append(("base", None, loaded))
@@ -212,6 +213,14 @@ def evaluate(loaded: LoadedModel, rows: Sequence[Row], settings: Optional[Genera
 
 
 RESERVED_LABELS = ("base", "rows", "per_row", "expected")
+
+
+def refuse_repeated_adapters(folders: Sequence[str]) -> None:
+    """ValueError naming the first folder given again (another spelling of the same path counts)."""
+    seen = [os.path.realpath(f) for f in folders]
+    twice = next((f for i, f in enumerate(folders) if os.path.realpath(f) in seen[:i]), None)
+    if twice is not None:
+        raise ValueError(f"adapter {twice!r} is given twice; give each adapter once")
 
 
 def adapter_labels(folders: Sequence[str]) -> list[str]:
