@@ -101,7 +101,6 @@ SPLIT_SLACK_FRACTION = {"cpu": 1.0, "cuda": 0.0}  # x one forward's activations,
 LOGITS_FP32_COPIES = 3
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "smollm3", "granite")
-SUPPORTED = LLAMA_LIKE + ("gpt2", "bert")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # Per fp32 trainable param (the trainer's `optimizer` names; paged states count where they live).
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw": 8, "paged_adamw_8bit": 2}
@@ -223,8 +222,9 @@ def load_config(source: Any):
     model_type = data.pop("model_type", None)
     if not model_type:
         raise ValueError(f"{origin} has no 'model_type' field: add e.g. \"model_type\": \"llama\"")
-    if model_type not in SUPPORTED:
-        raise ValueError(f"{origin}: model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED)}")
+    if model_type not in transformers.CONFIG_MAPPING:
+        raise ValueError(f"{origin}: model_type {model_type!r} is not one transformers {transformers.__version__} "
+                         "knows; a newer transformers may")
     return transformers.AutoConfig.for_model(model_type, **data)
 
 
@@ -263,6 +263,15 @@ class Shape:
     embedding: int  # embedding matrices (+ position/type tables)
     final_other: int  # final norm, pooler, ...
     default_targets: tuple[str, ...]
+    # "generic" family (read off a meta-device model): each input site of the block's linears as
+    # (input width, linear names, what keeps that input anyway: "attention" (its output, unless
+    # tsugiki's CPU attention runs), "activation" (a ReLU's output) or ""), and what the MLP
+    # keeps per token for backward, in values at the compute dtype.
+    sites: tuple[tuple[int, tuple[str, ...], str], ...] = ()
+    mlp_kept: int = 0
+    rms_norm: bool = True
+    experts: bool = False  # a mixture-of-experts MLP
+    residual_dropout: bool = False  # the config drops out each sub-layer's output (OPT, GPT-NeoX-style configs)
 
 
 def model_shape(config) -> Shape:
@@ -304,7 +313,92 @@ def model_shape(config) -> Shape:
         # BertModel: the encoder plus its pooler (dense h x h + bias); no LM head.
         return Shape("bert", h, i, c.num_hidden_layers, n, n, h // n, c.vocab_size, True, linears,
                      4 * h, embedding, h * h + h, ("query", "value"))
-    raise ValueError(f"model_type {mt!r} is not supported; supported: {', '.join(SUPPORTED)}")
+    return _shape_from_meta_model(c)
+
+
+ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn", "query",
+                    "key", "value", "q", "k", "v")
+ATTENTION_OUTPUTS = ("o_proj", "out_proj", "dense", "c_proj", "o", "wo")
+
+
+def _config_value(config, *names: str, default=None):
+    return next((getattr(config, n) for n in names if getattr(config, n, None) is not None), default)
+
+
+def _shape_from_meta_model(config) -> Shape:
+    """The shape of an architecture without a formula here, read off the model built on torch's
+    meta device (no weights): its repeated blocks' linear layers, the other parameters, and the
+    MLP's width. Linears whose names say attention (``q_proj``, ``query_key_value``, ...) share
+    the block input; the attention's output projection takes the heads' width; the other
+    linears reading the hidden state share one input (the MLP's), the rest each its own. The
+    MLP keeps 3 intermediate-width values a token when gated (gate, up, act(gate)), else 1 (the
+    activation's input, or a ReLU's output, which is then the next linear's input too);
+    mixture-of-experts layers keep that per routed expert, plus a copy of the token's hidden
+    state. A config with residual dropout keeps its noise after attention and after the MLP."""
+    import torch
+    import transformers
+
+    try:
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, TypeError, AssertionError) as err:
+        raise ValueError(f"model_type {config.model_type!r}: cannot build the model from its config to size it "
+                         f"({type(err).__name__}: {err})") from err
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
+    if not lists:
+        raise ValueError(f"model_type {config.model_type!r}: no repeated blocks found to size")
+    blocks = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+    block = blocks[0]
+    hidden = int(_config_value(config, "hidden_size", "n_embd", "d_model",
+                               default=model.get_input_embeddings().embedding_dim))
+    heads = int(_config_value(config, "num_attention_heads", "n_head", "num_heads"))
+    if config.model_type == "falcon" and not getattr(config, "new_decoder_architecture", False):
+        kv_heads = 1 if getattr(config, "multi_query", False) else heads
+    else:
+        kv_heads = int(_config_value(config, "num_key_value_heads", "num_kv_heads", default=heads))
+    head_dim = int(_config_value(config, "head_dim", default=hidden // heads))
+
+    linears = tuple(Linear(name, m.in_features, m.out_features, m.bias is not None)
+                    for name, m in block.named_modules() if isinstance(m, torch.nn.Linear))
+    block_params = sum(p.numel() for p in block.parameters())
+    parts = {name: name.rsplit(".", 1)[-1] for name in (lin.name for lin in linears)}
+    attn_in = tuple(n for n, last in parts.items() if last in ATTENTION_INPUTS)
+    attn_out = [lin for lin in linears if parts[lin.name] in ATTENTION_OUTPUTS and "att" in lin.name]
+    rest = [lin for lin in linears if lin.name not in attn_in and lin not in attn_out]
+    mlp_in = tuple(lin.name for lin in rest if lin.in_features == hidden)
+    relu = any(isinstance(m, torch.nn.ReLU) for m in block.modules())  # keeps its output: the next input
+    sites = ([(hidden, attn_in, "")] if attn_in else []) + [(lin.in_features, (lin.name,), "attention")
+                                                              for lin in attn_out]
+    sites += ([(hidden, mlp_in, "")] if mlp_in else [])
+    sites += [(lin.in_features, (lin.name,), "activation" if relu else "") for lin in rest
+              if lin.in_features != hidden]
+
+    experts = {name: p for name, p in block.named_parameters() if p.dim() == 3}
+    downs = [lin.in_features for lin in rest if lin.in_features != hidden]
+    intermediate = int(_config_value(config, "moe_intermediate_size", "intermediate_size", "ffn_dim",
+                                     "ffn_hidden_size", default=4 * hidden) if experts or not downs else max(downs))
+    gated = any("gate" in name for name in list(parts) + list(experts)) or len(mlp_in) > 1
+    per_expert = (3 if gated else 1) * intermediate
+    if experts:
+        top_k = int(_config_value(config, "num_experts_per_tok", "moe_top_k", "top_k", default=2))
+        mlp_kept = top_k * (per_expert + hidden)
+    else:
+        mlp_kept = per_expert
+    rms = any("RMSNorm" in type(m).__name__ for m in block.modules())
+    dropout = float(_config_value(config, "hidden_dropout", "dropout", "resid_pdrop", "hidden_dropout_prob",
+                                  default=0.0) or 0.0)
+
+    inner = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is inner.weight
+    outside = sum(p.numel() for p in model.parameters()) - len(blocks) * block_params
+    lm_head = 0 if tied or head is None else head.weight.numel() + (head.bias.numel() if head.bias is not None else 0)
+    from .inject import DEFAULT_TARGETS
+
+    return Shape("generic", hidden, intermediate, len(blocks), heads, kv_heads, head_dim, int(config.vocab_size),
+                 tied, linears, block_params - sum(lin.numel for lin in linears), outside - lm_head, 0,
+                 tuple(DEFAULT_TARGETS.get(config.model_type, attn_in[:1] or (linears[0].name,))),
+                 tuple(sites), mlp_kept, rms, bool(experts), dropout > 0)
 
 
 def count_parameters(config) -> dict[str, int]:
@@ -374,6 +468,9 @@ def _input_sites(shape: Shape, attention_keeps_output: bool = True) -> list[tupl
     if shape.family == "gpt2":
         return [(shape.hidden, (names[0],), False), (shape.hidden, (names[1],), kept),
                 (shape.hidden, (names[2],), False), (shape.intermediate, (names[3],), False)]
+    if shape.family == "generic":
+        return [(width, site, kept_by == "activation" or (kept and kept_by == "attention"))
+                for width, site, kept_by in shape.sites]
     return [(shape.hidden, tuple(names[0:3]), False), (shape.hidden, (names[3],), kept),
             (shape.hidden, (names[4],), False), (shape.intermediate, (names[5],), False)]
 
@@ -422,6 +519,10 @@ def block_activation_bytes(shape: Shape, s: int, *, full: bool, adapted: set[str
         base = 2 * (s * h + 4) + attn + 2 * s * i
     elif shape.family == "llama":
         base = 2 * 4 * h + attn + 3 * s * i
+    elif shape.family == "generic":
+        base = (2 * 4 * h if shape.rms_norm else 2 * (s * h + 8)) + attn + s * shape.mlp_kept
+        if shape.residual_dropout:  # after attention and after the MLP, each its noise (CPU) or mask (CUDA)
+            base += 2 * (s if device == "cpu" else 1) * h
     else:
         base = 2 * (s * h + 8) + attn + s * i
     extra = 0.0
@@ -475,7 +576,7 @@ AUTO_ACTIVATION_SHARE = 0.25  # max_forward_tokens: auto keeps a forward's activ
 
 def auto_forward_budget(shape: Shape, s: int, reference_bytes: int, device: str,
                         gradient_checkpointing: bool = False, offload: bool = False, dora: bool = False,
-                        dora_dropout: float = 0.0) -> int:
+                        dora_dropout: float = 0.0, full_logits: bool = False) -> int:
     """Tokens one forward may hold under the trainer's ``max_forward_tokens: auto``.
 
     ``AUTO_ACTIVATION_SHARE * reference_bytes / per_token``, at least 1, with
@@ -483,7 +584,9 @@ def auto_forward_budget(shape: Shape, s: int, reference_bytes: int, device: str,
     r 16 without dropout (DoRA, ``dora``: with what its layers keep besides, at
     ``dora_dropout``): ``layers * block``; under gradient checkpointing each
     block's input plus one block, ``layers * hidden * s + block``; with those
-    inputs offloaded to the host, ``block`` alone. The trainer's reference is the
+    inputs offloaded to the host, ``block`` alone. A head whose loss takes the full
+    logits (``full_logits``: not the chunked output layer) adds their fp32 copies,
+    ``LOGITS_FP32_COPIES * 4 * vocab`` a token. The trainer's reference is the
     frozen weights' bytes on a CPU and, on CUDA, the device memory the process can
     have (free plus what torch holds, at most the total).
     """
@@ -494,6 +597,8 @@ def auto_forward_budget(shape: Shape, s: int, reference_bytes: int, device: str,
         per_token = block if offload else shape.layers * shape.hidden * s + block
     else:
         per_token = shape.layers * block
+    if full_logits:
+        per_token += LOGITS_FP32_COPIES * 4 * shape.vocab
     return max(1, int(AUTO_ACTIVATION_SHARE * reference_bytes // max(per_token, 1)))
 
 
@@ -656,9 +761,11 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
     frozen = 0 if full else weights
     if max_forward_tokens == "auto":
         reference = device_memory if device == "cuda" else frozen
+        full_logits = shape.family != "bert" and not chunked_output_layer(config.model_type, full,
+                                                                           target_logits_only)
         budget = 0 if reference is None else auto_forward_budget(shape, s, reference, device, gradient_checkpointing,
                                                                   activation_offloading, dora=method == "dora",
-                                                                  dora_dropout=lora_dropout)
+                                                                  dora_dropout=lora_dropout, full_logits=full_logits)
     else:
         budget = max_forward_tokens
     forward_rows = rows_per_forward(batch_size, max_length, budget)  # the trainer splits by data tokens
@@ -703,7 +810,8 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
                     optimizer=optimizer, gradient_checkpointing=gradient_checkpointing, device=device,
                     activation_offloading=activation_offloading, target_logits_only=target_logits_only,
                     max_forward_tokens=max_forward_tokens, device_memory=device_memory,
-                    virtual_tokens=virtual_tokens)
+                    virtual_tokens=virtual_tokens, sized_by="layout" if shape.family == "generic" else "formula",
+                    experts=shape.experts)
     gguf = _gguf_file(source)
     loading = 0
     if gguf is not None and device == "cpu":
@@ -765,7 +873,8 @@ def suggestions(est: Estimate, available: int, source: Any = DEFAULT_MODEL) -> l
     """Changes that make ``est`` fit ``available`` bytes, each re-estimated: single changes first,
     then (if none fits alone) the changes stacked in order."""
     cur = dict(est.settings)
-    cur.pop("model_type")
+    for described in ("model_type", "sized_by", "experts"):  # what the estimate found, not settings
+        cur.pop(described, None)
     changes: list[tuple[str, dict]] = []
     if cur["method"] == "full":
         changes.append(("train LoRA adapters instead of all weights (method='lora')", {"method": "lora"}))
@@ -780,6 +889,9 @@ def suggestions(est: Estimate, available: int, source: Any = DEFAULT_MODEL) -> l
                         {"gradient_checkpointing": True, "activation_offloading": True}))
     if cur["optimizer"] == "adamw" and cur["method"] == "full":
         changes.append(("8-bit AdamW (optimizer='adamw_8bit')", {"optimizer": "adamw_8bit"}))
+    if est.forward_rows > 1:  # the same batch, one row a forward: activations and logits of one row
+        one_row = cur["max_length"] + (cur.get("virtual_tokens") or 0)
+        changes.append((f"one row a forward (max_forward_tokens={one_row})", {"max_forward_tokens": one_row}))
 
     def fitting_smaller(key: str, floor: int) -> tuple[str, dict] | None:
         value = cur[key] // 2
@@ -844,6 +956,11 @@ def report(est: Estimate, available: int, where: str, source: Any = DEFAULT_MODE
     ]
     if est.offloaded:
         lines.insert(4, f"  (and {est.offloaded / GiB:.3f} GiB of block inputs in pinned host memory)")
+    if est.settings.get("sized_by") == "layout":
+        lines.insert(1, f"note: {est.settings['model_type']} is sized from its module layout, without a formula "
+                        "checked against it here: expect the peak within about 15%"
+                        + ("; mixture-of-experts layers more (a small Mixtral on a CPU peaked 40% higher)"
+                           if est.settings.get("experts") else ""))
     batch = est.settings["batch_size"]
     if est.forward_rows < batch:
         lines.insert(3, f"  (the batch of {batch} runs {est.forward_rows} row(s) a forward, as max_forward_tokens "

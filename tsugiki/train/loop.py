@@ -191,12 +191,14 @@ def enable_gradient_checkpointing(model: nn.Module, offload: bool = False) -> No
 
 
 def auto_forward_tokens(model: nn.Module, dtype: torch.dtype, device: torch.device = torch.device("cpu"),
-                        gradient_checkpointing: bool = False, offload: bool = False) -> int:
+                        gradient_checkpointing: bool = False, offload: bool = False,
+                        full_logits: bool = False) -> int:
     """``max_forward_tokens: auto``: tokens whose saved activations are a quarter of a reference size.
 
     :func:`tsugiki.plan.auto_forward_budget` for the model's shape (as DoRA when
-    an adapted layer has DoRA magnitudes, at its largest dropout); 0 (no limit)
-    for architectures the plan does not know. A row longer than the budget still
+    an adapted layer has DoRA magnitudes, at its largest dropout; ``full_logits``:
+    the loss takes the whole vocabulary's logits, not the chunked output layer);
+    0 (no limit) for architectures the plan cannot size. A row longer than the budget still
     runs whole, alone.
 
     The reference is the frozen weights' bytes on the CPU, so the weights dominate
@@ -224,7 +226,8 @@ def auto_forward_tokens(model: nn.Module, dtype: torch.dtype, device: torch.devi
                      for module in model.modules() if len(getattr(module, "lora_magnitude_vector", ())) > 0
                      for dropout in module.lora_dropout.values()]
     return plan.auto_forward_budget(shape, s, reference, device.type, gradient_checkpointing, offload,
-                                    dora=bool(dora_dropouts), dora_dropout=max(dora_dropouts, default=0.0))
+                                    dora=bool(dora_dropouts), dora_dropout=max(dora_dropouts, default=0.0),
+                                    full_logits=full_logits)
 
 
 def split_rows(examples: Sequence[dict], max_rows: int, max_tokens: int) -> list[list[dict]]:
@@ -597,8 +600,10 @@ class Trainer:
             self._use_cache_before = (model_config, model_config.use_cache)  # put back when training ends
             model_config.use_cache = False  # no KV cache while training
         self._parts = split_causal_lm(self.model) if cfg.target_logits_only else None
+        vocab_head = _find_attr(self.model, "get_output_embeddings")
+        full_logits = self._parts is None and vocab_head is not None and vocab_head() is not None
         self.forward_tokens = (auto_forward_tokens(self.model, self.compute_dtype, self.device,
-                                                   cfg.gradient_checkpointing, offload)
+                                                   cfg.gradient_checkpointing, offload, full_logits)
                                if cfg.max_forward_tokens == "auto" else cfg.max_forward_tokens)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         distributed.broadcast_params(self.trainable)  # every rank starts from rank 0's weights
