@@ -687,3 +687,20 @@ def test_python_plan_and_the_command_line_size_the_same_default_job(capsys):
     assert plan.main(["--ram", "100GB", "--json"]) == 0
     cli_total = json.loads(capsys.readouterr().out)["total"]
     assert plan.plan(verbose=False).total == cli_total
+
+
+def test_a_hub_id_is_planned_from_the_config_in_the_hugging_face_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "models--someone--small-llama" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps(SMOLLM2))
+    (tmp_path / "models--someone--small-llama" / "refs").mkdir()
+    (tmp_path / "models--someone--small-llama" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert plan.count_parameters(plan.load_config("someone/small-llama")) == plan.count_parameters(SMOLLM2)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # not cached: fetching fails at once
+    with pytest.raises(FileNotFoundError, match="someone/other: no config.json for this Hugging Face Hub id in the "
+                                                "local cache, and fetching it failed"):
+        plan.load_config("someone/other")

@@ -206,10 +206,7 @@ def load_config(source: Any):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path} not found: the folder needs the model's config.json")
         if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"{path} not found: give a model folder with config.json, a config.json, a .gguf file "
-                f"or {DEFAULT_MODEL!r}"
-            )
+            path = _hub_config_file(path)
         origin = path
         if path.endswith(".gguf"):
             data = gguf_config(path)
@@ -226,6 +223,32 @@ def load_config(source: Any):
         raise ValueError(f"{origin}: model_type {model_type!r} is not one transformers {transformers.__version__} "
                          "knows; a newer transformers may")
     return transformers.AutoConfig.for_model(model_type, **data)
+
+
+def _hub_config_file(name: str) -> str:
+    """The local ``config.json`` of hub id ``name``: from the Hugging Face cache, else fetched alone
+    (a few KB, no weights). FileNotFoundError when ``name`` is no hub id or neither works."""
+    from .models import resolve_model
+
+    missing = (f"{name} not found: give a model folder with config.json, a config.json, a .gguf file, "
+               f"a Hugging Face Hub id or {DEFAULT_MODEL!r}")
+    try:
+        if resolve_model(name).kind != "hub_id":
+            raise FileNotFoundError(missing)
+    except (FileNotFoundError, ValueError):
+        raise FileNotFoundError(missing) from None
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json")
+    if isinstance(cached, str):
+        return cached
+    try:
+        return hf_hub_download(name, "config.json")
+    except Exception as err:  # offline, a wrong id, a gated repository: all end the same way here
+        raise FileNotFoundError(
+            f"{name}: no config.json for this Hugging Face Hub id in the local cache, and fetching it failed "
+            f"({type(err).__name__}); when online, `huggingface-cli download {name} config.json` fetches it "
+            "alone, or give a local model folder") from None
 
 
 # ----------------------------------------------------------------------------- counting parameters
