@@ -64,8 +64,15 @@ dequantizes it, so while it loads the process holds (``Estimate.loading``)::
 
 where the load bytes are the compute dtype's (fp32 for full fine-tuning, as
 the trainer loads), the file is mapped and read, and one tensor is dequantized
-to fp32 at a time. ``Estimate.peak`` is the larger of the two, and what
-``fits`` compares.
+to fp32 at a time. A model folder whose weights are saved in another dtype
+than the one they train in (an fp32 checkpoint trained in bf16, transformers'
+default for ``save_pretrained``) peaks the same way: the mapped files are read
+whole while the cast copies are made::
+
+    loading = runtime + checkpoint files + frozen weights as they train
+
+``Estimate.peak`` is the larger of loading and training, and what ``fits``
+compares.
 
 The CPU constants are calibrated by ``benchmarks/plan_accuracy.py`` and
 ``benchmarks/gguf_load_memory.py`` (results in ``benchmarks/README.md``); the
@@ -640,8 +647,9 @@ def rows_per_forward(batch_size: int, max_length: int, max_forward_tokens: int) 
 class Estimate:
     """Peak memory of one training step, in bytes, by part; ``total`` is their sum.
 
-    ``loading``: the process while a GGUF file loads on a CPU (0 when not
-    modelled); ``peak``, the larger of the two, is what :meth:`fits` compares.
+    ``loading``: the process while a GGUF file, or a checkpoint saved in another
+    dtype, loads on a CPU (0 when not modelled); ``peak``, the larger of the two,
+    is what :meth:`fits` compares.
     """
 
     parts: dict[str, int]
@@ -667,8 +675,9 @@ class Estimate:
         lines = [f"  {k:<{width}}  {v / GiB:8.3f} GiB" for k, v in self.parts.items()]
         lines.append(f"  {'total':<{width}}  {self.total / GiB:8.3f} GiB")
         if self.loading > self.total:
-            lines.append(f"  loading the GGUF file peaks higher: {self.loading / GiB:.3f} GiB "
-                         "(it is dequantized while it loads)")
+            why = ("the GGUF file is dequantized while it loads" if self.settings.get("loads_from") == "gguf" else
+                   "its files are read whole while the weights are cast to the training dtype")
+            lines.append(f"  loading the model peaks higher: {self.loading / GiB:.3f} GiB ({why})")
         return "\n".join(lines)
 
 
@@ -837,7 +846,16 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
                     experts=shape.experts)
     gguf = _gguf_file(source)
     loading = 0
+    checkpoint = _checkpoint_bytes(source) if gguf is None and device == "cpu" else 0
+    saved_bytes = {torch_dtype_name: n for torch_dtype_name, n in (("float32", 4), ("bfloat16", 2),
+                                                                     ("float16", 2))}.get(
+        str(getattr(config, "dtype", None) or "").replace("torch.", ""))
+    trained_bytes = 4 if full else s
+    if checkpoint and saved_bytes and (quantization or saved_bytes != trained_bytes):
+        settings["loads_from"] = "checkpoint"
+        loading = RUNTIME_BYTES[device] + checkpoint + (weights if quantization else counts["total"] * trained_bytes)
     if gguf is not None and device == "cpu":
+        settings["loads_from"] = "gguf"
         load_bytes = 4 if full or dtype == "fp32" else s  # as the trainer loads it (pipeline.load_dtype)
         largest = max([shape.vocab * shape.hidden] + [lin.in_features * lin.out_features for lin in shape.linears])
         loading = (RUNTIME_BYTES[device] + counts["total"] * load_bytes + os.path.getsize(gguf) + 4 * largest
@@ -845,6 +863,15 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
     return Estimate(parts, {**counts, "trainable": trainable}, settings,
                     offloaded=block_inputs if activation_offloading else 0, forward_rows=forward_rows,
                     loading=int(loading))
+
+
+def _checkpoint_bytes(source: Any) -> int:
+    """The size of a model folder's weight files (safetensors, else PyTorch ``.bin``), 0 for anything else."""
+    if not isinstance(source, (str, os.PathLike)) or not os.path.isdir(source):
+        return 0
+    files = [f for f in os.listdir(source) if f.endswith(".safetensors")] or \
+        [f for f in os.listdir(source) if f.endswith(".bin") and f.startswith("pytorch_model")]
+    return sum(os.path.getsize(os.path.join(source, f)) for f in files)
 
 
 def _gguf_file(source: Any) -> Optional[str]:
@@ -896,7 +923,7 @@ def suggestions(est: Estimate, available: int, source: Any = DEFAULT_MODEL) -> l
     """Changes that make ``est`` fit ``available`` bytes, each re-estimated: single changes first,
     then (if none fits alone) the changes stacked in order."""
     cur = dict(est.settings)
-    for described in ("model_type", "sized_by", "experts"):  # what the estimate found, not settings
+    for described in ("model_type", "sized_by", "experts", "loads_from"):  # what the estimate found, not settings
         cur.pop(described, None)
     changes: list[tuple[str, dict]] = []
     if cur["method"] == "full":
