@@ -327,6 +327,14 @@ def test_clear_errors(tmp_path):
         plan.estimate(SMOLLM2, method="ia3")
     with pytest.raises(ValueError, match="lora_r=0: the LoRA rank must be a whole number >= 1"):
         plan.estimate(SMOLLM2, lora_r=0)
+    with pytest.raises(ValueError, match=r"^batch_size=-1 must be a whole number >= 1$"):
+        plan.estimate(SMOLLM2, batch_size=-1)
+    with pytest.raises(ValueError, match="trainable_params=-5 must be a whole number >= 0"):
+        plan.estimate(SMOLLM2, method="ia3", trainable_params=-5)
+    with pytest.raises(ValueError, match="memory size '0GB' must be more than 0"):
+        plan.parse_size("0GB")
+    with pytest.raises(ValueError, match="--method qlora is LoRA on a 4-bit base, which --quantization none"):
+        plan.main([str(bad.parent), "--method", "qlora", "--quantization", "none"])
 
 
 @pytest.mark.e2e

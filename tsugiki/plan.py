@@ -643,6 +643,20 @@ def rows_per_forward(batch_size: int, max_length: int, max_forward_tokens: int) 
 # ----------------------------------------------------------------------------- the estimate
 
 
+PART_MEANINGS = {
+    "runtime": "the libraries themselves (on a GPU: the CUDA context)",
+    "weights": "the frozen base weights",
+    "trainable": "the trained weights (fp32)",
+    "gradients": "their gradients",
+    "optimizer": "the optimizer's state",
+    "compute_copies": "16-bit copies of the trained weights for each step",
+    "optimizer_step": "the 8-bit optimizer's temporaries",
+    "activations": "what one forward keeps for backward",
+    "logits": "the output layer's values at the loss",
+    "allocator_slack": "freed memory the allocator keeps for reuse",
+}
+
+
 @dataclass
 class Estimate:
     """Peak memory of one training step, in bytes, by part; ``total`` is their sum.
@@ -671,8 +685,10 @@ class Estimate:
         return self.peak <= available_bytes
 
     def table(self) -> str:
+        """The parts that hold memory, each with what it is, then the total."""
         width = max(len(k) for k in self.parts)
-        lines = [f"  {k:<{width}}  {v / GiB:8.3f} GiB" for k, v in self.parts.items()]
+        lines = [f"  {k:<{width}}  {v / GiB:8.3f} GiB  {PART_MEANINGS.get(k, '')}".rstrip()
+                 for k, v in self.parts.items() if v or k == "runtime"]
         lines.append(f"  {'total':<{width}}  {self.total / GiB:8.3f} GiB")
         if self.loading > self.total:
             why = ("the GGUF file is dequantized while it loads" if self.settings.get("loads_from") == "gguf" else
@@ -747,8 +763,11 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
                          "pass gradient_checkpointing=True and device='cuda'")
     if method in ("lora", "dora") and (not isinstance(lora_r, int) or lora_r < 1):
         raise ValueError(f"lora_r={lora_r!r}: the LoRA rank must be a whole number >= 1")
-    if batch_size < 1 or max_length < 1:
-        raise ValueError(f"batch_size={batch_size} and max_length={max_length} must be >= 1")
+    for key, value in (("batch_size", batch_size), ("max_length", max_length)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key}={value!r} must be a whole number >= 1")
+    if trainable_params is not None and (not isinstance(trainable_params, int) or trainable_params < 0):
+        raise ValueError(f"trainable_params={trainable_params!r} must be a whole number >= 0")
     if max_forward_tokens != "auto" and not (isinstance(max_forward_tokens, int) and max_forward_tokens >= 0):
         raise ValueError(f"max_forward_tokens={max_forward_tokens!r}: use 'auto', 0 (no limit) or a token count")
     full = method == "full"
@@ -902,7 +921,10 @@ def parse_size(text: str) -> int:
     if not m:
         raise ValueError(f"unknown memory size {text!r}: use e.g. 24GB, 16000MB or a GPU name ({', '.join(GPU_SIZES_MIB)})")
     unit = (m.group(2) or "GB")[0]
-    return int(float(m.group(1)) * {"M": MiB, "G": GiB, "T": 1024 * GiB}[unit])
+    size = int(float(m.group(1)) * {"M": MiB, "G": GiB, "T": 1024 * GiB}[unit])
+    if size <= 0:
+        raise ValueError(f"memory size {text!r} must be more than 0")
+    return size
 
 
 def available_ram() -> int:
@@ -999,8 +1021,9 @@ def report(est: Estimate, available: int, where: str, source: Any = DEFAULT_MODE
     p = est.params
     lines = [
         f"job: {describe(est.settings)}",
-        f"parameters: {p['total']:,} total, {p['trainable']:,} trainable ({100 * p['trainable'] / p['total']:.2f}%)",
-        f"estimated peak memory ({est.settings['device']}):",
+        f"parameters: {p['total']:,} in the base model, {p['trainable']:,} trainable "
+        f"({100 * p['trainable'] / p['total']:.2f}%)",
+        f"estimated peak memory ({'the process resident in RAM' if est.settings['device'] == 'cpu' else 'what torch allocates on the GPU'}):",
         est.table(),
         f"available: {available / GiB:.3f} GiB ({where})",
     ]
@@ -1161,7 +1184,7 @@ def training_fit(cfg: Any, available: int, where: str, **settings: Any) -> tuple
     found = suggestions(est, available, source)[:2]
     fixes = "; ".join(f"{text} ({e.peak / GiB:.2f} GiB)" for text, e in found) or "none of the usual changes"
     return est, (f"warning: {line}: the run may run out of memory. Changes that fit: {fixes}. "
-                 "Details: tsugiki plan --config <your config>")
+                 "Details: tsugiki plan with the same options (or --config <the run's YAML>)")
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -1238,8 +1261,10 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     a("--max-forward-tokens", default=None, type=_forward_tokens,
       help="tokens one forward may hold, as the trainer's max_forward_tokens: 'auto' (default), 0 (the whole "
            "batch at once) or a count")
-    a("--gpu", default=None, help="check against a GPU: a size (24GB) or a name (T4, A100-40GB, H100)")
-    a("--ram", default=None, help="check against this much RAM instead of this machine's available memory")
+    a("--gpu", default=None, help="check against a GPU: a size (24GB) or a name (T4, A100-40GB, H100); "
+                                  "GB and GiB both mean 2^30 bytes")
+    a("--ram", default=None, help="check against this much RAM (e.g. 16GB; GB = GiB) instead of this machine's "
+                                  "available memory")
     a("--json", action="store_true", help="print the estimate as JSON")
     return parser
 
@@ -1260,6 +1285,9 @@ def _cli_settings(args: argparse.Namespace, device: str) -> tuple[Any, dict[str,
         settings.update({key: value for key, value in job.items() if key != "device"})
     given = {key: getattr(args, key) for key in CLI_KEYS if getattr(args, key) is not None}
     if "method" in given and given["method"] == "qlora":
+        if given.get("quantization") == "none":
+            raise ValueError("--method qlora is LoRA on a 4-bit base, which --quantization none contradicts: "
+                             "use --method lora for a 16-bit base (tsugiki train reads qlora as 4-bit)")
         given["method"] = "lora"
         given.setdefault("quantization", "4bit")
     if given.get("quantization") == "none":
