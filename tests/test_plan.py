@@ -731,3 +731,20 @@ def test_a_checkpoint_saved_in_another_dtype_adds_its_loading_peak(tmp_path):
     assert plan.estimate(str(tmp_path / "bf16"), dtype="bf16", batch_size=1, max_length=16).loading == 0
     full = plan.estimate(str(tmp_path / "fp32"), method="full", dtype="fp32", batch_size=1, max_length=16)
     assert full.loading == 0  # trained as saved: nothing is cast
+
+
+def test_full_logits_count_in_the_auto_budget_and_a_soft_cap_keeps_one_more_copy():
+    """Gemma's head is not chunked: one 1024-token row of a 256k vocabulary holds 3 GB of fp32 logits,
+    which 'auto' used to leave out (a small Gemma 2 peaked at 4.3 GiB; now 1.6)."""
+    kw = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, vocab_size=32000, pad_token_id=0)
+    gemma = transformers.AutoConfig.for_model("gemma", **kw)
+    gemma2 = transformers.AutoConfig.for_model("gemma2", **kw, final_logit_softcapping=30.0)
+    assert (plan.full_logit_copies(gemma), plan.full_logit_copies(gemma2)) == (3, 4)
+    one, two = (plan.estimate(c, batch_size=1, max_length=256, max_forward_tokens=0) for c in (gemma, gemma2))
+    assert two.parts["logits"] == one.parts["logits"] * 4 // 3 == 4 * 4 * 256 * 32000
+    shape = plan.model_shape(gemma)
+    blocks_only = plan.auto_forward_budget(shape, 2, 10**9, "cpu")
+    with_logits = plan.auto_forward_budget(shape, 2, 10**9, "cpu", full_logits=3)
+    assert with_logits < blocks_only / 10  # the logits dominate a token's bytes
+    assert plan.estimate(gemma, batch_size=8, max_length=256).forward_rows < 8

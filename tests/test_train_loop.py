@@ -463,6 +463,23 @@ def test_auto_forward_tokens_follows_the_weights_and_the_shape():
     assert auto_forward_tokens(torch.nn.Linear(4, 4), torch.float32) == 0  # no config: no limit
 
 
+def test_the_trainers_auto_budget_counts_full_logits_when_the_loss_takes_them(tmp_path):
+    """With the chunked output layer the loss holds no full logits; the model's own loss holds 3 fp32 copies."""
+    from tsugiki import plan
+    from tsugiki.train.loop import auto_forward_tokens
+
+    rows = random_examples(4)
+    budgets = {}
+    for chunked in (True, False):
+        trainer = Trainer(tiny_model(), make_config(tmp_path / str(chunked), max_steps=1, target_logits_only=chunked),
+                          rows, progress=False)
+        trainer.prepare()
+        budgets[chunked] = trainer.forward_tokens
+    assert budgets[True] == auto_forward_tokens(tiny_model(), torch.float32)
+    assert budgets[False] == auto_forward_tokens(tiny_model(), torch.float32, full_logits=plan.LOGITS_FP32_COPIES)
+    assert budgets[False] < budgets[True]
+
+
 def test_auto_forward_tokens_of_a_dora_model_count_what_its_layers_keep():
     """DoRA layers keep z and, with dropout, their dropped inputs: the same share of memory holds fewer tokens,
     the number the memory plan gives for method dora."""

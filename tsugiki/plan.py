@@ -45,7 +45,8 @@ and adds up what one training step holds at its peak::
   fine-tuning, ``target_logits_only=False``)
   holds ``12 * B * T * vocab`` bytes: the fp32 log-softmax kept for backward,
   its gradient and the gradient of the fp32 logits, alive together when
-  backward starts.
+  backward starts; a final logit soft-cap (Gemma 2: ``tanh(z / c) * c``) keeps
+  one more fp32 copy, its tanh.
 * ``allocator_slack``: freed temporaries that glibc's heap keeps resident on
   CPU (its dynamic mmap threshold moves multi-MB blocks to the heap), measured
   at ~40% of the un-checkpointed activations (half that under gradient
@@ -106,6 +107,11 @@ GGUF_LOAD_REST = 24 * MiB  # a GGUF load's peak beyond the model, the file and o
 SLACK_FRACTION = {"cpu": 0.40, "cuda": 0.10}
 SPLIT_SLACK_FRACTION = {"cpu": 1.0, "cuda": 0.0}  # x one forward's activations, when a step runs 2+ forwards
 LOGITS_FP32_COPIES = 3
+
+
+def full_logit_copies(config) -> int:
+    """fp32 copies of the full logits the model's own loss holds: one more with a soft-capped head."""
+    return LOGITS_FP32_COPIES + (1 if getattr(config, "final_logit_softcapping", None) is not None else 0)
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "smollm3", "granite")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -606,7 +612,7 @@ AUTO_ACTIVATION_SHARE = 0.25  # max_forward_tokens: auto keeps a forward's activ
 
 def auto_forward_budget(shape: Shape, s: int, reference_bytes: int, device: str,
                         gradient_checkpointing: bool = False, offload: bool = False, dora: bool = False,
-                        dora_dropout: float = 0.0, full_logits: bool = False) -> int:
+                        dora_dropout: float = 0.0, full_logits: int = 0) -> int:
     """Tokens one forward may hold under the trainer's ``max_forward_tokens: auto``.
 
     ``AUTO_ACTIVATION_SHARE * reference_bytes / per_token``, at least 1, with
@@ -615,8 +621,9 @@ def auto_forward_budget(shape: Shape, s: int, reference_bytes: int, device: str,
     ``dora_dropout``): ``layers * block``; under gradient checkpointing each
     block's input plus one block, ``layers * hidden * s + block``; with those
     inputs offloaded to the host, ``block`` alone. A head whose loss takes the full
-    logits (``full_logits``: not the chunked output layer) adds their fp32 copies,
-    ``LOGITS_FP32_COPIES * 4 * vocab`` a token. The trainer's reference is the
+    logits (not the chunked output layer) adds their fp32 copies, ``full_logits``
+    of them (:func:`full_logit_copies`; 0 for the chunked layer), ``4 * vocab`` bytes
+    a token each. The trainer's reference is the
     frozen weights' bytes on a CPU and, on CUDA, the device memory the process can
     have (free plus what torch holds, at most the total).
     """
@@ -627,8 +634,7 @@ def auto_forward_budget(shape: Shape, s: int, reference_bytes: int, device: str,
         per_token = block if offload else shape.layers * shape.hidden * s + block
     else:
         per_token = shape.layers * block
-    if full_logits:
-        per_token += LOGITS_FP32_COPIES * 4 * shape.vocab
+    per_token += int(full_logits) * 4 * shape.vocab
     return max(1, int(AUTO_ACTIVATION_SHARE * reference_bytes // max(per_token, 1)))
 
 
@@ -697,13 +703,14 @@ class Estimate:
         return "\n".join(lines)
 
 
-def logits_bytes(tokens: int, vocab: int, hidden: int, s: int, chunked: bool) -> int:
+def logits_bytes(tokens: int, vocab: int, hidden: int, s: int, chunked: bool,
+                 copies: int = LOGITS_FP32_COPIES) -> int:
     """Bytes the loss holds at the end of the forward (see ``logits`` in the module docstring)."""
     from .kernels.target_logits import CHUNK_ELEMENTS
 
     if chunked:
         return min(tokens * vocab, CHUNK_ELEMENTS) * (4 + s) + tokens * hidden * s
-    return LOGITS_FP32_COPIES * 4 * tokens * vocab
+    return copies * 4 * tokens * vocab
 
 
 def chunked_output_layer(model_type: str, full: bool, target_logits_only: bool = True) -> bool:
@@ -812,8 +819,8 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
     frozen = 0 if full else weights
     if max_forward_tokens == "auto":
         reference = device_memory if device == "cuda" else frozen
-        full_logits = shape.family != "bert" and not chunked_output_layer(config.model_type, full,
-                                                                           target_logits_only)
+        full_logits = full_logit_copies(config) if shape.family != "bert" and not chunked_output_layer(
+            config.model_type, full, target_logits_only) else 0
         budget = 0 if reference is None else auto_forward_budget(shape, s, reference, device, gradient_checkpointing,
                                                                   activation_offloading, dora=method == "dora",
                                                                   dora_dropout=lora_dropout, full_logits=full_logits)
@@ -851,7 +858,8 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
                            if optimizer.endswith("_8bit") and device == "cpu" else 0),
         "activations": activations,
         "logits": logits_bytes(tokens, shape.vocab, shape.hidden, s,
-                               chunked_output_layer(config.model_type, full, target_logits_only)),
+                               chunked_output_layer(config.model_type, full, target_logits_only),
+                               full_logit_copies(config)),
         "allocator_slack": slack,
     }
     parts = {k: int(round(v)) for k, v in parts.items()}

@@ -85,6 +85,7 @@ from ..kernels.target_logits import (full_logits_loss_sum as token_loss_sum, sco
                                       split_causal_lm, target_logits_loss_sum)
 from ..data import IGNORE_INDEX, Collator, PackedCollator, batch_plan, pack, pad_token_id_for
 from ..fileio import open_up_private_files
+from .. import plan
 from ..plan import cpu_has_native_bf16
 from ..inject import bnb_linear_types
 from ..quant import no_cpu_repacking
@@ -192,12 +193,13 @@ def enable_gradient_checkpointing(model: nn.Module, offload: bool = False) -> No
 
 def auto_forward_tokens(model: nn.Module, dtype: torch.dtype, device: torch.device = torch.device("cpu"),
                         gradient_checkpointing: bool = False, offload: bool = False,
-                        full_logits: bool = False) -> int:
+                        full_logits: int = 0) -> int:
     """``max_forward_tokens: auto``: tokens whose saved activations are a quarter of a reference size.
 
     :func:`tsugiki.plan.auto_forward_budget` for the model's shape (as DoRA when
     an adapted layer has DoRA magnitudes, at its largest dropout; ``full_logits``:
-    the loss takes the whole vocabulary's logits, not the chunked output layer);
+    the fp32 copies of the whole vocabulary's logits the loss holds, 0 under the
+    chunked output layer);
     0 (no limit) for architectures the plan cannot size. A row longer than the budget still
     runs whole, alone.
 
@@ -209,8 +211,6 @@ def auto_forward_tokens(model: nn.Module, dtype: torch.dtype, device: torch.devi
     forward there pays a fixed launch cost that makes short forwards several
     times slower per token, and an out-of-memory error halves the micro-batch anyway.
     """
-    from .. import plan
-
     config = _find_attr(model, "config")
     try:
         shape = plan.model_shape(plan.load_config(config))
@@ -601,9 +601,10 @@ class Trainer:
             model_config.use_cache = False  # no KV cache while training
         self._parts = split_causal_lm(self.model) if cfg.target_logits_only else None
         vocab_head = _find_attr(self.model, "get_output_embeddings")
-        full_logits = self._parts is None and vocab_head is not None and vocab_head() is not None
+        whole_vocabulary = self._parts is None and vocab_head is not None and vocab_head() is not None
+        logit_copies = plan.full_logit_copies(model_config) if whole_vocabulary else 0  # held by the loss
         self.forward_tokens = (auto_forward_tokens(self.model, self.compute_dtype, self.device,
-                                                   cfg.gradient_checkpointing, offload, full_logits)
+                                                   cfg.gradient_checkpointing, offload, logit_copies)
                                if cfg.max_forward_tokens == "auto" else cfg.max_forward_tokens)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         distributed.broadcast_params(self.trainable)  # every rank starts from rank 0's weights
