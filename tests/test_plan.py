@@ -748,3 +748,13 @@ def test_full_logits_count_in_the_auto_budget_and_a_soft_cap_keeps_one_more_copy
     with_logits = plan.auto_forward_budget(shape, 2, 10**9, "cpu", full_logits=3)
     assert with_logits < blocks_only / 10  # the logits dominate a token's bytes
     assert plan.estimate(gemma, batch_size=8, max_length=256).forward_rows < 8
+
+
+def test_a_k_bit_base_on_a_cpu_counts_bitsandbytes_in_the_runtime():
+    """Importing bitsandbytes 0.50 adds 112 MiB; QLoRA/8-bit plans were 0.1-0.15 GiB short without it."""
+    plain = plan.estimate(SMOLLM2, batch_size=1, max_length=64)
+    for quantization in ("4bit", "8bit"):
+        cpu = plan.estimate(SMOLLM2, quantization=quantization, batch_size=1, max_length=64)
+        assert cpu.parts["runtime"] == plain.parts["runtime"] + plan.BNB_RUNTIME_BYTES
+    gpu = plan.estimate(SMOLLM2, quantization="4bit", device="cuda", batch_size=1, max_length=64, device_memory=2**34)
+    assert gpu.parts["runtime"] == plan.RUNTIME_BYTES["cuda"]

@@ -56,7 +56,8 @@ and adds up what one training step holds at its peak::
   about one more forward's activations (measured 1.0-1.3x on SmolLM2 with
   one-row forwards, steady from the second forward on).
 * ``runtime``: Python + torch + transformers resident before the model
-  (measured 401 MiB with torch 2.13 / transformers 5.24), or the CUDA context.
+  (measured 401 MiB with torch 2.13 / transformers 5.24), or the CUDA context;
+  a k-bit base on a CPU adds bitsandbytes' own (112 MiB, version 0.50).
 
 Loading a ``.gguf`` file on a CPU can peak above training: transformers
 dequantizes it, so while it loads the process holds (``Estimate.loading``)::
@@ -103,6 +104,7 @@ GiB = 1024**3
 
 # Calibrated on CPU (see benchmarks/README.md); CUDA values are typical, not measured here.
 RUNTIME_BYTES = {"cpu": 401 * MiB, "cuda": 500 * MiB}
+BNB_RUNTIME_BYTES = 112 * MiB  # importing bitsandbytes 0.50 (a k-bit base) on a CPU: measured 112.5 MiB
 GGUF_LOAD_REST = 24 * MiB  # a GGUF load's peak beyond the model, the file and one fp32 tensor (measured 12-27 MiB)
 SLACK_FRACTION = {"cpu": 0.40, "cuda": 0.10}
 SPLIT_SLACK_FRACTION = {"cpu": 1.0, "cuda": 0.0}  # x one forward's activations, when a step runs 2+ forwards
@@ -848,7 +850,7 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
         slack += SPLIT_SLACK_FRACTION[device] * activations
 
     parts = {
-        "runtime": RUNTIME_BYTES[device],
+        "runtime": RUNTIME_BYTES[device] + (BNB_RUNTIME_BYTES if quantization and device == "cpu" else 0),
         "weights": frozen,
         "trainable": trainable * param_bytes,
         "gradients": trainable * param_bytes,
@@ -878,9 +880,9 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
                                                                      ("float16", 2))}.get(
         str(getattr(config, "dtype", None) or "").replace("torch.", ""))
     trained_bytes = 4 if full else s
-    if checkpoint and saved_bytes and (quantization or saved_bytes != trained_bytes):
+    if checkpoint and saved_bytes and saved_bytes != trained_bytes:
         settings["loads_from"] = "checkpoint"
-        loading = RUNTIME_BYTES[device] + checkpoint + (weights if quantization else counts["total"] * trained_bytes)
+        loading = parts["runtime"] + checkpoint + (weights if quantization else counts["total"] * trained_bytes)
     if gguf is not None and device == "cpu":
         settings["loads_from"] = "gguf"
         load_bytes = 4 if full or dtype == "fp32" else s  # as the trainer loads it (pipeline.load_dtype)
