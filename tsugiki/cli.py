@@ -164,6 +164,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise
     if distributed.is_main():
         print(f"{'model' if config.method == 'full' else 'adapter'} saved in {result.output_dir}")
+    distributed.finish()
     return 0
 
 

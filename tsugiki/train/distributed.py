@@ -113,6 +113,14 @@ def barrier() -> None:
         dist.barrier()
 
 
+def finish() -> None:
+    """Leave the process group together, at the normal end of a run: every rank waits for the
+    others first, so none tears its connections down while another still uses them."""
+    if is_distributed():
+        dist.barrier()
+    destroy()
+
+
 def destroy() -> None:
     """Leave the process group (no-op when there is none)."""
     if dist.is_available() and dist.is_initialized():
