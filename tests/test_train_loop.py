@@ -716,3 +716,17 @@ def test_a_dora_checkpoint_from_before_the_magnitude_became_a_module_resumes(tmp
     magnitude = next(p for n, p in trainer.model.named_parameters() if "lora_magnitude_vector" in n)
     expected = next(v for k, v in saved.items() if "lora_magnitude_vector" in k)
     assert torch.equal(magnitude.detach(), expected)
+
+
+def test_the_peak_memory_is_this_processs_not_the_one_it_was_started_from():
+    """ru_maxrss carries the parent's RSS into a child: a notebook running `!tsugiki train` reported its own."""
+    import subprocess
+    import sys
+
+    held = bytearray(1536 * 2**20)
+    held[::4096] = b"\1" * len(held[::4096])  # resident, in this (the parent) process
+    code = "import torch; from tsugiki.train.records import peak_memory_bytes; print(peak_memory_bytes(torch.device('cpu')))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    child_peak = int(done.stdout.split()[-1])
+    assert 50 * 2**20 < child_peak < 1024 * 2**20, child_peak  # torch's import, not the parent's 1.5 GiB
+    del held

@@ -210,11 +210,21 @@ def plot_loss_curve(output_dir: str) -> tuple[Optional[str], Optional[str]]:
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory of the run: CUDA max allocated on GPU, else the process's peak RSS."""
+    """Peak memory of the run: CUDA max allocated on GPU, else the process's peak RSS.
+
+    On Linux that is ``VmHWM`` of ``/proc/self/status``: ``ru_maxrss`` also holds the RSS
+    of the process this one was started from (a notebook's kernel running ``!tsugiki train``
+    reported its own gigabytes as the run's peak).
+    """
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB, macOS bytes
+    try:
+        with open("/proc/self/status") as status:
+            line = next(line for line in status if line.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024  # kB
+    except (OSError, StopIteration):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux reports KiB, macOS bytes
 
 
 def files_size(paths: list[str]) -> int:
