@@ -758,3 +758,27 @@ def test_a_k_bit_base_on_a_cpu_counts_bitsandbytes_in_the_runtime():
         assert cpu.parts["runtime"] == plain.parts["runtime"] + plan.BNB_RUNTIME_BYTES
     gpu = plan.estimate(SMOLLM2, quantization="4bit", device="cuda", batch_size=1, max_length=64, device_memory=2**34)
     assert gpu.parts["runtime"] == plan.RUNTIME_BYTES["cuda"]
+
+
+@pytest.mark.parametrize("dropouts", [dict(attn_pdrop=0.0, resid_pdrop=0.0), dict(attn_pdrop=0.0, resid_pdrop=0.1),
+                                      dict(attn_pdrop=0.1, resid_pdrop=0.1)])  # the last: GPT-2's defaults
+def test_gpt2_blocks_keep_what_the_formula_says_with_and_without_dropout(dropouts):
+    """Attention dropout sends SDPA down its math path on a CPU: per token it keeps heads x row length values."""
+    from tsugiki import LoraConfig, get_peft_model
+
+    B, T = 2, 64
+
+    def config(layers):
+        return transformers.GPT2Config(n_embd=64, n_layer=layers, n_head=4, vocab_size=300, n_positions=256,
+                                       embd_pdrop=0.0, **dropouts)
+
+    def saved(layers):
+        torch.manual_seed(0)
+        model = get_peft_model(transformers.GPT2LMHeadModel(config(layers)).to(torch.bfloat16),
+                               LoraConfig(r=4, target_modules=["c_attn"]))
+        return _saved_bytes(model, torch.randint(0, 100, (B, T)), torch.bfloat16, fast=False)
+
+    shape = plan.model_shape(config(2))
+    want = plan.block_activation_bytes(shape, 2, full=False, adapted={"attn.c_attn"}, lora_r=4, lora_dropout=0.0,
+                                       device="cpu", seq_len=T)
+    assert (saved(3) - saved(2)) / (B * T) == pytest.approx(want, rel=0.1)

@@ -109,6 +109,7 @@ GGUF_LOAD_REST = 24 * MiB  # a GGUF load's peak beyond the model, the file and o
 SLACK_FRACTION = {"cpu": 0.40, "cuda": 0.10}
 SPLIT_SLACK_FRACTION = {"cpu": 1.0, "cuda": 0.0}  # x one forward's activations, when a step runs 2+ forwards
 LOGITS_FP32_COPIES = 3
+ATTENTION_DROPOUT_BYTES = 12  # per head, query and key: fp32 probabilities and dropout's output (GPT-2, measured)
 
 
 def full_logit_copies(config) -> int:
@@ -309,7 +310,9 @@ class Shape:
     mlp_kept: int = 0
     rms_norm: bool = True
     experts: bool = False  # a mixture-of-experts MLP
-    residual_dropout: bool = False  # the config drops out each sub-layer's output (OPT, GPT-NeoX-style configs)
+    residual_dropout: bool = False  # the config drops out each sub-layer's output (GPT-2, BERT, OPT, ...)
+    attention_dropout: bool = False  # ... and the attention probabilities (GPT-2's attn_pdrop, BERT's)
+    activation: str = ""  # a non-gated MLP's activation (transformers' ACT2FN name): what it keeps is measured
 
 
 def model_shape(config) -> Shape:
@@ -334,14 +337,17 @@ def model_shape(config) -> Shape:
         # gemma2/3 norm after attention and MLP too; qwen3 and gemma3 normalise queries and keys per head.
         norms = (4 if mt in ("gemma2", "gemma3_text") else 2) * h + (2 * hd if mt in ("qwen3", "gemma3_text") else 0)
         return Shape("llama", h, i, c.num_hidden_layers, heads, kv, hd, c.vocab_size,
-                     bool(c.tie_word_embeddings), linears, norms, c.vocab_size * h, h, ("q_proj", "v_proj"))
+                     bool(c.tie_word_embeddings), linears, norms, c.vocab_size * h, h, ("q_proj", "v_proj"),
+                     attention_dropout=_dropout(c, "attention_dropout") > 0)
     if mt == "gpt2":
         h, n = c.n_embd, c.n_head
         i = c.n_inner or 4 * h
         linears = (Linear("attn.c_attn", h, 3 * h, True), Linear("attn.c_proj", h, h, True),
                    Linear("mlp.c_fc", h, i, True), Linear("mlp.c_proj", i, h, True))
         return Shape("gpt2", h, i, c.n_layer, n, n, h // n, c.vocab_size, True, linears,
-                     4 * h, (c.vocab_size + c.n_positions) * h, 2 * h, ("c_attn",))
+                     4 * h, (c.vocab_size + c.n_positions) * h, 2 * h, ("c_attn",),
+                     residual_dropout=_dropout(c, "resid_pdrop") > 0, attention_dropout=_dropout(c, "attn_pdrop") > 0,
+                     activation=c.activation_function)
     if mt == "bert":
         h, i, n = c.hidden_size, c.intermediate_size, c.num_attention_heads
         linears = (Linear("attention.self.query", h, h, True), Linear("attention.self.key", h, h, True),
@@ -350,7 +356,9 @@ def model_shape(config) -> Shape:
         embedding = (c.vocab_size + c.max_position_embeddings + c.type_vocab_size) * h + 2 * h  # + LayerNorm
         # BertModel: the encoder plus its pooler (dense h x h + bias); no LM head.
         return Shape("bert", h, i, c.num_hidden_layers, n, n, h // n, c.vocab_size, True, linears,
-                     4 * h, embedding, h * h + h, ("query", "value"))
+                     4 * h, embedding, h * h + h, ("query", "value"),
+                     residual_dropout=_dropout(c, "hidden_dropout_prob") > 0,
+                     attention_dropout=_dropout(c, "attention_probs_dropout_prob") > 0, activation=c.hidden_act)
     return _shape_from_meta_model(c)
 
 
@@ -361,6 +369,11 @@ ATTENTION_OUTPUTS = ("o_proj", "out_proj", "dense", "c_proj", "o", "wo")
 
 def _config_value(config, *names: str, default=None):
     return next((getattr(config, n) for n in names if getattr(config, n, None) is not None), default)
+
+
+def _dropout(config, *names: str) -> float:
+    """The first of the config's dropout probabilities ``names`` it sets, else 0."""
+    return float(_config_value(config, *names, default=0.0) or 0.0)
 
 
 def _shape_from_meta_model(config) -> Shape:
@@ -417,14 +430,18 @@ def _shape_from_meta_model(config) -> Shape:
                                      "ffn_hidden_size", default=4 * hidden) if experts or not downs else max(downs))
     gated = any("gate" in name for name in list(parts) + list(experts)) or len(mlp_in) > 1
     per_expert = (3 if gated else 1) * intermediate
+    activation = ""
     if experts:
         top_k = int(_config_value(config, "num_experts_per_tok", "moe_top_k", "top_k", default=2))
         mlp_kept = top_k * (per_expert + hidden)
     else:
         mlp_kept = per_expert
+        if not gated:  # what the activation keeps is measured (GPT-2's tanh GELU keeps 4 tensors)
+            activation = str(_config_value(config, "hidden_act", "activation_function", "hidden_activation",
+                                           default="") or "")
     rms = any("RMSNorm" in type(m).__name__ for m in block.modules())
-    dropout = float(_config_value(config, "hidden_dropout", "dropout", "resid_pdrop", "hidden_dropout_prob",
-                                  default=0.0) or 0.0)
+    dropout = _dropout(config, "hidden_dropout", "dropout", "resid_pdrop", "hidden_dropout_prob")
+    attention_dropout = _dropout(config, "attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
 
     inner = model.get_input_embeddings()
     head = model.get_output_embeddings()
@@ -436,7 +453,7 @@ def _shape_from_meta_model(config) -> Shape:
     return Shape("generic", hidden, intermediate, len(blocks), heads, kv_heads, head_dim, int(config.vocab_size),
                  tied, linears, block_params - sum(lin.numel for lin in linears), outside - lm_head, 0,
                  tuple(DEFAULT_TARGETS.get(config.model_type, attn_in[:1] or (linears[0].name,))),
-                 tuple(sites), mlp_kept, rms, bool(experts), dropout > 0)
+                 tuple(sites), mlp_kept, rms, bool(experts), dropout > 0, attention_dropout > 0, activation)
 
 
 def count_parameters(config) -> dict[str, int]:
@@ -524,10 +541,35 @@ def uses_fast_attention(shape: Shape, config, dtype: str, device: str, max_lengt
     return device == "cpu" and dtype == "bf16" and not dropout and group * max_length ** 2 <= MAX_ROW_SCORES
 
 
+@functools.lru_cache(maxsize=32)
+def activation_bytes(name: str, s: int) -> float:
+    """Bytes an MLP activation (transformers' ``ACT2FN[name]``) keeps for backward per element of
+    its input, at the compute dtype of ``s`` bytes: measured on a small tensor (GELU 1 value,
+    GPT-2's ``gelu_new`` 4, ``gelu_fast`` 7). ``s`` when ``name`` is empty or unknown."""
+    import torch
+
+    try:
+        from transformers.activations import ACT2FN
+
+        act = ACT2FN[name]
+    except (KeyError, ImportError):
+        return float(s)
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.ones(256, dtype=torch.bfloat16 if s == 2 else torch.float32, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        act(x * 1.0)  # a non-leaf input, as a linear layer's output is
+    return sum(kept.values()) / 256
+
+
 def block_activation_bytes(shape: Shape, s: int, *, full: bool, adapted: set[str], lora_r: int,
                            lora_dropout: float, device: str, fused_blocks: bool = True,
-                           fast_attention: bool = False, dora: bool = False) -> float:
-    """Bytes autograd saves per token in one block.
+                           fast_attention: bool = False, dora: bool = False, seq_len: int = 0) -> float:
+    """Bytes autograd saves per token in one block (of rows ``seq_len`` long).
 
     Llama block, compute dtype of ``s`` bytes, as the trainer runs it
     (``fused_blocks``, :mod:`tsugiki.kernels.block_fused`): both RMSNorms keep
@@ -548,7 +590,11 @@ def block_activation_bytes(shape: Shape, s: int, *, full: bool, adapted: set[str
     its own dropped input and dropout's mask instead of the shared input:
     ``2 s * in`` on a CPU, where torch's dropout keeps its scaled noise at the
     input's dtype, ``(s + 1) * in`` on CUDA (a boolean mask). Full fine-tuning
-    keeps every linear input at ``s``.
+    keeps every linear input at ``s``. A model that drops out each sub-layer's
+    output (GPT-2's ``resid_pdrop``, BERT's ``hidden_dropout_prob``) keeps the
+    noise of two of them, ``2 s h`` (a one-byte mask each on CUDA); one that drops
+    out attention probabilities sends SDPA down its math path on a CPU, which
+    keeps ``ATTENTION_DROPOUT_BYTES`` (12, measured) per head and key position.
     """
     h, i = shape.hidden, shape.intermediate
     q_dim, kv_dim = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
@@ -558,11 +604,14 @@ def block_activation_bytes(shape: Shape, s: int, *, full: bool, adapted: set[str
     elif shape.family == "llama":
         base = 2 * 4 * h + attn + 3 * s * i
     elif shape.family == "generic":
-        base = (2 * 4 * h if shape.rms_norm else 2 * (s * h + 8)) + attn + s * shape.mlp_kept
-        if shape.residual_dropout:  # after attention and after the MLP, each its noise (CPU) or mask (CUDA)
-            base += 2 * (s if device == "cpu" else 1) * h
+        base = (2 * 4 * h if shape.rms_norm else 2 * (s * h + 8)) + attn + activation_bytes(shape.activation, s) \
+            * shape.mlp_kept
     else:
-        base = 2 * (s * h + 8) + attn + s * i
+        base = 2 * (s * h + 8) + attn + activation_bytes(shape.activation, s) * i
+    if shape.residual_dropout:  # after attention and after the MLP, each its noise (CPU) or mask (CUDA)
+        base += 2 * (s if device == "cpu" else 1) * h
+    if shape.attention_dropout and device == "cpu":  # SDPA's math path: probabilities and noise kept
+        base += ATTENTION_DROPOUT_BYTES * shape.heads * seq_len
     extra = 0.0
     out_features = {lin.name: lin.out_features for lin in shape.linears}
     for width, names, saved in _input_sites(shape, attention_keeps_output=not fast_attention):
@@ -832,7 +881,7 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
     tokens = forward_rows * (max_length + virtual_tokens)  # what one forward holds for its backward
 
     fast = uses_fast_attention(shape, config, dtype, device, max_length)
-    per_block = block_activation_bytes(shape, s, full=full, adapted=adapted,
+    per_block = block_activation_bytes(shape, s, full=full, adapted=adapted, seq_len=max_length + virtual_tokens,
                                        lora_r=lora_r if method in ("lora", "dora") else 0,
                                        lora_dropout=lora_dropout, device=device, fast_attention=fast,
                                        dora=method == "dora")
