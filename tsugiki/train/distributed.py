@@ -25,6 +25,7 @@ summation order:
 from __future__ import annotations
 
 import atexit
+import gc
 import datetime
 import os
 import pickle
@@ -115,7 +116,10 @@ def barrier() -> None:
 
 def finish() -> None:
     """Leave the process group together, at the normal end of a run: every rank waits for the
-    others first, so none tears its connections down while another still uses them."""
+    others first, so none tears its connections down while another still uses them. The run's
+    objects (a sharded model, its optimizer) are collected before, while the group they use is
+    still there."""
+    gc.collect()
     if is_distributed():
         dist.barrier()
     destroy()
