@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -150,6 +151,7 @@ def _collectives(rank: int, port: int, results) -> None:
         except FileExistsError as err:
             out["error"] = str(err)
         out["decided"] = distributed.run_on_main(lambda: f"decided by {distributed.rank()}")
+        out["gathered"] = distributed.gather_objects({"from": rank})
         results[rank] = out
     finally:
         distributed.destroy()
@@ -167,3 +169,62 @@ def test_collectives_across_two_processes():
         assert out["broadcast"] == [0.0, 0.0]
         assert out["error"] == "output_dir taken"
         assert out["decided"] == "decided by 0"
+        assert out["gathered"] == [{"from": 0}, {"from": 1}]
+
+
+def test_a_resumed_two_process_run_draws_each_ranks_own_random_numbers(model_dir, tmp_path):
+    """NEFTune's noise and dropout draw from each rank's generator, whose streams part ways (the ranks' rows differ
+    in length); a checkpoint holding only rank 0's state resumed rank 1 on rank 0's stream."""
+    import shutil
+
+    # Unshuffled, each step's first two rows (rank 0's) are short and the last two (rank 1's) long.
+    rows = [{"instruction": f"Say the word number {i}.",
+             "output": " ".join([f"word {i % 5}"] * (1 if i % 4 < 2 else 12))} for i in range(24)]
+    data = write_jsonl(tmp_path / "uneven.jsonl", rows)
+    out = str(tmp_path / "run")
+    args = train_args(model_dir, data, out, batch_size=2, max_steps=6) + [
+        "--save_steps", "3", "--neftune_alpha", "5", "--lora_dropout", "0.1", "--shuffle", "false",
+        "--eval_split", "0"]
+    torchrun(args)
+    uninterrupted = load_file(os.path.join(out, "adapter_model.safetensors"))
+    losses = [r["loss"] for r in metrics(out)]
+    shutil.rmtree(os.path.join(out, "checkpoint-6"))  # as if stopped after step 5: it resumes from step 3
+    proc = torchrun(args)
+    assert "resuming from" in proc.stdout + proc.stderr
+    resumed = load_file(os.path.join(out, "adapter_model.safetensors"))
+    for name in uninterrupted:
+        torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+    assert [r["loss"] for r in metrics(out)][-3:] == losses[-3:]
+
+
+def _stop_on_rank_1(rank: int, port: int, model_dir: str, data: str, out: str, results) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import tsugiki
+
+    def stop_at_2_on_rank_1(trainer, record):
+        return not (rank == 1 and record["step"] == 2)
+
+    try:
+        result = tsugiki.train({"model": model_dir, "data": data, "output_dir": out, "max_steps": 5, "batch_size": 2,
+                                "dtype": "fp32", "eval_split": 0, "save_steps": 0, "tensorboard": False},
+                               progress=False, callbacks=[stop_at_2_on_rank_1])
+        results[rank] = result.metrics["steps"]
+    finally:
+        distributed.destroy()
+
+
+def test_a_callback_stopping_one_rank_stops_them_all(model_dir, data_file, tmp_path):
+    """The other rank waited in the next step's collectives (for the 30-minute timeout)."""
+    results = mp.Manager().dict()
+    context = mp.spawn(_stop_on_rank_1, args=(free_port(), model_dir, data_file, str(tmp_path / "run"), results),
+                       nprocs=2, join=False)
+    deadline = time.monotonic() + 180
+    joined = False
+    while not joined and time.monotonic() < deadline:  # join() returns as each process ends
+        joined = context.join(timeout=max(1.0, deadline - time.monotonic()))
+    if not joined:
+        for process in context.processes:
+            process.terminate()
+    assert joined, "a rank is still waiting"
+    assert dict(results) == {0: 2, 1: 2}

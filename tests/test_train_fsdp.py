@@ -93,7 +93,10 @@ def test_fsdp_saves_a_prompt_its_method_computes_from_sharded_parameters(model_d
     assert_same_adapter(os.path.join(two, "checkpoint-2"), os.path.join(one, "checkpoint-2"))
 
 
-def test_fsdp_in_one_process_is_refused(model_dir, data_file, tmp_path, capsys):
+def test_fsdp_in_one_process_is_refused_before_the_model_loads(model_dir, data_file, tmp_path, capsys, monkeypatch):
+    import tsugiki.pipeline
+
+    monkeypatch.setattr(tsugiki.pipeline, "load_model", lambda *a, **k: pytest.fail("loaded first"))
     out = str(tmp_path / "out")
     assert main(fsdp_args(model_dir, data_file, out, batch_size=4, grad_accum=1, max_steps=1) + ["--fsdp", "true"]) == 2
     assert "needs torchrun --nproc_per_node 2+" in capsys.readouterr().err

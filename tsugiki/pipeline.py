@@ -33,7 +33,7 @@ from .models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
 from .train import distributed
 from .train.checkpoint import resolve_resume
 from .train.config import ConfigError, TrainConfig
-from .train.loop import Trainer, TrainResult, resolve_dtype, set_seed
+from .train.loop import Trainer, TrainResult, check_fsdp_world, resolve_dtype, set_seed
 
 logger = logging.getLogger("tsugiki")
 
@@ -191,6 +191,7 @@ def run_training(config: Union[None, str, os.PathLike, Mapping[str, Any], TrainC
     if cfg.eval_steps and not cfg.eval_data and not cfg.eval_split:
         raise cfg.no_eval_rows_error()
     distributed.init_distributed()  # before any CUDA work: each rank pins its own GPU
+    check_fsdp_world(cfg)  # before the model loads
     progress = progress and distributed.is_main()
     # Refuses a non-empty output_dir early, before anything slow happens; removes nothing yet (the trainer
     # does, once data and model have loaded), so a job refused on the way keeps the run it would replace.
@@ -267,8 +268,9 @@ def _max_length_within_context(cfg: TrainConfig) -> TrainConfig:
         return cfg
     if limit is None or cfg.max_length <= limit:
         return cfg
-    logger.warning("max_length=%d is longer than the model's %d-token context: rows are cut at %d tokens",
-                   cfg.max_length, limit, limit)
+    if distributed.is_main():
+        logger.warning("max_length=%d is longer than the model's %d-token context: rows are cut at %d tokens",
+                       cfg.max_length, limit, limit)
     return cfg.replace(max_length=limit)
 
 

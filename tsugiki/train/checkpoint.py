@@ -428,13 +428,17 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(output_dir: str, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler, config: TrainConfig, state: dict[str, Any], scaler=None,
                     trainable: Optional[dict[str, torch.Tensor]] = None,
-                    optimizer_state: Optional[dict[str, Any]] = None) -> str:
+                    optimizer_state: Optional[dict[str, Any]] = None,
+                    rng_states: Optional[list[dict[str, Any]]] = None) -> str:
     """Write ``checkpoint-{step}`` atomically (tmp folder, fsync, COMPLETE marker, rename) and rotate old ones.
 
     ``trainable`` and ``optimizer_state``: whole tensors gathered beforehand (by every rank of an
     FSDP run, :func:`fsdp.full_trainable_state` / :func:`fsdp.full_optimizer_state`); by default
     they are taken from ``model`` and ``optimizer`` here, which suits an unsharded model.
+    ``rng_states``: every rank's random state, in rank order (default: this process's), so each
+    rank of a resumed run draws what it would have drawn (its dropout, NEFTune noise).
     """
+    rng_states = rng_states or [rng_state()]
     os.makedirs(output_dir, exist_ok=True)
     method_state = method_hook(model, "state_for_checkpoint")
     tmp = os.path.join(output_dir, f".checkpoint-{step}.tmp")
@@ -452,7 +456,8 @@ def save_checkpoint(output_dir: str, step: int, model: nn.Module, optimizer: tor
             "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": rng_state(),
+            "rng": rng_states[0],
+            "rng_ranks": rng_states,
             "method_state": method_state() if method_state is not None else None,
         }, os.path.join(tmp, STATE_FILE))
         config.save(os.path.join(tmp, CONFIG_FILENAME))
@@ -531,9 +536,10 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
     scaler_state = state.pop("scaler", None)
     if scaler is not None and scaler_state is not None:
         scaler.load_state_dict(scaler_state)
-    rng = state.pop("rng")
-    if restore_rng:
-        set_rng_state(rng)
+    rng, ranks = state.pop("rng"), state.pop("rng_ranks", None)
+    if restore_rng:  # each rank its own state when the run has as many ranks as the one that saved
+        same_world = ranks is not None and len(ranks) == distributed.world_size()
+        set_rng_state(ranks[distributed.rank()] if same_world else rng)
     method_state = state.pop("method_state", None)  # absent from checkpoints of older versions
     restore = method_hook(model, "load_checkpoint_state")
     if restore is not None and method_state is not None:

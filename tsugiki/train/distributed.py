@@ -169,6 +169,15 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     return box[0]
 
 
+def gather_objects(obj: T) -> list[T]:
+    """Every rank's ``obj`` (it must pickle), in rank order, on every rank; ``[obj]`` when not distributed."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def run_on_main(fn: Callable[[], T]) -> T:
     """Run ``fn`` on rank 0 only and hand its result, or its exception, to every rank.
 

@@ -91,8 +91,8 @@ from ..inject import bnb_linear_types
 from ..quant import no_cpu_repacking
 from . import distributed, fsdp
 from .checkpoint import (CARD_FILE, check_resume_compatible, is_our_card, load_checkpoint, method_hook,
-                         release_run_lock, resolve_resume, save_checkpoint, TRAINABLE_FILE, trainable_state,
-                         user_files)
+                         release_run_lock, resolve_resume, rng_state, save_checkpoint, TRAINABLE_FILE,
+                         trainable_state, user_files)
 from .config import ConfigError, TrainConfig
 from .neftune import neftune
 from .records import files_size, make_recorder, peak_memory_bytes, plot_loss_curve, write_summary
@@ -189,6 +189,13 @@ def enable_gradient_checkpointing(model: nn.Module, offload: bool = False) -> No
     require = _find_attr(model, "enable_input_require_grads")
     if require is not None:
         require()
+
+
+def check_fsdp_world(config: TrainConfig) -> None:
+    """``fsdp: true`` needs a process group of 2+ ranks (call after ``init_distributed``)."""
+    if config.fsdp and distributed.world_size() < 2:
+        raise ConfigError("fsdp: true needs torchrun --nproc_per_node 2+ (this run is a single process); "
+                          "start it with torchrun, or set fsdp: false")
 
 
 def auto_forward_tokens(model: nn.Module, dtype: torch.dtype, device: torch.device = torch.device("cpu"),
@@ -332,7 +339,7 @@ class Trainer:
         tokenizer: saved next to the final adapter when given; supplies the pad id.
         callbacks: functions ``f(trainer, record)`` called after every optimizer step; one returning
             False stops the run after that step, which then saves and reports as at its end (under
-            several processes, return the same on each).
+            several processes, on every rank when one returns False).
         progress: show the tqdm bar.
 
     Data order: each epoch is cut into optimizer steps of ``batch_size * grad_accum * world_size``
@@ -365,9 +372,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         distributed.init_distributed()
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
-        if config.fsdp and self.world_size < 2:
-            raise ConfigError("fsdp: true needs torchrun --nproc_per_node 2+ (this run is a single process); "
-                              "start it with torchrun, or set fsdp: false")
+        check_fsdp_world(config)
         self.fsdp = bool(config.fsdp)
         self.progress = progress and self.rank == 0  # one bar and one summary, from rank 0
         self.rows_per_rank = config.batch_size * config.grad_accum
@@ -673,6 +678,7 @@ class Trainer:
         every rank first gathers whole tensors from the shards (collectives), then rank 0 writes.
         """
         trainable = optimizer_state = None
+        rng_states = distributed.gather_objects(rng_state())  # a collective: before rank 0 goes its own way
         with contextlib.ExitStack() as stack:
             if self.fsdp:
                 gathered = stack.enter_context(fsdp.gathered_for_save(self.model))
@@ -685,7 +691,7 @@ class Trainer:
             state["examples_per_step"] = self.examples_per_step
             return save_checkpoint(self.config.output_dir, step, self.model, self.optimizer, self.scheduler,
                                    self.config, state, self.scaler, trainable=trainable,
-                                   optimizer_state=optimizer_state)
+                                   optimizer_state=optimizer_state, rng_states=rng_states)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> TrainResult:
@@ -739,8 +745,12 @@ class Trainer:
                     self.recorder.advance()
                     if cfg.save_steps and (st["step"] % cfg.save_steps == 0 or st["step"] == self.total_steps):
                         self._checkpoint(st["step"])
-                    # A callback returning False stops the run after this step (it still saves and reports).
-                    if any([callback(self, record) is False for callback in self.callbacks]):  # each one runs
+                    # A callback returning False stops the run after this step (it still saves and reports);
+                    # on any rank: the others stop with it instead of waiting in the next step's collectives.
+                    stop = any([callback(self, record) is False for callback in self.callbacks])  # each one runs
+                    if self.callbacks and distributed.is_distributed():
+                        stop = distributed.all_reduce_sum([float(stop)])[0] > 0
+                    if stop:
                         self._say(f"stopped by a callback after step {st['step']}")
                         break
             if self.eval_examples and (not eval_metrics or st["last"].get("eval_step") != st["step"]):
