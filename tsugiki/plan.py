@@ -1091,8 +1091,10 @@ def report(est: Estimate, available: int, where: str, source: Any = DEFAULT_MODE
     if est.settings.get("sized_by") == "layout":
         lines.insert(1, f"note: {est.settings['model_type']} is sized from its module layout, without a formula "
                         "checked against it here: expect the peak within about 15%"
-                        + ("; mixture-of-experts layers more (a small Mixtral on a CPU peaked 40% higher)"
-                           if est.settings.get("experts") else ""))
+                        + ("; mixture-of-experts layers more: on a CPU, oneDNN caches matmul primitives for "
+                           "each new number of tokens an expert sees, and the process grows step by step (a "
+                           "small Mixtral peaked 40% higher after 3 steps; ONEDNN_PRIMITIVE_CACHE_CAPACITY=64 "
+                           "bounds it, at half the speed)" if est.settings.get("experts") else ""))
     batch = est.settings["batch_size"]
     if est.forward_rows < batch:
         lines.insert(3, f"  (the batch of {batch} runs {est.forward_rows} row(s) a forward, as max_forward_tokens "
