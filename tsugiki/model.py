@@ -30,7 +30,8 @@ from . import methods  # noqa: F401  (registers every method's config and tuner)
 from .kernels.decode import single_row_decoding
 from .methods.lora import LoraConfig, as_lora_for_original_base, decoding_forwards
 from .quant import unpack_cpu_4bit
-from .tuner import BASE_ADAPTER_NAME, TUNER_REGISTRY, AdapterLayer, BaseTuner, ModulesToSaveWrapper, batch_adapter_names
+from .tuner import (BASE_ADAPTER_NAME, TUNER_REGISTRY, AdapterLayer, BaseTuner, ModulesToSaveWrapper,
+                    batch_adapter_names)
 
 
 # Task heads that adapters train in full and save, by task type (the names HF PEFT adds).

@@ -118,6 +118,7 @@ def full_logit_copies(config) -> int:
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "smollm3", "granite")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+SAVED_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # a config's dtype, as torch names it
 # Per fp32 trainable param (the trainer's `optimizer` names; paged states count where they live).
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_8bit": 2, "paged_adamw": 8, "paged_adamw_8bit": 2}
 # Temporaries of bitsandbytes 0.50's CPU 8-bit update per element of the tensor it updates (measured 22.0).
@@ -389,6 +390,8 @@ def _shape_from_meta_model(config) -> Shape:
     import torch
     import transformers
 
+    from .inject import DEFAULT_TARGETS
+
     try:
         with torch.device("meta"):
             model = transformers.AutoModelForCausalLM.from_config(config)
@@ -448,8 +451,6 @@ def _shape_from_meta_model(config) -> Shape:
     tied = head is not None and head.weight is inner.weight
     outside = sum(p.numel() for p in model.parameters()) - len(blocks) * block_params
     lm_head = 0 if tied or head is None else head.weight.numel() + (head.bias.numel() if head.bias is not None else 0)
-    from .inject import DEFAULT_TARGETS
-
     return Shape("generic", hidden, intermediate, len(blocks), heads, kv_heads, head_dim, int(config.vocab_size),
                  tied, linears, block_params - sum(lin.numel for lin in linears), outside - lm_head, 0,
                  tuple(DEFAULT_TARGETS.get(config.model_type, attn_in[:1] or (linears[0].name,))),
@@ -925,9 +926,7 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
     gguf = _gguf_file(source)
     loading = 0
     checkpoint = _checkpoint_bytes(source) if gguf is None and device == "cpu" else 0
-    saved_bytes = {torch_dtype_name: n for torch_dtype_name, n in (("float32", 4), ("bfloat16", 2),
-                                                                     ("float16", 2))}.get(
-        str(getattr(config, "dtype", None) or "").replace("torch.", ""))
+    saved_bytes = SAVED_DTYPE_BYTES.get(str(getattr(config, "dtype", None)).replace("torch.", ""))
     trained_bytes = 4 if full else s
     if checkpoint and saved_bytes and saved_bytes != trained_bytes:
         settings["loads_from"] = "checkpoint"

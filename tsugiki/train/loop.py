@@ -206,9 +206,8 @@ def auto_forward_tokens(model: nn.Module, dtype: torch.dtype, device: torch.devi
     :func:`tsugiki.plan.auto_forward_budget` for the model's shape (as DoRA when
     an adapted layer has DoRA magnitudes, at its largest dropout; ``full_logits``:
     the fp32 copies of the whole vocabulary's logits the loss holds, 0 under the
-    chunked output layer);
-    0 (no limit) for architectures the plan cannot size. A row longer than the budget still
-    runs whole, alone.
+    chunked output layer); 0 (no limit) for architectures the plan cannot size.
+    A row longer than the budget still runs whole, alone.
 
     The reference is the frozen weights' bytes on the CPU, so the weights dominate
     the peak there (one short row per forward costs little speed on a CPU). On a
