@@ -358,6 +358,29 @@ def test_hf_peft_helper_names_behave_as_hf_peft_s(tmp_path):
                                         tiny_llama())
 
 
+def test_state_dict_functions_take_a_model_with_injected_adapters_as_hf_peft_s():
+    """HF PEFT's low-level API: inject_adapter_in_model, then get/set_peft_model_state_dict on the plain model."""
+    ids = token_batch()
+    states, logits = {}, {}
+    for library in (tsugiki, peft):
+        config = library.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+        trained = library.inject_adapter_in_model(config, tiny_llama())
+        randomize_adapters(trained)
+        states[library] = library.get_peft_model_state_dict(trained)
+        fresh = library.inject_adapter_in_model(config, tiny_llama())
+        result = library.set_peft_model_state_dict(fresh, states[library])
+        assert not result.unexpected_keys
+        logits[library] = (_logits(trained, ids), _logits(fresh, ids))
+    assert sorted(states[tsugiki]) == sorted(states[peft])  # "model.layers.0.self_attn.q_proj.lora_A.weight", ...
+    torch.testing.assert_close(logits[tsugiki][1], logits[tsugiki][0], atol=0, rtol=0)
+    # HF PEFT's tensors load into tsugiki's injected model and compute what HF PEFT's does.
+    ours = tsugiki.inject_adapter_in_model(tsugiki.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), tiny_llama())
+    tsugiki.set_peft_model_state_dict(ours, states[peft])
+    torch.testing.assert_close(_logits(ours, ids), logits[peft][0], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="no adapter named 'other'"):
+        tsugiki.get_peft_model_state_dict(ours, adapter_name="other")
+
+
 def test_layer_and_model_status_equal_hf_pefts():
     import dataclasses
 

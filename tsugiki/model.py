@@ -456,6 +456,22 @@ def _peft_model(model: nn.Module) -> PeftModel:
     return model
 
 
+def _injected_model(model: nn.Module) -> Optional[nn.Module]:
+    """``model`` (unwrapped from ``torch.compile``) when :func:`inject_adapter_in_model` grafted
+    adapters into it directly, without a PeftModel around it; else None."""
+    model = getattr(model, "_orig_mod", model)
+    configs = getattr(model, "peft_config", None)
+    if isinstance(model, PeftModel) or not isinstance(configs, dict) or not configs:
+        return None
+    return model if all(isinstance(c, PeftConfig) for c in configs.values()) else None
+
+
+def _adapter_config(model: nn.Module, adapter_name: str, what: str) -> PeftConfig:
+    if adapter_name not in model.peft_config:
+        raise ValueError(f"no adapter named {adapter_name!r} {what}; the model has {list(model.peft_config)}")
+    return model.peft_config[adapter_name]
+
+
 def get_peft_model_state_dict(model: PeftModel, state_dict: Optional[dict[str, torch.Tensor]] = None,
                               adapter_name: str = "default", unwrap_compiled: bool = False,
                               save_embedding_layers: Union[str, bool] = "auto") -> dict[str, torch.Tensor]:
@@ -473,14 +489,17 @@ def get_peft_model_state_dict(model: PeftModel, state_dict: Optional[dict[str, t
     if save_embedding_layers is True:
         warnings.warn("get_peft_model_state_dict: save_embedding_layers=True is not supported; the full "
                       "embedding matrix is not included (load the adapter onto the same base)", stacklevel=2)
-    model = _peft_model(model)
-    if adapter_name not in model.peft_config:
-        raise ValueError(f"no adapter named {adapter_name!r}; the model has {list(model.peft_config)}")
-    config = model.peft_config[adapter_name]
-    tuner = model.base_model
-    state = adapter_io.adapter_state_dict(model, adapter_name, tuner.adapter_attr_names(),
-                                          getattr(config, "bias", "none"), state=state_dict)
-    state = tuner.adapter_state_to_save(adapter_name, state)
+    injected = _injected_model(model)
+    model = injected if injected is not None else _peft_model(model)
+    config = _adapter_config(model, adapter_name, "in the model")
+    if injected is not None:  # keys relative to the model itself, as HF PEFT writes them for such a model
+        state = adapter_io.adapter_state_dict(model, adapter_name, _tuner_for(config).adapter_attr_names(),
+                                              getattr(config, "bias", "none"), state=state_dict)
+    else:
+        tuner = model.base_model
+        state = adapter_io.adapter_state_dict(model, adapter_name, tuner.adapter_attr_names(),
+                                              getattr(config, "bias", "none"), state=state_dict)
+        state = tuner.adapter_state_to_save(adapter_name, state)
     if not state and state_dict is not None:  # already in file form, as this function returns it?
         file_keys = get_peft_model_state_dict(model, adapter_name=adapter_name).keys()
         if file_keys <= state_dict.keys():
@@ -505,10 +524,10 @@ def set_peft_model_state_dict(model: PeftModel, peft_model_state_dict: dict[str,
     out, keeps its current value, and is named in a warning. ``low_cpu_mem_usage``
     is accepted for HF PEFT's sake (the adapter exists already, nothing is allocated).
     """
-    model = _peft_model(model)
-    if adapter_name not in model.peft_config:
-        raise ValueError(f"no adapter named {adapter_name!r} to load into; the model has "
-                         f"{list(model.peft_config)} (add_adapter or load_adapter creates one)")
+    injected = _injected_model(model)
+    model = injected if injected is not None else _peft_model(model)
+    config = _adapter_config(model, adapter_name, "to load into (add_adapter, load_adapter or "
+                                                  "inject_adapter_in_model creates one)")
     if ignore_mismatched_sizes:
         current = get_peft_model_state_dict(model, adapter_name=adapter_name)
         mismatched = [k for k, v in peft_model_state_dict.items() if k in current and v.shape != current[k].shape]
@@ -516,6 +535,10 @@ def set_peft_model_state_dict(model: PeftModel, peft_model_state_dict: dict[str,
             warnings.warn(f"set_peft_model_state_dict: {len(mismatched)} tensor(s) of another shape left out "
                           f"(ignore_mismatched_sizes=True), e.g. {', '.join(mismatched[:3])}", stacklevel=2)
             peft_model_state_dict = {k: v for k, v in peft_model_state_dict.items() if k not in mismatched}
+    if injected is not None:
+        return adapter_io.load_adapter_weights(model, peft_model_state_dict, adapter_name,
+                                               _tuner_for(config).adapter_attr_names(), "the given state dict",
+                                               strict=False)
     return _load_weights(model, peft_model_state_dict, adapter_name, "the given state dict", strict=False)
 
 
@@ -668,6 +691,9 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
                       "load weights with set_peft_model_state_dict)", stacklevel=2)
     tuner = _tuner_for(peft_config)(model, _prepare_config(peft_config, model), adapter_name)
     tuner.set_adapter(adapter_name, inference_mode=False)
+    # As HF PEFT does: the configs ride on the model, so that get_peft_model_state_dict and
+    # set_peft_model_state_dict find its adapters.
+    tuner.model.peft_config = tuner.peft_config
     return tuner.model
 
 

@@ -399,10 +399,12 @@ class BaseTuner(nn.Module):
         differs from its in-memory one overrides this (AdaLoRA drops its pruned ranks)."""
         return state
 
-    def adapter_attr_names(self) -> tuple[str, ...]:
+    @classmethod
+    def adapter_attr_names(cls) -> tuple[str, ...]:
+        """The attribute names under which this method's layers keep adapter tensors (``lora_A``, ...)."""
         names: list[str] = []
-        for cls in self.layer_classes:
-            names.extend(cls.adapter_param_names)
+        for layer_cls in cls.layer_classes:
+            names.extend(layer_cls.adapter_param_names)
         return tuple(names)
 
     @property
