@@ -158,6 +158,18 @@ def file_key_to_model_key(key: str, adapter_name: str, adapter_attrs: tuple[str,
     return key
 
 
+def _shape_mismatch_cause(model: nn.Module, param: torch.Tensor, tensor: torch.Tensor) -> str:
+    """Why a file's tensor does not fit the model's: a vocabulary resized for training, else another base."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = embeddings.weight.shape[0] if embeddings is not None and hasattr(embeddings, "weight") else None
+    differing = [(have, want) for have, want in zip(param.shape, tensor.shape) if have != want]
+    if vocab is not None and len(differing) == 1 and differing[0][0] == vocab and param.dim() == tensor.dim():
+        return (f"the adapter was trained with a vocabulary of {differing[0][1]} tokens, the model has {vocab}: "
+                f"resize the base first, base.resize_token_embeddings({differing[0][1]}) (AutoPeftModel does "
+                "it when the adapter folder holds the tokenizer)")
+    return "the adapter was made for a different base model (or a different rank_pattern)"
+
+
 def load_adapter_weights(peft_model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str,
                          adapter_attrs: tuple[str, ...], source: str, strict: bool = True) -> IncompatibleKeys:
     """Copy ``state`` (file keys) into ``peft_model``; strict checks name every bad key.
@@ -202,9 +214,7 @@ def load_adapter_weights(peft_model: nn.Module, state: dict[str, torch.Tensor], 
         if tuple(param.shape) != tuple(tensor.shape) and not param.is_meta:
             raise AdapterLoadError(
                 f"{source}: tensor {model_key!r} has shape {tuple(tensor.shape)} in the file but "
-                f"{tuple(param.shape)} in the model; the adapter was made for a different base model "
-                "(or a different rank_pattern)"
-            )
+                f"{tuple(param.shape)} in the model; " + _shape_mismatch_cause(peft_model, param, tensor))
     with torch.no_grad():
         for model_key, tensor in mapped.items():
             param = model_state[model_key]

@@ -31,6 +31,7 @@ class _AutoPeftModel:
                 "model yourself and call PeftModel.from_pretrained(base, adapter_dir)"
             )
         base = cls._load_base(base_path, config.revision, cls._base_class(adapter_dir, config), **model_kwargs)
+        _fit_vocabulary(base, adapter_dir)
         # This class's wrapper (AutoPeftModelForCausalLM: PeftModelForCausalLM), whatever task_type the file has.
         wrapper = TASK_MODELS.get(cls.peft_task_type, PeftModel)
         return wrapper.from_pretrained(base, adapter_dir, adapter_name=adapter_name, is_trainable=is_trainable)
@@ -73,6 +74,20 @@ class _AutoPeftModel:
         if revision:
             model_kwargs.setdefault("revision", revision)
         return base_class.from_pretrained(base_path, **model_kwargs)
+
+
+def _fit_vocabulary(base: Any, adapter_dir: str | os.PathLike) -> None:
+    """Grow the base's embeddings to the tokenizer saved with the adapter, as HF PEFT's AutoPeftModel does:
+    training that added tokens resized them, and the adapter's embedding tensors have those rows."""
+    if not os.path.isfile(os.path.join(adapter_dir, "tokenizer_config.json")) or \
+            not hasattr(base, "get_input_embeddings"):
+        return
+    from transformers import AutoTokenizer
+
+    rows = base.get_input_embeddings().weight.shape[0]
+    size = len(AutoTokenizer.from_pretrained(adapter_dir))
+    if size > rows:  # never shrink: a padded embedding matrix may hold more rows than the tokenizer
+        base.resize_token_embeddings(size)
 
 
 class AutoPeftModel(_AutoPeftModel):
