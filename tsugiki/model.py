@@ -377,6 +377,8 @@ class PeftModel(nn.Module):
                         subfolder: Optional[str] = None, allow_pickle: bool = False, strict: bool = True,
                         **kwargs: Any) -> "PeftModel":
         """Wrap ``model`` with the adapter saved in ``model_id`` (frozen unless ``is_trainable``)."""
+        if kwargs.get("autocast_adapter_dtype", True) is False:
+            _warn_fp32_adapters("PeftModel.from_pretrained")
         folder = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
         config = copy.deepcopy(config) if config is not None else PeftConfig.from_pretrained(folder)
         config.inference_mode = not is_trainable
@@ -655,9 +657,19 @@ TASK_MODELS: dict[Optional[str], type[PeftModel]] = {
 }
 
 
+def _warn_fp32_adapters(caller: str) -> None:
+    warnings.warn(f"{caller}: autocast_adapter_dtype=False is not supported; the adapter's parameters are fp32 "
+                  "whatever the base's dtype", stacklevel=3)
+
+
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
-                   mixed: bool = False, autocast_adapter_dtype: bool = True, **kwargs: Any) -> PeftModel:
-    """Graft the adapter described by ``peft_config`` onto ``model`` (in place) and wrap it."""
+                   mixed: bool = False, autocast_adapter_dtype: bool = True, revision: Optional[str] = None,
+                   **kwargs: Any) -> PeftModel:
+    """Graft the adapter described by ``peft_config`` onto ``model`` (in place) and wrap it.
+
+    ``revision``: the base model's revision, recorded in the config (and so in
+    ``adapter_config.json``) for loading the base again, as HF PEFT does.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"get_peft_model needs a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, PeftModel):
@@ -668,8 +680,12 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
         warnings.warn("get_peft_model: mixed=True is not supported (tsugiki has no PeftMixedModel): the model "
                       "holds adapters of one method, one active at a time", stacklevel=2)
     if not autocast_adapter_dtype:
-        warnings.warn("get_peft_model: autocast_adapter_dtype=False is not supported; the adapter's "
-                      "parameters are fp32 whatever the base's dtype", stacklevel=2)
+        _warn_fp32_adapters("get_peft_model")
+    if revision is not None:
+        if peft_config.revision is not None and peft_config.revision != revision:
+            warnings.warn(f"get_peft_model: revision={revision!r} replaces the config's {peft_config.revision!r}",
+                          stacklevel=2)
+        peft_config.revision = revision
     cls = TASK_MODELS.get(peft_config.task_type, PeftModel)
     return cls(model, peft_config, adapter_name)
 
