@@ -110,6 +110,15 @@ def test_not_an_adapter_folder(tmp_path):
         PeftModel.from_pretrained(tiny_llama(), tmp_path)
 
 
+def test_a_whole_model_checkpoint_is_named_as_one(tmp_path):
+    """transformers' Trainer saves a tsugiki model whole; the error says so and how to get the adapter."""
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, task_type="CAUSAL_LM"))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(FileNotFoundError, match=r"whole model's weights \(model.safetensors\).*save_pretrained"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert not model.load_state_dict(load_file(str(tmp_path / "model.safetensors")), strict=False).unexpected_keys
+
+
 def test_bad_adapter_config_json(saved):
     (saved / "adapter_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="adapter_config.json: not valid JSON"):

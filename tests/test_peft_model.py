@@ -328,6 +328,29 @@ def test_auto_peft_model_loads_base_from_config(tmp_path):
     torch.testing.assert_close(loaded(ids).logits, expected, rtol=0, atol=1e-6)
 
 
+def test_auto_peft_model_grows_the_base_to_the_adapters_tokenizer(tmp_path):
+    """Training that added tokens resized the embeddings; the adapter folder's tokenizer says how far."""
+    from helpers_data import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    base_dir = tmp_path / "base"
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(base_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<tool>", "</tool>"]})
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    base.resize_token_embeddings(len(tokenizer))
+    model = get_peft_model(base, LoraConfig(r=4, task_type="CAUSAL_LM", modules_to_save=["embed_tokens", "lm_head"]))
+    randomize_adapters(model)
+    ids = torch.tensor([[1, 5, len(tokenizer) - 1]])  # a new token among them
+    expected = model(ids).logits
+    model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match=rf"vocabulary of {len(tokenizer)} tokens.*"
+                                                         rf"resize_token_embeddings\({len(tokenizer)}\)"):
+        tsugiki.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "adapter")
+    tokenizer.save_pretrained(tmp_path / "adapter")
+    loaded = tsugiki.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    torch.testing.assert_close(loaded(ids).logits, expected, rtol=0, atol=1e-6)
+
+
 def test_auto_peft_model_refuses_an_adapter_of_another_task(tmp_path):
     base_dir = tmp_path / "base"
     tiny_llama().save_pretrained(base_dir)
@@ -504,3 +527,11 @@ def test_push_to_hub_uploads_the_adapter_files_only(monkeypatch):
     assert model.push_to_hub("my-adapter", private=True, use_auth_token="secret") == "commit"
     assert calls == [("token", "secret"), ("create", "my-adapter", True, True),
                      ("upload", "me/my-adapter", ["README.md", "adapter_config.json", "adapter_model.safetensors"])]
+
+
+def test_get_peft_model_records_the_base_revision_and_fp32_adapters_are_said(tmp_path):
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, task_type="CAUSAL_LM"), revision="v1")
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["revision"] == "v1"  # as HF PEFT writes it
+    with pytest.warns(UserWarning, match="PeftModel.from_pretrained: autocast_adapter_dtype=False is not supported"):
+        tsugiki.PeftModel.from_pretrained(tiny_llama(), tmp_path, autocast_adapter_dtype=False)

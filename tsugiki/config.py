@@ -305,6 +305,13 @@ class PeftConfig:
             inside = adapters_in_subfolders(path)
             hint = (f"; it holds adapters in the subfolders {inside} (saved with several adapters): give "
                     f"{os.path.join(path, inside[0])!r}, or subfolder={inside[0]!r}") if inside else ""
+            whole = next((f for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+                          if os.path.isfile(os.path.join(path, f))), None)
+            if whole and not hint:
+                hint = (f"; it holds a whole model's weights ({whole}), as transformers' Trainer saves a tsugiki "
+                        "model in its checkpoints and save_model: save the adapter with "
+                        "model.save_pretrained(folder) after training, or load such a checkpoint into the same "
+                        "PeftModel with model.load_state_dict(safetensors.torch.load_file(...), strict=False)")
             raise AdapterNotFoundError(
                 f"{file!r} not found: {path!r} is not an adapter folder "
                 f"(expected {CONFIG_NAME} and adapter_model.safetensors){hint}"
