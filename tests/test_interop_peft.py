@@ -398,3 +398,18 @@ def test_layer_and_model_status_equal_hf_pefts():
     assert statuses[tsugiki] == statuses[peft]
     assert statuses[tsugiki][1]["merged_adapters"] == "irregular"
     assert statuses[tsugiki][1]["requires_grad"] == {"default": True, "other": False}
+
+
+def test_config_names_are_enums_as_in_hf_peft(tmp_path):
+    for library in (tsugiki, peft):
+        config = library.LoraConfig(task_type=library.TaskType.CAUSAL_LM)  # HF PEFT keeps a string given as one
+        assert isinstance(config.peft_type, library.PeftType) and isinstance(config.task_type, library.TaskType)
+        assert (config.peft_type.value, config.peft_type.name, config.task_type.value) == ("LORA", "LORA", "CAUSAL_LM")
+        assert config.peft_type == "LORA" and config.task_type == library.TaskType.CAUSAL_LM
+    assert tsugiki.LoraConfig(task_type="CAUSAL_LM").task_type.value == "CAUSAL_LM"
+    # ... and written as plain strings, read back as enums.
+    tsugiki.LoraConfig(task_type=tsugiki.TaskType.SEQ_CLS).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (saved["peft_type"], saved["task_type"]) == ("LORA", "SEQ_CLS")
+    assert peft.PeftConfig.from_pretrained(str(tmp_path)).task_type == peft.TaskType.SEQ_CLS
+    assert tsugiki.PeftConfig.from_pretrained(tmp_path).task_type.value == "SEQ_CLS"

@@ -71,7 +71,22 @@ def _left_at_default(key: str, value: Any) -> bool:
     return key in _PEFT_DEFAULTS and _PEFT_DEFAULTS[key] == value
 
 
-class PeftType(str, enum.Enum):
+class NameEnum(str, enum.Enum):
+    """A name that is also its string, as HF PEFT's enums are (``config.peft_type.value``,
+    ``== "LORA"``, a dict key for ``"LORA"``); printed, formatted and repr'd as the plain string,
+    so messages and configs read the same whichever form was given."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+class PeftType(NameEnum):
     """Method names as written in ``adapter_config.json`` (``peft_type``; HF PEFT's names)."""
 
     LORA = "LORA"
@@ -87,7 +102,7 @@ class PeftType(str, enum.Enum):
     BOTTLENECK = "BOTTLENECK"  # tsugiki's own: series / parallel bottleneck adapters
 
 
-class TaskType(str, enum.Enum):
+class TaskType(NameEnum):
     """What the wrapped model does; decides the wrapper class and its extras."""
 
     CAUSAL_LM = "CAUSAL_LM"
@@ -231,13 +246,13 @@ class PeftConfig:
     auto_mapping: Optional[dict] = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.task_type, TaskType):
-            self.task_type = self.task_type.value
-        if self.task_type is not None and self.task_type not in TaskType.__members__:
-            raise ValueError(
-                f"task_type={self.task_type!r} is not known; use one of "
-                f"{', '.join(TaskType.__members__)} (or None for a plain module)"
-            )
+        if self.task_type is not None:
+            if self.task_type not in TaskType.__members__:
+                raise ValueError(
+                    f"task_type={self.task_type!r} is not known; use one of "
+                    f"{', '.join(TaskType.__members__)} (or None for a plain module)"
+                )
+            self.task_type = TaskType(self.task_type)
         # Module lists may arrive as sets or tuples (HF PEFT accepts both); store sorted lists.
         for key in ("target_modules", "exclude_modules", "feedforward_modules"):
             value = getattr(self, key, None)
@@ -249,8 +264,8 @@ class PeftConfig:
             self.modules_to_save = list(self.modules_to_save)
 
     @property
-    def peft_type(self) -> str:
-        return self.peft_type_name
+    def peft_type(self) -> PeftType:
+        return PeftType(self.peft_type_name)
 
     @property
     def is_prompt_learning(self) -> bool:
@@ -263,8 +278,8 @@ class PeftConfig:
             value = getattr(self, f.name)
             if isinstance(value, (set, tuple)):
                 value = sorted(value) if isinstance(value, set) else list(value)
-            out[f.name] = value
-        out["peft_type"] = self.peft_type
+            out[f.name] = value.value if isinstance(value, enum.Enum) else value  # plain JSON/YAML strings
+        out["peft_type"] = self.peft_type_name
         return dict(sorted(out.items()))
 
     @classmethod

@@ -31,7 +31,6 @@ the table).
 
 from __future__ import annotations
 
-import enum
 import math
 import os
 from dataclasses import InitVar, dataclass
@@ -40,13 +39,13 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..config import PeftConfig, PeftType, config_from_method_args, register_config, register_method
+from ..config import NameEnum, PeftConfig, PeftType, config_from_method_args, register_config, register_method
 from ..tuner import register_tuner
 from .prompt_base import PromptLearningConfig, PromptLearningModel, find_word_embeddings
 
 # ---------------------------------------------------------------------------- configs
 
-class PromptTuningInit(str, enum.Enum):
+class PromptTuningInit(NameEnum):
     """How prompt tuning's virtual tokens start (HF PEFT's names; plain strings work too)."""
 
     RANDOM = "RANDOM"
@@ -54,7 +53,7 @@ class PromptTuningInit(str, enum.Enum):
     SAMPLE_VOCAB = "SAMPLE_VOCAB"
 
 
-class PromptEncoderReparameterizationType(str, enum.Enum):
+class PromptEncoderReparameterizationType(NameEnum):
     """P-tuning's encoder (HF PEFT's names; plain strings work too)."""
 
     MLP = "MLP"
