@@ -413,3 +413,27 @@ def test_config_names_are_enums_as_in_hf_peft(tmp_path):
     assert (saved["peft_type"], saved["task_type"]) == ("LORA", "SEQ_CLS")
     assert peft.PeftConfig.from_pretrained(str(tmp_path)).task_type == peft.TaskType.SEQ_CLS
     assert tsugiki.PeftConfig.from_pretrained(tmp_path).task_type.value == "SEQ_CLS"
+
+
+def test_hf_peft_submodule_imports_work_with_the_package_name_changed(tmp_path):
+    """Tutorial lines such as ``from peft.utils import ...`` and ``from peft.tuners.lora import LoraLayer``."""
+    import importlib
+
+    for library in (tsugiki, peft):
+        utils = importlib.import_module(f"{library.__name__}.utils")
+        lora = importlib.import_module(f"{library.__name__}.tuners.lora")
+        model = library.get_peft_model(tiny_llama(), library.LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"]))
+        q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+        embed = model.base_model.model.model.embed_tokens
+        assert isinstance(q_proj, lora.LoraLayer) and isinstance(q_proj, lora.Linear)
+        assert isinstance(embed, lora.Embedding) and isinstance(model.base_model, lora.LoraModel)
+        assert utils.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["llama"] == ["q_proj", "v_proj"]
+        assert (utils.CONFIG_NAME, utils.SAFETENSORS_WEIGHTS_NAME, utils.WEIGHTS_NAME) == (
+            "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+        assert utils.get_peft_model_state_dict(model).keys() == library.get_peft_model_state_dict(model).keys()
+        assert callable(utils.prepare_model_for_kbit_training) and utils.infer_device() == peft.utils.infer_device()
+        config = library.PeftConfig.from_peft_type(peft_type="LORA", r=3)
+        assert type(config).__name__ == "LoraConfig" and config.r == 3
+        config.save_pretrained(str(tmp_path / library.__name__))
+        loaded = library.LoraConfig.from_json_file(str(tmp_path / library.__name__ / "adapter_config.json"))
+        assert isinstance(loaded, dict) and loaded["r"] == 3 and loaded["peft_type"] == "LORA"

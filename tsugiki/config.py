@@ -301,6 +301,19 @@ class PeftConfig:
                           stacklevel=2)
         return target_cls(**{k: v for k, v in data.items() if k in known})
 
+    @classmethod
+    def from_peft_type(cls, **kwargs: Any) -> "PeftConfig":
+        """The config of the method ``kwargs["peft_type"]`` names, built from ``kwargs`` (HF PEFT's)."""
+        if "peft_type" not in kwargs:
+            raise TypeError("from_peft_type needs peft_type=..., e.g. peft_type='LORA'")
+        return PeftConfig.from_dict(kwargs)
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
+        """The JSON object in ``path_json_file``, as a dict (HF PEFT's: not a config; ``from_dict`` makes one)."""
+        with open(path_json_file, encoding="utf-8") as fh:
+            return json.load(fh)
+
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         atomic_write_text(
             os.path.join(save_directory, CONFIG_NAME),
