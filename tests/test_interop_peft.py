@@ -437,3 +437,25 @@ def test_hf_peft_submodule_imports_work_with_the_package_name_changed(tmp_path):
         config.save_pretrained(str(tmp_path / library.__name__))
         loaded = library.LoraConfig.from_json_file(str(tmp_path / library.__name__ / "adapter_config.json"))
         assert isinstance(loaded, dict) and loaded["r"] == 3 and loaded["peft_type"] == "LORA"
+
+
+def test_layer_base_and_on_off_switch_behave_as_hf_peft_s():
+    ids = token_batch()
+    results = {}
+    for library in (tsugiki, peft):
+        torch.manual_seed(0)
+        model = library.get_peft_model(tiny_llama(), library.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                         init_lora_weights=False))
+        layers = [m for m in model.modules() if isinstance(m, library.tuners.lora.LoraLayer)]
+        adapted, switches = _logits(model, ids), []
+        for enabled in (False, True):
+            for layer in layers:
+                layer.enable_adapters(enabled)
+            switches.append((_logits(model, ids), layers[0].disable_adapters,
+                             {p.requires_grad for n, p in model.named_parameters() if "lora_" in n}))
+        results[library] = (type(layers[0].get_base_layer()), adapted, switches)
+    for library, (base_type, adapted, ((off, disabled, frozen), (on, enabled, trainable))) in results.items():
+        assert base_type is torch.nn.Linear and (disabled, frozen, enabled, trainable) == (True, {False}, False, {True})
+        torch.testing.assert_close(on, adapted, atol=0, rtol=0)
+    torch.testing.assert_close(results[tsugiki][2][0][0], results[peft][2][0][0], atol=1e-6, rtol=0)  # off = base
+    torch.testing.assert_close(results[tsugiki][1], results[peft][1], atol=1e-6, rtol=0)

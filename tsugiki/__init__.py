@@ -60,6 +60,8 @@ _LAZY = {
     "train": ("tsugiki.train", None),
     "plan": ("tsugiki.plan", None),
     "data": ("tsugiki.data", None),
+    "tuners": ("tsugiki.tuners", None),
+    "utils": ("tsugiki.utils", None),
     "load_model": ("tsugiki.models", "load_model"),
     "load_tokenizer": ("tsugiki.models", "load_tokenizer"),
     "prepare_model_for_kbit_training": ("tsugiki.quant", "prepare_model_for_kbit_training"),

@@ -97,6 +97,29 @@ class AdapterLayer:
         """The wrapped base layer's bias."""
         return self.base_layer.bias
 
+    def get_base_layer(self) -> nn.Module:
+        """The original layer under every adapter wrapper (HF PEFT's name)."""
+        base = self.base_layer
+        while hasattr(base, "base_layer"):
+            base = base.base_layer
+        return base
+
+    @property
+    def disable_adapters(self) -> bool:
+        """Whether this layer runs its base alone (HF PEFT's name for ``disabled``)."""
+        return self.disabled
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Turn the layer's adapters on (the active one trainable again) or off (all frozen), as HF PEFT's."""
+        if enabled:
+            self.set_adapter(self.active_adapter)
+        else:
+            for attr in self.adapter_param_names:
+                for holder in getattr(self, attr).values():
+                    for p in [holder] if isinstance(holder, nn.Parameter) else holder.parameters():
+                        p.requires_grad_(False)
+        self.disabled = not enabled
+
     def set_adapter(self, name: str, trainable: bool = True) -> None:
         self.active_adapter = name
         for attr in self.adapter_param_names:
