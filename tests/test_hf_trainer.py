@@ -10,12 +10,13 @@ import tsugiki
 from tiny_models import tiny_llama, token_batch
 
 
-def test_trainer_keeps_the_input_columns_and_trains_only_the_adapter(tmp_path):
+@pytest.mark.parametrize("task_type", ["CAUSAL_LM", None])  # HF PEFT's generic PeftModel trains there too
+def test_trainer_keeps_the_input_columns_and_trains_only_the_adapter(tmp_path, task_type):
     datasets = pytest.importorskip("datasets")
     ids = token_batch(batch=4, length=12, seed=3)
     data = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(),
                                        "labels": ids.tolist(), "text": ["unused"] * 4})
-    model = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(r=4, task_type="CAUSAL_LM"))
+    model = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(r=4, task_type=task_type))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
                              use_cpu=True, report_to=[], save_strategy="no", logging_steps=1)

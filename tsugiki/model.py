@@ -157,8 +157,18 @@ class PeftModel(nn.Module):
             unpack_cpu_4bit(self)
         return super().train(mode)
 
-    def forward(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
-        """Run the model; ``adapter_names`` (one per row, ``"__base__"`` for none) mixes adapters."""
+    def forward(self, *args: Any, input_ids: Any = None, attention_mask: Any = None, labels: Any = None,
+                token_type_ids: Any = None, position_ids: Any = None, inputs_embeds: Any = None,
+                adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
+        """Run the model; ``adapter_names`` (one per row, ``"__base__"`` for none) mixes adapters.
+
+        The usual input names are in the signature (and passed on when given) so that
+        transformers' Trainer, which keeps the dataset columns ``forward`` names, keeps them
+        for a model wrapped without a ``task_type`` too.
+        """
+        named = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                     token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds)
+        kwargs.update((k, v) for k, v in named.items() if v is not None)
         if adapter_names is None:
             return self.base_model(*args, **kwargs)
         self._check_adapter_names(adapter_names, self._batch_size(args, kwargs))
