@@ -332,6 +332,21 @@ def test_overwrite_removes_an_earlier_runs_final_outputs(tmp_path):
     assert not names & {"adapter_config.json", "adapter_model.safetensors", "README.md", "checkpoint-1"}
 
 
+def test_overwrite_keeps_a_model_the_user_saved_beside_the_adapter(tmp_path):
+    """Files named as a run's outputs are the run's only when it wrote them (its outputs.json says which)."""
+    rows = random_examples(4)
+    out = tmp_path / "merged"
+    run(out, rows, max_steps=1)
+    assert json.loads((out / "outputs.json").read_text()) == ["README.md", "adapter_config.json",
+                                                              "adapter_model.safetensors"]
+    model = tiny_model().base_model.model
+    model.save_pretrained(out)  # e.g. merge_and_unload() saved into the run's folder
+    saved = {name: (out / name).read_bytes() for name in ("config.json", "model.safetensors")}
+    run(out, rows, max_steps=1, overwrite=True)
+    assert {name: (out / name).read_bytes() for name in saved} == saved
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(out))
+
+
 def test_resume_refuses_changes_to_the_rows_their_order_or_the_adapter(tmp_path):
     rows = random_examples(8)
     run(tmp_path / "r", rows, batch_size=2, max_steps=2, save_steps=2, max_rows=20)

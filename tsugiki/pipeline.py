@@ -31,7 +31,7 @@ from .config import METHOD_BUILDERS, PeftConfig
 from .model import get_peft_model
 from .models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
 from .train import distributed
-from .train.checkpoint import resolve_resume
+from .train.checkpoint import record_outputs, recorded_outputs, resolve_resume
 from .train.config import ConfigError, TrainConfig
 from .train.loop import Trainer, TrainResult, check_fsdp_world, resolve_dtype, set_seed
 
@@ -228,6 +228,7 @@ def run_training(config: Union[None, str, os.PathLike, Mapping[str, Any], TrainC
     result = Trainer(model, cfg, train_rows, eval_rows or None, tokenizer=tokenizer, progress=progress,
                      callbacks=callbacks).train()
     if distributed.is_main():
+        record_outputs(cfg.output_dir, sorted((recorded_outputs(cfg.output_dir) or set()) | {TEMPLATE_FILE}))
         save_template(template, cfg.output_dir)
     result.metrics["data"] = stats.to_dict()
     return result

@@ -25,13 +25,14 @@ checkpoint is a whole one.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
 import random
 import re
 import shutil
 import socket
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -39,7 +40,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import distributed, fsdp
-from ..fileio import MODEL_WEIGHT_FILES, TEMPLATE_FILE, TOKENIZER_EXTRA_FILES, TOKENIZER_FILES, open_up_private_files
+from ..fileio import (MODEL_WEIGHT_FILES, TEMPLATE_FILE, TOKENIZER_EXTRA_FILES, TOKENIZER_FILES, atomic_write_text,
+                      open_up_private_files)
 from ..model import CARD_MARKER
 from .config import CONFIG_FILENAME, ConfigError, TrainConfig
 
@@ -50,7 +52,8 @@ _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 _TMP_RE = re.compile(r"^(\.checkpoint-\d+\.(tmp|old)|\.final\.tmp)$")
 # Files a run writes at the top of output_dir; a folder holding only these is a
 # run of ours that never reached a checkpoint, and may be restarted.
-RUN_RECORDS = (CONFIG_FILENAME, "metrics.jsonl", "summary.json", "loss_curve.png", "runs")
+OUTPUTS_FILE = "outputs.json"  # the names the final save put at the top of output_dir, written before it moves them
+RUN_RECORDS = (CONFIG_FILENAME, "metrics.jsonl", "summary.json", "loss_curve.png", "runs", OUTPUTS_FILE)
 # What a finished run leaves at the top of output_dir besides its records: the adapter (or, for method
 # full, the model), the tokenizer, the prompt template and the adapter card README.md (ours only with
 # CARD_MARKER).
@@ -190,6 +193,35 @@ def written_by_runs(name: str) -> bool:
             or bool(MODEL_WEIGHT_FILES.match(name)) or bool(TOKENIZER_FILES.match(name)))
 
 
+def recorded_outputs(output_dir: str) -> Optional[set[str]]:
+    """The final outputs an earlier run put in ``output_dir``: the names in its outputs.json; none when it
+    never reached its final save (no summary.json either); None for a run that predates outputs.json (its
+    outputs are then told by name, :func:`written_by_runs`)."""
+    path = os.path.join(output_dir, OUTPUTS_FILE)
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                return set(json.load(fh))
+        except (OSError, ValueError, TypeError):
+            return None  # unreadable: fall back to the names runs write
+    return None if os.path.isfile(os.path.join(output_dir, "summary.json")) else set()
+
+
+def record_outputs(output_dir: str, names: Sequence[str]) -> None:
+    """Write outputs.json (atomically) before the final save moves ``names`` into ``output_dir``."""
+    atomic_write_text(os.path.join(output_dir, OUTPUTS_FILE), json.dumps(sorted(set(names)), indent=1) + "\n")
+
+
+def will_write(name: str, config: TrainConfig) -> bool:
+    """Whether this run's final save writes an entry of this name: its adapter (or, training every weight,
+    its model), the tokenizer's files and the template."""
+    if config.method == "full":
+        essential = name in ("config.json", "generation_config.json") or bool(MODEL_WEIGHT_FILES.match(name))
+    else:
+        essential = name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", TRAINABLE_FILE)
+    return essential or name == TEMPLATE_FILE or name in TOKENIZER_EXTRA_FILES or bool(TOKENIZER_FILES.match(name))
+
+
 def is_run_folder(output_dir: str) -> bool:
     """``output_dir`` holds an earlier run: its train_config.yaml (written before training starts) or a checkpoint."""
     return os.path.isfile(os.path.join(output_dir, CONFIG_FILENAME)) or bool(list_checkpoints(output_dir))
@@ -200,8 +232,17 @@ def run_files(output_dir: str) -> list[str]:
     when it is our card); elsewhere none."""
     if not os.path.isdir(output_dir) or not is_run_folder(output_dir):
         return []
-    return sorted(name for name in os.listdir(output_dir) if written_by_runs(name)
-                  and (name != CARD_FILE or is_our_card(os.path.join(output_dir, name))))
+    outputs = recorded_outputs(output_dir)
+
+    def ours(name: str) -> bool:
+        if name == CARD_FILE:
+            return is_our_card(os.path.join(output_dir, name))
+        if name in RUN_RECORDS or _CKPT_RE.match(name):
+            return True
+        # A merged model or notes the user saved beside the adapter are not the run's.
+        return written_by_runs(name) if outputs is None else name in outputs
+
+    return sorted(name for name in os.listdir(output_dir) if ours(name))
 
 
 def user_files(output_dir: str) -> set[str]:
@@ -293,7 +334,7 @@ def _resolve_resume_here(config: TrainConfig, clean: bool = True) -> Optional[st
         raise FileExistsError(
             f"output_dir={out!r} is not empty and {where}; set overwrite: true to start over there (an earlier "
             "run's checkpoints, records and outputs are removed, other files stay), or choose another output_dir")
-    clashes = sorted(name for name in user_files(out) if name != CARD_FILE and written_by_runs(name))
+    clashes = sorted(name for name in user_files(out) if name != CARD_FILE and will_write(name, config))
     if clashes:  # checked before anything is removed
         raise FileExistsError(
             f"output_dir={out!r} holds {', '.join(clashes)}, which this run would write and which no earlier "

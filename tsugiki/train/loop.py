@@ -91,8 +91,8 @@ from ..inject import bnb_linear_types
 from ..quant import no_cpu_repacking
 from . import distributed, fsdp
 from .checkpoint import (CARD_FILE, check_resume_compatible, is_our_card, load_checkpoint, method_hook,
-                         release_run_lock, resolve_resume, rng_state, save_checkpoint, TRAINABLE_FILE,
-                         trainable_state, user_files)
+                         record_outputs, recorded_outputs, release_run_lock, resolve_resume, rng_state,
+                         save_checkpoint, TRAINABLE_FILE, trainable_state, user_files)
 from .config import ConfigError, TrainConfig
 from .neftune import neftune
 from .records import files_size, make_recorder, peak_memory_bytes, plot_loss_curve, write_summary
@@ -839,12 +839,21 @@ class Trainer:
             if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
                 self._save_tokenizer(os.path.join(tmp, "tokenizer"))
             open_up_private_files(tmp)
+            # Recorded before anything moves, so that a later overwrite removes these and nothing else.
+            def users(name: str) -> bool:  # a file of the user's in the way: it stays, ours is not written
+                dest = os.path.join(out, name)
+                return os.path.lexists(dest) and (name in kept or (name == CARD_FILE and not is_our_card(dest)))
+
+            # Recorded before anything moves, so that a later overwrite removes these and nothing else.
+            written = {name for sub in ("tokenizer", "model") if os.path.isdir(os.path.join(tmp, sub))
+                       for name in os.listdir(os.path.join(tmp, sub)) if not users(name)}
+            record_outputs(out, sorted(written | (recorded_outputs(out) or set())))
             adapter = []
             for sub in ("tokenizer", "model"):  # model last, so its files win any name clash
                 src = os.path.join(tmp, sub)
                 for name in sorted(os.listdir(src)) if os.path.isdir(src) else []:
                     dest = os.path.join(out, name)
-                    if os.path.lexists(dest) and (name in kept or (name == CARD_FILE and not is_our_card(dest))):
+                    if users(name):
                         if name != CARD_FILE:  # a user's README simply stays the card; anything else is news
                             self._say(f"kept {dest}: it was there before this run and is not an earlier "
                                       f"run's, so the {name} saved with the {sub} was not written")
