@@ -278,7 +278,15 @@ class LoraLayer(AdapterLayer):
         self._add_to_base_weight(-self.get_delta_weight(name))
         self.merged_adapters.remove(name)
 
+    def _base_weight_changing(self) -> None:
+        """Drop what was computed from the base weight before merging rewrites it. Its checks (version
+        counter, storage address) miss a ``.data`` reassignment whose new storage reuses the freed
+        address, as merge-unmerge cycles can; the decode stack would also keep the old weight alive."""
+        for cache in ("_decode_stack", "_inference_plan", "_row_squares"):
+            self.__dict__.pop(cache, None)
+
     def _add_to_base_weight(self, delta: torch.Tensor) -> None:
+        self._base_weight_changing()
         base = self.base_layer
         if isinstance(base, bnb_linear_types()):
             from ..quant import dequantize_weight, requantize_like
@@ -286,7 +294,6 @@ class LoraLayer(AdapterLayer):
             requantize_like(base, dequantize_weight(base).float() + delta)
             return
         w = base.weight
-        self.__dict__.pop("_decode_stack", None)  # the stack would keep the old weight alive
         with torch.no_grad():
             w.data = (w.data.float() + delta).to(w.dtype)
 
@@ -591,6 +598,7 @@ class LoraLinear(LoraLayer, nn.Module):
         return w.T if self.fan_in_fan_out else w
 
     def _set_weight_out_in(self, weight: torch.Tensor) -> None:
+        self._base_weight_changing()
         base = self.base_layer
         if isinstance(base, bnb_linear_types()):
             from ..quant import requantize_like
@@ -598,7 +606,6 @@ class LoraLinear(LoraLayer, nn.Module):
             requantize_like(base, weight)
             return
         w = base.weight
-        self.__dict__.pop("_decode_stack", None)
         with torch.no_grad():
             w.data = (weight.T if self.fan_in_fan_out else weight).to(w.dtype).contiguous()
 
