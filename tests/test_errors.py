@@ -370,3 +370,21 @@ def test_an_adapter_given_as_a_file_or_whose_base_moved_says_what_to_pass(tmp_pa
     model.save_pretrained(tmp_path / "adapter")
     assert cli.main(["generate", "--adapter", str(tmp_path / "adapter"), "--prompt", "hi"]) == 2
     assert "is not there any more; give its new place with --model" in capsys.readouterr().err
+
+
+def test_move_into_refuses_a_folder_in_the_way_before_changing_anything(tmp_path):
+    import re
+
+    from tsugiki.fileio import move_into
+
+    source, folder = tmp_path / "new", tmp_path / "out"
+    source.mkdir()
+    folder.mkdir()
+    (source / "config.json").write_text("new")
+    (source / "vocab.json").write_text("new")
+    (folder / "config.json").write_text("old")
+    (folder / "model.safetensors").write_text("old")
+    (folder / "vocab.json").mkdir()
+    with pytest.raises(IsADirectoryError, match="vocab.json into .*a folder of that name is in the way"):
+        move_into(source, folder, stale=re.compile(r"^model\.safetensors$"))
+    assert (folder / "config.json").read_text() == "old" and (folder / "model.safetensors").exists()

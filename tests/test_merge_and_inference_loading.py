@@ -272,7 +272,10 @@ def test_merge_writes_all_or_nothing_and_never_over_its_inputs(model_dir, data_f
     merged.mkdir()
     for stale in ("model-00001-of-00002.safetensors", "model.safetensors.index.json"):  # an older, sharded merge
         (merged / stale).write_text("old")
-    (merged / "notes.txt").write_text("mine")
+    mine = ("notes.txt", "vocab_notes.txt", "finetune.model", "tokenizer_howto.md")  # named near tokenizer files
+    for name in mine:
+        (merged / name).write_text("mine")
+    (merged / "tokenizer").mkdir()  # a folder of the user's, not a file to replace
     # A training run's folder merged over: its adapter would be applied again by transformers, its
     # vocabulary and chat template files would be read with the new tokenizer's.
     run_files = ("adapter_config.json", "adapter_model.safetensors", "vocab.json", "chat_template.jinja")
@@ -287,14 +290,19 @@ def test_merge_writes_all_or_nothing_and_never_over_its_inputs(model_dir, data_f
         patch.setattr(tsugiki.pipeline, "save_template", full_disk)
         assert main(["merge", "--adapter", adapter, "--output", str(merged), "--overwrite"]) == 2
     assert sorted(os.listdir(merged)) == sorted(["model-00001-of-00002.safetensors", "model.safetensors.index.json",
-                                                 "notes.txt", *run_files])
+                                                 "tokenizer", *mine, *run_files])
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    with monkeypatch.context() as patch:  # a failure into a folder not there before leaves no folder behind
+        patch.setattr(tsugiki.pipeline, "save_template", full_disk)
+        assert main(["merge", "--adapter", adapter, "--output", str(tmp_path / "new")]) == 2
+    assert not (tmp_path / "new").exists()
     assert main(["merge", "--adapter", adapter, "--output", str(merged), "--overwrite"]) == 0
     names = set(os.listdir(merged))
-    assert "model.safetensors" in names and "notes.txt" in names
+    assert "model.safetensors" in names and all((merged / name).read_text() == "mine" for name in mine)
+    assert (merged / "tokenizer").is_dir()
     assert not names & {"model-00001-of-00002.safetensors", "model.safetensors.index.json", "adapter_config.json",
                         "adapter_model.safetensors"}
-    assert not [n for n in names if (merged / n).read_bytes() == b"old"]  # the others were written anew or removed
+    assert not [n for n in names if (merged / n).is_file() and (merged / n).read_bytes() == b"old"]  # written anew
     AutoModelForCausalLM.from_pretrained(merged)  # loads: no stale index pointing at old shards
 
 

@@ -289,7 +289,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     import tempfile
 
     from .data.jinja import match_chat_template
-    from .fileio import MODEL_FOLDER_FILES, check_writable, ensure_directory, move_into, open_up_private_files
+    from .fileio import MODEL_FOLDER_FILES, check_writable, move_into, open_up_private_files, terminate_as_exit
     from .generation import load_for_inference
     from .pipeline import TEMPLATE_FILE, save_template
     from .train.loop import resolve_dtype
@@ -315,20 +315,24 @@ def cmd_merge(args: argparse.Namespace) -> int:
     merged = loaded.model.merge_and_unload(safe_merge=True, dequantize=dequantize, dtype=dtype)
     if dequantize and dtype is not None:  # the whole model in the dtype asked for, not only the merged layers
         merged.to(dtype)
-    ensure_directory(args.output, "output folder")
-    # Written next to the output first: a failure on the way (a full disk) leaves the output as it was.
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(args.output))}.", suffix=".tmp",
-                               dir=os.path.dirname(os.path.abspath(args.output)))
-    try:
-        merged.save_pretrained(staging)
-        chat_template_written = match_chat_template(loaded.tokenizer, loaded.template)
-        loaded.tokenizer.save_pretrained(staging)
-        # The prompt format goes with the model, so generate/chat/eval on the merged folder format as training did.
-        save_template(loaded.template, staging)
-        open_up_private_files(staging)
-        move_into(staging, args.output, stale=MODEL_FOLDER_FILES)  # --overwrite: no old model or adapter file stays
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    parent = os.path.dirname(os.path.abspath(args.output))
+    os.makedirs(parent, exist_ok=True)
+    # Written next to the output first: a failure on the way (a full disk, Ctrl-C, kill) leaves the output
+    # as it was, and the output folder is made only when the merged model moves in.
+    with terminate_as_exit():
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(args.output))}.", suffix=".tmp",
+                                   dir=parent)
+        try:
+            merged.save_pretrained(staging)
+            chat_template_written = match_chat_template(loaded.tokenizer, loaded.template)
+            loaded.tokenizer.save_pretrained(staging)
+            # The prompt format goes with the model, so generate/chat/eval on the merged folder format as
+            # training did.
+            save_template(loaded.template, staging)
+            open_up_private_files(staging)
+            move_into(staging, args.output, stale=MODEL_FOLDER_FILES)  # --overwrite: no old model file stays
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     print(f"merged model saved in {args.output} (loads with transformers' AutoModelForCausalLM); "
           f"prompt template {loaded.template.name!r} saved as {TEMPLATE_FILE}"
           + (" and as the tokenizer's chat template" if chat_template_written else ""))

@@ -10,8 +10,10 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import tempfile
-from typing import Callable, Iterator, Optional
+import threading
+from typing import Any, Callable, Iterator, Optional
 
 
 @contextlib.contextmanager
@@ -63,7 +65,10 @@ def open_up_private_files(folder: str | os.PathLike) -> None:
 # The file names of a model folder: its weights (one file, or shards and their index), and the files a
 # tokenizer keeps its vocabulary in (transformers' vocab_files_names and more) and the ones beside them.
 MODEL_WEIGHT_FILES = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
-TOKENIZER_FILES = re.compile(r"^(tokenizer.*|.*vocab.*\.(json|txt)|merges\.txt|.*\.model|bpe\.codes|.*\.tiktoken)$")
+# The names tokenizers save under (exact, so that a user's "vocab_notes.txt" or "finetune.model" is not one).
+TOKENIZER_FILES = re.compile(r"^(tokenizer\.(json|model)|tokenizer_config\.json|(vocab|merges)\.(json|txt)|vocab\.bpe"
+                             r"|bpe\.codes|(spiece|sentencepiece\.bpe|spm|sentencepiece)\.model|(source|target)\.spm"
+                             r"|[\w.-]*\.tiktoken)$")
 TOKENIZER_EXTRA_FILES = ("special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 # The prompt template saved beside an adapter or model, so generation formats as training did.
 TEMPLATE_FILE = "tsugiki_template.json"
@@ -78,18 +83,44 @@ MODEL_FOLDER_FILES = re.compile("|".join([
 def move_into(source: str | os.PathLike, folder: str | os.PathLike, stale: Optional[re.Pattern] = None) -> None:
     """Move every entry of ``source`` into ``folder`` (one rename each), replacing entries of the same name.
 
-    Entries of ``folder`` whose names match ``stale`` and that ``source`` lacks are removed, so an
-    old model's shard index does not outlive it; every other file in ``folder`` stays.
+    Afterwards the files of ``folder`` whose names match ``stale`` and that ``source`` lacks are
+    removed, so an old model's shard index does not outlive it; every other entry of ``folder``
+    stays, folders included. A folder in the way of a file is an error before anything changes.
     """
-    new = set(os.listdir(source))
-    for name in os.listdir(folder) if stale is not None else ():
-        if name not in new and stale.match(name):
-            os.remove(os.path.join(folder, name))
-    for name in sorted(new):
+    new = sorted(os.listdir(source))
+    for name in new:
+        dest = os.path.join(folder, name)
+        if os.path.isdir(dest) and not os.path.islink(dest) and not os.path.isdir(os.path.join(source, name)):
+            raise IsADirectoryError(f"cannot write {name} into {folder}: a folder of that name is in the way; "
+                                    "move it, or choose another output folder")
+    os.makedirs(folder, exist_ok=True)
+    for name in new:
         dest = os.path.join(folder, name)
         if os.path.isdir(dest) and not os.path.islink(dest):
             shutil.rmtree(dest)
         os.replace(os.path.join(source, name), dest)
+    for name in os.listdir(folder) if stale is not None else ():
+        path = os.path.join(folder, name)
+        if name not in new and stale.match(name) and os.path.isfile(path):
+            os.remove(path)
+
+
+@contextlib.contextmanager
+def terminate_as_exit() -> Iterator[None]:
+    """Inside the block, SIGTERM (what ``kill`` and job schedulers send) exits through Python, so that
+    ``finally`` blocks remove half-written files as they do on Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def leave(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, leave)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
