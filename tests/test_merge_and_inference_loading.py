@@ -101,6 +101,7 @@ def test_full_fine_tune_folder_template_and_precedence(model_dir, data_file, tmp
 def test_requantized_merge_loads_as_the_quantized_model_it_is(tmp_path, capsys):
     pytest.importorskip("bitsandbytes")
     from tsugiki.models import load_model
+    from tsugiki.quant import dequantize_model
 
     # Layers 64 wide and tall: bitsandbytes' CPU 4-bit kernels fail on narrower ones.
     model_dir = str(tmp_path / "tiny-64")
@@ -120,6 +121,20 @@ def test_requantized_merge_loads_as_the_quantized_model_it_is(tmp_path, capsys):
     assert main(["generate", "--model", merged, "--prompt", PROMPT, "--dtype", "fp32"]) == 2
     err = capsys.readouterr().err
     assert "cannot be cast to dtype 'fp32'" in err and "leave --dtype at auto" in err
+    # Merged again, an adapter onto that 4-bit folder: only unquantized (transformers cannot save it quantized).
+    adapter2 = str(tmp_path / "second")
+    tsugiki.get_peft_model(load_model(merged), tsugiki.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False,
+                                                                   base_model_name_or_path=merged)).save_pretrained(adapter2)
+    assert main(["merge", "--adapter", adapter2, "--output", str(tmp_path / "m2")]) == 2
+    assert "holds 4-bit bitsandbytes weights as saved" in capsys.readouterr().err and not (tmp_path / "m2").exists()
+    assert main(["merge", "--adapter", adapter2, "--dequantize", "--dtype", "fp32", "--output", str(tmp_path / "m2")]) == 0
+    ids = torch.tensor([[1, 5, 9, 14]])
+    with torch.no_grad():
+        unquantized = dequantize_model(load_model(merged), torch.float32).float()  # W + delta, unrounded
+        expected = tsugiki.PeftModel.from_pretrained(unquantized, adapter2)(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "m2")(ids).logits
+    assert "quantization_config" not in json.loads((tmp_path / "m2" / "config.json").read_text())
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 def test_inspect_data_reads_the_whole_file(model_dir, tmp_path, capsys):

@@ -301,6 +301,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     check_writable(args.output, "--output")  # before the model loads, not after
     _refuse_output_over_inputs(args.output, args.adapter, args.model)
     quant = None if args.quantization == "none" else args.quantization
+    saved = _saved_kbit(args.model, args.adapter)
+    if saved and not quant:
+        if not args.dequantize:
+            raise ValueError(f"the base holds {saved[0]}-bit bitsandbytes weights as saved, and transformers cannot save "
+                             "such a model again after a merge: pass --dequantize for an unquantized merged model "
+                             "(--dtype fp32 keeps it unrounded)")
+        quant = saved
     if not quant and (args.dequantize or args.requantize):
         raise ValueError("--dequantize and --requantize choose what a merge into a --quantization 4bit/8bit base "
                          "saves; without --quantization the base is not quantized and the merged model is plain")
@@ -313,8 +320,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
     dequantize = bool(quant) and args.dequantize
     dtype = None if args.dtype == "auto" else resolve_dtype(args.dtype, next(loaded.model.parameters()).device)
     merged = loaded.model.merge_and_unload(safe_merge=True, dequantize=dequantize, dtype=dtype)
-    if dequantize and dtype is not None:  # the whole model in the dtype asked for, not only the merged layers
-        merged.to(dtype)
     parent = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(parent, exist_ok=True)
     # Written next to the output first: a failure on the way (a full disk, Ctrl-C, kill) leaves the output
@@ -337,6 +342,29 @@ def cmd_merge(args: argparse.Namespace) -> int:
           f"prompt template {loaded.template.name!r} saved as {TEMPLATE_FILE}"
           + (" and as the tokenizer's chat template" if chat_template_written else ""))
     return 0
+
+
+def _saved_kbit(model: Optional[str], adapter: Optional[str]) -> Optional[str]:
+    """``"4bit"``/``"8bit"`` when the base folder (``model``, else the adapter's base) holds bitsandbytes
+    weights as saved (a ``merge --requantize`` output, a pre-quantized checkpoint), read from its config.json."""
+    import json
+
+    from .config import PeftConfig
+
+    base = model
+    if base is None and adapter is not None and os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        base = PeftConfig.from_pretrained(adapter).base_model_name_or_path
+    path = os.path.join(base, "config.json") if base and os.path.isdir(base) else None
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            quantization = json.load(fh).get("quantization_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return None  # the load says what is wrong with it
+    if not isinstance(quantization, dict) or quantization.get("quant_method") != "bitsandbytes":
+        return None
+    return "4bit" if quantization.get("load_in_4bit") else "8bit" if quantization.get("load_in_8bit") else None
 
 
 def _refuse_output_over_inputs(output: str, adapter: Optional[str], model: Optional[str]) -> None:

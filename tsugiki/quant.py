@@ -36,7 +36,7 @@ import contextlib
 import copy
 import importlib
 import logging
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -571,6 +571,19 @@ def forget_quantization(model: nn.Module) -> None:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "quantization_config"):
         del config.quantization_config
+    # A pre-quantized checkpoint's load recorded how its k-bit tensors were read; save_pretrained would
+    # undo those steps, which have no inverse (NotImplementedError). The layers they made are gone.
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [c for c in conversions if _reversible(c)] or None
+
+
+def _reversible(conversion: Any) -> bool:
+    try:
+        conversion.reverse_transform()
+    except NotImplementedError:
+        return False
+    return True
 
 
 def unquantized_dtype(model: nn.Module) -> torch.dtype | None:

@@ -525,9 +525,9 @@ class BaseTuner(nn.Module):
 
         On a 4-bit/8-bit base the merge is computed in fp32; ``dequantize=False`` (default)
         quantizes the merged weight again, which rounds it (a warning says so);
-        ``dequantize=True`` returns an unquantized model that plain transformers loads,
-        its merged layers in ``dtype`` (default: the dtype of the model's other weights,
-        its input embedding's; fp32 keeps the merge unrounded).
+        ``dequantize=True`` returns an unquantized model that plain transformers loads:
+        with ``dtype``, the whole model in it (fp32 keeps the merge unrounded); by default
+        its merged layers in the dtype of the model's other weights (its input embedding's).
         """
         from .inject import bnb_linear_types
 
@@ -543,7 +543,7 @@ class BaseTuner(nn.Module):
                 merged = self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
                 for layer in layers:
                     layer.to(final)
-                return merged
+                return merged.to(dtype) if dtype is not None else merged  # one dtype: a model that runs
             else:
                 warnings.warn("merging into a quantized base: the merged weights are quantized again, which "
                               "rounds them; pass dequantize=True for an exact, unquantized merged model",
