@@ -362,6 +362,12 @@ def test_train_cuts_rows_at_a_context_shorter_than_max_length(tmp_path, caplog):
     import yaml
 
     assert yaml.safe_load((out / "train_config.yaml").read_text())["max_length"] == 64  # what the run used
+    # Prompt tuning's virtual tokens take positions too.
+    out = tmp_path / "prompt"
+    assert main(_train_args(str(tmp_path / "gpt2"), rows, str(out), "--max_steps", "1", "--eval_split", "0",
+                            "--method", "prompt_tuning", "--method_args", "num_virtual_tokens=8")) == 0
+    assert "context holds besides the method's 8 virtual tokens: rows are cut at 56 tokens" in caplog.text
+    assert yaml.safe_load((out / "train_config.yaml").read_text())["max_length"] == 56
 
 
 def test_eval_scores_several_adapters_of_one_base_each_as_alone(model_dir, data_file, tmp_path, capsys):

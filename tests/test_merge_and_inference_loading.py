@@ -191,6 +191,20 @@ def test_generation_stops_at_the_end_of_the_models_context(caplog):
     assert f"leave room for {64 - prompt_tokens} of the 100 new tokens" in caplog.text
 
 
+@pytest.mark.parametrize("config", [tsugiki.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6),
+                                    tsugiki.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=6)])
+def test_generation_leaves_room_for_an_adapters_virtual_tokens(config, caplog):
+    """They take positions in front of the prompt: GPT-2's table ran out 6 tokens early."""
+    from tsugiki.generation import GenerationSettings, generate_answers
+
+    loaded = _gpt2_with_64_positions()
+    loaded.model = tsugiki.get_peft_model(loaded.model, config)
+    prompt_tokens = len(loaded.tokenizer(loaded.template.format_prompt("a few words here"))["input_ids"])
+    answers = generate_answers(loaded, ["a few words here"], GenerationSettings(max_new_tokens=100))
+    assert len(loaded.tokenizer(answers[0], add_special_tokens=False)["input_ids"]) <= 64 - 6 - prompt_tokens
+    assert f"leave room for {64 - 6 - prompt_tokens} of the 100 new tokens" in caplog.text
+
+
 def test_a_prompt_longer_than_the_context_is_refused_naming_it():
     from tsugiki.generation import GenerationSettings, generate_answers
 

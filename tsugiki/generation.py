@@ -181,12 +181,19 @@ def reference_answer(row: Row) -> Optional[str]:
 
 def context_length(model_or_config: Any) -> Optional[int]:
     """The number of positions a model (or its transformers config) was built for
-    (``max_position_embeddings``, GPT-2's ``n_positions``...), or None when the config does not say."""
+    (``max_position_embeddings``, GPT-2's ``n_positions``...), or None when the config does not say.
+
+    Of a model whose active adapter puts virtual tokens in front of every row (prompt tuning,
+    p-tuning, prefix tuning), the positions left for the real tokens after them.
+    """
     config = getattr(model_or_config, "config", model_or_config)
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
-            return value
+            adapter = getattr(model_or_config, "active_peft_config", None)
+            if getattr(adapter, "is_prompt_learning", False):
+                value -= int(getattr(adapter, "num_virtual_tokens", 0) or 0)
+            return max(value, 1)
     return None
 
 

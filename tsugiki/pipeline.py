@@ -256,6 +256,10 @@ def load_dtype(cfg: TrainConfig) -> Optional[torch.dtype]:
     return dtype if dtype in (torch.bfloat16, torch.float16) else None
 
 
+# Methods whose virtual tokens take positions in front of every row.
+VIRTUAL_TOKEN_METHODS = ("prompt_tuning", "p_tuning", "multitask_prompt_tuning", "prefix_tuning")
+
+
 def _max_length_within_context(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with ``max_length`` cut to the model's context, with a warning, where it is longer:
     positions past it have no embedding (GPT-2 style) or were never trained (RoPE). As it is
@@ -265,14 +269,18 @@ def _max_length_within_context(cfg: TrainConfig) -> TrainConfig:
 
     try:
         limit = context_length(plan.load_config(cfg.model or DEFAULT_MODEL))
+        virtual = (adapter_config(shapes_only(cfg), cfg.model or DEFAULT_MODEL).num_virtual_tokens
+                   if cfg.method in VIRTUAL_TOKEN_METHODS else 0)
     except (ValueError, OSError, ImportError):
         return cfg
-    if limit is None or cfg.max_length <= limit:
+    if limit is None or cfg.max_length + virtual <= limit:
         return cfg
+    room = max(limit - virtual, 1)
     if distributed.is_main():
-        logger.warning("max_length=%d is longer than the model's %d-token context: rows are cut at %d tokens",
-                       cfg.max_length, limit, limit)
-    return cfg.replace(max_length=limit)
+        besides = f" besides the method's {virtual} virtual tokens" if virtual else ""
+        logger.warning("max_length=%d is longer than the model's %d-token context holds%s: rows are cut at %d "
+                       "tokens", cfg.max_length, limit, besides, room)
+    return cfg.replace(max_length=room)
 
 
 def memory_plan(cfg: TrainConfig, train_rows: Sequence[Mapping[str, Any]]) -> Optional[tuple[str, bool]]:
