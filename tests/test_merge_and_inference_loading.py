@@ -137,6 +137,30 @@ def test_requantized_merge_loads_as_the_quantized_model_it_is(tmp_path, capsys):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
+def test_inspect_and_train_take_the_template_saved_in_the_model_folder(model_dir, tmp_path, capsys):
+    """A merged model records its training template; inspect and train format rows as generate does."""
+    import shutil
+
+    from tsugiki.data import get_template
+    from tsugiki.models import load_tokenizer
+    from tsugiki.pipeline import save_template
+
+    merged = tmp_path / "merged"
+    shutil.copytree(model_dir, merged)  # its tokenizer has a chat template, which would win otherwise
+    save_template(get_template("alpaca", load_tokenizer(str(merged))), str(merged))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"instruction": "Translate", "input": "good morning", "output": "Bonjour."}) + "\n")
+    capsys.readouterr()
+    assert main(["inspect", "--data", str(rows), "--model", str(merged)]) == 0
+    out = capsys.readouterr().out
+    assert "template alpaca" in out and "### Input:\ngood morning" in out
+    assert main(["train", "--model", str(merged), "--data", str(rows), "--output_dir", str(tmp_path / "run"),
+                 "--max_steps", "1", "--eval_split", "0", "--dtype", "fp32", "--tensorboard", "false"]) == 0
+    assert "template alpaca" in capsys.readouterr().out
+    assert main(["inspect", "--data", str(rows), "--model", str(merged), "--template", "llama2"]) == 0
+    assert "template llama2" in capsys.readouterr().out  # a template given still wins
+
+
 def test_inspect_data_reads_the_whole_file(model_dir, tmp_path, capsys):
     rows = [{"instruction": f"Question {i}?", "input": "", "output": ""} for i in range(3)] + ROWS[:5]
     path = tmp_path / "leading-empty.jsonl"

@@ -390,12 +390,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _inspect_data(args: argparse.Namespace) -> int:
-    from .data import build_dataset, get_template
+    from .data import build_dataset
     from .inspect_adapter import show_example
     from .models import load_tokenizer
+    from .pipeline import folder_template
 
     tokenizer = load_tokenizer(args.model)
-    template = get_template(args.template, tokenizer)
+    template = folder_template(args.template, tokenizer, args.model)  # as generate and eval take it
     # The whole file: the summary describes it all, and empty rows at its start do not hide good ones.
     examples, _, stats = build_dataset(args.data, tokenizer, template, max_length=args.max_length,
                                        train_on=args.train_on)

@@ -154,6 +154,17 @@ def load_saved_template(folder: str, tokenizer: Any) -> Optional[Template]:
         return Template.from_dict(json.load(fh), tokenizer)
 
 
+def folder_template(template: Optional[Union[str, dict]], tokenizer: Any, folder: Optional[str]) -> Template:
+    """The template to format rows with: ``template`` if given, else the one saved in the model
+    ``folder`` (a merged model or a full fine-tune records its training template), else the
+    tokenizer's chat template or ``alpaca`` (:func:`tsugiki.data.get_template`), as generation takes it."""
+    if template is None and folder and os.path.isdir(folder):
+        saved = load_saved_template(folder, tokenizer)
+        if saved is not None:
+            return saved
+    return get_template(template, tokenizer)
+
+
 @contextlib.contextmanager
 def _transformers_bars(shown: bool) -> Iterator[None]:
     """transformers' own progress bars (loading weights) off when the job's are."""
@@ -200,7 +211,7 @@ def run_training(config: Union[None, str, os.PathLike, Mapping[str, Any], TrainC
 
     cfg = _max_length_within_context(cfg)
     tokenizer = load_tokenizer(cfg.model)
-    template = get_template(cfg.template, tokenizer)
+    template = folder_template(cfg.template, tokenizer, cfg.model)
     data_args = dict(max_length=cfg.max_length, train_on=cfg.train_on, seed=cfg.seed)
     train_rows, eval_rows, stats = build_dataset(
         cfg.data, tokenizer, template, max_rows=cfg.max_rows,
