@@ -453,6 +453,13 @@ def test_split_rows_keeps_order_and_the_token_budget():
     assert [len(g) for g in groups] == [2, 1, 1, 2]  # 2x7 fits 16, 3x7 does not; 20 goes alone
     assert all(len(g) * max(len(r["input_ids"]) for r in g) <= 16 for g in groups if len(g) > 1)
     assert [len(g) for g in split_rows(rows, max_rows=4, max_tokens=0)] == [4, 2]
+    # Rows padded to a multiple of 8 take 8 or 24 tokens each: the budget counts what the forward holds.
+    padded = split_rows(rows, max_rows=3, max_tokens=16, pad_to_multiple_of=8)
+    assert [len(g) for g in padded] == [2, 1, 1, 2]
+    assert all(len(g) * -(-max(len(r["input_ids"]) for r in g) // 8) * 8 <= 16 for g in padded if len(g) > 1)
+    forty = [{"input_ids": [0] * 40} for _ in range(6)]  # 3 x 40 = 120 fits 128, but 3 x 64 padded does not
+    assert [len(g) for g in split_rows(forty, max_rows=6, max_tokens=128)] == [3, 3]
+    assert [len(g) for g in split_rows(forty, max_rows=6, max_tokens=128, pad_to_multiple_of=64)] == [2, 2, 2]
 
 
 def test_splitting_forwards_by_tokens_does_not_change_the_adapter(tmp_path):

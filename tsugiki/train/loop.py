@@ -236,16 +236,20 @@ def auto_forward_tokens(model: nn.Module, dtype: torch.dtype, device: torch.devi
                                     full_logits=full_logits)
 
 
-def split_rows(examples: Sequence[dict], max_rows: int, max_tokens: int) -> list[list[dict]]:
-    """Consecutive groups of at most ``max_rows`` rows whose padded size (rows x longest) is at most
-    ``max_tokens`` (0 = no token limit); a row longer than ``max_tokens`` goes alone."""
+def split_rows(examples: Sequence[dict], max_rows: int, max_tokens: int,
+               pad_to_multiple_of: Optional[int] = None) -> list[list[dict]]:
+    """Consecutive groups of at most ``max_rows`` rows whose padded size (rows x longest, the longest
+    rounded up to ``pad_to_multiple_of`` as the collator pads it) is at most ``max_tokens`` (0 = no
+    token limit); a row longer than ``max_tokens`` goes alone."""
+    multiple = pad_to_multiple_of or 1
     groups: list[list[dict]] = []
     longest = 0
     for example in examples:
         n = len(example["input_ids"])
         group = groups[-1] if groups else None
+        padded = -(-max(longest, n) // multiple) * multiple
         if group is not None and len(group) < max_rows and (
-                not max_tokens or (len(group) + 1) * max(longest, n) <= max_tokens):
+                not max_tokens or (len(group) + 1) * padded <= max_tokens):
             group.append(example)
             longest = max(longest, n)
         else:
@@ -366,6 +370,7 @@ class Trainer:
             train_examples = pack(train_examples, config.max_length)
         self.train_examples, self.eval_examples = train_examples, eval_examples
         multiple = config.pad_to_multiple_of if config.pad_to_multiple_of > 1 else None
+        self.pad_multiple = None if config.packing or collate_fn is not None else multiple  # how rows are padded
         self.collate_fn = collate_fn or (PackedCollator(pad) if config.packing else Collator(pad, multiple))
         self.eval_collate_fn = Collator(pad, multiple) if config.packing else self.collate_fn
         self.callbacks = list(callbacks)
@@ -428,7 +433,8 @@ class Trainer:
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def _micro_batches(self, examples: Sequence[dict]) -> list[Batch]:
-        return [self.collate_fn(group) for group in split_rows(examples, self.micro_batch_size, self.forward_tokens)]
+        return [self.collate_fn(group) for group in split_rows(examples, self.micro_batch_size, self.forward_tokens,
+                                                               self.pad_multiple)]
 
     def accumulate_gradients(self, examples: list[dict], step_targets: Optional[int] = None,
                              forwards: int = 0) -> tuple[float, int, int]:
