@@ -196,6 +196,14 @@ def test_rotation_keeps_the_newest(tmp_path):
     state = torch.load(os.path.join(found[-1][1], "trainer_state.pt"), weights_only=False)
     assert (state["step"], state["epoch"], state["batch_index"]) == (5, 1, 1)  # 4 steps per epoch
     assert {"python", "numpy", "torch"} <= set(state["rng"])
+    # Stopped after checkpoint-5 was written but before checkpoint-3 was deleted: the same command again
+    # (nothing left to train) keeps the limit.
+    import shutil
+
+    shutil.copytree(found[0][1], tmp_path / "r" / "checkpoint-3")
+    _, result = run(tmp_path / "r", random_examples(8), batch_size=2, max_steps=5, save_steps=1, save_total_limit=2)
+    assert result.metrics["resumed_from"].endswith("checkpoint-5")
+    assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path / "r"))] == [4, 5]
 
 
 def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

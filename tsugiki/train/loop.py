@@ -90,9 +90,10 @@ from ..plan import cpu_has_native_bf16
 from ..inject import bnb_linear_types
 from ..quant import no_cpu_repacking
 from . import distributed, fsdp
-from .checkpoint import (CARD_FILE, check_resume_compatible, is_our_card, load_checkpoint, method_hook,
-                         record_outputs, recorded_outputs, release_run_lock, resolve_resume, rng_state,
-                         save_checkpoint, TRAINABLE_FILE, trainable_state, user_files)
+from .checkpoint import (CARD_FILE, check_resume_compatible, is_our_card, latest_checkpoint, load_checkpoint,
+                         method_hook, record_outputs, recorded_outputs, release_run_lock, resolve_resume,
+                         rng_state, rotate_checkpoints, save_checkpoint, TRAINABLE_FILE, trainable_state,
+                         user_files)
 from .config import ConfigError, TrainConfig
 from .neftune import neftune
 from .records import files_size, make_recorder, peak_memory_bytes, plot_loss_curve, write_summary
@@ -653,6 +654,9 @@ class Trainer:
         if self.rank == 0:
             os.makedirs(cfg.output_dir, exist_ok=True)
             cfg.save(cfg.output_dir)
+            if resume_from is not None and resume_from == latest_checkpoint(cfg.output_dir):
+                # A run stopped between a checkpoint and the deletion of the oldest one left one too many.
+                rotate_checkpoints(cfg.output_dir, cfg.save_total_limit)
         self._prepared, self._resumed_from = True, resume_from
         return resume_from
 
