@@ -402,6 +402,10 @@ def test_a_folder_of_several_adapters_says_which_one_is_used(model_dir, tmp_path
     assert main(["generate", "--adapter", str(tmp_path / "both"), "--prompt", "hi", "--max-new-tokens", "2"]) == 0
     assert (f"{tmp_path / 'both'} also holds the adapters second in subfolders; this uses the one at its top "
             f"(give {tmp_path / 'both' / 'second'} for another)") in capsys.readouterr().err
+    model.save_pretrained(tmp_path / "run" / "checkpoint-20", selected_adapters=["default"])  # a run's checkpoint
+    model.save_pretrained(tmp_path / "run", selected_adapters=["default"])
+    assert main(["generate", "--adapter", str(tmp_path / "run"), "--prompt", "hi", "--max-new-tokens", "2"]) == 0
+    assert "also holds" not in capsys.readouterr().err
 
 
 def test_warnings_show_as_one_line_and_python_s_format_comes_back():

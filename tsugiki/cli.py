@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import warnings
 from typing import Any, Optional, Sequence
@@ -104,6 +105,7 @@ def _check_adapter_options(args: argparse.Namespace) -> None:
     refuse_repeated_adapters(given)  # before a model loads
     for folder in given:  # the root adapter of a several-adapter save is used; say that there are others
         others = adapters_in_subfolders(folder) if os.path.isfile(os.path.join(folder, CONFIG_NAME)) else []
+        others = [name for name in others if not re.fullmatch(r"checkpoint-\d+", name)]  # a run's own checkpoints
         if others:
             print(f"note: {folder} also holds the adapters {', '.join(others)} in subfolders; this uses the one at "
                   f"its top (give {os.path.join(folder, others[0])} for another)", file=sys.stderr)
