@@ -61,7 +61,7 @@ def _add_generation_options(p: argparse.ArgumentParser, batches: bool = True) ->
     p.add_argument("--top-p", type=float, default=1.0,
                    help="With --do-sample: nucleus sampling threshold (default: 1.0 = off).")
     p.add_argument("--top-k", type=int, default=50,
-                   help="With --do-sample: sample among the k most likely tokens (default: 50).")
+                   help="With --do-sample: sample among the k most likely tokens (default: 50; 0: no top-k cut).")
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="Penalty > 1 discourages repeating tokens, e.g. 1.2 (default: 1.0 = off).")
     if batches:
