@@ -352,3 +352,11 @@ def test_smollm2_chat_template_masks_assistant_turns():
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if len(replies) == 1:
             assert train[0]["input_ids"][: len(prompt_ids)] == prompt_ids
+
+
+@pytest.mark.parametrize("pieces, shown", [([" ", " The", " capital"], "The capital"), (["\n", "a b "], "a b "),
+                                           ([" "], ""), (["x", " y"], "x y")])
+def test_streamed_answers_start_as_generate_s_do_without_leading_spaces(pieces, shown):
+    from tsugiki.generation import _left_stripped
+
+    assert "".join(_left_stripped(iter(pieces))) == shown

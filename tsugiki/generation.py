@@ -342,12 +342,23 @@ def stream_answer(loaded: LoadedModel, messages_or_prompt: Union[str, dict], set
     thread = Thread(target=work, daemon=True)
     thread.start()
     try:
-        yield from _without_suffix(streamer, loaded.template.answer_suffix)
+        yield from _without_suffix(_left_stripped(streamer), loaded.template.answer_suffix)
     finally:
         stop.set()
         thread.join()
     if failures:
         raise failures[0]
+
+
+def _left_stripped(pieces: Iterable[str]) -> Iterator[str]:
+    """Pass text pieces through without the whitespace the text starts with, as generate's answers have none."""
+    started = False
+    for piece in pieces:
+        if not started:
+            piece = piece.lstrip()
+            started = bool(piece)
+        if piece:
+            yield piece
 
 
 def _without_suffix(pieces: Iterable[str], suffix: str) -> Iterator[str]:
