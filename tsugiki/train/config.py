@@ -88,7 +88,7 @@ class TrainConfig:
     lr_scheduler: str = _f("cosine", "Learning-rate schedule after warm-up: cosine, linear or constant.")
     optimizer: str = _f("adamw", "adamw (torch, fused where the device allows; 8 bytes of state per trainable parameter), adamw_8bit (bitsandbytes' block-wise 8-bit states: 2 bytes), or paged_adamw / paged_adamw_8bit (bitsandbytes' states in CUDA unified memory, paged to the CPU under memory pressure; on a CPU the same as unpaged).")
     warmup_steps: int = _f(0, "Steps of linear warm-up to `learning_rate`: update k (from 0) of the first W runs at (k+1)/(W+1) x learning_rate, so none is spent at 0 (transformers' Trainer uses k/W); the schedule follows.")
-    weight_decay: float = _f(0.0, "AdamW decoupled weight decay; never applied to biases and norm weights (1-D parameters).")
+    weight_decay: float = _f(0.0, "AdamW decoupled weight decay; never applied to 1-D parameters: biases, norm weights, DoRA's magnitudes and LLaMA-Adapter's gates (transformers' Trainer decays the last two, shrinking what they scale).")
     max_grad_norm: float = _f(1.0, "Clip the global gradient L2 norm to this value (0 = no clipping).")
     neftune_alpha: Optional[float] = _f(None, "NEFTune noise alpha (e.g. 5); None or 0 = off. Training only. Each embedding gets uniform noise of half-width alpha / sqrt(L x hidden), L the padded length of the forward's rows, as in transformers (so pad_to_multiple_of and max_forward_tokens change its size a little).")
     dtype: str = _f("auto", "Compute dtype: auto (bf16 where the hardware supports it, else fp32), bf16, fp16 or fp32. Trainable weights and optimizer state stay fp32.")

@@ -269,7 +269,7 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     ``paged_adamw`` / ``paged_adamw_8bit``: bitsandbytes' (8-bit block-wise
     states for tensors of 4096+ elements, 32-bit below; paged states live in CUDA
     unified memory). Weight decay applies to matrices only: 1-D parameters
-    (biases, norm weights) get none.
+    (biases, norm weights, DoRA's magnitudes, LLaMA-Adapter's gates) get none.
     """
     decay, no_decay = [], []
     for _name, param in model.named_parameters():
