@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from tsugiki import LoraConfig, get_peft_model
 from tsugiki.train import checkpoint as ckpt
 from tsugiki.train import schedules
-from tsugiki.train.config import TrainConfig
+from tsugiki.train.config import ConfigError, TrainConfig
 from tsugiki.data import Collator
 from tsugiki.train.loop import Trainer, split_rows, token_loss_sum
 from tsugiki.train.records import read_metrics
@@ -183,6 +183,16 @@ def test_resume_refuses_a_different_run_but_may_extend_it(tmp_path):
     assert [r["step"] for r in lines] == [1, 2, 3, 4]
     # Step 3 follows the new 4-step schedule, not the finished 2-step one (which ended at 0).
     assert lines[2]["lr"] == pytest.approx(1e-2 * schedules.cosine(2, 1, 4))
+
+
+def test_a_fraction_of_an_epoch_ends_the_last_pass_part_way(tmp_path):
+    rows = random_examples(8)  # batch 2: 4 steps an epoch
+    _, result = run(tmp_path / "e", rows, batch_size=2, max_steps=-1, num_epochs=1.5)
+    assert (result.metrics["steps"], result.metrics["epochs"]) == (6, 1.5)
+    _, result = run(tmp_path / "q", rows, batch_size=2, max_steps=-1, num_epochs=0.3)  # 1.2 steps: rounded up
+    assert result.metrics["steps"] == 2
+    with pytest.raises(ConfigError, match="num_epochs=0.0: must be a number of passes > 0"):
+        make_config(tmp_path / "z", max_steps=-1, num_epochs=0.0)
 
 
 # ---------------------------------------------------------------------- checkpoints

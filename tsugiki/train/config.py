@@ -79,7 +79,7 @@ class TrainConfig:
     train_on: str = _f("response", "Which tokens carry loss: 'response' (answers and EOS only) or 'all'.")
     # --- optimisation
     max_steps: int = _f(-1, "Optimizer steps to run; -1 = derive from `num_epochs`. When > 0 it wins over `num_epochs`.")
-    num_epochs: int = _f(1, "Passes over the training data (used when `max_steps` is -1).")
+    num_epochs: float = _f(1.0, "Passes over the training data (used when `max_steps` is -1); a fraction (0.5, 2.5) ends the last pass part way, rounded up to whole optimizer steps.")
     batch_size: int = _f(4, "Examples per micro-batch on each process (halved automatically on out-of-memory); one step is batch_size * grad_accum * processes examples.")
     max_forward_tokens: Union[int, str] = _f("auto", "Most tokens (rows x padded length) one forward pass may hold: a micro-batch is split into smaller forwards to stay under it (at least one row each), which changes neither the loss nor the gradients beyond float rounding (with dropout or NEFTune, the random draws follow the split). 'auto': as many tokens as keep the saved activations of a forward under a quarter of the frozen weights' size (estimated from the model's shape, with gradient checkpointing from what it keeps: each block's input and one block, so forwards get several times longer; no limit for architectures tsugiki.plan does not know); 0: no limit.")
     pad_to_multiple_of: int = _f(64, "Pad each forward's rows to a multiple of this many tokens (1 = to the longest row only). Few distinct shapes keep the CPU matmul library's per-shape kernel caches small (each new sequence length costs ~10 MB that stays resident).")
@@ -143,9 +143,11 @@ class TrainConfig:
         def bad(key: str, why: str):
             raise ConfigError(f"{key}={getattr(self, key)!r}: {why}")
 
-        for key in ("lora_r", "batch_size", "grad_accum", "logging_steps", "num_epochs", "pad_to_multiple_of"):
+        for key in ("lora_r", "batch_size", "grad_accum", "logging_steps", "pad_to_multiple_of"):
             if getattr(self, key) < 1:
                 bad(key, "must be >= 1")
+        if not 0 < self.num_epochs < float("inf"):
+            bad("num_epochs", "must be a number of passes > 0 (fractions allowed)")
         if self.max_length < 2:
             bad("max_length", "must be >= 2 (a token and the next one to predict)")
         for key in ("warmup_steps", "save_steps", "eval_steps", "seed"):

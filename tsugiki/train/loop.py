@@ -384,7 +384,8 @@ class Trainer:
         self.examples_per_step = self.rows_per_rank * self.world_size
         self.micro_batch_size = config.batch_size
         self.steps_per_epoch = math.ceil(len(train_examples) / self.examples_per_step)
-        self.total_steps = config.max_steps if config.max_steps > 0 else config.num_epochs * self.steps_per_epoch
+        self.total_steps = (config.max_steps if config.max_steps > 0
+                            else max(1, math.ceil(config.num_epochs * self.steps_per_epoch - 1e-9)))
         self.device = next(model.parameters()).device
         self._lengths = [len(e["input_ids"]) for e in train_examples]
         self._plan: tuple[int, list[list[int]]] = (-1, [])
