@@ -306,9 +306,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     saved = _saved_kbit(args.model, args.adapter)
     if saved and not quant:
         if not args.dequantize:
-            raise ValueError(f"the base holds {saved[0]}-bit bitsandbytes weights as saved, and transformers cannot save "
-                             "such a model again after a merge: pass --dequantize for an unquantized merged model "
-                             "(--dtype fp32 keeps it unrounded)")
+            raise ValueError(f"the base holds {saved[0]}-bit bitsandbytes weights as saved, and transformers "
+                             "cannot save such a model again after a merge: pass --dequantize for an unquantized "
+                             "merged model (--dtype fp32 keeps it unrounded)")
         quant = saved
     if not quant and (args.dequantize or args.requantize):
         raise ValueError("--dequantize and --requantize choose what a merge into a --quantization 4bit/8bit base "

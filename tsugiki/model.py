@@ -504,14 +504,12 @@ def get_peft_model_state_dict(model: PeftModel, state_dict: Optional[dict[str, t
     injected = _injected_model(model)
     model = injected if injected is not None else _peft_model(model)
     config = _adapter_config(model, adapter_name, "in the model")
-    if injected is not None:  # keys relative to the model itself, as HF PEFT writes them for such a model
-        state = adapter_io.adapter_state_dict(model, adapter_name, _tuner_for(config).adapter_attr_names(),
-                                              getattr(config, "bias", "none"), state=state_dict)
-    else:
-        tuner = model.base_model
-        state = adapter_io.adapter_state_dict(model, adapter_name, tuner.adapter_attr_names(),
-                                              getattr(config, "bias", "none"), state=state_dict)
-        state = tuner.adapter_state_to_save(adapter_name, state)
+    # An injected model's keys are relative to the model itself, as HF PEFT writes them for one.
+    attrs = (_tuner_for(config) if injected is not None else model.base_model).adapter_attr_names()
+    state = adapter_io.adapter_state_dict(model, adapter_name, attrs, getattr(config, "bias", "none"),
+                                          state=state_dict)
+    if injected is None:
+        state = model.base_model.adapter_state_to_save(adapter_name, state)
     if not state and state_dict is not None:  # already in file form, as this function returns it?
         file_keys = get_peft_model_state_dict(model, adapter_name=adapter_name).keys()
         if file_keys <= state_dict.keys():
