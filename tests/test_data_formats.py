@@ -1,6 +1,7 @@
 """Loading files, format detection, and the bad-input errors of the loader."""
 
 import json
+import os
 
 import datasets
 import pandas as pd
@@ -51,7 +52,7 @@ def test_load_rows_reads_every_source_kind(tmp_path, kind):
     assert [(r["instruction"], r["output"]) for r in rows] == [(r["instruction"], r["output"]) for r in ROWS[:4]]
     if kind.startswith("json"):
         assert rows == ROWS[:4]
-    assert isinstance(rows, list) == kind.startswith("json")
+    assert isinstance(rows, list) == (kind.startswith("json") or kind in ("csv", "parquet"))  # files: plain dicts
 
 
 def test_jsonl_rows_may_omit_optional_fields(tmp_path):
@@ -170,9 +171,45 @@ def test_csv_cells_are_text_even_when_a_column_holds_numbers(tmp_path):
     path.write_text('instruction,input,output\n"add one",41,42\n"halve",,3.5\n', encoding="utf-8")
     rows, columns = read_rows(path)
     assert [dict(r) for r in rows] == [{"instruction": "add one", "input": "41", "output": "42"},
-                                       {"instruction": "halve", "input": None, "output": "3.5"}]
-    sample = normalise(rows[0], "alpaca", "num.csv, row 1")
+                                       {"instruction": "halve", "input": "", "output": "3.5"}]
+    sample = normalise(rows[0], "alpaca", "num.csv, row 2")
     assert sample.turns == [("user", "add one"), ("assistant", "42")] and sample.input == "41"
+
+
+def test_csv_cells_that_pandas_would_call_missing_are_kept_as_written(tmp_path):
+    """'None', 'NA', 'null' are answers; a changed file of the same size and time is read anew."""
+    path = tmp_path / "na.csv"
+    path.write_text("instruction,input,output\n\"Which is prime: 4, 6 or 8?\",,None\nExpand it,NA,North America\n"
+                    "Is it set?,,null\n", encoding="utf-8")
+    rows, _ = read_rows(path)
+    assert [r["output"] for r in rows] == ["None", "North America", "null"] and rows[1]["input"] == "NA"
+    stamp = os.stat(path).st_mtime_ns
+    path.write_text("instruction,input,output\n\"Which is prime: 4, 6 or 9?\",,Nine\nExpand it,NA,North Africa\n"
+                    "Is it set?,,true\n", encoding="utf-8")
+    os.utime(path, ns=(stamp, stamp))  # as cp -p or an unpacked archive leave it
+    assert [r["output"] for r in read_rows(path)[0]] == ["Nine", "North Africa", "true"]
+
+
+@pytest.mark.parametrize("text, columns, message", [
+    (",instruction,output\n0,q,a\n", ["Unnamed: 0", "instruction", "output"], None),  # pandas' index column
+    ("instruction,output,\nq,a,\n", ["instruction", "output", "Unnamed: 2"], None),  # Excel's trailing comma
+    ("instruction,output\nq,a\nlist,red, green\nr,b\n", None, r"line 3, saw 3.*quote cells that hold commas"),
+    ("instruction,output\nlist,red, green\nq,a\n", None, "a row has more cells than the header line names"),
+])
+def test_csv_files_as_spreadsheets_write_them(tmp_path, text, columns, message):
+    path = tmp_path / "sheet.csv"
+    path.write_text(text, encoding="utf-8")
+    if message:
+        with pytest.raises(DataError, match=message):
+            read_rows(path)
+    else:
+        assert read_rows(path)[1] == columns
+
+
+def test_a_csv_cell_longer_than_pythons_csv_field_limit_is_read(tmp_path):
+    path = tmp_path / "long.csv"
+    path.write_text(f"instruction,output\nsummarise,{'x' * 200_000}\n", encoding="utf-8")
+    assert len(read_rows(path)[0][0]["output"]) == 200_000
 
 
 @pytest.mark.parametrize("text, message", [
@@ -225,3 +262,61 @@ def test_a_file_that_is_not_utf8_names_the_line(tmp_path, suffix, content, line)
     path.write_bytes(content)
     with pytest.raises(DataError, match=rf"latin1\{suffix}, line {line}: not UTF-8 text \(byte 0xe9\)"):
         load_rows(str(path))
+
+
+@pytest.mark.parametrize("row", [
+    {"instruction": "Summarize the text", "context": "The cat sat.", "output": "A cat sat."},
+    {"instruction": "Summarize the text", "input": "The cat sat.", "response": "A cat sat."},
+    {"prompt": "Summarize the text", "input": "The cat sat.", "completion": "A cat sat."},
+])
+def test_the_context_slot_trains_under_either_name_as_generation_reads_it(row):
+    from tsugiki.data.formats import sample_from_prompt_row
+
+    fmt = detect_format(row)
+    trained = normalise(row, fmt, "row 1")
+    assert trained.input == "The cat sat." == sample_from_prompt_row(row).input
+    with pytest.raises(DataError, match="'input' and 'context' both hold text"):
+        normalise({**row, "input": "one", "context": "other"}, fmt, "row 1")
+
+
+def test_a_system_field_is_the_rows_system_turn_in_training_and_generation():
+    from tsugiki.data.formats import sample_from_prompt_row
+
+    row = {"system": "Answer in French.", "instruction": "Greet", "output": "Bonjour"}
+    assert normalise(row, "alpaca", "row 1").system == "Answer in French." == sample_from_prompt_row(row).system
+
+
+def test_a_csv_row_of_another_format_is_named_not_dropped(tmp_path):
+    path = tmp_path / "mixed.csv"
+    path.write_text("instruction,output,prompt,completion\nq,a,,\n,,p,c\n", encoding="utf-8")
+    rows, columns = read_rows(path)
+    fmt = detect_format(columns)
+    with pytest.raises(DataError, match="row 3: this row is in the prompt_completion format"):
+        [normalise(row, fmt, place) for row, place in zip(rows, ["row 2", "row 3"])]
+
+
+def test_a_conversation_whose_answers_are_all_empty_is_dropped_as_empty():
+    empty = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}
+    assert normalise(empty, "messages", "line 1") is None
+
+
+def test_json_lines_keep_unicode_line_separators_inside_strings(tmp_path):
+    path = tmp_path / "seps.jsonl"
+    rows = [{"text": "one\u2028two"}, {"text": "three\u2029four\x85five"}]
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    assert read_rows(path)[0] == rows
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("upper.jsonl", '{"Instruction": "q", "Output": "a"}\n', "rename them .e.g. 'Instruction' to 'instruction'"),
+    ("semi.csv", "instruction;output\nq;a\n", "save the CSV with commas between fields"),
+    ("array.jsonl", '[\n  {"text": "a"}\n]\n', "this looks like a JSON list: name the file .json"),
+])
+def test_near_misses_in_the_data_say_how_to_fix_them(tmp_path, name, text, message):
+    from tsugiki.data import build_dataset
+    from helpers_data import make_tokenizer
+
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError, match=message):
+        build_dataset(str(path), make_tokenizer(), "alpaca")

@@ -229,6 +229,13 @@ def test_generation_leaves_room_for_an_adapters_virtual_tokens(config, caplog):
     assert f"leave room for {64 - 6 - prompt_tokens} of the 100 new tokens" in caplog.text
 
 
+def test_an_empty_prompt_is_refused_naming_it():
+    from tsugiki.generation import GenerationSettings, generate_answers
+
+    with pytest.raises(ValueError, match="prompt 2 is empty"):
+        generate_answers(_gpt2_with_64_positions(), [{"text": "hi"}, {"text": ""}], GenerationSettings())
+
+
 def test_a_prompt_longer_than_the_context_is_refused_naming_it():
     from tsugiki.generation import GenerationSettings, generate_answers
 

@@ -242,6 +242,9 @@ def generate_answers(loaded: LoadedModel, rows: Sequence[Row], settings: Optiona
     settings.seed_sampling()
     tok, net = loaded.tokenizer, loaded.model
     prompts = [prompt_token_ids(loaded.template.format_prompt(row), loaded.template, tok) for row in rows]
+    empty = next((i for i, ids in enumerate(prompts, start=1) if not ids), None)
+    if empty is not None:  # a row of the text format with no text: nothing to continue from
+        raise ValueError(f"prompt {empty} is empty: give it some text to continue")
     old_side = tok.padding_side
     tok.padding_side = "left"  # generation continues from the right end of every row
     answers: list[str] = []

@@ -11,7 +11,10 @@ JSON files are parsed here, line by line for JSON lines, because the
 ``datasets`` JSON reader does not say which line is broken; :func:`read_rows`
 then hands them on as plain dicts, so training on JSON never imports
 ``datasets`` and pyarrow (about 80 MiB of resident memory and half a second).
-CSV, Parquet and saved folders are read through 🤗 ``datasets``.
+CSV files are read with pandas and Parquet files with pyarrow, every CSV cell
+as the text written there (``NA`` and ``None`` are answers, not missing
+values); only saved folders go through 🤗 ``datasets``, whose cache could hand
+back an older file's rows.
 
 Formats, recognised from the column names (first match wins):
 
@@ -23,6 +26,10 @@ Formats, recognised from the column names (first match wins):
 ``prompt_completion`` ``prompt``, ``completion``
 ``text``             ``text`` (whole-text language modelling)
 ==================== ==========================================================
+
+In the instruction and prompt formats ``input`` and ``context`` are one slot
+(either name, in any of them), and a ``system`` field is the row's system turn,
+in training as in generation.
 
 Structured formats win over ``text`` because several public sets (Alpaca among
 them) ship a pre-rendered ``text`` column next to the structured fields, and
@@ -60,7 +67,7 @@ _ACCEPTED = (
 )
 
 _JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
-_BUILDERS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+_TABLES = (".csv", ".parquet", ".pq")
 
 
 @dataclass
@@ -104,6 +111,9 @@ def read_rows_located(path: str | os.PathLike,
     """:func:`read_rows` plus where each row sits, for messages: ``"line 5"`` in a
     JSON-lines file, ``"item 3"`` in a JSON list, ``"row 2"`` elsewhere (1-based)."""
     p = _checked_path(path, max_rows)
+    if p.is_file() and p.suffix.lower() in _TABLES:
+        rows, columns, places = _read_table(p, max_rows)
+        return rows, columns, places
     if not _is_json(p):
         ds = load_rows(p, max_rows)
         return ds, ds.column_names, [f"row {i}" for i in range(1, len(ds) + 1)]
@@ -134,15 +144,9 @@ def load_rows(path: str | os.PathLike, max_rows: int | None = None) -> datasets.
             ds = datasets.Dataset.from_dict(columns)
         except Exception as e:  # pyarrow refuses, e.g., nested fields whose types differ between rows
             raise DataError(f"{p}: {e}") from e
-    elif p.suffix.lower() in _BUILDERS:
-        builder = _BUILDERS[p.suffix.lower()]
-        # CSV has no types: read every cell as text, or a column of numbers (answers such as 42)
-        # would come back as ints that no text field accepts.
-        options = {"features": _csv_text_features(p)} if builder == "csv" else {}
-        try:
-            ds = datasets.load_dataset(builder, data_files=str(p), split="train", **options)
-        except Exception as e:  # datasets/pyarrow raise many types; re-raise with the file name
-            raise DataError(f"{p}: could not be read as {builder}: {e}") from e
+    elif p.suffix.lower() in _TABLES:
+        rows, columns, _places = _read_table(p, max_rows)
+        ds = datasets.Dataset.from_dict({name: [row[name] for row in rows] for name in columns})
     else:
         raise DataError(
             f"{p}: unknown data file type {p.suffix!r}; use .json, .jsonl, .csv, .parquet "
@@ -155,27 +159,55 @@ def load_rows(path: str | os.PathLike, max_rows: int | None = None) -> datasets.
     return ds
 
 
-def _csv_text_features(p: Path) -> datasets.Features:
-    """Every column of the CSV file ``p`` as a string column.
+def _read_table(p: Path, max_rows: int | None) -> tuple[list[dict], list[str], list[str]]:
+    """The rows of a CSV or Parquet file as plain dicts, their columns and places.
 
-    Raises DataError for a file without a header or without a row under it."""
-    import csv
+    Read directly (pandas, pyarrow), not through ``datasets``: its cache would return an
+    older file's rows for a changed file of the same size and time. CSV has no types, so
+    every cell is text, kept as written: ``42`` stays the string an answer needs, and
+    ``NA``, ``None`` or ``null`` are answers too, not missing values. Places count rows
+    as a spreadsheet does, the header being row 1.
+    """
+    if p.suffix.lower() == ".csv":
+        rows = _read_csv(p, max_rows)
+        places = [f"row {i}" for i in range(2, len(rows) + 2)]
+    else:
+        import pyarrow.parquet
 
-    import datasets
+        try:
+            rows = pyarrow.parquet.read_table(p).to_pylist()
+        except Exception as e:  # pyarrow's own error types: not a Parquet file, a damaged one
+            raise DataError(f"{p}: could not be read as Parquet: {e}") from e
+        rows = rows[:max_rows] if max_rows else rows
+        places = [f"row {i}" for i in range(1, len(rows) + 1)]
+    if not rows:
+        raise DataError(f"{p}: the data holds no rows")
+    return rows, list(rows[0]), places
 
+
+def _read_csv(p: Path, max_rows: int | None) -> list[dict]:
+    import warnings
+
+    import pandas
+
+    read_utf8(p)  # a file that is not UTF-8: the error that names the line
     try:
-        with open(p, newline="", encoding="utf-8-sig") as fh:
-            lines = (row for row in csv.reader(fh) if row)  # blank lines hold no row
-            header, first_row = next(lines, None), next(lines, None)
-    except UnicodeDecodeError:
-        read_utf8(p)  # raises the error that names the line
-        raise
-    if not header:
+        with warnings.catch_warnings():
+            # A row with more cells than the header: pandas would drop the extra cells, with a warning.
+            warnings.simplefilter("error", pandas.errors.ParserWarning)
+            frame = pandas.read_csv(p, dtype=str, keep_default_na=False, na_filter=False, index_col=False,
+                                    encoding="utf-8-sig", nrows=max_rows)
+    except pandas.errors.EmptyDataError:
         raise DataError(f"{p}: the file is empty; a CSV file needs a header line naming the columns "
-                        "(e.g. instruction,output) and a row per example")
-    if first_row is None:
-        raise DataError(f"{p}: the data holds no rows: only the header line {','.join(header)!r}")
-    return datasets.Features({name: datasets.Value("string") for name in header})
+                        "(e.g. instruction,output) and a row per example") from None
+    except pandas.errors.ParserWarning:
+        raise DataError(f"{p}: a row has more cells than the header line names; quote cells that hold "
+                        'commas ("red, green, blue")') from None
+    except (pandas.errors.ParserError, ValueError) as e:  # e.g. "Expected 2 fields in line 4, saw 4"
+        raise DataError(f"{p}: could not be read as CSV: {str(e).strip()}; quote cells that hold commas") from e
+    if frame.empty:
+        raise DataError(f"{p}: the data holds no rows: only the header line {','.join(frame.columns)!r}")
+    return frame.to_dict("records")
 
 
 def _checked_path(path: str | os.PathLike, max_rows: int | None) -> Path:
@@ -251,14 +283,18 @@ def _read_json(p: Path, max_rows: int | None) -> tuple[list[dict], list[str]]:
                 raise DataError(f"{p}: item {i} of the JSON list is a {type(row).__name__}, expected an object with fields")
         return rows, [f"item {i}" for i in range(1, len(rows) + 1)]
     rows, places = [], []
-    for lineno, line in enumerate(content.splitlines(), start=1):
+    # Lines end at "\n" only: JSON writers leave U+2028, U+2029 and U+0085 unescaped inside strings,
+    # where str.splitlines() would cut them.
+    for lineno, line in enumerate(content.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            hint = " (a .json file must hold a JSON list or one object per line)" if p.suffix.lower() == ".json" else ""
-            raise DataError(f"{p}, line {lineno}: malformed JSON: {e.msg} at column {e.colno}{hint}") from e
+            hint = (" (a .json file must hold a JSON list or one object per line)" if p.suffix.lower() == ".json"
+                    else " (this looks like a JSON list: name the file .json, or write one object per line)"
+                    if lineno == 1 and line.lstrip().startswith("[") else "")
+            raise DataError(f"{p}, line {lineno}: malformed JSON: {e.msg} (column {e.colno}){hint}") from e
         if not isinstance(row, dict):
             raise DataError(f"{p}, line {lineno}: expected a JSON object with fields, got {type(row).__name__}")
         rows.append(row)
@@ -298,7 +334,13 @@ def detect_format(column_names, source: str | os.PathLike | None = None) -> str:
         if all(c in cols for c in required):
             return name
     where = f"{source}: " if source is not None else ""
-    raise DataError(f"{where}no recognised data format in fields {sorted(cols)}; accepted fields: {_ACCEPTED}")
+    hint = ""
+    lowered = {str(c).strip().lower() for c in cols}
+    if any(all(k in lowered for k in required) for required, _ in _FORMAT_FIELDS.values()):
+        hint = "; field names are read as written, in lower case: rename them (e.g. 'Instruction' to 'instruction')"
+    elif len(cols) == 1 and any(sep in str(next(iter(cols))) for sep in ";\t|"):
+        hint = "; the header holds one field with ';', tab or '|' in it: save the CSV with commas between fields"
+    raise DataError(f"{where}no recognised data format in fields {sorted(cols)}; accepted fields: {_ACCEPTED}{hint}")
 
 
 def normalise(row: dict[str, Any], fmt: str, where: str) -> Sample | None:
@@ -312,8 +354,9 @@ def normalise(row: dict[str, Any], fmt: str, where: str) -> Sample | None:
             another format than the file's (it would be dropped as empty, silently).
     """
     required = _FORMAT_FIELDS[fmt][0]
-    if any(key not in row for key in required):
-        own = next((name for name, (fields, _) in _FORMAT_FIELDS.items() if all(k in row for k in fields)), None)
+    if not all(_filled(row, key) for key in required):  # a CSV row has every column, empty where unused
+        own = next((name for name, (fields, _) in _FORMAT_FIELDS.items()
+                    if all(_filled(row, k) for k in fields)), None)
         if own is not None and own != fmt:
             raise DataError(f"{where}: this row is in the {own} format ({', '.join(sorted(row))}) but the file is "
                             f"read as {fmt} rows ({', '.join(required)}); put rows of one format in a file")
@@ -322,16 +365,32 @@ def normalise(row: dict[str, Any], fmt: str, where: str) -> Sample | None:
     if fmt == "text":
         text = _string(row, "text", where)
         return Sample(text=text) if text.strip() else None
-    instr_key, resp_key, extra_key = {
-        "alpaca": ("instruction", "output", "input"),
-        "dolly": ("instruction", "response", "context"),
-        "prompt_completion": ("prompt", "completion", None),
+    instr_key, resp_key = {
+        "alpaca": ("instruction", "output"),
+        "dolly": ("instruction", "response"),
+        "prompt_completion": ("prompt", "completion"),
     }[fmt]
     instruction, response = _string(row, instr_key, where), _string(row, resp_key, where)
-    extra = _string(row, extra_key, where) if extra_key else ""
     if not instruction.strip() or not response.strip():  # nothing to ask, or nothing to learn
         return None
-    return Sample(turns=[("user", instruction), ("assistant", response)], input=extra or "")
+    return Sample(turns=[("user", instruction), ("assistant", response)], input=_context(row, where),
+                  system=_string(row, "system", where) or None)
+
+
+def _filled(row: dict, key: str) -> bool:
+    value = row.get(key)
+    return value is not None and value != ""
+
+
+def _context(row: dict, where: str) -> str:
+    """The text a row gives its instruction to work on: ``input`` (Alpaca) or ``context`` (Dolly),
+    whichever it has, in every instruction and prompt format (generation reads it the same way)."""
+    given = {key: _string(row, key, where) for key in ("input", "context")}
+    given = {key: text for key, text in given.items() if text.strip()}
+    if len(given) == 2 and given["input"] != given["context"]:
+        raise DataError(f"{where}: fields 'input' and 'context' both hold text; they are the same slot "
+                        "(Alpaca's and Dolly's name for it): keep one")
+    return next(iter(given.values()), "")
 
 
 def _string(row: dict, key: str, where: str) -> str:
@@ -364,8 +423,8 @@ def _normalise_messages(messages: Any, where: str, require_assistant: bool = Tru
                 f"{where}, field 'messages[{i}].role': {role!r} is not allowed here; "
                 "use 'system' (first message only), 'user' or 'assistant'"
             )
-    if require_assistant and not any(role == "assistant" for role, _ in turns):
-        return None
+    if require_assistant and not any(role == "assistant" and content.strip() for role, content in turns):
+        return None  # nothing to learn: no answer, or only empty ones
     return Sample(system=system, turns=turns)
 
 
@@ -385,8 +444,8 @@ def sample_from_prompt_row(row: dict[str, Any] | str, where: str = "prompt row")
     if fmt == "text":
         return Sample(text=_string(row, "text", where))
     instr_key = "prompt" if fmt == "prompt_completion" else "instruction"
-    extra = _string(row, "input", where) or _string(row, "context", where)
-    return Sample(turns=[("user", _string(row, instr_key, where))], input=extra)
+    return Sample(turns=[("user", _string(row, instr_key, where))], input=_context(row, where),
+                  system=_string(row, "system", where) or None)
 
 
 def _detect_prompt_format(row: dict, where: str) -> str:
