@@ -117,6 +117,9 @@ def test_a_whole_model_checkpoint_is_named_as_one(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"whole model's weights \(model.safetensors\).*save_pretrained"):
         PeftModel.from_pretrained(tiny_llama(), tmp_path)
     assert not model.load_state_dict(load_file(str(tmp_path / "model.safetensors")), strict=False).unexpected_keys
+    tiny_llama().save_pretrained(tmp_path / "full")  # a full fine-tune or a merged model: a model, not an adapter
+    with pytest.raises(FileNotFoundError, match=r"a full fine-tune or a merged model\): load it as the model itself"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path / "full")
 
 
 def test_bad_adapter_config_json(saved):
@@ -215,15 +218,24 @@ def test_a_damaged_gguf_file_is_named_with_what_to_do(tmp_path, damage):
 def test_a_method_option_that_does_not_exist_is_named_before_anything_loads(tmp_path, method):
     """The model folder does not even exist: the bad option is reported first, nothing is written."""
     out = tmp_path / "run"
-    with pytest.raises(ValueError, match=r"'lora_rank' is not a \w+Config option"):
+    with pytest.raises(ValueError, match=r"'lora_rank' is not an option of \w+Config"):
         tsugiki.train({"model": str(tmp_path / "no-such-model"), "data": str(tmp_path / "no-such.jsonl"),
                        "output_dir": str(out), "method": method, "method_args": {"lora_rank": 4}}, progress=False)
     assert not out.exists()
 
 
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "prefix_tuning"])
+def test_packing_a_prompt_method_is_refused_before_anything_loads(tmp_path, method):
+    with pytest.raises(ValueError, match=f"packing: true cannot train {method}: its virtual tokens"):
+        tsugiki.train({"model": str(tmp_path / "no-such-model"), "data": str(tmp_path / "no-such.jsonl"),
+                       "output_dir": str(tmp_path / "run"), "method": method, "packing": True}, progress=False)
+
+
 @pytest.mark.parametrize("key", ["lora_r", "rank", "lora_rank"])
-def test_a_rank_under_another_name_points_to_r(tmp_path, key):
-    with pytest.raises(ValueError, match=rf"'{key}' is not a LoraConfig option; did you mean 'r'\?"):
+def test_a_rank_under_another_name_points_to_the_jobs_lora_r(tmp_path, key):
+    """r is set from the job's lora_r (method_args' r is refused when they differ): the hint says lora_r."""
+    with pytest.raises(ValueError, match=rf"'{key}' is not an option of LoraConfig; the job sets its 'r' from "
+                                         r"lora_r: set lora_r instead"):
         tsugiki.train({"data": str(tmp_path / "x.jsonl"), "method": "lora", "method_args": {key: 4}},
                       progress=False)
 
@@ -388,3 +400,13 @@ def test_move_into_refuses_a_folder_in_the_way_before_changing_anything(tmp_path
     with pytest.raises(IsADirectoryError, match="vocab.json into .*a folder of that name is in the way"):
         move_into(source, folder, stale=re.compile(r"^model\.safetensors$"))
     assert (folder / "config.json").read_text() == "old" and (folder / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("config", [
+    tsugiki.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, token_dim=10),
+    tsugiki.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, num_layers=3),
+])
+def test_prompt_dimensions_that_contradict_the_model_are_named(config):
+    """They crashed deep inside the first forward (a size mismatch, or the KV cache's layer index)."""
+    with pytest.raises(ValueError, match=r"(token_dim=10|num_layers=3) does not match the model.s \d+ .*leave it out"):
+        get_peft_model(tiny_llama(), config)

@@ -276,7 +276,7 @@ def test_train_job_needs_total_steps():
         build(TrainConfig(), "m")
     cfg = build(TrainConfig(max_steps=-1, method_args={"total_step": 50, "target_r": 3}), "m")
     assert (cfg.total_step, cfg.init_r, cfg.target_r) == (50, 8, 3)
-    with pytest.raises(ValueError, match="'tinit_steps' is not a AdaLoraConfig option"):
+    with pytest.raises(ValueError, match="'tinit_steps' is not an option of AdaLoraConfig"):
         build(TrainConfig(max_steps=5, method_args={"tinit_steps": 1}), "m")
 
 

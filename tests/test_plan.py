@@ -600,10 +600,12 @@ def test_plan_cli_takes_the_methods_own_options(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "batch 4 x 64 tokens (+ 50 virtual)" in out
     assert f"{50 * 32:,} trainable" in out  # 50 virtual tokens x hidden 32
-    with pytest.raises(ValueError, match="'num_virtual_tokens' is not a LoraConfig option"):
+    with pytest.raises(ValueError, match="'num_virtual_tokens' is not an option of LoraConfig"):
         plan.main([str(tmp_path), "--method", "lora", "--method-args", "num_virtual_tokens=3"])
     with pytest.raises(ValueError, match="method 'full' takes no options"):
         plan.main([str(tmp_path), "--method", "full", "--method-args", "r=3"])
+    # AdaLoRA's options without its schedule's length, which plan has no key for (nor needs).
+    assert plan.main([str(tmp_path), "--method", "adalora", "--method-args", "target_r=2", "--ram", "100GB"]) == 0
 
 
 def test_counting_a_prompt_started_from_text_needs_no_tokenizer(tmp_path):

@@ -199,7 +199,11 @@ def config_from_method_args(cls: type["PeftConfig"], method_args: Optional[dict]
         if key not in known:
             alias = _OPTION_ALIASES.get(key)
             close = [alias] if alias in known else difflib.get_close_matches(key, sorted(known), n=1)
-            raise ValueError(f"method_args: {key!r} is not a {cls.__name__} option"
+            train_key = TRAIN_KEY_OF_OPTION.get(close[0]) if close and close[0] in fixed else None
+            if train_key:  # the job sets that option from its own key: point there, not at method_args
+                raise ValueError(f"method_args: {key!r} is not an option of {cls.__name__}; the job sets its "
+                                 f"{close[0]!r} from {train_key}: set {train_key} instead")
+            raise ValueError(f"method_args: {key!r} is not an option of {cls.__name__}"
                              + (f"; did you mean {close[0]!r}?" if close else f"; options: {', '.join(sorted(known))}"))
         train_key = TRAIN_KEY_OF_OPTION.get(key)
         if train_key and fixed.get(key) is not None and args[key] != fixed[key]:
@@ -335,7 +339,10 @@ class PeftConfig:
                     f"{os.path.join(path, inside[0])!r}, or subfolder={inside[0]!r}") if inside else ""
             whole = next((f for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
                           if os.path.isfile(os.path.join(path, f))), None)
-            if whole and not hint:
+            if whole and not hint and os.path.isfile(os.path.join(path, "config.json")):
+                hint = (f"; it holds a whole model ({whole} and config.json: a full fine-tune or a merged "
+                        "model): load it as the model itself (--model, or from_pretrained), with no adapter")
+            elif whole and not hint:
                 hint = (f"; it holds a whole model's weights ({whole}), as transformers' Trainer saves a tsugiki "
                         "model in its checkpoints and save_model: save the adapter with "
                         "model.save_pretrained(folder) after training, or load such a checkpoint into the same "

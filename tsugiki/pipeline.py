@@ -59,6 +59,10 @@ def quantization_of(cfg: TrainConfig) -> Optional[str]:
     return "4bit" if cfg.method == "qlora" else None
 
 
+# Methods whose virtual tokens take positions in front of every row.
+VIRTUAL_TOKEN_METHODS = ("prompt_tuning", "p_tuning", "multitask_prompt_tuning", "prefix_tuning")
+
+
 def check_method(cfg: TrainConfig) -> None:
     """The job's method, its quantization and its ``method_args``, checked before anything loads."""
     if cfg.method not in method_names():
@@ -81,6 +85,9 @@ def check_method(cfg: TrainConfig) -> None:
         require_bitsandbytes(f"optimizer: {cfg.optimizer}")
     if cfg.method == "full" and cfg.method_args:
         raise ConfigError("method_args: method 'full' takes no options")
+    if cfg.packing and cfg.method in VIRTUAL_TOKEN_METHODS:
+        raise ConfigError(f"packing: true cannot train {cfg.method}: its virtual tokens go in front of each row "
+                          "once, and a packed row holds several examples; use packing: false")
     if cfg.method != "full":
         adapter_config(shapes_only(cfg), cfg.model or DEFAULT_MODEL)  # an option the method lacks, said now
 
@@ -265,10 +272,6 @@ def load_dtype(cfg: TrainConfig) -> Optional[torch.dtype]:
         return None
     dtype = resolve_dtype(cfg.dtype, _training_device())
     return dtype if dtype in (torch.bfloat16, torch.float16) else None
-
-
-# Methods whose virtual tokens take positions in front of every row.
-VIRTUAL_TOKEN_METHODS = ("prompt_tuning", "p_tuning", "multitask_prompt_tuning", "prefix_tuning")
 
 
 def _max_length_within_context(cfg: TrainConfig) -> TrainConfig:

@@ -79,15 +79,35 @@ def fill_model_dims(config: PromptLearningConfig, model: nn.Module) -> None:
     """Fill ``num_layers``, ``token_dim`` and ``num_attention_heads`` left ``None`` from the model config."""
     model_config = _text_config(model)
     for field_name, keys in _MODEL_DIM_KEYS.items():
-        if getattr(config, field_name) is not None:
-            continue
         value = next((getattr(model_config, k) for k in keys if getattr(model_config, k, None) is not None), None)
+        given = getattr(config, field_name)
+        if given is not None:
+            _check_model_dim(config, model, field_name, int(given), value)
+            continue
         if value is None:
             raise ValueError(f"{type(model).__name__} has no config value for {field_name}; set {field_name} "
                              f"in {type(config).__name__}")
         setattr(config, field_name, int(value))
     if config.num_transformer_submodules is None:
         config.num_transformer_submodules = 1
+
+
+def _check_model_dim(config: PromptLearningConfig, model: nn.Module, field_name: str, given: int,
+                     value: Any) -> None:
+    """A dimension set in the config that the model contradicts cannot run (it failed deep inside the first
+    forward): prefix tuning's layer count, and the width of the virtual tokens that join the word embeddings
+    (prefix tuning's keys and values may be narrower, under grouped-query attention)."""
+    if field_name == "num_layers" and value is not None and given != int(value):
+        have, what = int(value), "num_hidden_layers"
+    elif field_name == "token_dim" and config.peft_type != "PREFIX_TUNING":
+        weight = getattr(find_word_embeddings(model), "weight", None)
+        if weight is None or weight.dim() != 2 or given == weight.shape[1]:
+            return
+        have, what = int(weight.shape[1]), "its word embeddings' width"
+    else:
+        return
+    raise ValueError(f"{field_name}={given} does not match the model's {have} ({what}); leave it out: it is "
+                     "read from the model")
 
 
 def find_word_embeddings(model: nn.Module) -> nn.Module:

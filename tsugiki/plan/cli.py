@@ -111,7 +111,8 @@ def _cli_settings(args: argparse.Namespace, device: str) -> tuple[Any, dict[str,
     if method_args:  # an option the method does not have: the training job's error, now
         from ..pipeline import check_method
 
-        check_method(TrainConfig.load(None, {**keys, "method_args": method_args}))
+        # AdaLoRA's rank schedule needs the run's length, which its size does not depend on.
+        check_method(TrainConfig.load(None, {**keys, "method_args": method_args, "max_steps": 1}))
     settings.update(adapter_counts({**keys, "method_args": method_args}, source, settings["trainable_params"]))
     return source, settings
 
