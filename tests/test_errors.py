@@ -231,6 +231,12 @@ def test_packing_a_prompt_method_is_refused_before_anything_loads(tmp_path, meth
                        "output_dir": str(tmp_path / "run"), "method": method, "packing": True}, progress=False)
 
 
+def test_targets_in_method_args_point_to_the_jobs_key(tmp_path):
+    with pytest.raises(ValueError, match="target_modules is set by the job's target_modules key; set it there"):
+        tsugiki.train({"data": str(tmp_path / "x.jsonl"), "method": "lora", "method_args": {"target_modules": "q_proj"}},
+                      progress=False)
+
+
 @pytest.mark.parametrize("key", ["lora_r", "rank", "lora_rank"])
 def test_a_rank_under_another_name_points_to_the_jobs_lora_r(tmp_path, key):
     """r is set from the job's lora_r (method_args' r is refused when they differ): the hint says lora_r."""

@@ -161,6 +161,26 @@ def test_inspect_and_train_take_the_template_saved_in_the_model_folder(model_dir
     assert "template llama2" in capsys.readouterr().out  # a template given still wins
 
 
+def test_inspect_data_of_an_adapter_shows_its_rows_as_it_was_trained(model_dir, tmp_path, capsys):
+    from tsugiki.data import get_template
+    from tsugiki.models import load_tokenizer
+    from tsugiki.pipeline import save_template
+
+    adapter = tmp_path / "ja"
+    tsugiki.get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           tsugiki.LoraConfig(r=2, base_model_name_or_path=model_dir)).save_pretrained(adapter)
+    save_template(get_template("japanese", load_tokenizer(model_dir)), str(adapter))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"instruction": "Greet", "output": "Hello"}) + "\n")
+    capsys.readouterr()
+    assert main(["inspect", str(adapter), "--data", str(rows)]) == 0
+    out = capsys.readouterr().out
+    assert "template japanese" in out and "### 指示:\nGreet" in out
+    assert main(["merge", "--adapter", str(adapter), "--quantization", "4bit", "--dequantize", "--requantize",
+                 "--output", str(tmp_path / "m")]) == 2
+    assert "--dequantize and --requantize exclude each other" in capsys.readouterr().err
+
+
 def test_inspect_data_reads_the_whole_file(model_dir, tmp_path, capsys):
     rows = [{"instruction": f"Question {i}?", "input": "", "output": ""} for i in range(3)] + ROWS[:5]
     path = tmp_path / "leading-empty.jsonl"

@@ -604,6 +604,12 @@ def test_plan_cli_takes_the_methods_own_options(tmp_path, capsys):
         plan.main([str(tmp_path), "--method", "lora", "--method-args", "num_virtual_tokens=3"])
     with pytest.raises(ValueError, match="method 'full' takes no options"):
         plan.main([str(tmp_path), "--method", "full", "--method-args", "r=3"])
+    # A regular expression for the targets, as tsugiki train takes it.
+    capsys.readouterr()
+    assert plan.main([str(tmp_path), "--target-modules", r".*\.(q|v)_proj", "--ram", "100GB", "--json"]) == 0
+    regex = json.loads(capsys.readouterr().out)["params"]["trainable"]
+    assert plan.main([str(tmp_path), "--target-modules", "q_proj,v_proj", "--ram", "100GB", "--json"]) == 0
+    assert regex == json.loads(capsys.readouterr().out)["params"]["trainable"] > 0
     # AdaLoRA's options without its schedule's length, which plan has no key for (nor needs).
     assert plan.main([str(tmp_path), "--method", "adalora", "--method-args", "target_r=2", "--ram", "100GB"]) == 0
 

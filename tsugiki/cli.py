@@ -313,6 +313,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if not quant and (args.dequantize or args.requantize):
         raise ValueError("--dequantize and --requantize choose what a merge into a --quantization 4bit/8bit base "
                          "saves; without --quantization the base is not quantized and the merged model is plain")
+    if args.dequantize and args.requantize:
+        raise ValueError("--dequantize and --requantize exclude each other: --dequantize saves an unquantized "
+                         "merged model, --requantize a quantized one; pass one")
     if quant and args.dequantize == args.requantize:
         raise ValueError(f"merging into a {quant} base: pass --dequantize (an unquantized merged model; "
                          "--dtype fp32 keeps it unrounded) "
@@ -397,8 +400,19 @@ def _inspect_data(args: argparse.Namespace) -> int:
     from .models import load_tokenizer
     from .pipeline import folder_template
 
-    tokenizer = load_tokenizer(args.model)
-    template = folder_template(args.template, tokenizer, args.model)  # as generate and eval take it
+    model = args.model
+    if args.adapter_dir:  # the rows as that adapter was trained on them: its tokenizer and template
+        from .config import PeftConfig
+        from .generation import _adapter_has_tokenizer
+        from .pipeline import load_saved_template
+
+        model = model or PeftConfig.from_pretrained(args.adapter_dir).base_model_name_or_path
+        tokenizer = load_tokenizer(args.adapter_dir if _adapter_has_tokenizer(args.adapter_dir) else model)
+        saved = load_saved_template(args.adapter_dir, tokenizer) if args.template is None else None
+        template = saved or folder_template(args.template, tokenizer, model)
+    else:
+        tokenizer = load_tokenizer(model)
+        template = folder_template(args.template, tokenizer, model)  # as generate and eval take it
     # The whole file: the summary describes it all, and empty rows at its start do not hide good ones.
     examples, _, stats = build_dataset(args.data, tokenizer, template, max_length=args.max_length,
                                        train_on=args.train_on)

@@ -96,8 +96,10 @@ def _cli_settings(args: argparse.Namespace, device: str) -> tuple[Any, dict[str,
         given.setdefault("quantization", "4bit")
     if given.get("quantization") == "none":
         given["quantization"] = None
-    if isinstance(given.get("target_modules"), str) and given["target_modules"] != "all-linear":
-        given["target_modules"] = [t.strip() for t in given["target_modules"].split(",") if t.strip()]
+    if isinstance(given.get("target_modules"), str):  # as tsugiki train reads it: names, all-linear or a regex
+        from ..config import train_targets
+
+        given["target_modules"] = train_targets([t.strip() for t in given["target_modules"].split(",") if t.strip()])
     settings.update(given)
     adapter_keys = {"method", "lora_r", "lora_dropout", "target_modules"}
     if args.trainable_params is None and (adapter_keys & set(given) or args.method_args is not None):

@@ -64,7 +64,7 @@ class TrainConfig:
     resume: Union[str, bool] = _f("auto", "'auto': continue from the latest complete checkpoint in `output_dir` if there is one; a checkpoint path: continue from it (an `output_dir` other than the checkpoint's own folder follows the fresh-start rules: empty, or `overwrite`); false: start fresh.")
     # --- method
     method: str = _f("lora", "Fine-tuning method (lora, qlora, dora, ia3, prompt_tuning, ..., or full).")
-    quantization: str = _f("none", "Base weights quantization: none, 4bit (NF4) or 8bit.")
+    quantization: str = _f("none", "Base weights quantization: none, 4bit (NF4) or 8bit. With method qlora, none means 4bit (QLoRA is LoRA on a 4-bit base); 8bit there gives LoRA on an 8-bit base.")
     lora_r: int = _f(8, "LoRA rank r.")
     lora_alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha / r.")
     lora_dropout: float = _f(0.05, "Dropout on the LoRA input, in [0, 1).")
