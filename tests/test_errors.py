@@ -231,10 +231,14 @@ def test_packing_a_prompt_method_is_refused_before_anything_loads(tmp_path, meth
                        "output_dir": str(tmp_path / "run"), "method": method, "packing": True}, progress=False)
 
 
-def test_targets_in_method_args_point_to_the_jobs_key(tmp_path):
-    with pytest.raises(ValueError, match="target_modules is set by the job's target_modules key; set it there"):
-        tsugiki.train({"data": str(tmp_path / "x.jsonl"), "method": "lora", "method_args": {"target_modules": "q_proj"}},
-                      progress=False)
+def test_targets_in_method_args_are_read_as_the_jobs_key_reads_them():
+    """'q_proj' was taken as a regular expression over whole module names and matched nothing."""
+    from tsugiki.methods.lora import lora_from_train_config
+
+    for given, read in (("q_proj", ["q_proj"]), ("q_proj,v_proj", ["q_proj", "v_proj"]),
+                        (r".*\.(q|v)_proj", r".*\.(q|v)_proj"), ("all-linear", "all-linear")):
+        job = tsugiki.TrainConfig.load(None, {"method_args": {"target_modules": given}})
+        assert lora_from_train_config(job, "base").target_modules == read
 
 
 @pytest.mark.parametrize("key", ["lora_r", "rank", "lora_rank"])

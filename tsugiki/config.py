@@ -206,8 +206,8 @@ def config_from_method_args(cls: type["PeftConfig"], method_args: Optional[dict]
             raise ValueError(f"method_args: {key!r} is not an option of {cls.__name__}"
                              + (f"; did you mean {close[0]!r}?" if close else f"; options: {', '.join(sorted(known))}"))
         train_key = TRAIN_KEY_OF_OPTION.get(key)
-        if key == "target_modules" and key in fixed:  # names, "all-linear" or a regex: the job's key reads them
-            raise ValueError("method_args: target_modules is set by the job's target_modules key; set it there")
+        if key == "target_modules" and isinstance(args[key], str):  # as the job's key reads it: a regex
+            args[key] = train_targets([t.strip() for t in args[key].split(",") if t.strip()])  # or names
         if train_key and fixed.get(key) is not None and args[key] != fixed[key]:
             raise ValueError(f"method_args: {key}={args[key]!r} conflicts with the job's {train_key} "
                              f"({fixed[key]!r}); set {train_key} instead")
