@@ -400,19 +400,15 @@ def _inspect_data(args: argparse.Namespace) -> int:
     from .models import load_tokenizer
     from .pipeline import folder_template
 
-    model = args.model
-    if args.adapter_dir:  # the rows as that adapter was trained on them: its tokenizer and template
+    model, adapter = args.model, args.adapter_dir  # with an adapter: the rows as it was trained on them
+    if adapter and not model:
         from .config import PeftConfig
-        from .generation import _adapter_has_tokenizer
-        from .pipeline import load_saved_template
 
-        model = model or PeftConfig.from_pretrained(args.adapter_dir).base_model_name_or_path
-        tokenizer = load_tokenizer(args.adapter_dir if _adapter_has_tokenizer(args.adapter_dir) else model)
-        saved = load_saved_template(args.adapter_dir, tokenizer) if args.template is None else None
-        template = saved or folder_template(args.template, tokenizer, model)
-    else:
-        tokenizer = load_tokenizer(model)
-        template = folder_template(args.template, tokenizer, model)  # as generate and eval take it
+        model = PeftConfig.from_pretrained(adapter).base_model_name_or_path
+    from .generation import has_tokenizer
+
+    tokenizer = load_tokenizer(adapter if adapter and has_tokenizer(adapter) else model)
+    template = folder_template(args.template, tokenizer, adapter, model)  # as generate and eval take it
     # The whole file: the summary describes it all, and empty rows at its start do not hide good ones.
     examples, _, stats = build_dataset(args.data, tokenizer, template, max_length=args.max_length,
                                        train_on=args.train_on)

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from .config import AdapterNotFoundError, PeftConfig
-from .data import get_template
 from .data.templates import Template
 from .data.tokenize import prompt_token_ids
 from .kernels.decode import single_row_decoding
@@ -82,7 +81,8 @@ class LoadedModel:
     saved_quantization: Optional[str] = None  # e.g. "4-bit" when the folder itself holds quantized weights
 
 
-def _adapter_has_tokenizer(folder: str) -> bool:
+def has_tokenizer(folder: str) -> bool:
+    """Whether ``folder`` holds a saved tokenizer (an adapter saved with the tokenizer it was trained with)."""
     return any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
 
 
@@ -112,7 +112,7 @@ def load_for_inference(model: Optional[str] = None, adapter: Optional[str] = Non
     one saved in the model folder (by ``merge`` or a full fine-tune), the tokenizer's chat
     template, the built-in ``alpaca``.
     """
-    from .pipeline import load_saved_template
+    from .pipeline import folder_template
 
     # Subnormal floats (common in barely trained adapters) are very slow on CPUs; treating them
     # as zero changes nothing measurable and keeps generation fast.
@@ -130,7 +130,7 @@ def load_for_inference(model: Optional[str] = None, adapter: Optional[str] = Non
             raise FileNotFoundError(f"the adapter's base model {base_name!r} (recorded in its "
                                     "adapter_config.json) is not there any more; give its new place with --model")
     base_name = base_name or DEFAULT_MODEL
-    tokenizer = load_tokenizer(adapter if adapter and _adapter_has_tokenizer(adapter) else base_name)
+    tokenizer = load_tokenizer(adapter if adapter and has_tokenizer(adapter) else base_name)
     base = load_model(base_name, quantization=quantization)
     saved_quant = None if quantization else _saved_quantization(base)
     if saved_quant and dtype not in (None, "auto"):
@@ -146,13 +146,8 @@ def load_for_inference(model: Optional[str] = None, adapter: Optional[str] = Non
                 param.data = param.data.to(target)
     net: nn.Module = PeftModel.from_pretrained(base, adapter) if adapter else base
     net.eval()
-    chosen = get_template(template, tokenizer) if template is not None else None
-    # A merged model or a full fine-tune records its training template in its own folder.
-    for folder in (adapter, base_name):
-        if chosen is None and folder is not None and os.path.isdir(folder):
-            chosen = load_saved_template(folder, tokenizer)
-    return LoadedModel(net, tokenizer, chosen or get_template(None, tokenizer), adapter, str(base_name),
-                       saved_quant)
+    return LoadedModel(net, tokenizer, folder_template(template, tokenizer, adapter, base_name), adapter,
+                       str(base_name), saved_quant)
 
 
 def stop_token_ids(tokenizer: Any, model: nn.Module) -> list[int]:

@@ -161,12 +161,13 @@ def load_saved_template(folder: str, tokenizer: Any) -> Optional[Template]:
         return Template.from_dict(json.load(fh), tokenizer)
 
 
-def folder_template(template: Optional[Union[str, dict]], tokenizer: Any, folder: Optional[str]) -> Template:
-    """The template to format rows with: ``template`` if given, else the one saved in the model
-    ``folder`` (a merged model or a full fine-tune records its training template), else the
-    tokenizer's chat template or ``alpaca`` (:func:`tsugiki.data.get_template`), as generation takes it."""
-    if template is None and folder and os.path.isdir(folder):
-        saved = load_saved_template(folder, tokenizer)
+def folder_template(template: Optional[Union[str, dict]], tokenizer: Any, *folders: Optional[str]) -> Template:
+    """The template to format rows with: ``template`` if given, else the first one saved in
+    ``folders`` (an adapter's, then its model's: a merged model or a full fine-tune records its
+    training template too), else the tokenizer's chat template or ``alpaca``
+    (:func:`tsugiki.data.get_template`). generate, chat, eval, train and inspect all take it so."""
+    for folder in folders if template is None else ():
+        saved = load_saved_template(folder, tokenizer) if folder and os.path.isdir(folder) else None
         if saved is not None:
             return saved
     return get_template(template, tokenizer)
