@@ -335,7 +335,8 @@ def test_chat_streams_answers_and_keeps_the_conversation(model_dir, monkeypatch,
                                             ("eval", ["--data", "DATA"])])
 @pytest.mark.parametrize("setting, message", [(["--top-p", "0"], "top_p=0.0 must be in"),
                                               (["--top-k", "-1"], "top_k=-1 must be >= 0"),
-                                              (["--max-new-tokens", "0"], "max_new_tokens=0 must be >= 1")])
+                                              (["--max-new-tokens", "0"], "max_new_tokens=0 must be >= 1"),
+                                              (["--stop", ""], "stop strings must be non-empty text")])
 def test_bad_generation_settings_are_refused_before_the_model_loads(command, extra, setting, message, data_file,
                                                                    monkeypatch, capsys):
     import tsugiki.generation

@@ -64,6 +64,11 @@ def _add_generation_options(p: argparse.ArgumentParser, batches: bool = True) ->
                    help="With --do-sample: sample among the k most likely tokens (default: 50; 0: no top-k cut).")
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="Penalty > 1 discourages repeating tokens, e.g. 1.2 (default: 1.0 = off).")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="End an answer where it writes TEXT, which is left out of the answer; repeat it for "
+                        "several (default: none, answers end at the model's end-of-turn token). \\n, \\t "
+                        "and \\\\ in TEXT are a newline, a tab and a backslash: --stop '\\n\\n' ends "
+                        "at the first blank line.")
     if batches:
         p.add_argument("--batch-size", type=int, default=8,
                        help="Prompts generated together (default: 8). In bf16/fp16 a prompt's answer can "
@@ -86,7 +91,13 @@ def _settings(args: argparse.Namespace):
     return GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                               repetition_penalty=args.repetition_penalty, batch_size=getattr(args, "batch_size", 1),
-                              seed=args.seed)
+                              seed=args.seed, stop=[_unescaped(text) for text in args.stop or []])
+
+
+def _unescaped(text: str) -> str:
+    """``text`` with ``\\n``, ``\\t`` and ``\\\\`` read as a newline, a tab and a backslash (a shell
+    argument cannot easily hold a newline); other backslashes stay as written."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
 
 
 def _check_adapter_options(args: argparse.Namespace) -> None:

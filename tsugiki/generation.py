@@ -4,8 +4,8 @@ The prompt of each row is rendered with the template the model was trained
 with (saved as ``tsugiki_template.json`` beside the adapter, or in the model
 folder of a merged model or a full fine-tune), so generation sees the same
 format as training. Batches are left-padded, decoding is greedy unless
-sampling is asked for, generation stops at EOS, and only the new tokens are
-decoded.
+sampling is asked for, generation stops at EOS (or at a stop string, which the
+answer then ends before), and only the new tokens are decoded.
 """
 
 from __future__ import annotations
@@ -41,8 +41,14 @@ class GenerationSettings:
     repetition_penalty: float = 1.0
     batch_size: int = 8
     seed: Optional[int] = None  # seeds torch's generator before sampling: same seed, same answers
+    # Texts that end an answer: it is cut before the first one it holds (leading whitespace aside).
+    stop: Sequence[str] = ()
 
     def __post_init__(self) -> None:
+        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        bad = next((s for s in self.stop if not isinstance(s, str) or not s), None)
+        if bad is not None:
+            raise ValueError(f"stop strings must be non-empty text, got {bad!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
         if self.batch_size < 1:
@@ -243,6 +249,9 @@ def generate_answers(loaded: LoadedModel, rows: Sequence[Row], settings: Optiona
     old_side = tok.padding_side
     tok.padding_side = "left"  # generation continues from the right end of every row
     answers: list[str] = []
+    criteria = [_StopAtText(tok, settings.stop, 0)] if settings.stop else []
+    if criteria:
+        from transformers import StoppingCriteriaList
     try:
         limit = context_length(net)
         for first_row, chunk in zip(range(0, len(prompts), settings.batch_size),
@@ -254,6 +263,9 @@ def generate_answers(loaded: LoadedModel, rows: Sequence[Row], settings: Optiona
             kwargs = dict(**enc, **settings.generate_kwargs(), pad_token_id=tok.pad_token_id,
                           eos_token_id=stop_token_ids(tok, net))
             kwargs["max_new_tokens"] = room
+            if criteria:
+                criteria[0].prompt_width = enc["input_ids"].shape[1]
+                kwargs["stopping_criteria"] = StoppingCriteriaList(criteria)
             if isinstance(net, PeftModel) and not use_adapter:
                 with net.disable_adapter():
                     out = _generate(net, kwargs)
@@ -261,7 +273,7 @@ def generate_answers(loaded: LoadedModel, rows: Sequence[Row], settings: Optiona
                 out = _generate(net, kwargs)
             new_tokens = out[:, enc["input_ids"].shape[1]:]
             texts = tok.batch_decode(new_tokens, skip_special_tokens=True)
-            answers.extend(loaded.template.answer_from(text) for text in texts)
+            answers.extend(loaded.template.answer_from(cut_at_stop(text, settings.stop)) for text in texts)
             if progress is not None:
                 progress.update(len(chunk))
     finally:
@@ -300,6 +312,30 @@ def fit_conversation(loaded: LoadedModel, messages: list[dict], room_for_answer:
         "left for the answer; write a shorter message or lower --max-new-tokens")
 
 
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """``text`` without its leading whitespace, up to (not including) the first stop string it holds."""
+    text = text.lstrip()
+    ends = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return text[: min(ends)] if ends else text
+
+
+class _StopAtText:
+    """A stopping criterion that ends a row once its new text (leading whitespace aside) holds a stop string.
+
+    The new tokens are decoded whole each step, as a stop string may span several tokens and
+    a token's text can depend on its neighbours; the prompt is left out, so a prompt ending
+    in part of a stop string does not end the answer early.
+    """
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str], prompt_width: int) -> None:
+        self.tokenizer, self.stops, self.prompt_width = tokenizer, tuple(stops), prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width:], skip_special_tokens=True)
+        done = [any(s in text.lstrip() for s in self.stops) for text in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 class _StopWhenSet:
     """A stopping criterion that ends generation once ``event`` is set (another thread's Ctrl-C)."""
 
@@ -326,7 +362,9 @@ def stream_answer(loaded: LoadedModel, messages_or_prompt: Union[str, dict], set
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     stop, failures = Event(), []
     kwargs = dict(**enc, **settings.generate_kwargs(), streamer=streamer, pad_token_id=tok.pad_token_id,
-                  eos_token_id=stop_token_ids(tok, net), stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]))
+                  eos_token_id=stop_token_ids(tok, net),
+                  stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)] + ([_StopAtText(tok, settings.stop, len(ids))]
+                                                                                 if settings.stop else [])))
     kwargs["max_new_tokens"] = new_token_room(context_length(net), [len(ids)], settings.max_new_tokens)
 
     def work() -> None:
@@ -340,7 +378,7 @@ def stream_answer(loaded: LoadedModel, messages_or_prompt: Union[str, dict], set
     thread = Thread(target=work, daemon=True)
     thread.start()
     try:
-        yield from _without_suffix(_left_stripped(streamer), loaded.template.answer_suffix)
+        yield from _without_suffix(_until_stop(_left_stripped(streamer), settings.stop), loaded.template.answer_suffix)
     finally:
         stop.set()
         thread.join()
@@ -357,6 +395,29 @@ def _left_stripped(pieces: Iterable[str]) -> Iterator[str]:
             started = bool(piece)
         if piece:
             yield piece
+
+
+def _until_stop(pieces: Iterable[str], stops: Sequence[str]) -> Iterator[str]:
+    """Pass text pieces through up to (not including) the first stop string; the tail that could
+    still turn out to start one is held back until the next piece tells."""
+    if not stops:
+        yield from pieces
+        return
+    held_back = max(len(s) for s in stops) - 1
+    pending = ""
+    for piece in pieces:
+        pending += piece
+        ends = [i for i in (pending.find(s) for s in stops) if i >= 0]
+        if ends:
+            if min(ends):
+                yield pending[: min(ends)]
+            return
+        safe = len(pending) - held_back
+        if safe > 0:
+            yield pending[:safe]
+            pending = pending[safe:]
+    if pending:
+        yield pending
 
 
 def _without_suffix(pieces: Iterable[str], suffix: str) -> Iterator[str]:
