@@ -335,3 +335,30 @@ def test_paths_starting_with_a_tilde_mean_the_home_folder(tmp_path, monkeypatch)
     assert (cfg.data, cfg.output_dir, cfg.model) == (os.path.join(str(tmp_path), "train.jsonl"),
                                                      os.path.join(str(tmp_path), "runs/a"),
                                                      os.path.join(str(tmp_path), "models/m"))
+
+
+_CHANGED_ADAPTER_KEYS = {"lora_r": 4, "lora_alpha": 3.0, "lora_dropout": 0.2, "target_modules": ["q_proj"]}
+
+
+@pytest.mark.parametrize("method", sorted(__import__("tsugiki.pipeline").pipeline.method_names()))
+def test_a_key_the_method_does_not_read_is_warned_and_one_it_reads_changes_its_config(method):
+    """Each key warned about leaves the built adapter config as it was; each key not warned about changes it."""
+    from tsugiki.pipeline import adapter_config, unused_settings
+
+    def built(**keys):
+        cfg = TrainConfig.load(None, {"method": method, "max_steps": 10, **keys})  # AdaLoRA's schedule needs steps
+        return None if method == "full" else adapter_config(cfg, "base").to_dict()
+
+    warned = {note.split("=")[0] for note in unused_settings(TrainConfig.load(None, {"method": method,
+                                                                                   **_CHANGED_ADAPTER_KEYS}))}
+    for key, value in _CHANGED_ADAPTER_KEYS.items():
+        assert (built(**{key: value}) == built()) == (key in warned), key
+
+
+def test_eval_split_beside_eval_data_is_warned_as_ignored():
+    from tsugiki.pipeline import unused_settings
+
+    cfg = TrainConfig.load(None, {"eval_data": "held_out.jsonl", "eval_split": 0.1})
+    assert unused_settings(cfg) == ["eval_split=0.1 is ignored: eval_data is given, so every row of data trains "
+                                    "and the evaluation uses eval_data"]
+    assert unused_settings(TrainConfig.load(None, {"eval_split": 0.1})) == []

@@ -159,17 +159,23 @@ def _refuse_settings_that_change_outputs(settings: dict[str, Any]) -> None:
 # training-job method name (``method:`` in a train config / ``--method``) ->
 # builder(train_config, base_model_name) -> PeftConfig. Filled by the method modules.
 METHOD_BUILDERS: dict[str, Callable[[Any, str], "PeftConfig"]] = {}
+# training-job method name -> the adapter keys of the train config its builder reads
+ADAPTER_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
+METHOD_READS: dict[str, tuple[str, ...]] = {"full": ()}
 
 
-def register_method(*names: str):
+def register_method(*names: str, reads: tuple[str, ...] = ADAPTER_KEYS):
     """Function decorator: ``@register_method("ia3")`` lets ``tsugiki train --method ia3`` build the config.
 
     The builder receives the :class:`~tsugiki.train.TrainConfig` (its ``method_args``
     mapping holds the method's own hyperparameters) and the base model's name.
+    ``reads`` names the train config's adapter keys it uses (default: all of
+    :data:`ADAPTER_KEYS`, as LoRA does); a job that sets another one is warned.
     """
     def wrap(fn: Callable[[Any, str], "PeftConfig"]) -> Callable[[Any, str], "PeftConfig"]:
         for name in names:
             METHOD_BUILDERS[name] = fn
+            METHOD_READS[name] = tuple(reads)
         return fn
     return wrap
 

@@ -27,7 +27,7 @@ from .data import build_dataset, get_template
 from .data.jinja import match_chat_template
 from .data.templates import Template
 from .fileio import TEMPLATE_FILE, atomic_write_text, check_writable
-from .config import METHOD_BUILDERS, PeftConfig
+from .config import METHOD_BUILDERS, METHOD_READS, PeftConfig
 from .model import get_peft_model
 from .models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
 from .train import distributed
@@ -90,6 +90,31 @@ def check_method(cfg: TrainConfig) -> None:
                           "once, and a packed row holds several examples; use packing: false")
     if cfg.method != "full":
         adapter_config(shapes_only(cfg), cfg.model or DEFAULT_MODEL)  # an option the method lacks, said now
+
+
+# Where the setting a method does not read from a train config key goes instead, per (method, key).
+_UNREAD_KEY_HINTS = {
+    **{(m, "lora_r"): "the number of virtual tokens is method_args num_virtual_tokens" for m in VIRTUAL_TOKEN_METHODS},
+    **{(m, "lora_r"): "the adapter's width is method_args bottleneck_size" for m in ("series_adapter", "parallel_adapter")},
+    **{(m, "lora_dropout"): "LoHa and LoKr take rank_dropout and module_dropout in method_args" for m in ("loha", "lokr")},
+    ("llama_adapter", "lora_r"): "the adapter's length is method_args adapter_len",
+}
+
+
+def unused_settings(cfg: TrainConfig) -> list[str]:
+    """Warnings for keys the job sets away from their defaults that its method does not read
+    (``lora_r`` for prompt tuning, ``eval_split`` beside ``eval_data``): a run that silently
+    ignores them trains something else than its config says."""
+    defaults = TrainConfig()
+    unread = [key for key in ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
+              if key not in METHOD_READS.get(cfg.method, ()) and getattr(cfg, key) != getattr(defaults, key)]
+    hints = {key: _UNREAD_KEY_HINTS.get((cfg.method, key)) for key in unread}
+    notes = [f"{key}={getattr(cfg, key)!r} is not used by method {cfg.method} and is ignored"
+             + (f" ({hints[key]})" if hints[key] else "") for key in unread]
+    if cfg.eval_data and cfg.eval_split:
+        notes.append(f"eval_split={cfg.eval_split!r} is ignored: eval_data is given, so every row of data trains "
+                     "and the evaluation uses eval_data")
+    return notes
 
 
 # Prompt initialisations that need real values (a tokenizer, the vocabulary, a file), and the keys only they use.
@@ -205,6 +230,8 @@ def run_training(config: Union[None, str, os.PathLike, Mapping[str, Any], TrainC
     if not all(callable(c) for c in callbacks):
         raise TypeError(f"callbacks must be functions f(trainer, record), got {callbacks!r}")
     check_method(cfg)
+    for note in unused_settings(cfg) if distributed.is_main() else []:
+        logger.warning(note)
     if not cfg.data:
         raise ConfigError("data is not set: give a training file (jsonl/json/csv/parquet) or a saved dataset folder")
     if cfg.eval_steps and not cfg.eval_data and not cfg.eval_split:

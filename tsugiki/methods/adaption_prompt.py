@@ -235,7 +235,7 @@ class AdaptionPromptModel(BaseTuner):
         raise ValueError(_CANNOT_MERGE)
 
 
-@register_method("llama_adapter")
+@register_method("llama_adapter", reads=("target_modules",))
 def llama_adapter_from_train_config(cfg: Any, base_name: str) -> AdaptionPromptConfig:
     """LLaMA-Adapter for ``tsugiki train``: ``adapter_len`` (default 10, the paper's) and ``adapter_layers``
     (default: every layer) in ``method_args``; ``target_modules`` may name the attention module."""

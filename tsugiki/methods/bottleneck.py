@@ -310,5 +310,5 @@ def _builder(adapter_type: str):
     return build
 
 
-series_adapter_from_train_config = register_method("series_adapter")(_builder("series"))
-parallel_adapter_from_train_config = register_method("parallel_adapter")(_builder("parallel"))
+series_adapter_from_train_config = register_method("series_adapter", reads=("target_modules",))(_builder("series"))
+parallel_adapter_from_train_config = register_method("parallel_adapter", reads=("target_modules",))(_builder("parallel"))

@@ -344,7 +344,7 @@ class IA3Model(BaseTuner):
                 replace_module(self.model, name, layer)
 
 
-@register_method("ia3")
+@register_method("ia3", reads=("target_modules",))
 def ia3_from_train_config(cfg: Any, base_name: str) -> IA3Config:
     """(IA)^3 for ``tsugiki train``: ``target_modules`` (if set) plus any IA3Config option in ``method_args``."""
     targets = train_targets(cfg.target_modules)

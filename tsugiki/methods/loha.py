@@ -92,7 +92,7 @@ class LoHaModel(LycorisTuner):
     method_name = "LoHa"
 
 
-@register_method("loha")
+@register_method("loha", reads=("lora_r", "lora_alpha", "target_modules"))
 def loha_from_train_config(cfg: Any, base_name: str) -> LoHaConfig:
     """LoHa for ``tsugiki train``: ``lora_r`` / ``lora_alpha`` as r / alpha, other options in ``method_args``."""
     return lycoris_from_train_config(LoHaConfig, cfg, base_name)

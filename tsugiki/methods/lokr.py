@@ -166,7 +166,7 @@ class LoKrModel(LycorisTuner):
     method_name = "LoKr"
 
 
-@register_method("lokr")
+@register_method("lokr", reads=("lora_r", "lora_alpha", "target_modules"))
 def lokr_from_train_config(cfg: Any, base_name: str) -> LoKrConfig:
     """LoKr for ``tsugiki train``: ``lora_r`` / ``lora_alpha`` as r / alpha, other options in ``method_args``."""
     return lycoris_from_train_config(LoKrConfig, cfg, base_name)

@@ -161,7 +161,7 @@ def _kv_dims(config: PrefixTuningConfig, model: nn.Module) -> None:
     config.token_dim, config.num_attention_heads = head_dim * kv_heads, kv_heads
 
 
-@register_method("prefix_tuning")
+@register_method("prefix_tuning", reads=())
 def prefix_from_train_config(cfg: Any, base_name: str) -> PrefixTuningConfig:
     """Prefix tuning for ``tsugiki train``: every PrefixTuningConfig option in ``method_args`` (n defaults to 20)."""
     return config_from_method_args(PrefixTuningConfig, cfg.method_args, num_virtual_tokens=20,

@@ -383,8 +383,8 @@ def _builder(cls: type, **defaults: Any):
 
 
 # num_virtual_tokens has no default in HF PEFT; the CLI uses 20 unless method_args sets it.
-register_method("prompt_tuning")(_builder(PromptTuningConfig, num_virtual_tokens=20))
-register_method("p_tuning")(_builder(PromptEncoderConfig, num_virtual_tokens=20))
+register_method("prompt_tuning", reads=())(_builder(PromptTuningConfig, num_virtual_tokens=20))
+register_method("p_tuning", reads=())(_builder(PromptEncoderConfig, num_virtual_tokens=20))
 # Training batches carry no task column: every row trains task `default_task_id` (0 unless method_args sets it).
-register_method("multitask_prompt_tuning")(_builder(MultitaskPromptTuningConfig, num_virtual_tokens=20,
+register_method("multitask_prompt_tuning", reads=())(_builder(MultitaskPromptTuningConfig, num_virtual_tokens=20,
                                                     default_task_id=0))
