@@ -350,3 +350,16 @@ def test_a_missing_or_damaged_tokenizer_is_named(tmp_path):
             name.unlink()
     with pytest.raises(FileNotFoundError, match=r"/m has no tokenizer files"):
         models.load_tokenizer(str(folder))
+
+
+def test_a_path_inside_a_folder_here_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    """'models/llama' beside a 'models' folder is a path: a missing one is named at once, with the near names
+    in that folder, instead of a hub download that fails offline after its retries."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "llama-1b").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"Model path models/llama-1 does not exist .* Did you mean "
+                                                r"models/llama-1b\?"):
+        models.resolve_model("models/llama-1")
+    with pytest.raises(FileNotFoundError, match=r"Model path models/other does not exist [^?]*$"):
+        models.resolve_model("models/other")
+    assert models.resolve_model("HuggingFaceTB/SmolLM2").kind == "hub_id"  # no HuggingFaceTB folder here

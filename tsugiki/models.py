@@ -67,14 +67,27 @@ def _default_gguf() -> ResolvedModel:
 
 
 def _looks_local(name: str) -> bool:
-    """Paths, not hub ids: hub ids are ``name`` or ``owner/name``, nothing more."""
+    """Paths, not hub ids: hub ids are ``name`` or ``owner/name``, nothing more, and an ``owner/name``
+    whose ``owner`` is a folder here names a path in it (``models/llama`` beside a ``models`` folder)."""
     return (
         name.startswith((".", "/", "~"))
         or name.endswith(".gguf")
         or "\\" in name
         or name.count("/") > 1
         or os.path.isabs(name)
+        or (name.count("/") == 1 and os.path.isdir(name.split("/")[0]))
     )
+
+
+def _nearby_models(path: Path) -> str:
+    """A hint naming the entries of ``path``'s folder closest to its name (a typo), when that folder exists."""
+    import difflib
+
+    parent = path.parent
+    if not parent.is_dir():
+        return ""
+    close = difflib.get_close_matches(path.name, [entry.name for entry in parent.iterdir()], n=3, cutoff=0.5)
+    return f" Did you mean {' or '.join(str(parent / c) for c in close)}?" if close else ""
 
 
 def resolve_model(name_or_path: str | os.PathLike | None = None) -> ResolvedModel:
@@ -104,7 +117,8 @@ def resolve_model(name_or_path: str | os.PathLike | None = None) -> ResolvedMode
             f"{name} is a file but not a .gguf: pass a .gguf file or a model folder holding config.json."
         )
     if _looks_local(name):
-        raise FileNotFoundError(f"Model path {name} does not exist (expected a model folder or a .gguf file).")
+        raise FileNotFoundError(f"Model path {name} does not exist (expected a model folder or a .gguf file)."
+                                + _nearby_models(path))
     return ResolvedModel("hub_id", name)
 
 
