@@ -1,5 +1,6 @@
 """Loading files, format detection, and the bad-input errors of the loader."""
 
+import gzip
 import json
 import os
 
@@ -144,8 +145,12 @@ def test_malformed_json_list_names_line(tmp_path):
 
 def test_unknown_extension_and_plain_folder(tmp_path):
     (tmp_path / "d.txt").write_text("hello")
-    with pytest.raises(DataError, match=r"d\.txt: unknown data file type '\.txt'"):
+    with pytest.raises(DataError, match=r"d\.txt: unknown data file type '\.txt'; use .*\.csv\.gz"):
         load_rows(tmp_path / "d.txt")
+    # Parquet compresses itself and is not read gzipped: the whole suffix is named.
+    (tmp_path / "d.parquet.gz").write_bytes(gzip.compress(b"x"))
+    with pytest.raises(DataError, match=r"unknown data file type '\.parquet\.gz'"):
+        load_rows(tmp_path / "d.parquet.gz")
     with pytest.raises(DataError, match="not one written by Dataset.save_to_disk"):
         load_rows(tmp_path)
 
@@ -320,3 +325,52 @@ def test_near_misses_in_the_data_say_how_to_fix_them(tmp_path, name, text, messa
     path.write_text(text, encoding="utf-8")
     with pytest.raises(DataError, match=message):
         build_dataset(str(path), make_tokenizer(), "alpaca")
+
+
+# -- gzipped files -------------------------------------------------------------
+
+
+def _gzipped(path, plain):
+    """``path`` written as the gzip of the plain file ``plain``; returns ``path``."""
+    path.write_bytes(gzip.compress(plain.read_bytes()))
+    return path
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.ndjson", "list.json", "lines.json", "d.csv"])
+def test_gzipped_files_read_as_the_plain_file_does(tmp_path, name):
+    plain = tmp_path / name
+    if name == "list.json":
+        plain.write_text(json.dumps(ROWS, indent=2))
+    elif name == "d.csv":
+        pd.DataFrame(ROWS).to_csv(plain, index=False)
+    else:
+        write_jsonl(plain, ROWS)
+    packed = _gzipped(tmp_path / f"packed-{name}.GZ", plain)  # the suffix in any case, as for plain files
+    assert read_rows(packed, max_rows=3) == read_rows(plain, max_rows=3)
+    assert load_rows(packed)[4] == load_rows(plain)[4]
+
+
+@pytest.mark.parametrize("suffix, content, message", [
+    (".jsonl", b'{"text": "a"}\n{"text": "b"}\n{"text": "broken\n', r"line 3: malformed JSON"),
+    (".jsonl", b'{"text": "a"}\n\n{"text": "caf\xe9"}\n', r"line 3: not UTF-8 text \(byte 0xe9\)"),
+    (".json", b'[\n  {"text": "a"},\n  {"text": "b",}\n]\n', r"line 3, column \d+: malformed JSON"),
+    (".csv", b'instruction,output\n"a","b"\n"caf\xe9","x"\n', r"line 3: not UTF-8 text"),
+])
+def test_errors_in_a_gzipped_file_name_the_line_of_the_unzipped_text(tmp_path, suffix, content, message):
+    path = tmp_path / f"bad{suffix}.gz"
+    path.write_bytes(gzip.compress(content))
+    with pytest.raises(DataError, match=rf"bad\{suffix}\.gz, {message}"):
+        read_rows(path)
+
+
+@pytest.mark.parametrize("damage", ["not gzip", "cut off", "flipped byte"])
+def test_a_damaged_gzip_file_is_named_with_what_to_do(tmp_path, damage):
+    packed = gzip.compress(b'{"text": "hello"}\n' * 50)
+    content = {"not gzip": b'{"text": "hello"}\n', "cut off": packed[: len(packed) // 2],
+               "flipped byte": packed[:-6] + bytes([packed[-6] ^ 0xFF]) + packed[-5:]}[damage]
+    path = tmp_path / "d.jsonl.gz"
+    path.write_bytes(content)
+    for reader in (read_rows, load_rows):
+        with pytest.raises(DataError, match=r"d\.jsonl\.gz: not a readable gzip file \(.+\); the file may be cut "
+                                            r"off or damaged .* drop the \.gz from its name"):
+            reader(path)

@@ -460,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "'generated' field (to --output or standard output).")
     _add_model_options(p)
     p.add_argument("--prompt", action="append", help="A prompt (the user's message); repeat for several.")
-    p.add_argument("--input", help="JSONL/JSON/CSV/Parquet file of rows (any supported data format).")
+    p.add_argument("--input", help="JSONL/JSON/CSV/Parquet file of rows (any supported data format; JSON and CSV may be gzipped, .jsonl.gz).")
     _add_output_options(p, "Write JSONL here instead of standard output.")
     _add_generation_options(p)
     p.set_defaults(func=cmd_generate)

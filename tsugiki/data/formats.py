@@ -3,7 +3,8 @@
 Supported sources:
 
 - ``.json`` (a list of objects, or one object per line), ``.jsonl`` / ``.ndjson``,
-  ``.csv``, ``.parquet``;
+  ``.csv``, ``.parquet``; the JSON and CSV kinds may be gzipped (``.jsonl.gz``,
+  ``.json.gz``, ``.ndjson.gz``, ``.csv.gz``) and read as the plain file would be;
 - a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``
   (a ``DatasetDict`` must have a ``train`` split, or exactly one split).
 
@@ -38,8 +39,11 @@ the structured fields are what make response-only loss possible.
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -68,6 +72,8 @@ _ACCEPTED = (
 
 _JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
 _TABLES = (".csv", ".parquet", ".pq")
+# Text kinds are read whole and checked as UTF-8 here, so they may come gzipped; Parquet compresses itself.
+_GZIPPABLE = (".json", ".jsonl", ".ndjson", ".csv")
 
 
 @dataclass
@@ -111,7 +117,7 @@ def read_rows_located(path: str | os.PathLike,
     """:func:`read_rows` plus where each row sits, for messages: ``"line 5"`` in a
     JSON-lines file, ``"item 3"`` in a JSON list, ``"row 2"`` elsewhere (1-based)."""
     p = _checked_path(path, max_rows)
-    if p.is_file() and p.suffix.lower() in _TABLES:
+    if p.is_file() and _content_suffix(p) in _TABLES:
         rows, columns, places = _read_table(p, max_rows)
         return rows, columns, places
     if not _is_json(p):
@@ -125,13 +131,14 @@ def load_rows(path: str | os.PathLike, max_rows: int | None = None) -> datasets.
     """Load the raw rows of a data file or saved-datasets folder as a ``datasets.Dataset``.
 
     Args:
-        path: a ``.json``, ``.jsonl``, ``.ndjson``, ``.csv`` or ``.parquet`` file, or a
-            folder written by ``save_to_disk``.
+        path: a ``.json``, ``.jsonl``, ``.ndjson``, ``.csv`` or ``.parquet`` file (the first
+            four also gzipped: ``.jsonl.gz``), or a folder written by ``save_to_disk``.
         max_rows: keep only the first ``max_rows`` rows (default ``None``: all).
 
     Raises:
         DataError: the path is missing, the file is malformed (JSON errors name the
-            1-based line), the extension is unknown, or the file holds no rows.
+            1-based line) or not a readable gzip file, the extension is unknown, or the
+            file holds no rows.
     """
     import datasets
 
@@ -144,13 +151,13 @@ def load_rows(path: str | os.PathLike, max_rows: int | None = None) -> datasets.
             ds = datasets.Dataset.from_dict(columns)
         except Exception as e:  # pyarrow refuses, e.g., nested fields whose types differ between rows
             raise DataError(f"{p}: {e}") from e
-    elif p.suffix.lower() in _TABLES:
+    elif _content_suffix(p) in _TABLES:
         rows, columns, _places = _read_table(p, max_rows)
         ds = datasets.Dataset.from_dict({name: [row[name] for row in rows] for name in columns})
     else:
         raise DataError(
-            f"{p}: unknown data file type {p.suffix!r}; use .json, .jsonl, .csv, .parquet "
-            "or a folder saved with Dataset.save_to_disk"
+            f"{p}: unknown data file type {_content_suffix(p)!r}; use .json, .jsonl, .ndjson, .csv or .parquet "
+            "(the first four may be gzipped: .jsonl.gz, .csv.gz), or a folder saved with Dataset.save_to_disk"
         )
     if max_rows is not None and len(ds) > max_rows:
         ds = ds.select(range(max_rows))
@@ -168,7 +175,7 @@ def _read_table(p: Path, max_rows: int | None) -> tuple[list[dict], list[str], l
     ``NA``, ``None`` or ``null`` are answers too, not missing values. Places count rows
     as a spreadsheet does, the header being row 1.
     """
-    if p.suffix.lower() == ".csv":
+    if _content_suffix(p) == ".csv":
         rows = _read_csv(p, max_rows)
         places = [f"row {i}" for i in range(2, len(rows) + 2)]
     else:
@@ -190,13 +197,14 @@ def _read_csv(p: Path, max_rows: int | None) -> list[dict]:
 
     import pandas
 
-    read_utf8(p)  # a file that is not UTF-8: the error that names the line
+    text = read_utf8(p)  # a file that is not UTF-8: the error that names the line
     try:
         with warnings.catch_warnings():
             # A row with more cells than the header: pandas would drop the extra cells, with a warning.
             warnings.simplefilter("error", pandas.errors.ParserWarning)
-            frame = pandas.read_csv(p, dtype=str, keep_default_na=False, na_filter=False, index_col=False,
-                                    encoding="utf-8-sig", nrows=max_rows)
+            # Parsed from the checked text, already unzipped, rather than read a second time.
+            frame = pandas.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_filter=False,
+                                    index_col=False, nrows=max_rows)
     except pandas.errors.EmptyDataError:
         raise DataError(f"{p}: the file is empty; a CSV file needs a header line naming the columns "
                         "(e.g. instruction,output) and a row per example") from None
@@ -220,7 +228,32 @@ def _checked_path(path: str | os.PathLike, max_rows: int | None) -> Path:
 
 
 def _is_json(p: Path) -> bool:
-    return p.is_file() and (p.suffix.lower() == ".json" or p.suffix.lower() in _JSON_LINES_SUFFIXES)
+    return p.is_file() and (_content_suffix(p) == ".json" or _content_suffix(p) in _JSON_LINES_SUFFIXES)
+
+
+def _content_suffix(p: str | os.PathLike) -> str:
+    """The lower-case suffix that names what a file holds: ``.jsonl`` for ``d.jsonl`` and ``d.JSONL.gz``.
+
+    A gzipped file of a kind that is not read gzipped keeps both suffixes (``.parquet.gz``),
+    so that it is refused as an unknown type under its whole name.
+    """
+    suffix = Path(p).suffix.lower()
+    if suffix != ".gz":
+        return suffix
+    inner = Path(Path(p).stem).suffix.lower()
+    return inner if inner in _GZIPPABLE else inner + suffix
+
+
+def _read_bytes(p: Path) -> bytes:
+    """A file's bytes, unzipped when its name ends in ``.gz``."""
+    raw = p.read_bytes()
+    if p.suffix.lower() != ".gz":
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; a cut-off file, an EOFError
+        raise DataError(f"{p}: not a readable gzip file ({e}); the file may be cut off or damaged (download or "
+                        f"compress it again), or it is not compressed (then drop the .gz from its name)") from None
 
 
 def _load_saved(p: Path) -> datasets.Dataset:
@@ -255,9 +288,9 @@ def _read_json_checked(p: Path, max_rows: int | None) -> tuple[list[dict], dict[
 
 
 def read_utf8(p: str | os.PathLike) -> str:
-    """A text file's content (a UTF-8 byte-order mark dropped); a file that is not UTF-8 is an error
-    naming the line of its first bad byte."""
-    raw = Path(p).read_bytes()
+    """A text file's content (a UTF-8 byte-order mark dropped; unzipped first when the name ends in
+    ``.gz``); a file that is not UTF-8 is an error naming the line of its first bad byte."""
+    raw = _read_bytes(Path(p))
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -272,7 +305,8 @@ def _read_json(p: Path, max_rows: int | None) -> tuple[list[dict], list[str]]:
     Returns the rows and, per row, where it sits in the file (for later messages).
     """
     content = read_utf8(p)
-    if p.suffix.lower() == ".json" and content.lstrip().startswith("["):
+    json_list_allowed = _content_suffix(p) == ".json"
+    if json_list_allowed and content.lstrip().startswith("["):
         try:
             rows = json.loads(content)
         except json.JSONDecodeError as e:
@@ -291,7 +325,7 @@ def _read_json(p: Path, max_rows: int | None) -> tuple[list[dict], list[str]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            hint = (" (a .json file must hold a JSON list or one object per line)" if p.suffix.lower() == ".json"
+            hint = (" (a .json file must hold a JSON list or one object per line)" if json_list_allowed
                     else " (this looks like a JSON list: name the file .json, or write one object per line)"
                     if lineno == 1 and line.lstrip().startswith("[") else "")
             raise DataError(f"{p}, line {lineno}: malformed JSON: {e.msg} (column {e.colno}){hint}") from e

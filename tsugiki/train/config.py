@@ -55,7 +55,7 @@ class TrainConfig:
 
     # --- what to train, on what, where
     model: Optional[str] = _f(None, "Base model: a Hugging Face id or local directory, or a .gguf file. None = the built-in default model.")
-    data: Optional[str] = _f(None, "Training data: a local .jsonl/.json/.csv/.parquet file, or a folder saved with datasets' save_to_disk (not a Hub dataset name).")
+    data: Optional[str] = _f(None, "Training data: a local .jsonl/.json/.csv/.parquet file (.jsonl.gz, .json.gz, .csv.gz: gzipped), or a folder saved with datasets' save_to_disk (not a Hub dataset name).")
     eval_data: Optional[str] = _f(None, "Evaluation data (same formats as `data`). None = hold out `eval_split` of `data`.")
     eval_split: float = _f(0.0, "Held out from `data` for evaluation when `eval_data` is not given: a fraction in (0, 1) or a row count >= 1 (0 = none).")
     max_rows: Optional[int] = _f(None, "Use only the first N rows of `data` (None = all).")
