@@ -83,6 +83,8 @@ def test_json_field_of_two_types_names_both_lines_in_either_reader(tmp_path):
         (["instruction", "response"], "dolly"),
         (["prompt", "completion"], "prompt_completion"),
         (["messages", "id"], "messages"),
+        (["conversations", "id"], "sharegpt"),
+        (["messages", "conversations"], "messages"),
     ],
 )
 def test_detect_format(columns, expected):
@@ -167,7 +169,8 @@ def test_no_recognised_fields_lists_fields_and_formats():
         detect_format(["question", "answer"], "qa.jsonl")
     msg = str(err.value)
     assert "qa.jsonl" in msg and "'answer', 'question'" in msg
-    for accepted in ("'text'", "'instruction'", "'output'", "'response'", "'prompt'", "'completion'", "'messages'"):
+    for accepted in ("'text'", "'instruction'", "'output'", "'response'", "'prompt'", "'completion'", "'messages'",
+                     "'conversations'"):
         assert accepted in msg
 
 
@@ -374,3 +377,98 @@ def test_a_damaged_gzip_file_is_named_with_what_to_do(tmp_path, damage):
         with pytest.raises(DataError, match=r"d\.jsonl\.gz: not a readable gzip file \(.+\); the file may be cut "
                                             r"off or damaged .* drop the \.gz from its name"):
             reader(path)
+
+
+# -- ShareGPT conversations ----------------------------------------------------
+
+CHAT = [("system", "Be brief."), ("user", "hello"), ("assistant", "hi there"), ("user", "how are you"),
+        ("assistant", "fine thanks")]
+SHAREGPT_NAMES = {"system": "system", "user": "human", "assistant": "gpt"}
+
+
+def messages_row(turns=CHAT):
+    return {"messages": [{"role": role, "content": text} for role, text in turns]}
+
+
+def sharegpt_row(turns=CHAT, names=SHAREGPT_NAMES, keys=("from", "value")):
+    return {"conversations": [{keys[0]: names[role], keys[1]: text} for role, text in turns]}
+
+
+@pytest.mark.parametrize("row", [
+    sharegpt_row(),
+    sharegpt_row(names={"system": "system", "user": "user", "assistant": "assistant"}),
+    sharegpt_row(keys=("role", "content")),
+    {"conversations": [{"from": "human", "value": "hello"}, {"role": "assistant", "content": "hi there"}]},
+], ids=["human-gpt", "user-assistant", "role-content", "mixed-keys"])
+def test_a_sharegpt_row_is_the_sample_of_the_same_messages_row(row):
+    from tsugiki.data.formats import sample_from_prompt_row
+
+    expected_turns = CHAT if len(row["conversations"]) == len(CHAT) else CHAT[1:3]
+    expected = normalise(messages_row(expected_turns), "messages", "line 1")
+    assert normalise(row, "sharegpt", "line 1") == expected
+    assert expected.turns[0] == ("user", "hello") and expected.turns[1] == ("assistant", "hi there")
+    assert sample_from_prompt_row(row) == sample_from_prompt_row(messages_row(expected_turns))
+
+
+def test_sharegpt_rows_without_an_answer_are_dropped_and_prompt_rows_need_none():
+    from tsugiki.data.formats import sample_from_prompt_row
+
+    question = sharegpt_row(CHAT[:2])
+    assert normalise(question, "sharegpt", "line 1") is None
+    assert normalise(sharegpt_row(CHAT[:2] + [("assistant", "  ")]), "sharegpt", "line 1") is None
+    assert sample_from_prompt_row(question).turns == [("user", "hello")]
+
+
+@pytest.mark.parametrize("items, message", [
+    ([{"from": "human", "value": "a"}, {"from": "bot", "value": "b"}],
+     r"line 4, field 'conversations\[1\]\.from': 'bot' is not allowed here; use 'system' \(first message only\), "
+     r"'human' \(or 'user'\) or 'gpt' \(or 'assistant'\)"),
+    ([{"from": "human", "value": "a"}, {"from": "system", "value": "b"}],
+     r"line 4, field 'conversations\[1\]\.from': 'system' is not allowed here"),
+    ([{"role": "tool", "content": "a"}], r"line 4, field 'conversations\[0\]\.role': 'tool' is not allowed here"),
+    ([{"from": "human", "text": "a"}],
+     r"line 4, field 'conversations\[0\]': expected an object with 'from' and 'value' \(or 'role' and 'content'\)"),
+    (["hello"], r"line 4, field 'conversations\[0\]': expected an object"),
+    ([{"from": "gpt", "value": 42}], r"line 4, field 'conversations\[0\]\.value': expected a string, got int"),
+    ("hello", r"line 4, field 'conversations': expected a list of \{from, value\}"),
+])
+def test_a_bad_sharegpt_conversation_names_the_row_and_item(items, message):
+    from tsugiki.data.formats import sample_from_prompt_row
+
+    with pytest.raises(DataError, match=message):
+        normalise({"conversations": items}, "sharegpt", "d.jsonl, line 4")
+    with pytest.raises(DataError, match=message):  # generation reads the row the same way
+        sample_from_prompt_row({"conversations": items}, where="d.jsonl, line 4")
+
+
+def test_a_sharegpt_file_trains_and_prompts_as_the_same_messages_file(tmp_path):
+    from helpers_data import make_chat_tokenizer
+    from tsugiki.data import build_dataset, get_template
+    from tsugiki.evaluate import _prompt_text
+    from tsugiki.generation import reference_answer
+
+    tok = make_chat_tokenizer()
+    shared = build_dataset(str(write_jsonl(tmp_path / "share.jsonl", [sharegpt_row()])), tok)
+    chat = build_dataset(str(write_jsonl(tmp_path / "chat.jsonl", [messages_row()])), tok)
+    assert shared[2].format == "sharegpt"
+    assert shared[0] == chat[0]
+    labels = shared[0][0]["labels"]
+    assert tok.decode([t for t in labels if t != -100]) == "hi there<|im_end|>\nfine thanks<|im_end|>\n"
+    template = get_template("chat", tok)
+    assert template.format_prompt(sharegpt_row()) == template.format_prompt(messages_row())
+    assert template.format_prompt(sharegpt_row()).endswith("how are you<|im_end|>\n<|im_start|>assistant\n")
+    assert reference_answer(sharegpt_row()) == "fine thanks"
+    assert reference_answer(sharegpt_row(CHAT[:2])) is None
+    assert _prompt_text(sharegpt_row()) == "how are you"  # eval shows the question a row asks
+
+
+def test_sharegpt_rows_from_parquet_whose_items_carry_every_key(tmp_path):
+    """datasets and pyarrow give each item the keys of all items, None where it has none."""
+    rows = [sharegpt_row(CHAT[1:3]), sharegpt_row(CHAT[1:3], keys=("role", "content"),
+                                                    names={"user": "user", "assistant": "assistant"})]
+    path = tmp_path / "share.parquet"
+    pd.DataFrame(rows).to_parquet(path)
+    read, columns = read_rows(path)
+    assert set(read[0]["conversations"][0]) == {"from", "value", "role", "content"}
+    samples = [normalise(row, detect_format(columns), f"row {i}") for i, row in enumerate(read, 1)]
+    assert samples[0] == samples[1] and samples[0].turns == [("user", "hello"), ("assistant", "hi there")]

@@ -23,6 +23,7 @@ import torch
 
 from .data import IGNORE_INDEX, Collator, build_dataset, detect_format, pad_token_id_for
 from .data.errors import NoRowsLeft
+from .data.formats import conversation_turns
 from .generation import GenerationSettings, LoadedModel, Row, context_length, generate_answers, reference_answer
 from .model import PeftModel
 from .train.loop import count_targets, token_loss_sum
@@ -106,8 +107,7 @@ def _prompt_text(row: dict) -> str:
             extra = row.get("input") or row.get("context") or ""
             # The input is what changes from row to row: keep it whole, shorten the instruction.
             return (_clip(row[key], 40) + f" | {extra}") if extra else row[key]
-    messages = row.get("messages") or []
-    users = [m.get("content", "") for m in messages if m.get("role") == "user"]
+    users = [text for role, text in conversation_turns(row) if role == "user"]
     return users[-1] if users else str(row)
 
 

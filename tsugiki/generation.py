@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .config import AdapterNotFoundError, PeftConfig
+from .data.formats import conversation_turns
 from .data.templates import Template
 from .data.tokenize import prompt_token_ids
 from .kernels.decode import single_row_decoding
@@ -169,16 +170,16 @@ def stop_token_ids(tokenizer: Any, model: nn.Module) -> list[int]:
 
 
 def reference_answer(row: Row) -> Optional[str]:
-    """The expected answer of a data row (its response / output / completion / last assistant turn)."""
+    """The expected answer of a data row (its response / output / completion / last assistant turn
+    of ``messages`` or ShareGPT ``conversations``)."""
     if isinstance(row, str):
         return None
     for key in ("output", "response", "completion"):
         if isinstance(row.get(key), str):
             return row[key]
-    messages = row.get("messages")
-    if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
-            and messages[-1].get("role") == "assistant":
-        return messages[-1].get("content")
+    turns = conversation_turns(row)
+    if turns and turns[-1][0] == "assistant":
+        return turns[-1][1]
     return None
 
 

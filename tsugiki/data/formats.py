@@ -22,6 +22,9 @@ Formats, recognised from the column names (first match wins):
 ==================== ==========================================================
 ``messages``         ``messages``: list of ``{"role", "content"}``, roles
                      ``system`` (first only), ``user``, ``assistant``
+``sharegpt``         ``conversations``: list of ``{"from", "value"}`` (or
+                     ``{"role", "content"}``), speakers ``system`` (first
+                     only), ``human`` or ``user``, ``gpt`` or ``assistant``
 ``alpaca``           ``instruction``, ``output``, optional ``input``
 ``dolly``            ``instruction``, ``response``, optional ``context``
 ``prompt_completion`` ``prompt``, ``completion``
@@ -53,11 +56,12 @@ from .errors import DataError
 if TYPE_CHECKING:
     import datasets
 
-FORMATS = ("messages", "alpaca", "dolly", "prompt_completion", "text")
+FORMATS = ("messages", "sharegpt", "alpaca", "dolly", "prompt_completion", "text")
 
 # Required and optional columns per format, in detection order.
 _FORMAT_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "messages": (("messages",), ()),
+    "sharegpt": (("conversations",), ()),
     "alpaca": (("instruction", "output"), ("input",)),
     "dolly": (("instruction", "response"), ("context",)),
     "prompt_completion": (("prompt", "completion"), ()),
@@ -67,8 +71,24 @@ _FORMAT_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 _ACCEPTED = (
     "'text'; 'instruction' + 'output' (+ optional 'input', Alpaca); "
     "'instruction' + 'response' (+ optional 'context', Dolly); 'prompt' + 'completion'; "
-    "'messages' (list of {role, content})"
+    "'messages' (list of {role, content}); 'conversations' (ShareGPT: list of {from, value})"
 )
+
+# The speaker names each conversation field accepts, and the Sample role each stands for.
+_MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+_SPEAKERS = {
+    "messages": _MESSAGE_ROLES,
+    # ShareGPT's own names, and the chat names some exports write instead.
+    "conversations": {**_MESSAGE_ROLES, "human": "user", "gpt": "assistant"},
+}
+# The (speaker, text) keys of a conversation item, in the order they are looked for.
+_ITEM_KEYS = {"messages": (("role", "content"),), "conversations": (("from", "value"), ("role", "content"))}
+_ITEM_SHAPE = {"messages": "{role, content}", "conversations": "{from, value} (or {role, content})"}
+_ITEM_EXPECTED = {"messages": "'role' and 'content'", "conversations": "'from' and 'value' (or 'role' and 'content')"}
+_SPEAKER_HINT = {
+    "messages": "'system' (first message only), 'user' or 'assistant'",
+    "conversations": "'system' (first message only), 'human' (or 'user') or 'gpt' (or 'assistant')",
+}
 
 _JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
 _TABLES = (".csv", ".parquet", ".pq")
@@ -394,8 +414,9 @@ def normalise(row: dict[str, Any], fmt: str, where: str) -> Sample | None:
         if own is not None and own != fmt:
             raise DataError(f"{where}: this row is in the {own} format ({', '.join(sorted(row))}) but the file is "
                             f"read as {fmt} rows ({', '.join(required)}); put rows of one format in a file")
-    if fmt == "messages":
-        return _normalise_messages(row.get("messages"), where)
+    if fmt in ("messages", "sharegpt"):
+        field = _conversation_field(fmt)
+        return _normalise_conversation(row.get(field), field, where)
     if fmt == "text":
         text = _string(row, "text", where)
         return Sample(text=text) if text.strip() else None
@@ -436,30 +457,71 @@ def _string(row: dict, key: str, where: str) -> str:
     return value
 
 
-def _normalise_messages(messages: Any, where: str, require_assistant: bool = True) -> Sample | None:
-    if messages is None:
+def _conversation_field(fmt: str) -> str:
+    """The row field that holds a conversation format's turns."""
+    return _FORMAT_FIELDS[fmt][0][0]
+
+
+def _normalise_conversation(items: Any, field: str, where: str, require_assistant: bool = True) -> Sample | None:
+    """A :class:`Sample` from the list of a ``messages`` or ShareGPT ``conversations`` field.
+
+    ``None`` when the field is missing or, with ``require_assistant``, when no assistant turn
+    holds text (nothing to learn). Raises :class:`DataError` naming the item for a bad shape,
+    a speaker the field does not accept, or a system turn that is not the first.
+    """
+    if items is None:
         return None
-    if not isinstance(messages, list):
-        raise DataError(f"{where}, field 'messages': expected a list of {{role, content}}, got {type(messages).__name__}")
+    if not isinstance(items, list):
+        raise DataError(f"{where}, field '{field}': expected a list of {_ITEM_SHAPE[field]}, got {type(items).__name__}")
     system, turns = None, []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise DataError(f"{where}, field 'messages[{i}]': expected an object with 'role' and 'content', got {m!r:.80}")
-        role, content = m["role"], m["content"]
-        if not isinstance(content, str):
-            raise DataError(f"{where}, field 'messages[{i}].content': expected a string, got {type(content).__name__}")
-        if role == "system" and i == 0:
+    for i, item in enumerate(items):
+        role, content = _conversation_item(item, field, i, where)
+        if role == "system":
             system = content
-        elif role in ("user", "assistant"):
-            turns.append((role, content))
         else:
-            raise DataError(
-                f"{where}, field 'messages[{i}].role': {role!r} is not allowed here; "
-                "use 'system' (first message only), 'user' or 'assistant'"
-            )
+            turns.append((role, content))
     if require_assistant and not any(role == "assistant" and content.strip() for role, content in turns):
         return None  # nothing to learn: no answer, or only empty ones
     return Sample(system=system, turns=turns)
+
+
+def _conversation_item(item: Any, field: str, i: int, where: str) -> tuple[str, str]:
+    """The Sample role and the text of item ``i`` of a conversation field; errors name ``field[i]``."""
+    keys = None
+    if isinstance(item, dict):
+        # A speaker key holding None is absent: datasets gives every item of a column the keys of all.
+        keys = next(((speaker, text) for speaker, text in _ITEM_KEYS[field]
+                     if item.get(speaker) is not None and text in item), None)
+    if keys is None:
+        raise DataError(f"{where}, field '{field}[{i}]': expected an object with {_ITEM_EXPECTED[field]}, "
+                        f"got {item!r:.80}")
+    speaker_key, text_key = keys
+    speaker, content = item[speaker_key], item[text_key]
+    if not isinstance(content, str):
+        raise DataError(f"{where}, field '{field}[{i}].{text_key}': expected a string, got {type(content).__name__}")
+    role = _SPEAKERS[field].get(speaker) if isinstance(speaker, str) else None
+    if role is None or (role == "system" and i > 0):
+        raise DataError(f"{where}, field '{field}[{i}].{speaker_key}': {speaker!r} is not allowed here; "
+                        f"use {_SPEAKER_HINT[field]}")
+    return role, content
+
+
+def conversation_turns(row: dict[str, Any]) -> list[tuple[str, str]]:
+    """The user and assistant turns of a ``messages`` or ShareGPT ``conversations`` row, as
+    ``(role, text)`` with chat role names.
+
+    ``[]`` for a row of another format or a malformed conversation: this serves displays
+    and reference answers, and the row's own errors come from where it is read for a model.
+    """
+    for fmt in ("messages", "sharegpt"):  # detection order
+        field = _conversation_field(fmt)
+        if field in row:
+            try:
+                sample = _normalise_conversation(row[field], field, "row", require_assistant=False)
+            except DataError:
+                return []
+            return sample.turns if sample else []
+    return []
 
 
 def sample_from_prompt_row(row: dict[str, Any] | str, where: str = "prompt row") -> Sample:
@@ -467,14 +529,16 @@ def sample_from_prompt_row(row: dict[str, Any] | str, where: str = "prompt row")
 
     A plain string is the user's instruction. Instruction and prompt/completion
     rows give their prompt side only; a messages row keeps all its turns
-    (``Template.format_prompt`` drops a final assistant turn). ``where`` names
+    (``Template.format_prompt`` drops a final assistant turn), and so does a
+    ShareGPT ``conversations`` row. ``where`` names
     the row in errors (e.g. ``"prompts.jsonl, line 3"``).
     """
     if isinstance(row, str):
         return Sample(turns=[("user", row)])
     fmt = _detect_prompt_format(row, where)
-    if fmt == "messages":
-        return _normalise_messages(row["messages"], where, require_assistant=False) or Sample()
+    if fmt in ("messages", "sharegpt"):
+        field = _conversation_field(fmt)
+        return _normalise_conversation(row[field], field, where, require_assistant=False) or Sample()
     if fmt == "text":
         return Sample(text=_string(row, "text", where))
     instr_key = "prompt" if fmt == "prompt_completion" else "instruction"
@@ -486,10 +550,12 @@ def _detect_prompt_format(row: dict, where: str) -> str:
     # At generation time the response field is usually absent, so only the prompt side is required.
     if "messages" in row:
         return "messages"
+    if "conversations" in row:
+        return "sharegpt"
     if "instruction" in row:
         return "alpaca"
     if "prompt" in row:
         return "prompt_completion"
     if "text" in row:
         return "text"
-    raise DataError(f"{where} has fields {sorted(row)}; expected 'instruction', 'prompt', 'messages' or 'text'")
+    raise DataError(f"{where} has fields {sorted(row)}; expected 'instruction', 'prompt', 'messages', 'conversations' or 'text'")

@@ -269,7 +269,8 @@ HANDLED_OTHERWISE = {
                             "(batch_size sets where it starts)",
     "use_cache": "not needed: training turns the model's KV cache off by itself",
     "dataset_text_field": "rows with a 'text' field are trained as plain text, and other fields name their "
-                          "format (instruction/output, prompt/completion, messages, ...)",
+                          "format (instruction/output, prompt/completion, messages, ShareGPT "
+                          "conversations, ...)",
     "load_in_4bit": "use quantization: 4bit (or method: qlora)",
     "load_in_8bit": "use quantization: 8bit",
     "bnb_4bit_quant_type": "quantization: 4bit is NF4 (in Python, tsugiki.load_model(..., quant_type='fp4'))",
