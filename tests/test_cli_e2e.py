@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -420,3 +421,26 @@ def test_warnings_show_as_one_line_and_python_s_format_comes_back():
     assert done.returncode == 0, done.stderr
     assert "warning: the base is tied\n" in done.stderr and "UserWarning" not in done.stderr
     assert done.stdout == "True\n"
+
+
+def test_a_gzipped_sharegpt_file_with_weights_is_inspected_generated_from_and_scored(model_dir, tmp_path, capsys):
+    rows = [{"conversations": [{"from": "human", "value": "hello"}, {"from": "gpt", "value": "hi there", "weight": 0},
+                               {"from": "human", "value": "how are you"}, {"from": "gpt", "value": "fine thanks"}]},
+            {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "hi"},
+                               {"from": "gpt", "value": "hello"}]}]
+    path = tmp_path / "chat.jsonl.gz"
+    path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    assert main(["inspect", "--data", str(path), "--model", model_dir, "--rows", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "2 rows read, format sharegpt" in out
+    # The answer of weight 0 is shown unmarked; only the last answer carries loss.
+    assert ("<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\nhi there<|im_end|>\n<|im_start|>user\n"
+            "how are you<|im_end|>\n<|im_start|>assistant\n[[fine thanks<|im_end|>\n]]") in out
+    answers = str(tmp_path / "answers.jsonl")
+    assert main(["generate", "--model", model_dir, "--input", str(path), "--output", answers,
+                 "--max-new-tokens", "2"]) == 0
+    assert [json.loads(line)["conversations"] for line in open(answers)] == [r["conversations"] for r in rows]
+    scores = str(tmp_path / "scores.json")
+    assert main(["eval", "--model", model_dir, "--data", str(path), "--max-new-tokens", "2", "--output", scores]) == 0
+    report = json.loads(open(scores).read())
+    assert [r["expected"] for r in report["per_row"]] == ["fine thanks", "hello"] and report["base"]["loss"] > 0

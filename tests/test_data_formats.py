@@ -472,3 +472,54 @@ def test_sharegpt_rows_from_parquet_whose_items_carry_every_key(tmp_path):
     assert set(read[0]["conversations"][0]) == {"from", "value", "role", "content"}
     samples = [normalise(row, detect_format(columns), f"row {i}") for i, row in enumerate(read, 1)]
     assert samples[0] == samples[1] and samples[0].turns == [("user", "hello"), ("assistant", "hi there")]
+
+
+# -- OpenAI "weight" on assistant turns ----------------------------------------
+
+
+def test_assistant_weights_say_which_answers_are_trained():
+    row = messages_row()
+    row["messages"][2]["weight"] = 0
+    row["messages"][4]["weight"] = 1
+    sample = normalise(row, "messages", "line 1")
+    assert sample.untrained_turns == {1} and not sample.trains_on(1) and sample.trains_on(3)
+    row["messages"][4]["weight"] = 0  # no answer left to learn: dropped, as a row with no answer is
+    assert normalise(row, "messages", "line 1") is None
+    share = sharegpt_row()
+    share["conversations"][2]["weight"] = 0
+    assert normalise(share, "sharegpt", "line 1").untrained_turns == {1}
+
+
+@pytest.mark.parametrize("index, weight, message", [
+    (2, 2, r"field 'messages\[2\]\.weight': 2 is not a weight; use 1 \(train on this answer\) or 0"),
+    (2, 0.5, r"field 'messages\[2\]\.weight': 0\.5 is not a weight"),
+    (2, "0", r"field 'messages\[2\]\.weight': '0' is not a weight"),
+    (2, True, r"field 'messages\[2\]\.weight': True is not a weight"),
+    (1, 0, r"field 'messages\[1\]\.weight': only assistant turns take a weight .* remove it from this user turn"),
+    (0, 1, r"field 'messages\[0\]\.weight': only assistant turns take a weight .* this system turn"),
+])
+def test_a_bad_weight_names_the_row_and_message(index, weight, message):
+    from tsugiki.data.formats import sample_from_prompt_row
+
+    row = messages_row()
+    row["messages"][index]["weight"] = weight
+    with pytest.raises(DataError, match=r"d\.jsonl, line 3, " + message):
+        normalise(row, "messages", "d.jsonl, line 3")
+    with pytest.raises(DataError, match=message):
+        sample_from_prompt_row(row, where="d.jsonl, line 3")
+    share = {"conversations": [{"from": SHAREGPT_NAMES[m["role"]], "value": m["content"], **(
+        {"weight": m["weight"]} if "weight" in m else {})} for m in row["messages"]]}
+    with pytest.raises(DataError, match=message.replace("messages", "conversations")):
+        normalise(share, "sharegpt", "d.jsonl, line 3")
+
+
+def test_weights_read_from_parquet_where_every_message_has_the_key(tmp_path):
+    """pyarrow gives the user and system messages a weight of None: that is no weight."""
+    row = messages_row()
+    row["messages"][2]["weight"] = 0
+    path = tmp_path / "openai.parquet"
+    pd.DataFrame([row, messages_row()]).to_parquet(path)
+    rows, columns = read_rows(path)
+    assert rows[0]["messages"][1]["weight"] is None and rows[1]["messages"][2]["weight"] is None
+    samples = [normalise(r, detect_format(columns), f"row {i}") for i, r in enumerate(rows, 1)]
+    assert [s.untrained_turns for s in samples] == [{1}, set()]

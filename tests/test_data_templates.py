@@ -360,3 +360,114 @@ def test_streamed_answers_start_as_generate_s_do_without_leading_spaces(pieces, 
     from tsugiki.generation import _left_stripped
 
     assert "".join(_left_stripped(iter(pieces))) == shown
+
+
+# -- OpenAI "weight" on assistant turns ----------------------------------------
+
+
+def weighted(row, *weights, field="messages"):
+    """``row`` with ``weights`` given to its assistant turns in order (None: no weight key)."""
+    items, answers = [], iter(weights)
+    for item in row[field]:
+        item = dict(item)
+        if item.get("role", item.get("from")) in ("assistant", "gpt"):
+            weight = next(answers)
+            if weight is not None:
+                item["weight"] = weight
+        items.append(item)
+    return {field: items}
+
+
+def without_first_span(example):
+    """``example``'s labels with its first trained run of tokens set to -100."""
+    labels, inside = list(example["labels"]), False
+    for i, label in enumerate(labels):
+        if label == IGNORE_INDEX and inside:
+            break
+        if label != IGNORE_INDEX:
+            inside, labels[i] = True, IGNORE_INDEX
+    return labels
+
+
+@pytest.mark.parametrize("template", ["chat", "llama2"])
+def test_an_answer_of_weight_0_is_shown_but_not_trained_on(tok, chat_tok, template):
+    tokenizer = chat_tok if template == "chat" else tok
+    plain = build_dataset([CHAT_ROW], tokenizer, template)[0][0]
+    example = build_dataset([weighted(CHAT_ROW, 0, 1)], tokenizer, template)[0][0]
+    # The model sees the same tokens; the first answer (and its EOS) has no label, the second keeps its own.
+    assert example["input_ids"] == plain["input_ids"]
+    assert example["labels"] == without_first_span(plain)
+    spans = [tokenizer.decode(s) for s in trained_spans(example)]
+    assert spans == (["fine thanks<|im_end|>\n"] if template == "chat" else [" fine thanks</s>"])
+    # weight 1 is the default: the same labels as no weight at all.
+    assert build_dataset([weighted(CHAT_ROW, 1, 1)], tokenizer, template)[0][0] == plain
+
+
+def test_weights_in_a_sharegpt_row_mask_as_in_a_messages_row(chat_tok):
+    sharegpt = {"conversations": [{"from": {"system": "system", "user": "human", "assistant": "gpt"}[m["role"]],
+                                   "value": m["content"]} for m in CHAT_ROW["messages"]]}
+    assert build_dataset([weighted(sharegpt, 1, 0, field="conversations")], chat_tok)[0] == \
+        build_dataset([weighted(CHAT_ROW, 1, 0)], chat_tok)[0]
+    spans = [chat_tok.decode(s) for s in trained_spans(build_dataset([weighted(CHAT_ROW, 1, 0)], chat_tok)[0][0])]
+    assert spans == ["hi there<|im_end|>\n"]
+
+
+def test_a_final_answer_of_weight_0_still_ends_with_the_eos_it_is_not_trained_on():
+    tokenizer = make_chat_tokenizer()
+    tokenizer.eos_token = "<|endoftext|>"  # the template's turns do not end with it: encode appends it
+    example = build_dataset([weighted(CHAT_ROW, 1, 0)], tokenizer, "chat")[0][0]
+    eos = tokenizer.eos_token_id
+    assert example["input_ids"][-1] == eos and example["input_ids"].count(eos) == 1  # after the last turn only
+    assert example["labels"][-1] == IGNORE_INDEX
+    assert trained_text(tokenizer, example) == "hi there<|im_end|>\n"
+
+
+def test_train_on_all_keeps_an_answer_of_weight_0_out_of_the_loss(tok):
+    plain = build_dataset([CHAT_ROW], tok, "llama2", train_on="all")[0][0]
+    assert plain["labels"] == plain["input_ids"]
+    example = build_dataset([weighted(CHAT_ROW, 0, None)], tok, "llama2", train_on="all")[0][0]
+    masked = [tok.decode(s) for s in _masked_spans(example)]
+    assert masked == [" hi there</s>"]
+
+
+def _masked_spans(example):
+    """Token runs without a label, as lists of ids."""
+    spans, run = [], []
+    for i, lab in zip(example["input_ids"], example["labels"]):
+        if lab == IGNORE_INDEX:
+            run.append(i)
+        elif run:
+            spans.append(run)
+            run = []
+    return spans + ([run] if run else [])
+
+
+def test_a_conversation_whose_answers_all_weigh_0_is_dropped_as_empty(tmp_path, tok, caplog):
+    rows = [weighted(CHAT_ROW, 0, 0), CHAT_ROW, weighted(CHAT_ROW, 0, 1)]
+    with caplog.at_level(logging.WARNING, logger="tsugiki.data"):
+        train, _, stats = build_dataset(rows, tok, "llama2")
+    assert (stats.rows_read, stats.dropped_empty, stats.train_rows) == (3, 1, 2)
+    assert "or every answer had weight 0" in caplog.text
+    path = tmp_path / "context.jsonl"
+    path.write_text(json.dumps(weighted(CHAT_ROW, 0, 0)) + "\n")
+    with pytest.raises(DataError, match=r"context\.jsonl: no rows left after filtering \(1 read, 1 empty"):
+        build_dataset(str(path), tok, "llama2")
+
+
+def test_weight_0_masking_survives_truncation_and_packing(tok):
+    from tsugiki.data import pack
+
+    plain = build_dataset([CHAT_ROW], tok, "llama2")[0][0]
+    starts = [i for i in range(1, len(plain["labels"]))
+              if plain["labels"][i] != IGNORE_INDEX and plain["labels"][i - 1] == IGNORE_INDEX]
+    second_answer = starts[1]
+    full = build_dataset([weighted(CHAT_ROW, 0, 1)], tok, "llama2")[0][0]
+    assert next(i for i, label in enumerate(full["labels"]) if label != IGNORE_INDEX) == second_answer
+    # Cut before the answer of weight 1: only context is left, so the row is dropped as untrainable.
+    with pytest.raises(DataError, match="1 with no trainable token"):
+        build_dataset([weighted(CHAT_ROW, 0, 1)], tok, "llama2", max_length=second_answer)
+    cut = build_dataset([weighted(CHAT_ROW, 0, 1)], tok, "llama2", max_length=second_answer + 2)[0][0]
+    assert cut["labels"] == full["labels"][: second_answer + 2]
+    packed = pack([full, full], max_length=2 * len(full["input_ids"]))
+    assert len(packed) == 1
+    assert packed[0]["labels"] == 2 * ([IGNORE_INDEX] + full["labels"][1:])

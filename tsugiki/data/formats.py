@@ -31,6 +31,11 @@ Formats, recognised from the column names (first match wins):
 ``text``             ``text`` (whole-text language modelling)
 ==================== ==========================================================
 
+In the two conversation formats an assistant message may carry ``"weight": 0``
+or ``1``, as in OpenAI's fine-tuning files: a turn of weight 0 is shown to the
+model as context but not trained on; a conversation with no answer of weight 1
+is dropped like one with no answer at all.
+
 In the instruction and prompt formats ``input`` and ``context`` are one slot
 (either name, in any of them), and a ``system`` field is the row's system turn,
 in training as in generation.
@@ -104,12 +109,19 @@ class Sample:
     Otherwise ``turns`` alternates ``("user", ...)`` / ``("assistant", ...)``;
     ``input`` is the Alpaca ``input`` / Dolly ``context`` of the first user turn
     (empty when absent) and ``system`` the conversation's system turn, if any.
+    ``untrained_turns`` holds the indices in ``turns`` of assistant turns that are
+    context only (``"weight": 0``): their tokens carry no loss.
     """
 
     text: str | None = None
     system: str | None = None
     turns: list[tuple[str, str]] = field(default_factory=list)
     input: str = ""
+    untrained_turns: set[int] = field(default_factory=set)
+
+    def trains_on(self, turn: int) -> bool:
+        """Whether the tokens of ``turns[turn]``, an assistant turn, carry loss (not weight 0)."""
+        return turn not in self.untrained_turns
 
     def messages(self) -> list[dict[str, str]]:
         """The sample as chat messages, ``input`` folded into the first user turn."""
@@ -466,23 +478,45 @@ def _normalise_conversation(items: Any, field: str, where: str, require_assistan
     """A :class:`Sample` from the list of a ``messages`` or ShareGPT ``conversations`` field.
 
     ``None`` when the field is missing or, with ``require_assistant``, when no assistant turn
-    holds text (nothing to learn). Raises :class:`DataError` naming the item for a bad shape,
-    a speaker the field does not accept, or a system turn that is not the first.
+    of weight 1 holds text (nothing to learn). Raises :class:`DataError` naming the item for
+    a bad shape, a speaker the field does not accept, a system turn that is not the first, or
+    a bad ``weight``.
     """
     if items is None:
         return None
     if not isinstance(items, list):
         raise DataError(f"{where}, field '{field}': expected a list of {_ITEM_SHAPE[field]}, got {type(items).__name__}")
-    system, turns = None, []
+    sample = Sample()
     for i, item in enumerate(items):
         role, content = _conversation_item(item, field, i, where)
+        if _weighs_zero(item, role, f"{where}, field '{field}[{i}].weight'"):
+            sample.untrained_turns.add(len(sample.turns))
         if role == "system":
-            system = content
+            sample.system = content
         else:
-            turns.append((role, content))
-    if require_assistant and not any(role == "assistant" and content.strip() for role, content in turns):
-        return None  # nothing to learn: no answer, or only empty ones
-    return Sample(system=system, turns=turns)
+            sample.turns.append((role, content))
+    if require_assistant and not any(role == "assistant" and content.strip() and sample.trains_on(k)
+                                     for k, (role, content) in enumerate(sample.turns)):
+        return None  # nothing to learn: no answer, only empty ones, or only ones of weight 0
+    return sample
+
+
+def _weighs_zero(item: dict, role: str, where: str) -> bool:
+    """Whether a conversation item carries ``"weight": 0`` (shown, not trained on).
+
+    Only assistant turns take a weight, and only 0 or 1, as in OpenAI's chat fine-tuning
+    files; a weight of ``None`` is no weight (datasets gives every item the keys of all).
+    """
+    weight = item.get("weight")
+    if weight is None:
+        return False
+    if role != "assistant":
+        raise DataError(f"{where}: only assistant turns take a weight (it says whether to train on the answer); "
+                        f"remove it from this {role} turn")
+    if isinstance(weight, bool) or weight not in (0, 1):  # True == 1 in Python, but JSON's true is no weight
+        raise DataError(f"{where}: {weight!r:.40} is not a weight; use 1 (train on this answer) or 0 (show it as "
+                        "context only), or leave the key out (1)")
+    return weight == 0
 
 
 def _conversation_item(item: Any, field: str, i: int, where: str) -> tuple[str, str]:

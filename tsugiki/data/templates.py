@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Collection
 
 from .errors import DataError
 from .formats import Sample, sample_from_prompt_row
@@ -56,11 +56,13 @@ _JA_SYSTEM_INPUT = "以下は、タスクを説明する指示と、文脈のあ
 
 @dataclass
 class Segment:
-    """A run of text; ``trainable`` marks response text, ``eos_after`` asks for an EOS token after it."""
+    """A run of text; ``trainable`` marks text that carries loss, ``eos_after`` asks for an EOS token
+    after it, and ``reply`` marks an assistant turn (trainable unless its row gives it weight 0)."""
 
     text: str
     trainable: bool
     eos_after: bool = False
+    reply: bool = False
 
 
 @dataclass
@@ -127,7 +129,10 @@ class Template:
         if sample.text is not None:
             return [Segment(sample.text, trainable=True, eos_after=True)]
         if self.kind == "chat":
-            return self._chat_segments(sample.messages())
+            messages = sample.messages()
+            first_turn = len(messages) - len(sample.turns)  # after a system message, if any
+            untrained = {first_turn + turn for turn in sample.untrained_turns}
+            return self._chat_segments(messages, untrained)
         return self._instruction_segments(sample)
 
     @property
@@ -184,7 +189,8 @@ class Template:
                 role, response = turns[i + 1]
                 if role != "assistant":
                     raise DataError(f"template {self.name!r}: turns must alternate user/assistant, turn {i + 2} is {role!r}")
-                segs.append(Segment(_fill(self.response, response=response), trainable=True, eos_after=True))
+                segs.append(Segment(_fill(self.response, response=response), trainable=sample.trains_on(i + 1),
+                                    eos_after=True, reply=True))
         return segs
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
@@ -221,10 +227,11 @@ class Template:
         at = through.rfind(content) if content else -1
         return through[:at] if at >= 0 else through
 
-    def _chat_segments(self, messages: list[dict]) -> list[Segment]:
+    def _chat_segments(self, messages: list[dict], untrained: Collection[int] = ()) -> list[Segment]:
         # Render the conversation prefix by prefix: the text each assistant turn adds
         # after the generation prompt is that turn's span. This needs no
-        # {% generation %} markers, which most chat templates lack.
+        # {% generation %} markers, which most chat templates lack. `untrained`: indices
+        # of assistant messages that are context only (weight 0).
         full = self._render(messages, add_generation_prompt=False)
         spans = []
         for k, m in enumerate(messages):
@@ -238,12 +245,12 @@ class Template:
                     f"chat template of {self.name!r} renders message {k + 1} differently depending on what follows, "
                     "so the assistant turns cannot be located; use an instruction template (template='alpaca' or your own)"
                 )
-            spans.append((len(before), len(through)))
+            spans.append((len(before), len(through), k not in untrained))
         segs, pos = [], 0
-        for start, end in spans:
+        for start, end, trained in spans:
             if start > pos:
                 segs.append(Segment(full[pos:start], trainable=False))
-            segs.append(Segment(full[start:end], trainable=True))
+            segs.append(Segment(full[start:end], trainable=trained, reply=True))
             pos = end
         if pos < len(full):
             segs.append(Segment(full[pos:], trainable=False))

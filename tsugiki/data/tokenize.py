@@ -37,7 +37,7 @@ class DataStats:
     template: str
     max_length: int
     rows_read: int = 0
-    dropped_empty: int = 0  # a required field was missing or empty
+    dropped_empty: int = 0  # a required field was missing or empty, or every answer had weight 0
     truncated: int = 0  # cut to max_length (kept if a trainable token survived)
     dropped_no_trainable: int = 0  # no label left to learn from, usually after truncation
     train_rows: int = 0
@@ -63,7 +63,8 @@ class DataStats:
 def encode(sample: Sample, template: Template, tokenizer: Any, train_on: str = "response") -> tuple[list[int], list[int]]:
     """Token ids and labels for one sample, untruncated.
 
-    Labels are ``-100`` on prompt tokens unless ``train_on="all"``. An EOS id
+    Labels are ``-100`` on prompt tokens unless ``train_on="all"``, and on the
+    tokens of assistant turns of weight 0 (context only) either way. An EOS id
     follows every response (for chat templates: unless the assistant span
     already contains the EOS token, as ChatML's ``<|im_end|>`` does).
     """
@@ -75,18 +76,17 @@ def encode(sample: Sample, template: Template, tokenizer: Any, train_on: str = "
     if template.kind == "instruction" or sample.text is not None:
         # Chat templates write their own BOS text; plain text gets the tokenizer's leading specials.
         input_ids = leading_special_ids(tokenizer)
-        labels = [IGNORE_INDEX] * len(input_ids)
+        labels = list(input_ids) if train_on == "all" else [IGNORE_INDEX] * len(input_ids)
     segments = template.segments(sample)
-    last_reply = _last_trainable(segments) if template.kind == "chat" else None
+    last_reply = _last_reply(segments) if template.kind == "chat" else None
     for seg in segments:
         ids = tokenizer(seg.text, add_special_tokens=False)["input_ids"] if seg.text else []
         if seg.eos_after or (seg is last_reply and eos not in ids):
-            ids = ids + [eos]
+            ids = ids + [eos]  # the end of the reply, trained on with it or not
         input_ids += ids
-        keep = seg.trainable or train_on == "all"
+        # "all" widens the loss to prompts; an answer of weight 0 stays context only.
+        keep = seg.trainable or (train_on == "all" and not seg.reply)
         labels += ids if keep else [IGNORE_INDEX] * len(ids)
-    if train_on == "all":
-        labels = list(input_ids)
     return input_ids, labels
 
 
@@ -100,8 +100,8 @@ def prompt_token_ids(prompt: str, template: Template, tokenizer: Any) -> list[in
     return lead + tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
-def _last_trainable(segments):
-    return next((s for s in reversed(segments) if s.trainable), None)
+def _last_reply(segments):
+    return next((s for s in reversed(segments) if s.reply), None)
 
 
 def leading_special_ids(tokenizer: Any) -> list[int]:
@@ -130,7 +130,8 @@ def build_dataset(
         template: a template name or spec for :func:`get_template` (default ``None``: auto).
         max_length: rows longer than this many tokens are cut to it (default 1024).
         train_on: ``"response"`` (default): loss on response tokens + EOS only;
-            ``"all"``: loss on every token. ``text`` rows always train on all tokens.
+            ``"all"``: loss on every token but those of assistant turns of weight 0.
+            ``text`` rows always train on all tokens.
         max_rows: keep the first ``max_rows`` rows (default ``None``: all).
         eval_split: hold out a seeded random eval set: a fraction in (0, 1) or a row
             count >= 1 (default ``None``: no eval set).
@@ -243,5 +244,6 @@ def _warn(stats: DataStats) -> None:
     if stats.dropped_no_trainable:
         log.warning("%s: %d rows dropped: no trainable token left within max_length=%d", stats.source, stats.dropped_no_trainable, stats.max_length)
     if stats.dropped_empty:
-        log.warning("%s: %d rows dropped: a required field was missing or empty", stats.source, stats.dropped_empty)
+        log.warning("%s: %d rows dropped: a required field was missing or empty, or every answer had weight 0",
+                    stats.source, stats.dropped_empty)
     log.info("%s", stats.summary())

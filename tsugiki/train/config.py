@@ -76,7 +76,7 @@ class TrainConfig:
     packing: bool = _f(False, "Pack several examples into one row (no padding; attention kept per example via position_ids).")
     group_by_length: bool = _f(False, "Order batches so rows of similar length go together (less padding), still shuffled per epoch.")
     shuffle: bool = _f(True, "Shuffle the rows each epoch (seeded by `seed`); false keeps the file's order.")
-    train_on: str = _f("response", "Which tokens carry loss: 'response' (answers and EOS only) or 'all'.")
+    train_on: str = _f("response", "Which tokens carry loss: 'response' (answers and EOS only) or 'all' (but answers a row gives weight 0).")
     # --- optimisation
     max_steps: int = _f(-1, "Optimizer steps to run; -1 = derive from `num_epochs`. When > 0 it wins over `num_epochs`.")
     num_epochs: float = _f(1.0, "Passes over the training data (used when `max_steps` is -1); a fraction (0.5, 2.5) ends the last pass part way, rounded up to whole optimizer steps.")
