@@ -770,3 +770,83 @@ def test_the_peak_memory_is_this_processs_not_the_one_it_was_started_from():
     child_peak = int(done.stdout.split()[-1])
     assert 50 * 2**20 < child_peak < 1024 * 2**20, child_peak  # torch's import, not the parent's 1.5 GiB
     del held
+
+
+# ---------------------------------------------------------------------- keep_best and early stopping
+def _run_recording_evals(out, **kw):
+    """A run that evaluates every step; returns the trainer, its result, and each step's eval loss and weights."""
+    losses, weights = {}, {}
+
+    def record_eval(trainer, record):
+        if "eval_loss" in record:
+            losses[record["step"]] = record["eval_loss"]
+            weights[record["step"]] = trainable(trainer.model)
+
+    model = tiny_model()
+    config = make_config(out, batch_size=4, max_steps=12, eval_steps=1, learning_rate=0.1, **kw)
+    trainer = Trainer(model, config, random_examples(8, seed=1), random_examples(8, seed=2),
+                      callbacks=[record_eval], progress=False)
+    return trainer, trainer.train(), losses, weights
+
+
+def test_keep_best_saves_the_weights_of_the_lowest_eval_loss(tmp_path):
+    from safetensors.torch import load_file
+
+    from tsugiki import get_peft_model_state_dict
+
+    trainer, result, losses, weights = _run_recording_evals(tmp_path, keep_best=True)
+    best = min(losses, key=losses.get)
+    assert best < 12  # the eval loss rose after its low point: the last step's weights are not the best
+    assert_all_equal(trainable(trainer.model), weights[best])
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert_all_equal(saved, {k: v.contiguous() for k, v in get_peft_model_state_dict(trainer.model).items()})
+    assert (result.metrics["best_step"], result.metrics["saved_step"]) == (best, best)
+    assert result.metrics["eval_loss"] == losses[best] and result.metrics["steps"] == 12
+    # Without keep_best the same run ends with the last step's weights, and says which step was best.
+    plain_trainer, plain, _, plain_weights = _run_recording_evals(tmp_path / "plain")
+    assert_all_equal(trainable(plain_trainer.model), plain_weights[12])
+    assert plain.metrics["best_step"] is None  # not tracked without keep_best or early stopping
+
+
+def test_early_stopping_ends_the_run_after_patience_evaluations_without_a_new_low(tmp_path, capsys):
+    _, result, losses, _ = _run_recording_evals(tmp_path, early_stopping_patience=3)
+    low, since, expected_stop = float("inf"), 0, None
+    for step in sorted(losses):
+        low, since = (losses[step], 0) if losses[step] < low else (low, since + 1)
+        if since == 3:
+            expected_stop = step
+            break
+    assert expected_stop is not None and expected_stop < 12
+    assert result.metrics["steps"] == expected_stop == max(losses)
+    assert result.metrics["best_step"] == min(losses, key=losses.get)
+
+
+def test_keep_best_survives_a_resume(tmp_path):
+    straight, straight_result, _, _ = _run_recording_evals(tmp_path / "straight", keep_best=True, save_steps=1)
+
+    def crash_at_7(trainer, record):
+        if record["step"] == 7:
+            raise Crash()
+
+    config = make_config(tmp_path / "crashy", batch_size=4, max_steps=12, eval_steps=1, learning_rate=0.1,
+                         keep_best=True, save_steps=1)
+    with pytest.raises(Crash):
+        Trainer(tiny_model(), config, random_examples(8, seed=1), random_examples(8, seed=2),
+                callbacks=[crash_at_7], progress=False).train()
+    resumed = Trainer(tiny_model(), config, random_examples(8, seed=1), random_examples(8, seed=2), progress=False)
+    result = resumed.train()
+    assert result.metrics["resumed_from"].endswith("checkpoint-7")
+    assert straight_result.metrics["best_step"] < 7  # the best came before the crash: only the checkpoint held it
+    assert result.metrics["saved_step"] == straight_result.metrics["saved_step"]
+    assert_all_equal(trainable(resumed.model), trainable(straight.model))
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(keep_best=True), "keep_best=True: compares evaluations during the run: set eval_steps"),
+    (dict(early_stopping_patience=2), "early_stopping_patience=2: compares evaluations"),
+    (dict(early_stopping_patience=-1, eval_steps=5), "early_stopping_patience=-1: must be >= 0"),
+    (dict(keep_best=True, eval_steps=5, fsdp=True), "keep_best=True: is not available with fsdp"),
+])
+def test_keep_best_and_early_stopping_need_evaluations_during_the_run(tmp_path, settings, message):
+    with pytest.raises(ConfigError, match=message):
+        make_config(tmp_path, **settings)

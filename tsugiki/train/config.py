@@ -102,6 +102,8 @@ class TrainConfig:
     # --- bookkeeping
     logging_steps: int = _f(10, "Write a metrics line every N optimizer steps.")
     eval_steps: int = _f(0, "Evaluate every N steps (0 = only at the end); needs evaluation data.")
+    keep_best: bool = _f(False, "End the run with the trainable weights of the evaluation with the lowest eval loss (every eval_steps and at the end), not the last step's; summary.json names its step. Holds a copy of the trainable weights in memory (for method: full, of the whole model). Needs eval_steps and evaluation data; not with fsdp.")
+    early_stopping_patience: int = _f(0, "Stop the run after this many evaluations in a row without a lower eval loss than the best so far (0 = never stop early); with keep_best, the best adapter is what is saved. Needs eval_steps and evaluation data.")
     save_steps: int = _f(200, "Save a resumable checkpoint every N steps and at the end (0 = never).")
     save_total_limit: Optional[int] = _f(2, "Keep only the newest N checkpoints (None = keep all).")
     tensorboard: bool = _f(True, "Write TensorBoard logs to output_dir/runs when tensorboard is installed.")
@@ -150,7 +152,7 @@ class TrainConfig:
             bad("num_epochs", "must be a number of passes > 0 (fractions allowed)")
         if self.max_length < 2:
             bad("max_length", "must be >= 2 (a token and the next one to predict)")
-        for key in ("warmup_steps", "save_steps", "eval_steps", "seed"):
+        for key in ("warmup_steps", "save_steps", "eval_steps", "seed", "early_stopping_patience"):
             if getattr(self, key) < 0:
                 bad(key, "must be >= 0")
         if self.max_steps == 0 or self.max_steps < -1:
@@ -180,6 +182,13 @@ class TrainConfig:
         if self.activation_offloading and not self.gradient_checkpointing:
             bad("activation_offloading", "offloads what gradient checkpointing keeps: set gradient_checkpointing: true "
                 "as well (or activation_offloading: false)")
+        for key in ("keep_best", "early_stopping_patience"):
+            if getattr(self, key) and not self.eval_steps:
+                bad(key, "compares evaluations during the run: set eval_steps as well (e.g. 50), with eval_split "
+                    "or eval_data")
+        if self.keep_best and self.fsdp:
+            bad("keep_best", "is not available with fsdp: true (each process holds only a shard of the weights); "
+                "use early_stopping_patience and the checkpoints (save_steps) instead")
         if not (self.resume is False or (isinstance(self.resume, str) and self.resume)):
             bad("resume", "must be 'auto', a checkpoint path, or false")
 
@@ -257,7 +266,7 @@ HF_KEY_NAMES = {
     "max_seq_length": "max_length", "neftune_noise_alpha": "neftune_alpha", "bf16": "dtype",
     "fp16": "dtype", "model_name_or_path": "model", "dataset_name": "data", "train_file": "data",
     "resume_from_checkpoint": "resume", "eval_strategy": "eval_steps", "save_strategy": "save_steps",
-    "r": "lora_r", "warmup_ratio": "warmup_steps",
+    "r": "lora_r", "warmup_ratio": "warmup_steps", "load_best_model_at_end": "keep_best",
 }
 
 
@@ -277,6 +286,8 @@ HANDLED_OTHERWISE = {
     "bnb_4bit_use_double_quant": "quantization: 4bit uses double quantization (in Python, "
                                  "tsugiki.load_model(..., double_quant=False) turns it off)",
     "bnb_4bit_compute_dtype": "dtype sets the compute dtype (auto: bf16 where the hardware has it)",
+    "metric_for_best_model": "keep_best: true keeps the evaluation with the lowest eval loss, the metric "
+                             "evaluated during training",
 }
 
 

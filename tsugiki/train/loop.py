@@ -749,23 +749,33 @@ class Trainer:
                         window[key] += out[key]
                     window["time"] += dt
                     record = self._maybe_record(out)
+                    early_stop = False
                     if record.get("eval_loss") is not None:
                         eval_metrics = {k: record[k] for k in ("eval_loss", "eval_ppl")}
                         st["last"]["eval"] = eval_metrics
+                        early_stop = self._note_evaluation(eval_metrics)  # the same loss, so verdict, on every rank
                     self.recorder.advance()
-                    if cfg.save_steps and (st["step"] % cfg.save_steps == 0 or st["step"] == self.total_steps):
+                    if cfg.save_steps and (st["step"] % cfg.save_steps == 0 or st["step"] == self.total_steps
+                                           or early_stop):
                         self._checkpoint(st["step"])
                     # A callback returning False stops the run after this step (it still saves and reports);
                     # on any rank: the others stop with it instead of waiting in the next step's collectives.
                     stop = any([callback(self, record) is False for callback in self.callbacks])  # each one runs
                     if self.callbacks and distributed.is_distributed():
                         stop = distributed.all_reduce_sum([float(stop)])[0] > 0
+                    if early_stop:
+                        best = st["best"]
+                        self._say(f"early stopping after step {st['step']}: {st['evals_since_best']} evaluations "
+                                  f"without an eval loss below {best['eval_loss']:.4f} (step {best['step']})")
+                        break
                     if stop:
                         self._say(f"stopped by a callback after step {st['step']}")
                         break
             if self.eval_examples and (not eval_metrics or st["last"].get("eval_step") != st["step"]):
                 eval_metrics = self.evaluate()
                 self.recorder.log({"step": st["step"], "epoch": self._epoch_float(), **eval_metrics})
+                self._note_evaluation(eval_metrics)
+            eval_metrics = self._restore_best(eval_metrics)
             self._restore_use_cache()  # before the final save: a saved config.json keeps the model's own setting
             adapter_files = self._save_final()
         finally:
@@ -775,6 +785,45 @@ class Trainer:
         summary = self._summarise(resume_from, eval_metrics, adapter_files)
         distributed.barrier()  # when train() returns on any rank, rank 0's files are all in place
         return TrainResult(cfg.output_dir, summary)
+
+    def _note_evaluation(self, metrics: dict[str, float]) -> bool:
+        """Track the evaluation with the lowest eval loss (for keep_best and early_stopping_patience);
+        True when early stopping ends the run here.
+
+        ``state["best"]`` holds its step and metrics, and with keep_best a CPU copy of the trainable
+        weights (saved in checkpoints with the rest of the state, so a resumed run keeps it).
+        """
+        cfg, st = self.config, self.state
+        if not (cfg.keep_best or cfg.early_stopping_patience):
+            return False
+        best = st.get("best")
+        # A run resumed with keep_best newly on has a best without weights: the next evaluation starts over.
+        if best is None or metrics["eval_loss"] < best["eval_loss"] or (cfg.keep_best and best["weights"] is None):
+            weights = None
+            if cfg.keep_best:
+                weights = {n: p.detach().to("cpu", copy=True)
+                           for n, p in self.model.named_parameters() if p.requires_grad}
+            st["best"] = {"step": st["step"], **metrics, "weights": weights}
+            st["evals_since_best"] = 0
+            return False
+        st["evals_since_best"] = st.get("evals_since_best", 0) + 1
+        return 0 < cfg.early_stopping_patience <= st["evals_since_best"]
+
+    def _restore_best(self, eval_metrics: dict[str, float]) -> dict[str, float]:
+        """With keep_best, put the best evaluation's weights back when a later step's are the model's;
+        returns the metrics of the weights that will be saved."""
+        best = self.state.get("best")
+        self._saved_step = self.state["step"]
+        if not self.config.keep_best or not best or best["weights"] is None or best["step"] == self.state["step"]:
+            return eval_metrics
+        self._saved_step = best["step"]
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                if param.requires_grad:
+                    param.copy_(best["weights"][name])
+        self._say(f"keep_best: saving the weights of step {best['step']} (eval loss {best['eval_loss']:.6g}); "
+                  f"the last evaluation, at step {self.state['step']}, gave {eval_metrics['eval_loss']:.6g}")
+        return {"eval_loss": best["eval_loss"], "eval_ppl": best["eval_ppl"]}
 
     def _save_tokenizer(self, folder: str) -> None:
         """Saved as it came (a left-padding tokenizer stays so, for batched generation), not as training pads."""
@@ -891,6 +940,8 @@ class Trainer:
             "train_loss": st["last"].get("loss"),
             "eval_loss": eval_metrics.get("eval_loss"),
             "eval_ppl": eval_metrics.get("eval_ppl"),
+            "best_step": st["best"]["step"] if st.get("best") else None,  # lowest eval loss, when tracked
+            "saved_step": self._saved_step,  # whose weights the adapter holds: best_step with keep_best
             "peak_memory_bytes": peak_memory_bytes(self.device),
             "peak_memory_kind": "cuda_max_allocated" if self.device.type == "cuda" else "process_max_rss",
             "adapter_size_bytes": files_size(adapter_files),

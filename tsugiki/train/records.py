@@ -257,7 +257,9 @@ def write_summary(output_dir: str, summary: dict[str, Any], echo: bool = True) -
             f"{summary.get('tokens_per_s', 0):.0f} tokens/s",
             ("final train loss " + (f"{summary['train_loss']:.4f}" if summary.get("train_loss") is not None else "n/a"))
             + (f", eval loss {summary['eval_loss']:.4f} (ppl {summary['eval_ppl']:.2f})"
-               if summary.get("eval_loss") is not None else ""),
+               if summary.get("eval_loss") is not None else "")
+            + (f" of the step-{summary['saved_step']} weights kept"
+               if summary.get("saved_step") not in (None, summary.get("steps")) else ""),
             f"peak memory {_human(summary.get('peak_memory_bytes', 0))} ({summary.get('peak_memory_kind')}), "
             f"adapter {_human(summary.get('adapter_size_bytes', 0))} on disk",
             f"outputs in {output_dir}",
