@@ -459,3 +459,72 @@ def test_layer_base_and_on_off_switch_behave_as_hf_peft_s():
         torch.testing.assert_close(on, adapted, atol=0, rtol=0)
     torch.testing.assert_close(results[tsugiki][2][0][0], results[peft][2][0][0], atol=1e-6, rtol=0)  # off = base
     torch.testing.assert_close(results[tsugiki][1], results[peft][1], atol=1e-6, rtol=0)
+
+
+# -- layer API beside HF PEFT's: scaling, merging ----------------------------------------------
+def _twins(make=tiny_llama, **config):
+    """The same base with the same random LoRA weights, in tsugiki and in HF PEFT, in eval mode."""
+    models = {}
+    for library in (tsugiki, peft):
+        model = library.get_peft_model(make(), library.LoraConfig(**config))
+        randomize_adapters(model)
+        models[library] = model.eval()
+    return models
+
+
+def _lora_layers(model, library):
+    return [m for m in model.modules() if isinstance(m, library.tuners.lora.LoraLayer)]
+
+
+def _assert_same_outputs(models, ids, grad=False):
+    """Logits equal HF PEFT's, on the inference path (no autograd) or the training one (autograd on)."""
+    with torch.set_grad_enabled(grad):
+        ours, theirs = (models[library](input_ids=ids).logits.detach() for library in (tsugiki, peft))
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+    return ours
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_set_scale_scale_layer_and_unscale_layer_give_hf_pefts_outputs(use_rslora):
+    ids = token_batch()
+    models = _twins(r=4, lora_alpha=8, use_rslora=use_rslora, target_modules=["q_proj", "v_proj", "down_proj"])
+    before = _assert_same_outputs(models, ids)
+    steps = [("set_scale", ("default", 0.5)), ("scale_layer", (3,)), ("unscale_layer", (3,)),
+             ("scale_layer", (2.5,)), ("unscale_layer", ())]
+    seen = []
+    for method, args in steps:
+        for library, model in models.items():
+            for layer in _lora_layers(model, library):
+                getattr(layer, method)(*args)
+        scalings = [[layer.scaling["default"] for layer in _lora_layers(models[lib], lib)] for lib in (tsugiki, peft)]
+        assert scalings[0] == pytest.approx(scalings[1], rel=1e-12), method
+        seen.append(_assert_same_outputs(models, ids))
+        _assert_same_outputs(models, ids, grad=True)
+    assert not torch.allclose(seen[0], before, atol=1e-4), "set_scale(0.5) had no effect"
+    assert not torch.allclose(seen[1], seen[0], atol=1e-4), "scale_layer(3) had no effect"
+    torch.testing.assert_close(seen[2], seen[0], atol=ATOL, rtol=0)  # unscale_layer(3) undoes scale_layer(3)
+    torch.testing.assert_close(seen[4], before, atol=ATOL, rtol=0)  # unscale_layer() restores alpha / r
+
+
+def test_generate_after_set_scale_gives_hf_pefts_tokens():
+    ids = token_batch(batch=1)
+    models = _twins(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    scores = {}
+    for library, model in models.items():
+        model.generate(input_ids=ids, max_new_tokens=2, do_sample=False)  # builds tsugiki's cached state
+        for layer in _lora_layers(model, library):
+            layer.set_scale("default", 4.0)
+        out = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True, pad_token_id=0)
+        scores[library] = torch.stack(out.scores)
+    torch.testing.assert_close(scores[tsugiki], scores[peft], atol=ATOL, rtol=0)
+
+
+def test_set_scale_on_an_embedding_adapter_gives_hf_pefts_outputs():
+    ids = token_batch()
+    models = _twins(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])
+    before = _assert_same_outputs(models, ids)
+    for library, model in models.items():
+        for layer in _lora_layers(model, library):
+            layer.set_scale("default", 3.0)
+    assert not torch.allclose(_assert_same_outputs(models, ids), before, atol=1e-4)

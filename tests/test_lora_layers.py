@@ -259,3 +259,72 @@ def test_merge_and_unload_matches_unmerged_outputs_llama():
     assert not any(isinstance(m, LoraLinear) for m in plain.modules())
     for other in (merged, again, remerged, final):
         torch.testing.assert_close(other, unmerged, atol=1e-5, rtol=0)
+
+
+# -- set_scale / scale_layer / unscale_layer ---------------------------------------------------
+def _embedding_layer(r=4, alpha=8):
+    torch.manual_seed(0)
+    layer = LoraEmbedding(nn.Embedding(10, 6))
+    layer.update_layer("default", r, alpha, 0.0, True, False)
+    layer.set_adapter("default")
+    with torch.no_grad():
+        layer.lora_embedding_A["default"].normal_()
+    return layer
+
+
+@pytest.mark.parametrize("make, x", [(lambda: _wrap_linear(init=False), torch.randn(3, 6)),
+                                     (_embedding_layer, torch.tensor([[1, 4, 7]]))])
+def test_scale_layer_multiplies_the_update_and_unscale_layer_restores_it(make, x):
+    layer = make()
+    base = layer.base_layer(x)
+    update = layer(x) - base
+    layer.scale_layer(3)
+    assert layer.scaling["default"] == pytest.approx(3 * 8 / 4)
+    with torch.no_grad():  # the eval-time path, which keeps s * B^T between calls
+        torch.testing.assert_close(layer.eval()(x) - base, 3 * update)
+    layer.unscale_layer()
+    assert layer.scaling["default"] == pytest.approx(8 / 4)
+    torch.testing.assert_close(layer(x) - base, update)
+
+
+def test_set_scale_is_relative_to_the_initial_scaling_with_rslora_too():
+    layer = _wrap_linear(r=16, alpha=8, rslora=True)
+    layer.scale_layer(5)
+    layer.set_scale("default", 0.5)  # replaces, does not multiply the scaled value
+    assert layer.scaling["default"] == pytest.approx(0.5 * 8 / math.sqrt(16))
+
+
+def test_scaling_calls_leave_other_adapters_and_absent_adapters_alone():
+    layer = _wrap_linear()
+    layer.update_layer("other", 2, 6, 0.0, True, False)
+    layer.set_scale("not-here", 7.0)  # one loop may go over layers that lack an adapter, as in HF PEFT
+    layer.scale_layer(2)  # the active adapter only
+    assert layer.scaling == {"default": pytest.approx(4.0), "other": pytest.approx(3.0)}
+    layer.set_scale("other", 2)
+    assert layer.scaling["other"] == pytest.approx(6.0)
+
+
+@pytest.mark.parametrize("call", [lambda layer: layer.set_scale("default", "2"),
+                                  lambda layer: layer.scale_layer(float("nan")),
+                                  lambda layer: layer.unscale_layer(0),
+                                  lambda layer: layer.scale_layer(True)])
+def test_bad_scales_are_refused_with_the_reason(call):
+    layer = _wrap_linear()
+    with pytest.raises(ValueError, match="scale"):
+        call(layer)
+    assert layer.scaling["default"] == pytest.approx(2.0)
+
+
+def test_a_dora_layer_reads_a_changed_scaling_on_the_eval_path():
+    model = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(r=4, use_dora=True, target_modules=["q_proj"]))
+    randomize_adapters(model)
+    model.eval()
+    ids = token_batch()
+    with torch.no_grad():
+        model(input_ids=ids)  # builds the kept plan
+        for layer in model.modules():
+            if isinstance(layer, LoraLinear):
+                layer.set_scale("default", 3.0)
+        fast = model(input_ids=ids).logits
+    reference = model(input_ids=ids).logits.detach()  # autograd on: the general path, computed afresh
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=0)

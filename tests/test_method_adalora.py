@@ -396,3 +396,17 @@ def test_a_final_rank_above_the_starting_rank_warns_and_prunes_nothing():
     _train(model, 6, model.base_model.update_and_allocate)
     pattern = model.peft_config["default"].rank_pattern
     assert len(pattern) == 2 and all(kept == [True] * 4 for kept in pattern.values())
+
+
+def test_set_scale_is_relative_to_adaloras_own_initial_scaling():
+    model = tsugiki.get_peft_model(tiny_llama(), _config())
+    randomize_adapters(model)
+    ids = token_batch()
+    before = _logits(model, ids)
+    layers = [m for m in model.modules() if isinstance(m, AdaLoraLinear)]
+    for layer in layers:
+        layer.set_scale("default", 1.0)  # the scale it was made with: lora_alpha, not lora_alpha / r
+    torch.testing.assert_close(_logits(model, ids), before, atol=0, rtol=0)
+    for layer in layers:
+        layer.set_scale("default", 2.0)
+    assert layers[0].scaling["default"] == 16.0

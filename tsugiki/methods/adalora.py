@@ -235,7 +235,7 @@ class AdaLoraLinear(LoraLayer, nn.Module):
         self.r[name] = r
         self.ranknum[name] = float(ranknum)
         self.lora_alpha[name] = alpha
-        self.scaling[name] = float(alpha) if alpha > 0 else float(r)
+        self.scaling[name] = self.initial_scaling(name)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         kw = {"dtype": self._adapter_dtype(), "device": self._base_device()}
         self.lora_A[name] = nn.Parameter(torch.empty(r, self.in_features, **kw))
@@ -251,6 +251,15 @@ class AdaLoraLinear(LoraLayer, nn.Module):
             else:
                 for p in (self.lora_A[name], self.lora_E[name], self.lora_B[name]):
                     nn.init.normal_(p)
+
+    def initial_scaling(self, name: str) -> float:
+        """``lora_alpha`` (``r`` when it is 0): AdaLoRA divides by the rank at each forward instead.
+
+        (HF PEFT's AdaLoRA layers inherit LoRA's ``lora_alpha / r`` here, so its ``set_scale(name, 1)``
+        changes what the adapter computes; this one does not.)
+        """
+        alpha = self.lora_alpha[name]
+        return float(alpha) if alpha > 0 else float(self.r[name])
 
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import numbers
 import re
 import warnings
 import weakref
@@ -220,6 +221,11 @@ def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
+def _check_scale(scale: Any, caller: str) -> None:
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"{caller}: scale={scale!r} must be a finite number (the factor on lora_alpha / r)")
+
+
 class LoraLayer(AdapterLayer):
     """Bookkeeping shared by the LoRA layer types."""
 
@@ -252,6 +258,42 @@ class LoraLayer(AdapterLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Base output plus the active adapter's update (per row in a mixed-adapter batch)."""
         return self.additive_forward(x, *args, **kwargs)
+
+    # -- scaling (HF PEFT's set_scale / scale_layer / unscale_layer) ---------------------------
+    def initial_scaling(self, name: str) -> float:
+        """The scaling adapter ``name`` was made with: ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with rsLoRA)."""
+        return lora_scaling(self.r[name], self.lora_alpha[name], self.use_rslora.get(name, False))
+
+    def set_scale(self, adapter: str, scale: float) -> None:
+        """Set adapter ``adapter``'s scaling to ``scale`` times its initial one: ``scale * lora_alpha / r``
+        (``scale * lora_alpha / sqrt(r)`` with rsLoRA), whatever it was before.
+
+        A layer that does not carry ``adapter`` is left as it is (as in HF PEFT), so that one loop
+        can go over every layer of a model whose adapters target different modules.
+        """
+        _check_scale(scale, "set_scale")
+        if adapter in self.scaling:
+            self.scaling[adapter] = scale * self.initial_scaling(adapter)
+
+    def scale_layer(self, scale: float) -> None:
+        """Multiply the active adapter's current scaling by ``scale`` (undone by ``unscale_layer(scale)``)."""
+        _check_scale(scale, "scale_layer")
+        for name in self._active_adapters_here():
+            self.scaling[name] *= scale
+
+    def unscale_layer(self, scale: Optional[float] = None) -> None:
+        """Divide the active adapter's current scaling by ``scale``; with ``scale=None`` (the default)
+        put it back to its initial ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA)."""
+        if scale is not None:
+            _check_scale(scale, "unscale_layer")
+            if scale == 0:
+                raise ValueError("unscale_layer(0) would divide the scaling by zero; pass the factor given "
+                                 "to scale_layer, or None to restore the initial scaling")
+        for name in self._active_adapters_here():
+            self.scaling[name] = self.initial_scaling(name) if scale is None else self.scaling[name] / scale
+
+    def _active_adapters_here(self) -> list[str]:
+        return [name for name in self.active_adapters if name in self.scaling]
 
     def _adapter_out(self, x: torch.Tensor, name: str, base_out: torch.Tensor) -> torch.Tensor:
         """What adapter ``name`` adds to the base output ``base_out`` (DoRA needs to see it)."""
@@ -837,11 +879,12 @@ class _InferencePlan:
     at every forward, is taken once. Being copies, they are rebuilt when a tensor
     they came from (``B``; for DoRA also ``A``, ``m`` and the base weight) is
     replaced or updated in place (its version counter moves), when ``.data`` is
-    reassigned (its storage moves), or when the active adapter changes. Edits
+    reassigned (its storage moves), when the active adapter changes, or when its
+    ``scaling`` entry does (``set_scale``, ``scale_layer``, or a direct write). Edits
     through ``.data`` move neither; ``layer.eval()`` drops the plan after such edits.
     """
 
-    __slots__ = ("name", "a_params", "b_params", "B", "b_version", "b_ptr", "scaled_B_t", "dtype",
+    __slots__ = ("name", "scale", "a_params", "b_params", "B", "b_version", "b_ptr", "scaled_B_t", "dtype",
                  "device_type", "factor", "bias_shift", "watched")
 
     @classmethod
@@ -849,6 +892,7 @@ class _InferencePlan:
         """The plan for the active adapter; ``scaled_B_t`` is None where the general path is needed."""
         plan = cls()
         plan.name = name = layer.active_adapter
+        plan.scale = layer.scaling.get(name)
         plan.B = plan.scaled_B_t = plan.factor = plan.bias_shift = None
         plan.watched = ()
         if name not in layer.lora_A:
@@ -877,7 +921,7 @@ class _InferencePlan:
         return plan
 
     def current(self, layer: "LoraLinear") -> bool:
-        if self.name != layer.active_adapter:
+        if self.name != layer.active_adapter or layer.scaling.get(self.name) != self.scale:
             return False
         if self.B is None:
             return True  # nothing cached; update_layer/delete_adapter drop the plan
