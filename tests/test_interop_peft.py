@@ -528,3 +528,41 @@ def test_set_scale_on_an_embedding_adapter_gives_hf_pefts_outputs():
         for layer in _lora_layers(model, library):
             layer.set_scale("default", 3.0)
     assert not torch.allclose(_assert_same_outputs(models, ids), before, atol=1e-4)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_layer_merge_and_unmerge_without_names_give_hf_pefts_weights(use_dora):
+    ids = token_batch()
+    models = _twins(r=4, lora_alpha=8, use_dora=use_dora, target_modules=["q_proj", "v_proj"])
+    for library, model in models.items():
+        model.add_adapter("other", library.LoraConfig(r=2, lora_alpha=6, use_dora=use_dora,
+                                                      target_modules=["q_proj", "v_proj"]))
+        randomize_adapters(model, seed=9)
+        model.base_model.set_adapter("other")
+    active = _assert_same_outputs(models, ids)
+    weights = {}
+    for library, model in models.items():
+        for layer in _lora_layers(model, library):
+            layer.merge(safe_merge=True)
+        weights[library] = [layer.get_base_layer().weight.detach().clone() for layer in _lora_layers(model, library)]
+        assert {tuple(layer.merged_adapters) for layer in _lora_layers(model, library)} == {("other",)}
+    for ours, theirs in zip(weights[tsugiki], weights[peft]):
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+    torch.testing.assert_close(_assert_same_outputs(models, ids), active, atol=ATOL, rtol=0)
+    for library, model in models.items():
+        for layer in _lora_layers(model, library):
+            layer.unmerge()
+        assert not any(layer.merged for layer in _lora_layers(model, library))
+    torch.testing.assert_close(_assert_same_outputs(models, ids), active, atol=ATOL, rtol=0)
+
+
+def test_layer_merge_of_two_named_adapters_gives_hf_pefts_weights():
+    models = _twins(r=4, lora_alpha=8, target_modules=["q_proj"])
+    for library, model in models.items():
+        model.add_adapter("other", library.LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "k_proj"]))
+        randomize_adapters(model, seed=9)
+        for layer in _lora_layers(model, library):
+            layer.merge(adapter_names=["default", "other"])
+    for ours, theirs in zip(*([layer.get_base_layer().weight for layer in _lora_layers(models[library], library)]
+                              for library in (tsugiki, peft))):
+        torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)

@@ -128,7 +128,7 @@ def test_safe_merge_refuses_nan_and_leaves_weights_alone():
     with torch.no_grad():
         layer.lora_B["default"].weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN/Inf.*'default'|'default'.*NaN/Inf"):
-        layer.merge("default", safe_merge=True)
+        layer.merge(safe_merge=True)  # HF PEFT's form: the active adapter
     assert torch.equal(layer.base_layer.weight.detach(), w0)
     assert not layer.merged
 
@@ -328,3 +328,39 @@ def test_a_dora_layer_reads_a_changed_scaling_on_the_eval_path():
         fast = model(input_ids=ids).logits
     reference = model(input_ids=ids).logits.detach()  # autograd on: the general path, computed afresh
     torch.testing.assert_close(fast, reference, atol=1e-5, rtol=0)
+
+
+# -- merge() / unmerge() in HF PEFT's form -----------------------------------------------------
+def test_merge_without_names_merges_the_active_adapter_only():
+    layer = _wrap_linear(init=False)
+    layer.update_layer("other", 2, 4, 0.0, False, False)
+    layer.set_adapter("other")
+    w0 = layer.base_layer.weight.detach().clone()
+    layer.merge()
+    assert layer.merged_adapters == ["other"]
+    torch.testing.assert_close(layer.base_layer.weight.detach(), w0 + layer.get_delta_weight("other"))
+    layer.unmerge()
+    assert not layer.merged and torch.allclose(layer.base_layer.weight.detach(), w0, atol=1e-6)
+
+
+def test_merge_of_several_names_is_all_or_nothing_and_skips_absent_ones():
+    layer = _wrap_linear(init=False)
+    layer.update_layer("other", 2, 4, 0.0, False, False)
+    w0 = layer.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.lora_B["other"].weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="'other'"):
+        layer.merge(safe_merge=True, adapter_names=["default", "other"])
+    assert not layer.merged  # "default" was merged, then taken out again
+    torch.testing.assert_close(layer.base_layer.weight.detach(), w0, atol=1e-6, rtol=0)
+    layer.merge(adapter_names=["not-in-this-layer", "default"])  # as in HF PEFT, a loop may pass any layer's names
+    assert layer.merged_adapters == ["default"]
+
+
+def test_a_name_where_safe_merge_goes_is_one_adapter_as_before():
+    layer = _wrap_linear(init=False)
+    layer.update_layer("other", 2, 4, 0.0, False, False)
+    layer.merge("other")
+    assert layer.merged_adapters == ["other"]
+    with pytest.raises(TypeError, match="adapter_names"):
+        layer.merge("default", adapter_names=["default"])

@@ -147,6 +147,58 @@ class AdapterLayer:
         """Why ``name`` cannot be merged on top of the ``merged`` adapters, or None (it can)."""
         return None
 
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[Sequence[str]] = None) -> None:
+        """Add adapters' updates into the base layer's weight (HF PEFT's signature and defaults).
+
+        Args:
+            safe_merge: check that the update is finite before writing it; a NaN/Inf raises
+                ``ValueError`` and leaves the weight as it was (default False).
+            adapter_names: the adapters to merge, in order; ``None`` (default) merges the active
+                adapter. Names this layer does not carry are skipped, as in HF PEFT, so that one
+                loop can go over every layer; adapters already merged are skipped too.
+
+        All of them merge or none does. ``merge("name")`` (a name where ``safe_merge`` goes)
+        merges that adapter, as tsugiki's earlier ``merge(name)`` did.
+        """
+        if isinstance(safe_merge, str):
+            if adapter_names is not None:
+                raise TypeError(f"merge({safe_merge!r}, adapter_names={adapter_names!r}): give the adapters "
+                                "once, as adapter_names=[...]")
+            safe_merge, adapter_names = False, [safe_merge]
+        names = self._names_to_merge(adapter_names)
+        merged = list(self.merged_adapters)
+        for name in names:  # refuse before any weight changes
+            problem = self.merge_problem(name, merged)
+            if problem:
+                raise ValueError(problem)
+            merged.append(name)
+        done: list[str] = []
+        try:
+            for name in names:
+                self._merge_adapter(name, safe_merge)
+                done.append(name)
+        except Exception:
+            for name in reversed(done):
+                self.unmerge(name)
+            raise
+
+    def _names_to_merge(self, adapter_names: Optional[Sequence[str]]) -> list[str]:
+        """The adapters ``merge`` takes: given (a str as one name) or the active ones, carried here, not merged."""
+        if adapter_names is None:
+            adapter_names = self.active_adapters
+        elif isinstance(adapter_names, str):
+            adapter_names = [adapter_names]
+        carried = self.adapter_names
+        return [n for n in dict.fromkeys(adapter_names) if n in carried and n not in self.merged_adapters]
+
+    def _merge_adapter(self, name: str, safe_merge: bool = False) -> None:
+        """Merge one adapter this layer carries (each method's own arithmetic)."""
+        raise NotImplementedError
+
+    def unmerge(self, name: Optional[str] = None) -> None:
+        """Take merged adapters out of the base weight again: ``name``, or all of them (default), last first."""
+        raise NotImplementedError
+
     def unmerge_all(self) -> None:
         while self.merged_adapters:
             self.unmerge(self.merged_adapters[-1])
@@ -491,7 +543,7 @@ class BaseTuner(nn.Module):
             for module in layers:
                 for n in names:
                     if n in module.adapter_names and n not in module.merged_adapters:
-                        module.merge(n, safe_merge=safe_merge)
+                        module.merge(safe_merge=safe_merge, adapter_names=[n])
                         done.append((module, n))
         except Exception:
             for module, n in reversed(done):

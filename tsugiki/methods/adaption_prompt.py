@@ -165,7 +165,7 @@ class AdaptedAttention(AdapterLayer, nn.Module):
         bias = getattr(attn.o_proj, "bias", None)
         return projected - bias if bias is not None else projected  # the base output already holds the bias
 
-    def merge(self, name: str, safe_merge: bool = False) -> None:
+    def _merge_adapter(self, name: str, safe_merge: bool = False) -> None:
         raise ValueError(_CANNOT_MERGE)
 
     def unmerge(self, name: Optional[str] = None) -> None:

@@ -200,7 +200,7 @@ class BottleneckLayer(AdapterLayer, nn.Module):
             return out
         return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
 
-    def merge(self, name: str, safe_merge: bool = False) -> None:
+    def _merge_adapter(self, name: str, safe_merge: bool = False) -> None:
         raise ValueError(_CANNOT_MERGE)
 
     def unmerge(self, name: Optional[str] = None) -> None:

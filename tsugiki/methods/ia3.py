@@ -218,7 +218,7 @@ class IA3Linear(AdapterLayer, nn.Module):
         """``scale`` shaped to broadcast over the stored weight."""
         return scale[:, None] if self._scaled_dim() == 0 else scale[None, :]
 
-    def merge(self, name: str, safe_merge: bool = False) -> None:
+    def _merge_adapter(self, name: str, safe_merge: bool = False) -> None:
         if name in self.merged_adapters:
             return
         scale = self._scale(name).detach().float()

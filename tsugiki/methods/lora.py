@@ -300,7 +300,7 @@ class LoraLayer(AdapterLayer):
         return self._lora_out(x, name)
 
     # merge/unmerge: subclasses give get_delta_weight() in the base weight's layout.
-    def merge(self, name: str, safe_merge: bool = False) -> None:
+    def _merge_adapter(self, name: str, safe_merge: bool = False) -> None:
         if name in self.merged_adapters:
             return  # idempotent
         delta = self.get_delta_weight(name)
@@ -766,14 +766,14 @@ class LoraLinear(LoraLayer, nn.Module):
                     "is merged alone; unmerge the others first, or merge_and_unload one adapter at a time")
         return None
 
-    def merge(self, name: str, safe_merge: bool = False) -> None:
+    def _merge_adapter(self, name: str, safe_merge: bool = False) -> None:
         if name in self.merged_adapters:
             return
         problem = self.merge_problem(name, self.merged_adapters)
         if problem:
             raise ValueError(problem)
         if name not in self.lora_magnitude_vector:
-            return super().merge(name, safe_merge)
+            return super()._merge_adapter(name, safe_merge)
         weight = self._weight_out_in().float()
         norm = self._dora_norm(name, torch.float32)
         factor = self.lora_magnitude_vector[name].weight.detach().float() / norm

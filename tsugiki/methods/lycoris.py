@@ -202,7 +202,7 @@ class LycorisLayer(AdapterLayer, nn.Module):
         return self.additive_forward(x, *args, **kwargs)
 
     # -- merging ----------------------------------------------------------------------------
-    def merge(self, name: str, safe_merge: bool = False) -> None:
+    def _merge_adapter(self, name: str, safe_merge: bool = False) -> None:
         if name in self.merged_adapters:
             return  # idempotent
         delta = self.delta_weight(name).detach().float()
