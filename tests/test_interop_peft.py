@@ -566,3 +566,71 @@ def test_layer_merge_of_two_named_adapters_gives_hf_pefts_weights():
     for ours, theirs in zip(*([layer.get_base_layer().weight for layer in _lora_layers(models[library], library)]
                               for library in (tsugiki, peft))):
         torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+
+
+# -- model API beside HF PEFT's: has_active_enabled_adapter, set_requires_grad, add_weighted_adapter --
+def test_has_active_enabled_adapter_follows_disable_adapter_as_in_hf_peft():
+    for library, model in _twins(r=2, target_modules=["q_proj"]).items():
+        assert model.has_active_enabled_adapter is True, library.__name__
+        with model.disable_adapter():
+            assert model.has_active_enabled_adapter is False, library.__name__
+        assert model.has_active_enabled_adapter is True, library.__name__
+
+
+def test_has_active_enabled_adapter_is_false_with_layers_disabled_or_no_adapter_left():
+    model = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(r=2, target_modules=["q_proj"]))
+    model.base_model.disable_adapter_layers()
+    assert model.has_active_enabled_adapter is False
+    model.base_model.enable_adapter_layers()
+    assert model.has_active_enabled_adapter is True
+    model.delete_adapter("default")
+    assert model.has_active_enabled_adapter is False
+
+
+def _trainable(model):
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_set_requires_grad_changes_the_same_parameters_as_hf_pefts():
+    trainable = {}
+    for library in (tsugiki, peft):
+        model = library.get_peft_model(tiny_bert_classifier(), library.LoraConfig(r=2, task_type="SEQ_CLS"))
+        model.add_adapter("other", library.LoraConfig(r=2, task_type="SEQ_CLS", target_modules=["key"]))
+        steps = [_trainable(model)]
+        model.set_requires_grad("other")
+        steps.append(_trainable(model))
+        model.set_requires_grad(["default", "other"], requires_grad=False)
+        steps.append(_trainable(model))
+        model.set_requires_grad(["default"], True)
+        steps.append(_trainable(model))
+        trainable[library] = (steps, model.active_adapter)
+    assert trainable[tsugiki] == trainable[peft]
+    steps, active = trainable[tsugiki]
+    assert active == "default" and any(".other." in n for n in steps[1]) and not steps[2]  # each step did something
+
+
+def test_set_requires_grad_refuses_unknown_adapters_and_prompt_methods():
+    model = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(r=2, target_modules=["q_proj"]))
+    before = _trainable(model)
+    with pytest.raises(ValueError, match="'typo'.*have: default"):
+        model.set_requires_grad(["default", "typo"], False)
+    assert _trainable(model) == before  # nothing changed
+    prompt = tsugiki.get_peft_model(tiny_llama(), tsugiki.PromptTuningConfig(num_virtual_tokens=2,
+                                                                                task_type="CAUSAL_LM"))
+    with pytest.raises(TypeError, match="prompt-learning"):
+        prompt.set_requires_grad("default")
+
+
+def test_base_model_add_weighted_adapter_gives_hf_pefts_combination():
+    ids = token_batch()
+    models = _twins(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    for library, model in models.items():
+        model.add_adapter("other", library.LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"]))
+        randomize_adapters(model, seed=9)
+        model.base_model.add_weighted_adapter(["default", "other"], [0.7, -0.4], "mix", combination_type="cat")
+        model.set_adapter("mix")
+    assert models[tsugiki].peft_config["mix"].r == models[peft].peft_config["mix"].r == 6
+    combined = _assert_same_outputs(models, ids)
+    for model in models.values():
+        model.set_adapter("default")
+    assert not torch.allclose(_assert_same_outputs(models, ids), combined, atol=1e-4)

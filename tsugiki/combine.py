@@ -1,4 +1,4 @@
-"""Combine LoRA adapters into a new one: ``PeftModel.add_weighted_adapter``.
+"""Combine LoRA adapters into a new one: ``LoraModel.add_weighted_adapter`` (also on ``PeftModel``).
 
 Notation, per adapted layer: adapter ``i`` has factors ``A_i`` (r_i x in), ``B_i``
 (out x r_i), scaling ``s_i`` and update ``D_i = s_i B_i A_i``; ``w_i`` is its weight
@@ -264,9 +264,9 @@ def _new_config(model: nn.Module, configs: dict[str, LoraConfig], rank: int) -> 
 
 
 # -- entry point ----------------------------------------------------------------------------
-def _check_args(peft_model, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp, density,
+def _check_args(tuner, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp, density,
                 majority_sign_method) -> None:
-    known = peft_model.peft_config
+    known = tuner.peft_config
     if isinstance(adapters, str):
         raise TypeError(f"adapters must be a list of adapter names, got the string {adapters!r}")
     if not adapters:
@@ -305,12 +305,12 @@ def _check_args(peft_model, adapters, weights, adapter_name, combination_type, s
             raise ValueError(f"density={density!r} must be in (0, 1] (the fraction of entries to keep)")
 
 
-def add_weighted_adapter(peft_model, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+def add_weighted_adapter(tuner, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
                          combination_type: str = "svd", svd_rank: Optional[int] = None,
                          svd_clamp: Optional[float] = None, svd_full_matrices: bool = True,
                          svd_driver: Optional[str] = None, density: Optional[float] = None,
                          majority_sign_method: str = "total") -> None:
-    """Add ``adapter_name``, a combination of the LoRA ``adapters`` with ``weights``.
+    """Add ``adapter_name`` to ``tuner`` (a ``LoraModel``), a combination of its LoRA ``adapters`` with ``weights``.
 
     See the module docstring for each ``combination_type``'s formula. Defaults:
     ``combination_type="svd"``, ``svd_rank`` = the largest source rank, no clamping,
@@ -321,12 +321,12 @@ def add_weighted_adapter(peft_model, adapters: Sequence[str], weights: Sequence[
     """
     # A tensor of weights (or of one weight each) reads as plain numbers, as HF PEFT takes it.
     weights = [w.item() if isinstance(w, torch.Tensor) and w.numel() == 1 else w for w in weights]
-    _check_args(peft_model, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp, density,
+    _check_args(tuner, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp, density,
                 majority_sign_method)
     adapters, weights = list(adapters), [float(w) for w in weights]
     if len(adapters) == 1:
         combination_type = "linear"  # one source: a rescaled copy, whatever was asked (as HF does)
-    configs = {a: peft_model.peft_config[a] for a in dict.fromkeys(adapters)}
+    configs = {a: tuner.peft_config[a] for a in dict.fromkeys(adapters)}
     ranks = {a: _config_rank(c) for a, c in configs.items()}
     if combination_type in FACTOR_TYPES and len(set(ranks.values())) > 1:
         raise ValueError(f"combination_type={combination_type!r} needs adapters of equal rank, got ranks {ranks}; "
@@ -338,7 +338,7 @@ def add_weighted_adapter(peft_model, adapters: Sequence[str], weights: Sequence[
     else:
         new_rank = next(iter(ranks.values()))
 
-    model = peft_model.base_model.model
+    model = tuner.model
     wrappers = {n: m for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
     trained_copies: dict[str, str] = {}
     for name, wrapper in wrappers.items():
@@ -367,7 +367,7 @@ def add_weighted_adapter(peft_model, adapters: Sequence[str], weights: Sequence[
                 majority_sign_method, svd_clamp, svd_full_matrices, svd_driver)
 
     config = _new_config(model, configs, new_rank)
-    peft_model.add_adapter(adapter_name, config, _init_weights=False)  # no init: every weight is set below
+    tuner.inject_adapter(config, adapter_name, init_weights=False)  # no init: every weight is set below
     try:
         placed = set(_adapted_layer_names(model, adapter_name))
         missed = sorted(set(new_factors) - placed)
@@ -390,5 +390,5 @@ def add_weighted_adapter(peft_model, adapters: Sequence[str], weights: Sequence[
                 if adapter_name in wrapper.modules_to_save:
                     wrapper.modules_to_save[adapter_name].load_state_dict(wrapper.modules_to_save[owner].state_dict())
     except BaseException:
-        peft_model.delete_adapter(adapter_name)  # leave the model as it was
+        tuner.delete_adapter(adapter_name)  # leave the model as it was
         raise

@@ -239,9 +239,26 @@ class PeftModel(nn.Module):
 
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
                              combination_type: str = "svd", **kwargs: Any) -> None:
-        from .combine import add_weighted_adapter
+        """Combine LoRA adapters into a new one: ``base_model.add_weighted_adapter`` (:mod:`tsugiki.combine`)."""
+        combine = getattr(type(self.base_model), "add_weighted_adapter", None)
+        if combine is None:
+            raise ValueError(f"add_weighted_adapter combines LoRA adapters; this model's are {self.peft_type}")
+        combine(self.base_model, adapters, weights, adapter_name, combination_type, **kwargs)
 
-        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, **kwargs)
+    def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
+        """Turn gradients on (default) or off for the named adapters' parameters, their
+        ``modules_to_save`` copies included, without changing which adapter is active (HF PEFT's
+        ``set_requires_grad``). Not for prompt-learning methods (``TypeError``, as in HF PEFT)."""
+        if getattr(self.active_peft_config, "is_prompt_learning", False):
+            raise TypeError(f"set_requires_grad is not available for prompt-learning methods like "
+                            f"{self.peft_type}; their prompt encoders train through set_adapter")
+        self.base_model.set_requires_grad(adapter_names, requires_grad=requires_grad)
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """True when some adapter is active and adapters are not switched off
+        (``disable_adapter()``, ``disable_adapter_layers()``): the model is not computing its bare base."""
+        return bool(self.active_adapters) and not self.base_model.adapters_disabled
 
     # -- counting -------------------------------------------------------------
     def get_prompt_embedding_to_save(self, adapter_name: str) -> torch.Tensor:

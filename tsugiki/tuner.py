@@ -16,7 +16,7 @@ import contextlib
 import contextvars
 import copy
 import warnings
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -317,6 +317,7 @@ class BaseTuner(nn.Module):
     """
 
     layer_classes: tuple[type, ...] = ()
+    _disabled = False  # set_disabled's switch
 
     def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = "default", init_weights: bool = True):
         super().__init__()
@@ -450,14 +451,29 @@ class BaseTuner(nn.Module):
     def train_inactive_adapter(self, adapter_name: str) -> None:
         """Make ``adapter_name``'s parameters trainable without activating it (HF PEFT's
         ``load_adapter(..., is_trainable=True)`` of a second adapter); the active one stays as it is."""
+        self.set_requires_grad([adapter_name])
+
+    def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
+        """Set ``requires_grad`` (default True) on the named adapters' parameters in every layer,
+        ``modules_to_save`` copies included (HF PEFT's ``set_requires_grad``). Other adapters, the
+        active one and the base weights are left as they are."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"no adapter named {', '.join(map(repr, unknown))}; have: {', '.join(self.peft_config)}")
+        for param in self._adapter_parameters(names):
+            param.requires_grad_(requires_grad)
+
+    def _adapter_parameters(self, names: Sequence[str]) -> Iterator[nn.Parameter]:
+        """The parameters the adapters ``names`` own in the model's layers."""
         for _, module in self.adapter_layers():
             holders = ([module.modules_to_save] if isinstance(module, ModulesToSaveWrapper)
                        else [getattr(module, attr) for attr in module.adapter_param_names])
             for holder in holders:
-                if adapter_name in holder:
-                    found = holder[adapter_name]
-                    for p in [found] if isinstance(found, nn.Parameter) else found.parameters():
-                        p.requires_grad_(True)
+                for name in names:
+                    if name in holder:
+                        found = holder[name]
+                        yield from [found] if isinstance(found, nn.Parameter) else found.parameters()
 
     def _mark_trainable(self, config: PeftConfig, adapter_name: str, trainable: bool = True) -> None:
         """Freeze everything that is not the active adapter (subclasses add bias rules)."""
@@ -495,7 +511,13 @@ class BaseTuner(nn.Module):
         """Make every adapter layer compute what its base layer does (merged adapters are unmerged)."""
         self.set_disabled(True)
 
+    @property
+    def adapters_disabled(self) -> bool:
+        """Whether every adapter is switched off (``disable_adapter_layers``, ``PeftModel.disable_adapter``)."""
+        return self._disabled
+
     def set_disabled(self, disabled: bool) -> None:
+        self._disabled = disabled
         for _, module in self.adapter_layers():
             if disabled and isinstance(module, AdapterLayer):
                 module.unmerge_all()

@@ -1059,6 +1059,19 @@ class LoraModel(BaseTuner):
                           "leave the tied module out of target_modules (modules_to_save trains a separate copy)",
                           stacklevel=5)
 
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: Optional[int] = None,
+                             svd_clamp: Optional[float] = None, svd_full_matrices: bool = True,
+                             svd_driver: Optional[str] = None, density: Optional[float] = None,
+                             majority_sign_method: str = "total") -> None:
+        """Add ``adapter_name``, the LoRA ``adapters`` combined with ``weights`` (HF PEFT's
+        ``LoraModel.add_weighted_adapter``; formulas and defaults in :mod:`tsugiki.combine`)."""
+        from ..combine import add_weighted_adapter  # combine builds on this module
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank=svd_rank,
+                             svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices, svd_driver=svd_driver,
+                             density=density, majority_sign_method=majority_sign_method)
+
     def _mark_trainable(self, config: LoraConfig, adapter_name: str, trainable: bool = True) -> None:
         super()._mark_trainable(config, adapter_name, trainable)
         if not trainable or config.bias == "none":

@@ -136,7 +136,6 @@ class PromptLearningModel(BaseTuner):
 
     task_types: tuple[str, ...] = (TaskType.CAUSAL_LM.value, TaskType.SEQ_CLS.value)
     inserts_tokens = True  # the prompt occupies positions in the input (False for prefix tuning)
-    _disabled = False
 
     # -- grafting ---------------------------------------------------------------
     def _inject(self, config: PromptLearningConfig, adapter_name: str, init_weights: bool) -> None:
@@ -162,10 +161,6 @@ class PromptLearningModel(BaseTuner):
         super()._remove_adapter_modules(adapter_name)
         if "prompt_encoder" in self._modules and adapter_name in self.prompt_encoder:
             del self.prompt_encoder[adapter_name]
-
-    def set_disabled(self, disabled: bool) -> None:
-        super().set_disabled(disabled)
-        self._disabled = disabled
 
     def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
         raise ValueError(f"{type(self).__name__}: prompt-learning adapters add inputs, not weights; there is "
