@@ -634,3 +634,73 @@ def test_base_model_add_weighted_adapter_gives_hf_pefts_combination():
     for model in models.values():
         model.set_adapter("default")
     assert not torch.allclose(_assert_same_outputs(models, ids), combined, atol=1e-4)
+
+
+# -- several active LoRA adapters ---------------------------------------------------------------
+def _two_active(**other):
+    models = _twins(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"])
+    for library, model in models.items():
+        model.add_adapter("other", library.LoraConfig(r=2, lora_alpha=6, **other))
+        randomize_adapters(model, seed=9)
+        with torch.no_grad():
+            model(input_ids=token_batch())  # tsugiki keeps state for one active adapter: it must not stay
+        model.base_model.set_adapter(["default", "other"])
+    return models
+
+
+def test_several_active_adapters_add_up_as_in_hf_peft():
+    ids = token_batch()
+    models = _two_active(target_modules=["q_proj", "down_proj"])
+    both = _assert_same_outputs(models, ids)
+    _assert_same_outputs(models, ids, grad=True)
+    assert _trainable(models[tsugiki]) == _trainable(models[peft])
+    assert models[tsugiki].active_adapters == models[peft].active_adapters == ["default", "other"]
+    scores = {}
+    for library, model in models.items():
+        out = model.generate(input_ids=ids[:1], max_new_tokens=3, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True, pad_token_id=0)
+        scores[library] = torch.stack(out.scores)
+    torch.testing.assert_close(scores[tsugiki], scores[peft], atol=ATOL, rtol=0)
+    for library, model in models.items():
+        model.base_model.set_adapter("default")
+    alone = _assert_same_outputs(models, ids)
+    assert not torch.allclose(alone, both, atol=1e-4), "the second adapter had no effect"
+
+
+def test_merging_several_active_adapters_merges_both_as_in_hf_peft():
+    ids = token_batch()
+    models = _two_active(target_modules=["q_proj"])
+    both = _assert_same_outputs(models, ids)
+    for model in models.values():
+        model.merge_adapter()
+    for library, model in models.items():
+        carrying_both = [m for m in _lora_layers(model, library) if "other" in m.r]
+        assert carrying_both and {tuple(m.merged_adapters) for m in carrying_both} == {("default", "other")}
+    torch.testing.assert_close(_assert_same_outputs(models, ids), both, atol=ATOL, rtol=0)
+
+
+def test_deleting_one_of_several_active_adapters_keeps_the_other_active_as_in_hf_peft():
+    ids = token_batch()
+    models = _two_active(target_modules=["q_proj"])
+    for model in models.values():
+        model.delete_adapter("default")
+    assert models[tsugiki].base_model.active_adapters == models[peft].base_model.active_adapters == ["other"]
+    _assert_same_outputs(models, ids)
+
+
+def test_several_active_adapters_are_refused_where_they_cannot_add_up():
+    model = tsugiki.get_peft_model(tiny_llama(), tsugiki.LoraConfig(r=2, target_modules=["q_proj"]))
+    model.add_adapter("dora", tsugiki.LoraConfig(r=2, use_dora=True, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="DoRA.*'dora'"):
+        model.base_model.set_adapter(["default", "dora"])
+    with pytest.raises(ValueError, match="'typo'.*have: default, dora"):
+        model.base_model.set_adapter(["default", "typo"])
+    assert model.active_adapters == ["default"]
+    heads = tsugiki.get_peft_model(tiny_bert_classifier(), tsugiki.LoraConfig(r=2, task_type="SEQ_CLS"))
+    heads.add_adapter("b", tsugiki.LoraConfig(r=2, task_type="SEQ_CLS"))
+    with pytest.raises(ValueError, match="modules_to_save"):
+        heads.base_model.set_adapter(["default", "b"])
+    ia3 = tsugiki.get_peft_model(tiny_llama(), tsugiki.IA3Config(target_modules=["q_proj"], feedforward_modules=[]))
+    ia3.add_adapter("b", tsugiki.IA3Config(target_modules=["q_proj"], feedforward_modules=[]))
+    with pytest.raises(TypeError, match="one adapter at a time"):
+        ia3.base_model.set_adapter(["default", "b"])

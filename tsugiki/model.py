@@ -111,8 +111,9 @@ class PeftModel(nn.Module):
 
     @property
     def active_adapters(self) -> list[str]:
-        """The active adapter's name in a list (empty once every adapter is deleted)."""
-        return [self.base_model.active_adapter] if self.base_model.active_adapter else []
+        """The active adapters' names (one unless ``base_model.set_adapter`` got a list; empty once every
+        adapter is deleted)."""
+        return self.base_model.active_adapters
 
     @property
     def active_peft_config(self) -> PeftConfig:
@@ -202,10 +203,11 @@ class PeftModel(nn.Module):
         config = _prepare_config(peft_config, self.get_base_model())
         self.base_model.inject_adapter(config, adapter_name, init_weights=_init_weights)
 
-    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+    def set_adapter(self, adapter_name: Union[str, Sequence[str]], inference_mode: bool = False) -> None:
         """Activate ``adapter_name``; its parameters become trainable unless ``inference_mode`` (HF PEFT's rule).
 
-        Adapters merged into the base are unmerged first, with a warning.
+        Adapters merged into the base are unmerged first, with a warning. LoRA takes a list too
+        (their updates add up), as HF PEFT's ``base_model.set_adapter`` does.
         """
         self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
 

@@ -87,7 +87,7 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
             name=name,
             module_type=type(module).__name__,
             enabled=not module.disabled,
-            active_adapters=[module.active_adapter],
+            active_adapters=list(getattr(module, "active_adapters", [module.active_adapter])),
             merged_adapters=merged,
             requires_grad={k: _agreed([p.requires_grad for p in ps]) for k, ps in params.items()},
             available_adapters=sorted(params),

@@ -68,6 +68,7 @@ class AdapterLayer:
 
     def _init_adapter_state(self) -> None:
         self.active_adapter: str = "default"
+        self.extra_active: tuple[str, ...] = ()  # further active adapters (LoRA): their updates add up
         self.disabled: bool = False
         self.merged_adapters: list[str] = []
 
@@ -77,8 +78,8 @@ class AdapterLayer:
 
     @property
     def active_adapters(self) -> list[str]:
-        """The active adapter as a list (HF PEFT's name; tsugiki runs one at a time)."""
-        return [self.active_adapter] if self.active_adapter else []
+        """The active adapters (HF PEFT's name): ``active_adapter`` first, then ``extra_active``."""
+        return [self.active_adapter, *self.extra_active] if self.active_adapter else []
 
     @property
     def adapter_names(self) -> list[str]:
@@ -112,7 +113,7 @@ class AdapterLayer:
     def enable_adapters(self, enabled: bool) -> None:
         """Turn the layer's adapters on (the active one trainable again) or off (all frozen), as HF PEFT's."""
         if enabled:
-            self.set_adapter(self.active_adapter)
+            self.set_adapter(self.active_adapters)
         else:
             for attr in self.adapter_param_names:
                 for holder in getattr(self, attr).values():
@@ -120,13 +121,16 @@ class AdapterLayer:
                         p.requires_grad_(False)
         self.disabled = not enabled
 
-    def set_adapter(self, name: str, trainable: bool = True) -> None:
-        self.active_adapter = name
+    def set_adapter(self, name: Union[str, Sequence[str]], trainable: bool = True) -> None:
+        """Activate adapter ``name``, or several (a list: their updates are summed); only they may train."""
+        names = [name] if isinstance(name, str) else list(name)
+        self.active_adapter = names[0] if names else ""
+        self.extra_active = tuple(names[1:])
         for attr in self.adapter_param_names:
             for key, holder in getattr(self, attr).items():
                 params = [holder] if isinstance(holder, nn.Parameter) else holder.parameters()
                 for p in params:
-                    p.requires_grad_(trainable and key == name)
+                    p.requires_grad_(trainable and key in names)
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
@@ -222,11 +226,15 @@ class AdapterLayer:
                     if extra is not None:
                         out[rows] = out[rows] + extra.to(result.dtype)
             return out
-        name = self.active_adapter
-        if self.merged or name not in self.adapter_names:
+        if self.merged:
             return result
-        extra = self._adapter_out(x, name, result)
-        return result if extra is None else result + extra.to(result.dtype)
+        out, carried = result, self.adapter_names
+        for name in self.active_adapters:
+            if name in carried:
+                extra = self._adapter_out(x, name, result)
+                if extra is not None:
+                    out = out + extra.to(result.dtype)
+        return out
 
     def _check_mixed_batch(self) -> Optional[list[str]]:
         names = _batch_adapter_names.get()
@@ -262,11 +270,15 @@ class ModulesToSaveWrapper(nn.Module):
     def adapter_names(self) -> list[str]:
         return list(self.modules_to_save.keys())
 
-    def set_adapter(self, name: str, trainable: bool = True) -> None:
-        self.active_adapter = name
+    def set_adapter(self, name: Union[str, Sequence[str]], trainable: bool = True) -> None:
+        """Use adapter ``name``'s copy; of several active adapters, the one that has a copy here
+        (at most one may: ``BaseTuner.set_adapter`` checks), else the original module."""
+        names = [name] if isinstance(name, str) else list(name)
+        copies = [n for n in names if n in self.modules_to_save]
+        self.active_adapter = copies[0] if copies else (names[0] if names else "")
         for key, module in self.modules_to_save.items():
             for p in module.parameters():
-                p.requires_grad_(trainable and key == name)
+                p.requires_grad_(trainable and key in names)
 
     def delete_adapter(self, name: str) -> None:
         if name in self.modules_to_save:
@@ -317,6 +329,8 @@ class BaseTuner(nn.Module):
     """
 
     layer_classes: tuple[type, ...] = ()
+    several_active = False  # whether set_adapter takes a list (the method's layers sum their updates)
+    extra_active: tuple[str, ...] = ()  # active adapters after active_adapter
     _disabled = False  # set_disabled's switch
 
     def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = "default", init_weights: bool = True):
@@ -328,8 +342,8 @@ class BaseTuner(nn.Module):
 
     @property
     def active_adapters(self) -> list[str]:
-        """The active adapter as a list (HF PEFT's name), not the wrapped model's own attribute."""
-        return [self.active_adapter] if self.active_adapter else []
+        """The active adapters (HF PEFT's name), ``active_adapter`` first; not the wrapped model's attribute."""
+        return [self.active_adapter, *self.extra_active] if self.active_adapter else []
 
     # -- attribute passthrough ------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -365,7 +379,8 @@ class BaseTuner(nn.Module):
             self._remove_adapter_modules(adapter_name)
             del self.peft_config[adapter_name]
             raise
-        self.set_adapter(self.active_adapter if self.active_adapter in self.peft_config else adapter_name)
+        active = [n for n in self.active_adapters if n in self.peft_config]
+        self.set_adapter((active if len(active) > 1 else active[0]) if active else adapter_name)
         for param, trainable in flags.items():
             param.requires_grad_(trainable)
 
@@ -419,34 +434,52 @@ class BaseTuner(nn.Module):
             if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
                 yield name, module
 
-    def set_adapter(self, adapter_name: str, inference_mode: Optional[bool] = None) -> None:
-        """Make ``adapter_name`` the active adapter.
+    def set_adapter(self, adapter_name: Union[str, Sequence[str]], inference_mode: Optional[bool] = None) -> None:
+        """Make ``adapter_name`` the active adapter, or, for LoRA, a list of adapters active together
+        (HF PEFT's ``base_model.set_adapter(["a", "b"])``: each layer adds every listed adapter's update,
+        ``W0 x + sum_i s_i B_i A_i x``; ``active_adapter`` is then the first).
 
-        Its parameters are trainable unless ``inference_mode`` is True; ``None`` (what
-        tsugiki itself passes when it re-activates an adapter) follows the adapter's
+        Their parameters are trainable unless ``inference_mode`` is True; ``None`` (what
+        tsugiki itself passes when it re-activates an adapter) follows each adapter's
         config, so one loaded for inference stays frozen. ``PeftModel.set_adapter``
         passes False by default, as HF PEFT does. Adapters merged into the base are
         unmerged first (with a warning) when another adapter is activated: the
         forward could not take the merged one out again.
         """
-        if not isinstance(adapter_name, str):
-            raise TypeError(f"set_adapter takes one adapter name, got {adapter_name!r}: tsugiki runs one adapter "
-                            "at a time. To apply several together, combine them into one with "
-                            "add_weighted_adapter(names, weights, new_name), or fold them into the base with "
-                            "merge_adapter(names)")
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"no adapter named {adapter_name!r}; have: {', '.join(self.peft_config)}")
+        names = self._adapters_to_activate(adapter_name)
         merged = {n for _, m in self.adapter_layers() if isinstance(m, AdapterLayer) for n in m.merged_adapters}
-        if merged - {adapter_name}:
+        if merged - set(names):
             warnings.warn(f"adapter(s) {sorted(merged)} are merged into the base; unmerging them before "
-                          f"activating {adapter_name!r}", stacklevel=2)
+                          f"activating {', '.join(map(repr, names))}", stacklevel=2)
             self.unmerge_adapter()
-        self.active_adapter = adapter_name
-        config = self.peft_config[adapter_name]
-        trainable = not (config.inference_mode if inference_mode is None else inference_mode)
+        self.active_adapter, self.extra_active = names[0], tuple(names[1:])
         for _, module in self.adapter_layers():
-            module.set_adapter(adapter_name, trainable=trainable)
-        self._mark_trainable(config, adapter_name, trainable)
+            module.set_adapter(names if len(names) > 1 else names[0], trainable=False)
+        for name in names:
+            config = self.peft_config[name]
+            trainable = not (config.inference_mode if inference_mode is None else inference_mode)
+            self._mark_trainable(config, name, trainable)
+            if trainable:
+                self.set_requires_grad([name])
+
+    def _adapters_to_activate(self, adapter_name: Union[str, Sequence[str]]) -> list[str]:
+        """``set_adapter``'s argument as a list of known names, or the reason it cannot be."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if len(names) > 1 and not self.several_active:
+            raise TypeError(f"set_adapter takes one adapter name, got {adapter_name!r}: {type(self).__name__} runs "
+                            "one adapter at a time. To apply several together, fold them into the base with "
+                            "merge_adapter(names)")
+        if not names or not all(isinstance(n, str) for n in names) or len(set(names)) < len(names):
+            raise TypeError(f"set_adapter takes an adapter name or a list of distinct names, got {adapter_name!r}")
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"no adapter named {', '.join(map(repr, unknown))}; have: {', '.join(self.peft_config)}")
+        for name, module in self.adapter_layers():
+            owners = [n for n in names if isinstance(module, ModulesToSaveWrapper) and n in module.modules_to_save]
+            if len(owners) > 1:
+                raise ValueError(f"adapters {owners} each have their own copy of {name!r} (modules_to_save), and "
+                                 "one module can use only one copy; activate at most one of them")
+        return names
 
     def train_inactive_adapter(self, adapter_name: str) -> None:
         """Make ``adapter_name``'s parameters trainable without activating it (HF PEFT's
@@ -528,11 +561,12 @@ class BaseTuner(nn.Module):
             raise ValueError(f"no adapter named {adapter_name!r}; have: {', '.join(self.peft_config)}")
         self._remove_adapter_modules(adapter_name)
         del self.peft_config[adapter_name]
-        if self.active_adapter == adapter_name:
-            remaining = sorted(self.peft_config)  # the first by name becomes active, as in HF PEFT
-            self.active_adapter = remaining[0] if remaining else ""
+        if adapter_name in self.active_adapters:
+            # The other active adapters stay; with none left the first by name becomes active, as in HF PEFT.
+            remaining = [n for n in self.active_adapters if n != adapter_name] or sorted(self.peft_config)[:1]
+            self.active_adapter, self.extra_active = "", ()
             if remaining:
-                self.set_adapter(remaining[0])
+                self.set_adapter(remaining if len(remaining) > 1 else remaining[0])
 
     def _remove_adapter_modules(self, adapter_name: str) -> None:
         for name, module in list(self.adapter_layers()):
@@ -546,9 +580,9 @@ class BaseTuner(nn.Module):
 
     # -- merging --------------------------------------------------------------
     def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
-        """Add ``adapter_names`` (default: the active adapter) into the base weights, all or none:
+        """Add ``adapter_names`` (default: the active adapters) into the base weights, all or none:
         a merge refused in one layer (or a non-finite update under ``safe_merge``) leaves no layer merged."""
-        names = list(adapter_names) if adapter_names is not None else [self.active_adapter]
+        names = list(adapter_names) if adapter_names is not None else self.active_adapters
         for n in names:
             if n not in self.peft_config:
                 raise ValueError(f"no adapter named {n!r}; have: {', '.join(self.peft_config)}")

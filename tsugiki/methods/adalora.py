@@ -364,6 +364,8 @@ class AdaLoraModel(LoraModel):
     ranks as an uninterrupted one would.
     """
 
+    several_active = False  # one adapter at a time, as HF PEFT's AdaLoRA
+
     layer_classes = (AdaLoraLinear,)
 
     def inject_adapter(self, config: AdaLoraConfig, adapter_name: str, init_weights: bool = True) -> None:

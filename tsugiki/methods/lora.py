@@ -441,7 +441,7 @@ class LoraLinear(LoraLayer, nn.Module):
             if out is not None:
                 return out
         name = self.active_adapter
-        if (args or kwargs or self.disabled or self.merged_adapters or name not in self.lora_A
+        if (args or kwargs or self.disabled or self.merged_adapters or name not in self.lora_A or self.extra_active
                 or current_batch_adapters() is not None):
             return self.additive_forward(x, *args, **kwargs)
         dropout = self.lora_dropout[name]
@@ -623,6 +623,10 @@ class LoraLinear(LoraLayer, nn.Module):
         self.__dict__.pop("_inference_plan", None)  # also the way to drop a plan after edits through .data
         self.__dict__.pop("_row_squares", None)
         return super().train(mode)
+
+    def set_adapter(self, name: Union[str, Sequence[str]], trainable: bool = True) -> None:
+        self.__dict__.pop("_inference_plan", None)  # a plan serves one adapter; this may change extra_active
+        super().set_adapter(name, trainable)
 
     def delete_adapter(self, name: str) -> None:
         self.__dict__.pop("_inference_plan", None)
@@ -895,7 +899,7 @@ class _InferencePlan:
         plan.scale = layer.scaling.get(name)
         plan.B = plan.scaled_B_t = plan.factor = plan.bias_shift = None
         plan.watched = ()
-        if name not in layer.lora_A:
+        if name not in layer.lora_A or layer.extra_active:  # several active adapters: the general path
             return plan
         plan.a_params = layer.lora_A[name]._parameters
         plan.b_params = layer.lora_B[name]._parameters
@@ -998,6 +1002,7 @@ class LoraModel(BaseTuner):
     """``PeftModel.base_model`` for LoRA: grafts :class:`LoraLinear` / :class:`LoraEmbedding`."""
 
     layer_classes = (LoraLinear, LoraEmbedding)
+    several_active = True  # set_adapter(["a", "b"]) sums their updates (plain LoRA; DoRA refused)
 
     def _inject(self, config: LoraConfig, adapter_name: str, init_weights: bool) -> None:
         supported = linear_layer_types() + (nn.Embedding, LoraLinear, LoraEmbedding)
@@ -1037,9 +1042,17 @@ class LoraModel(BaseTuner):
             else:  # an embedding: PiSSA/OLoRA never moved its weight, so loading rebuilds nothing
                 layer.update_layer(adapter_name, r, alpha, config.lora_dropout, init if init_weights else False,
                                    config.use_rslora)
-            layer.set_adapter(self.active_adapter, trainable=False)
+            layer.set_adapter(self.active_adapters, trainable=False)
             if layer is not target:
                 replace_module(self.model, name, layer)
+
+    def _adapters_to_activate(self, adapter_name: Union[str, Sequence[str]]) -> list[str]:
+        names = super()._adapters_to_activate(adapter_name)
+        dora = [n for n in names if getattr(self.peft_config[n], "use_dora", False)]
+        if len(names) > 1 and dora:
+            raise ValueError(f"DoRA adapters ({', '.join(map(repr, dora))}) run one at a time: their magnitude "
+                             "rescales the whole weight, so updates do not add up; activate one alone")
+        return names
 
     def _warn_about_shared_weights(self, targets: Sequence[str]) -> None:
         """Warn where base + adapter is not what a user would take it for: a base another
