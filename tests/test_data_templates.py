@@ -280,9 +280,21 @@ def test_truncation_and_drop_counts_are_reported(tok, caplog):
     assert (stats.rows_read, stats.truncated, stats.dropped_no_trainable, stats.dropped_empty) == (4, 2, 1, 1)
     assert stats.train_rows == len(train) == 2
     assert len(train[1]["input_ids"]) == 48 and train[1]["labels"][-1] != IGNORE_INDEX
-    assert "2 of 4 rows were longer than max_length=48" in caplog.text
-    assert "1 rows dropped: no trainable token" in caplog.text
+    assert "2 of 4 rows were longer than max_length=48 tokens and were cut (row 2, row 3)" in caplog.text
+    assert "1 rows dropped: no trainable token left within max_length=48 (row 3)" in caplog.text
+    assert "missing or empty, or every answer had weight 0 (row 4)" in caplog.text
     assert stats.to_dict()["truncated"] == 2 and "2 truncated" in stats.summary()
+
+
+def test_warnings_about_dropped_rows_name_the_first_lines_of_a_file(tmp_path, tok, caplog):
+    path = tmp_path / "holes.jsonl"
+    rows = [{"instruction": "hi", "output": "" if i in (2, 5, 6, 8, 9) else "hello"} for i in range(1, 11)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with caplog.at_level(logging.WARNING, logger="tsugiki.data"):
+        _, _, stats = build_dataset(str(path), tok, "Q: {instruction}\nA: {response}", max_length=48)
+    assert stats.dropped_empty == 5
+    assert f"{path}: 5 rows dropped: a required field was missing or empty, or every answer had weight 0 " \
+           "(line 2, line 5, line 6 and 2 more)" in caplog.text
 
 
 def test_no_rows_left_names_the_source(tmp_path, tok):

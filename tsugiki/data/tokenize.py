@@ -12,7 +12,7 @@ import logging
 import os
 import random
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable
 
 from .errors import DataError, NoRowsLeft
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import datasets
 
 IGNORE_INDEX = -100
+PLACES_SHOWN = 3  # rows named in a warning about dropped or cut rows; the rest are counted
 TRAIN_ON = ("response", "all")
 
 log = logging.getLogger("tsugiki.data")
@@ -44,6 +45,24 @@ class DataStats:
     eval_rows: int = 0
     tokens: int = 0
     trainable_tokens: int = 0
+    # Where the first rows of each kind above sit ("line 7"), for the warnings: a few to look at, not all.
+    examples_of: dict[str, list[str]] = field(default_factory=dict)
+
+    def note(self, kind: str, place: str) -> None:
+        """Count a row as ``kind`` (``"truncated"``, ``"dropped_empty"``, ``"dropped_no_trainable"``),
+        keeping its place when it is among the first :data:`PLACES_SHOWN` of that kind."""
+        setattr(self, kind, getattr(self, kind) + 1)
+        shown = self.examples_of.setdefault(kind, [])
+        if len(shown) < PLACES_SHOWN:
+            shown.append(place)
+
+    def places(self, kind: str) -> str:
+        """`` (line 3, line 8 and 4 more)``: where rows of ``kind`` are, for a warning; empty when unknown."""
+        shown = self.examples_of.get(kind, [])
+        if not shown:
+            return ""
+        more = getattr(self, kind) - len(shown)
+        return f" ({', '.join(shown)}" + (f" and {more} more)" if more else ")")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -156,21 +175,22 @@ def build_dataset(
     examples = []
     for i, row in enumerate(rows):
         stats.rows_read += 1
-        where = f"{source}, {places[i] if places else f'row {i + 1}'}"
+        place = places[i] if places else f"row {i + 1}"
+        where = f"{source}, {place}"
         sample = normalise(row, fmt, where)
         if sample is None:
-            stats.dropped_empty += 1
+            stats.note("dropped_empty", place)
             continue
         try:
             input_ids, labels = encode(sample, template, tokenizer, train_on)
         except DataError as err:  # e.g. turns that do not alternate: say which row
             raise DataError(f"{where}: {err}") from err
         if len(input_ids) > max_length:
-            stats.truncated += 1
+            stats.note("truncated", place)
             input_ids, labels = input_ids[:max_length], labels[:max_length]
         # Position 0 is never predicted (labels shift by one), so it does not count as trainable.
         if all(label == IGNORE_INDEX for label in labels[1:]):
-            stats.dropped_no_trainable += 1
+            stats.note("dropped_no_trainable", place)
             continue
         examples.append({"input_ids": input_ids, "labels": labels})
 
@@ -240,10 +260,12 @@ def split_eval(examples: list, eval_split: float | int | None, seed: int = 0, so
 
 def _warn(stats: DataStats) -> None:
     if stats.truncated:
-        log.warning("%s: %d of %d rows were longer than max_length=%d tokens and were cut", stats.source, stats.truncated, stats.rows_read, stats.max_length)
+        log.warning("%s: %d of %d rows were longer than max_length=%d tokens and were cut%s", stats.source,
+                    stats.truncated, stats.rows_read, stats.max_length, stats.places("truncated"))
     if stats.dropped_no_trainable:
-        log.warning("%s: %d rows dropped: no trainable token left within max_length=%d", stats.source, stats.dropped_no_trainable, stats.max_length)
+        log.warning("%s: %d rows dropped: no trainable token left within max_length=%d%s", stats.source,
+                    stats.dropped_no_trainable, stats.max_length, stats.places("dropped_no_trainable"))
     if stats.dropped_empty:
-        log.warning("%s: %d rows dropped: a required field was missing or empty, or every answer had weight 0",
-                    stats.source, stats.dropped_empty)
+        log.warning("%s: %d rows dropped: a required field was missing or empty, or every answer had weight 0%s",
+                    stats.source, stats.dropped_empty, stats.places("dropped_empty"))
     log.info("%s", stats.summary())
