@@ -121,6 +121,26 @@ def test_peft_attributes_ported_code_reads():
     torch.testing.assert_close(model(ids).logits, adapted, rtol=0, atol=0)
 
 
+def test_disable_adapter_leaves_the_adapters_as_it_found_them():
+    """A nested block, or one after disable_adapter_layers(), must not switch the adapters back on."""
+    ids = token_batch()
+    base_logits = tiny_llama()(ids).logits
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, task_type="CAUSAL_LM"))
+    randomize_adapters(model)
+    adapted = model(ids).logits
+    with model.disable_adapter():
+        with model.disable_adapter():
+            pass
+        torch.testing.assert_close(model(ids).logits, base_logits, rtol=0, atol=0)
+    torch.testing.assert_close(model(ids).logits, adapted, rtol=0, atol=0)
+    model.disable_adapter_layers()
+    with model.disable_adapter():
+        pass
+    torch.testing.assert_close(model(ids).logits, base_logits, rtol=0, atol=0)
+    model.enable_adapter_layers()
+    torch.testing.assert_close(model(ids).logits, adapted, rtol=0, atol=0)
+
+
 def test_disable_adapter_with_merged_weights_gives_base():
     ids = token_batch()
     base_logits = tiny_llama()(ids).logits

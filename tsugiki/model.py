@@ -216,12 +216,15 @@ class PeftModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Within the block the model computes exactly what the bare base does."""
+        """Within the block the model computes exactly what the bare base does; after it, the adapters are
+        as the block found them (still off inside an outer block or after ``disable_adapter_layers()``)."""
+        was_disabled = self.base_model.adapters_disabled
         self.base_model.set_disabled(True)
         try:
             yield
         finally:
-            self.base_model.set_disabled(False)
+            if not was_disabled:
+                self.base_model.set_disabled(False)
 
     def merge_adapter(self, adapter_names: Optional[Sequence[str]] = None, safe_merge: bool = False) -> None:
         self.base_model.merge_adapter(adapter_names, safe_merge=safe_merge)
