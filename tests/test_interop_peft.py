@@ -400,6 +400,19 @@ def test_layer_and_model_status_equal_hf_pefts():
     assert statuses[tsugiki][1]["requires_grad"] == {"default": True, "other": False}
 
 
+def test_merged_adapters_on_different_modules_are_reported_as_hf_peft_does():
+    merged = {}
+    for library in (tsugiki, peft):
+        model = library.get_peft_model(tiny_llama(), library.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]),
+                                       adapter_name="a")
+        model.add_adapter("b", library.LoraConfig(r=2, target_modules=["q_proj", "k_proj", "down_proj"]))
+        model.merge_adapter()
+        after_a = model.get_model_status().merged_adapters
+        model.merge_adapter(["b"])
+        merged[library] = (after_a, model.get_model_status().merged_adapters)
+    assert merged[tsugiki] == merged[peft] == (["a"], ["a", "b"])
+
+
 def test_config_names_are_enums_as_in_hf_peft(tmp_path):
     for library in (tsugiki, peft):
         config = library.LoraConfig(task_type=library.TaskType.CAUSAL_LM)  # HF PEFT keeps a string given as one

@@ -100,6 +100,19 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
     return statuses
 
 
+def _merged_adapters(layers: list[TunerLayerStatus]) -> Union[list[str], Irregular]:
+    """The adapters merged in every layer that carries them; ``"irregular"`` when one is merged in
+    some of its layers and not in others (adapters on different modules are not irregular)."""
+    merged_where: dict[str, set[bool]] = {}
+    for status in layers:
+        for adapter in status.available_adapters:
+            merged_where.setdefault(adapter, set()).add(adapter in status.merged_adapters)
+    if any(len(flags) > 1 for flags in merged_where.values()):
+        return "irregular"
+    in_order = dict.fromkeys(a for status in layers for a in status.merged_adapters)  # the order they merged in
+    return [a for a in in_order if merged_where.get(a) == {True}]
+
+
 def get_model_status(model: nn.Module) -> TunerModelStatus:
     """The whole model's :class:`TunerModelStatus`, from :func:`get_layer_status` and its parameters."""
     from .model import PeftModel
@@ -134,7 +147,7 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
         num_adapter_layers=len(layers),
         enabled=agreed("enabled"),
         active_adapters=agreed("active_adapters"),
-        merged_adapters=agreed("merged_adapters"),
+        merged_adapters=_merged_adapters(layers),
         requires_grad={k: v[0] if all(f == v[0] for f in v) and v[0] != "irregular" else "irregular"
                        for k, v in grads.items()},
         available_adapters=sorted({a for status in layers for a in status.available_adapters}),
