@@ -555,3 +555,19 @@ def test_get_peft_model_records_the_base_revision_and_fp32_adapters_are_said(tmp
     assert json.loads((tmp_path / "adapter_config.json").read_text())["revision"] == "v1"  # as HF PEFT writes it
     with pytest.warns(UserWarning, match="PeftModel.from_pretrained: autocast_adapter_dtype=False is not supported"):
         tsugiki.PeftModel.from_pretrained(tiny_llama(), tmp_path, autocast_adapter_dtype=False)
+
+
+def test_modules_to_save_over_another_adapters_layer_is_refused_and_changes_nothing():
+    """A trained copy of embed_tokens would carry adapter 'emb''s LoRA inside it: saving, unloading and
+    mixed batches broke afterwards. Refused when the adapter is added, as in HF PEFT."""
+    ids = token_batch()
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]),
+                           adapter_name="emb")
+    randomize_adapters(model)
+    before = model(ids).logits
+    with pytest.raises(ValueError, match=r"model.embed_tokens carries the adapter layers of 'emb' \(LoraEmbedding\)"):
+        model.add_adapter("tok", LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"]))
+    assert list(model.peft_config) == ["emb"]
+    assert not any(".tok." in name or "modules_to_save" in name for name, _ in model.named_parameters())
+    torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
+    assert type(model.merge_and_unload()).__name__ == "LlamaForCausalLM"

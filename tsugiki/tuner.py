@@ -401,6 +401,13 @@ class BaseTuner(nn.Module):
                 continue
             if any(isinstance(m, ModulesToSaveWrapper) for m in self._ancestors(name)):
                 continue
+            if isinstance(module, AdapterLayer):  # a copy of it would carry the other adapters' layers
+                raise ValueError(
+                    f"modules_to_save={list(wanted)!r}: {name} carries the adapter layers of "
+                    f"{', '.join(map(repr, module.adapter_names)) or 'another adapter'} ({type(module).__name__}), "
+                    f"and a trained copy of a module cannot hold another adapter's layers (HF PEFT refuses this "
+                    f"too). Load adapter {adapter_name!r} on a base of its own, or train the other adapter "
+                    f"without {name.rsplit('.', 1)[-1]} in its target_modules")
             wrapped.append(name)
             found = True
         self._warn_about_tied_copies(wanted, wrapped)
