@@ -571,3 +571,26 @@ def test_modules_to_save_over_another_adapters_layer_is_refused_and_changes_noth
     assert not any(".tok." in name or "modules_to_save" in name for name, _ in model.named_parameters())
     torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=0)
     assert type(model.merge_and_unload()).__name__ == "LlamaForCausalLM"
+
+
+def test_loading_weights_into_a_merged_adapter_is_refused_and_the_base_stays_whole(tmp_path):
+    """unmerge subtracts the update the adapter holds: new weights loaded into a merged adapter
+    would leave the old update in the base for good (HF PEFT does so silently)."""
+    ids = token_batch()
+    base_logits = tiny_llama()(ids).logits
+    other = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    randomize_adapters(other, seed=7)
+    other.save_pretrained(tmp_path / "other")
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    randomize_adapters(model)
+    model.merge_adapter()
+    from tsugiki.adapter_io import AdapterLoadError
+
+    with pytest.raises(AdapterLoadError, match="adapter 'default' is merged into the base weights.*"
+                                                       "call unmerge_adapter\\(\\) first"):
+        model.load_adapter(tmp_path / "other", adapter_name="default")
+    model.unmerge_adapter()
+    with model.disable_adapter():
+        torch.testing.assert_close(model(ids).logits, base_logits, rtol=0, atol=1e-6)
+    model.load_adapter(tmp_path / "other", adapter_name="default")  # unmerged: loads
+    torch.testing.assert_close(model(ids).logits, other(ids).logits, rtol=0, atol=1e-6)

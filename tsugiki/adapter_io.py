@@ -177,6 +177,13 @@ def load_adapter_weights(peft_model: nn.Module, state: dict[str, torch.Tensor], 
     Everything is checked before anything is copied, so a failed load leaves the
     adapter as it was. Returns the keys a non-strict load left out.
     """
+    merged = [n for n, m in peft_model.named_modules()
+              if isinstance(m, AdapterLayer) and adapter_name in getattr(m, "merged_adapters", ())]
+    if merged:  # unmerging later would subtract the new update from a base that holds the old one
+        raise AdapterLoadError(
+            f"adapter {adapter_name!r} is merged into the base weights (e.g. {merged[0]}): weights loaded into "
+            "it now would leave the base holding its old update for good; call unmerge_adapter() first, or "
+            "load under another adapter_name")
     wrappers = {n for n, m in peft_model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
     model_state = peft_model.state_dict(keep_vars=True)
     mapped: dict[str, torch.Tensor] = {}
