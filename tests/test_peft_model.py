@@ -21,6 +21,7 @@ from transformers import (
 
 import tsugiki
 from tsugiki import LoraConfig, get_peft_model
+from tsugiki.adapter_io import AdapterLoadError
 from tiny_models import randomize_adapters, tiny_bert_classifier, tiny_llama, token_batch
 
 
@@ -584,10 +585,8 @@ def test_loading_weights_into_a_merged_adapter_is_refused_and_the_base_stays_who
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     randomize_adapters(model)
     model.merge_adapter()
-    from tsugiki.adapter_io import AdapterLoadError
-
     with pytest.raises(AdapterLoadError, match="adapter 'default' is merged into the base weights.*"
-                                                       "call unmerge_adapter\\(\\) first"):
+                                               "call unmerge_adapter\\(\\) first"):
         model.load_adapter(tmp_path / "other", adapter_name="default")
     model.unmerge_adapter()
     with model.disable_adapter():
