@@ -397,6 +397,22 @@ def test_eval_scores_several_adapters_of_one_base_each_as_alone(model_dir, data_
     assert f"adapter '{runs['chatty']}/' is given twice" in capsys.readouterr().err
 
 
+def test_eval_refuses_adapters_of_two_methods_before_the_model_loads(model_dir, data_file, tmp_path, monkeypatch,
+                                                                     capsys):
+    import tsugiki.generation
+
+    for method in ("lora", "ia3"):
+        assert main(_train_args(model_dir, data_file, str(tmp_path / method), "--max_steps", "1",
+                                "--eval_split", "0", "--method", method)) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(tsugiki.generation, "load_for_inference", lambda *a, **k: pytest.fail("loaded first"))
+    lora, ia3 = str(tmp_path / "lora"), str(tmp_path / "ia3")
+    assert main(["eval", "--adapter", lora, "--adapter", ia3, "--data", data_file]) == 2
+    assert f"{lora} is LORA, {ia3} is IA3; score each method's adapters in a run of their own" in capsys.readouterr().err
+    assert main(["eval", "--adapter", lora, "--adapter", str(tmp_path / "nope"), "--data", data_file]) == 2
+    assert "nope' does not exist" in capsys.readouterr().err
+
+
 def test_a_folder_of_several_adapters_says_which_one_is_used(model_dir, tmp_path, capsys):
     model = tsugiki.get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
                                    tsugiki.LoraConfig(r=2, target_modules=["q_proj"]))

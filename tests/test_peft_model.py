@@ -593,3 +593,26 @@ def test_loading_weights_into_a_merged_adapter_is_refused_and_the_base_stays_who
         torch.testing.assert_close(model(ids).logits, base_logits, rtol=0, atol=1e-6)
     model.load_adapter(tmp_path / "other", adapter_name="default")  # unmerged: loads
     torch.testing.assert_close(model(ids).logits, other(ids).logits, rtol=0, atol=1e-6)
+
+
+def test_adapters_that_do_not_fit_a_model_holding_adapters_are_named_clearly(tmp_path):
+    from tsugiki import IA3Config
+
+    bert = get_peft_model(tiny_bert_classifier(), LoraConfig(r=2, target_modules=["query", "value"]))
+    bert.save_pretrained(tmp_path / "bert")
+    ia3 = get_peft_model(tiny_llama(), IA3Config(target_modules=["k_proj", "down_proj"],
+                                                  feedforward_modules=["down_proj"]))
+    ia3.save_pretrained(tmp_path / "ia3")
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), adapter_name="a")
+    # Another architecture's adapter: the modules listed are the model's, not the adapter layers' parts.
+    with pytest.raises(AdapterLoadError, match="does not fit LlamaForCausalLM.*matched no module") as err:
+        model.load_adapter(tmp_path / "bert", adapter_name="x")
+    listed = str(err.value).split("Module names that exist include: ")[1]
+    assert "q_proj" in listed and "v_proj" in listed and "base_layer" not in listed and "lora_A" not in listed
+    # Another method's file into an adapter's name, and beside it.
+    with pytest.raises(AdapterLoadError, match="adapter 'a' is of method LORA and .*ia3' holds one of method IA3"):
+        model.load_adapter(tmp_path / "ia3", adapter_name="a")
+    with pytest.raises(AdapterLoadError, match="ia3' cannot be loaded beside the adapters this model holds: "
+                                               "cannot mix IA3 with LORA"):
+        model.load_adapter(tmp_path / "ia3", adapter_name="b")
+    assert list(model.peft_config) == ["a"]

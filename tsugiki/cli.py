@@ -107,13 +107,15 @@ def _check_adapter_options(args: argparse.Namespace) -> None:
     if not isinstance(given, list):
         return
     from .config import CONFIG_NAME, adapters_in_subfolders
-    from .evaluate import refuse_repeated_adapters
+    from .evaluate import refuse_mixed_methods, refuse_repeated_adapters
 
     if len(given) > 1 and args.command != "eval":
         raise ValueError(f"--adapter was given {len(given)} times; {args.command} uses one adapter "
                          "(tsugiki eval scores several side by side)")
     args.adapters, args.adapter = given, given[0]
     refuse_repeated_adapters(given)  # before a model loads
+    if len(given) > 1:
+        refuse_mixed_methods(given)
     for folder in given:  # the root adapter of a several-adapter save is used; say that there are others
         others = adapters_in_subfolders(folder) if os.path.isfile(os.path.join(folder, CONFIG_NAME)) else []
         others = [name for name in others if not re.fullmatch(r"checkpoint-\d+", name)]  # a run's own checkpoints

@@ -182,6 +182,7 @@ def evaluate(loaded: LoadedModel, rows: Sequence[Row], settings: Optional[Genera
     if more_adapters and not has_adapter:
         raise ValueError("more_adapters needs a first adapter loaded with the model")
     refuse_repeated_adapters([loaded.adapter or "", *more_adapters])
+    refuse_mixed_methods([loaded.adapter, *more_adapters] if more_adapters else [])
     sides: list[tuple[str, Optional[str], LoadedModel]] = []  # (column, adapter name or None, model view)
     if compare_base or not has_adapter:
         sides.append(("base", None, loaded))
@@ -221,6 +222,19 @@ def refuse_repeated_adapters(folders: Sequence[str]) -> None:
     twice = next((f for i, f in enumerate(folders) if os.path.realpath(f) in seen[:i]), None)
     if twice is not None:
         raise ValueError(f"adapter {twice!r} is given twice; give each adapter once")
+
+
+def refuse_mixed_methods(folders: Sequence[str]) -> None:
+    """ValueError, before any model loads, when the adapter folders hold adapters of different
+    methods (a LoRA and an IA3 one): they are scored on one loaded base, which holds one method.
+    A folder without an adapter config is named by its own error."""
+    from .config import PeftConfig
+
+    methods = {folder: str(PeftConfig.from_pretrained(folder).peft_type) for folder in folders}
+    if len(set(methods.values())) > 1:
+        listing = ", ".join(f"{folder} is {method}" for folder, method in methods.items())
+        raise ValueError(f"adapters scored side by side share one loaded base, which holds adapters of one "
+                         f"method: {listing}; score each method's adapters in a run of their own")
 
 
 def adapter_labels(folders: Sequence[str]) -> list[str]:

@@ -208,7 +208,7 @@ def find_targets(
         selected.append(name)
 
     if not selected:
-        raise ValueError(_no_match_message(model, target_modules, layers_to_transform, allowed_types))
+        raise TargetsNotFoundError(_no_match_message(model, target_modules, layers_to_transform, allowed_types))
     if unsupported:  # named, not skipped: the user asked for them (HF PEFT refuses them too)
         shown = ", ".join(unsupported[:5]) + (f" and {len(unsupported) - 5} more" if len(unsupported) > 5 else "")
         raise ValueError(f"target_modules={target_modules!r} selects modules this method cannot adapt: {shown}. "
@@ -239,9 +239,22 @@ def _within(name: str, modules: Sequence[str]) -> bool:
     return bool(modules) and any(name_matches(".".join(parts[:i]), modules) for i in range(1, len(parts) + 1))
 
 
+class TargetsNotFoundError(ValueError):
+    """``target_modules`` matched no module of the model (an adapter made for another architecture)."""
+
+
 def _no_match_message(model, target_modules, layers_to_transform, allowed_types) -> str:
-    names = [n for n, _ in model.named_modules() if n]
-    leaves = sorted({n.split(".")[-1] for n, m in model.named_modules() if n and not list(m.children())})
+    from .tuner import AdapterLayer, ModulesToSaveWrapper  # the tuner builds on this module
+
+    # An adapter layer counts as the module it wraps (q_proj), not as its parts (base_layer, lora_A.<name>).
+    wrappers = [n for n, m in model.named_modules() if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))]
+
+    def inside(name: str) -> bool:
+        return any(name.startswith(w + ".") for w in wrappers)
+
+    names = [n for n, _ in model.named_modules() if n and not inside(n)]
+    leaves = sorted({n.split(".")[-1] for n, m in model.named_modules()
+                     if n and not inside(n) and (n in wrappers or not list(m.children()))})
     msg = f"target_modules={target_modules!r} matched no module of {type(model).__name__}"
     if layers_to_transform is not None:
         msg += f" within layers {list(layers_to_transform)}"

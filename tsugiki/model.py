@@ -27,6 +27,7 @@ from . import adapter_io
 from .config import NotComputedError, PeftConfig, TaskType
 from .fileio import atomic_write_text, ensure_directory
 from . import methods  # noqa: F401  (registers every method's config and tuner)
+from .inject import TargetsNotFoundError
 from .kernels.decode import single_row_decoding
 from .methods.lora import LoraConfig, as_lora_for_original_base, decoding_forwards
 from .quant import unpack_cpu_4bit
@@ -417,16 +418,8 @@ class PeftModel(nn.Module):
         object.__setattr__(config, "_user_modules_to_save", False)
         state = adapter_io.read_adapter_weights(folder, allow_pickle=allow_pickle)
         target_cls = cls if cls is not PeftModel else TASK_MODELS.get(config.task_type, PeftModel)
-        try:
+        with _adapter_that_does_not_fit(folder, model, config):
             peft_model = target_cls(model, config, adapter_name, _init_weights=False)
-        except NotComputedError as err:
-            raise adapter_io.AdapterLoadError(f"adapter {folder!r} cannot be loaded: {err}. tsugiki does not "
-                                              "compute this; HF PEFT may") from err
-        except ValueError as err:
-            raise adapter_io.AdapterLoadError(
-                f"adapter {folder!r} does not fit {type(model).__name__}: {err}. It was made for "
-                f"{config.base_model_name_or_path or 'another model'}; load it onto that architecture"
-            ) from err
         _load_weights(peft_model, state, adapter_name, folder, strict)
         if not is_trainable:
             peft_model.eval()
@@ -450,9 +443,15 @@ class PeftModel(nn.Module):
         object.__setattr__(config, "_user_modules_to_save", False)
         state = adapter_io.read_adapter_weights(folder, allow_pickle=allow_pickle)
         if adapter_name in self.peft_config:
+            present = self.peft_config[adapter_name].peft_type
+            if present != config.peft_type:
+                raise adapter_io.AdapterLoadError(
+                    f"adapter {adapter_name!r} is of method {present} and {folder!r} holds one of method "
+                    f"{config.peft_type}; load it under another adapter_name (a model holds adapters of one method)")
             result = _load_weights(self, state, adapter_name, folder, strict)  # checks everything before copying
         else:
-            self.add_adapter(adapter_name, config, _init_weights=False)
+            with _adapter_that_does_not_fit(folder, self.get_base_model(), config, beside_others=True):
+                self.add_adapter(adapter_name, config, _init_weights=False)
             try:
                 result = _load_weights(self, state, adapter_name, folder, strict)
             except BaseException:
@@ -463,6 +462,30 @@ class PeftModel(nn.Module):
         elif adapter_name != self.active_adapter and hasattr(self.base_model, "train_inactive_adapter"):
             self.base_model.train_inactive_adapter(adapter_name)  # trainable, as HF PEFT leaves it
         return result
+
+
+@contextlib.contextmanager
+def _adapter_that_does_not_fit(folder: str, model: nn.Module, config: PeftConfig,
+                               beside_others: bool = False) -> Iterator[None]:
+    """Errors grafting the adapter saved in ``folder`` onto ``model`` become an AdapterLoadError that
+    names the folder and, where the adapter does not fit the model, the base it was made for.
+
+    ``beside_others``: the model holds adapters already, so a ValueError may be about them (two
+    methods, a module one of them adapts) rather than about the architecture.
+    """
+    try:
+        yield
+    except NotComputedError as err:
+        raise adapter_io.AdapterLoadError(f"adapter {folder!r} cannot be loaded: {err}. tsugiki does not "
+                                          "compute this; HF PEFT may") from err
+    except ValueError as err:
+        if beside_others and not isinstance(err, TargetsNotFoundError):
+            raise adapter_io.AdapterLoadError(f"adapter {folder!r} cannot be loaded beside the adapters this "
+                                              f"model holds: {err}") from err
+        raise adapter_io.AdapterLoadError(
+            f"adapter {folder!r} does not fit {type(model).__name__}: {err}. It was made for "
+            f"{config.base_model_name_or_path or 'another model'}; load it onto that architecture"
+        ) from err
 
 
 def _defined_in(function: Any) -> str:
