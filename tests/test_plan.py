@@ -790,3 +790,16 @@ def test_gpt2_blocks_keep_what_the_formula_says_with_and_without_dropout(dropout
     want = plan.block_activation_bytes(shape, 2, full=False, adapted={"attn.c_attn"}, lora_r=4, lora_dropout=0.0,
                                        device="cpu", seq_len=T)
     assert (saved(3) - saved(2)) / (B * T) == pytest.approx(want, rel=0.1)
+
+
+def test_keep_best_adds_the_trainers_copy_of_the_trained_weights_on_a_cpu(tmp_path):
+    from tsugiki.train.config import TrainConfig
+
+    plain = plan.estimate(method="full", max_length=64)
+    kept = plan.estimate(method="full", max_length=64, keep_best=True)
+    assert kept.parts["best_weights"] == kept.params["trainable"] * 4  # the trainer's fp32 copy
+    assert kept.total - plain.total == kept.parts["best_weights"]
+    assert plan.estimate(method="full", max_length=64, keep_best=True, device="cuda").parts["best_weights"] == 0
+    job = TrainConfig.load(None, {"method": "full", "keep_best": True, "eval_steps": 10, "eval_split": 0.1,
+                                  "output_dir": str(tmp_path)})
+    assert plan.training_settings(job)["keep_best"] is True

@@ -88,7 +88,7 @@ def training_settings(cfg: Any, *, device: str = "cpu", dtype: Optional[str] = N
                 activation_offloading=bool(cfg.activation_offloading and cfg.gradient_checkpointing
                                            and device == "cuda"),
                 target_logits_only=cfg.target_logits_only, max_forward_tokens=cfg.max_forward_tokens,
-                virtual_tokens=virtual_tokens(cfg))
+                virtual_tokens=virtual_tokens(cfg), keep_best=cfg.keep_best)
 
 
 def virtual_tokens(cfg: Any) -> int:

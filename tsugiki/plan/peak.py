@@ -6,7 +6,7 @@ a transformers config object; never the weights), counts the parameters exactly,
 and adds up what one training step holds at its peak::
 
     total = runtime + weights + trainable + gradients + optimizer + compute_copies
-            + optimizer_step + activations + logits + allocator_slack
+            + optimizer_step + best_weights + activations + logits + allocator_slack
 
 * ``weights``: frozen base parameters. Linear layers inside the blocks are
   stored at 4.5 bits/param for NF4 (4 bits + one fp32 absmax per 64 weights),
@@ -26,6 +26,9 @@ and adds up what one training step holds at its peak::
   one tensor to fp32 and quantize them back, measured 22 bytes per element of
   the largest trained tensor (SmolLM2's embedding in full fine-tuning:
   0.58 GiB).
+* ``best_weights``: with ``keep_best`` on a CPU, the trainer's fp32 copy of the
+  trained weights at the best evaluation (4 bytes each; on a GPU it sits in host
+  memory, so 0 here).
 * ``activations``: tensors autograd saves for backward, per token per layer,
   derived op by op for Llama-style blocks with SDPA attention (O(T), no T x T
   matrix; on a CPU in bf16, tsugiki's attention, which keeps a little less)
@@ -168,6 +171,7 @@ PART_MEANINGS = {
     "optimizer": "the optimizer's state",
     "compute_copies": "16-bit copies of the trained weights for each step",
     "optimizer_step": "the 8-bit optimizer's temporaries",
+    "best_weights": "keep_best's copy of the trained weights",
     "activations": "what one forward keeps for backward",
     "logits": "the output layer's values at the loss",
     "allocator_slack": "freed memory the allocator keeps for reuse",
@@ -237,7 +241,7 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
              optimizer: str = "adamw", gradient_checkpointing: bool = False, device: str = "cpu",
              activation_offloading: bool = False, target_logits_only: bool = True,
              max_forward_tokens: Union[int, str] = "auto", device_memory: Optional[int] = None,
-             virtual_tokens: int = 0) -> Estimate:
+             virtual_tokens: int = 0, keep_best: bool = False) -> Estimate:
     """Estimate the peak memory of training ``source`` (see the module docstring for each part).
 
     Defaults: LoRA r=8 without dropout on the architecture's default targets
@@ -262,6 +266,7 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
     0: the whole micro-batch in one forward. ``virtual_tokens``: what a prompt
     method puts in front of every row (prompt tuning, p-tuning): the rows the
     model runs are that much longer than the ``max_length`` the data is cut to.
+    ``keep_best``: the trainer holds a copy of the trained weights (``best_weights``).
     ``dtype="auto"`` and ``quantization="none"`` read as in a training config.
     """
     if dtype == "auto":
@@ -367,6 +372,7 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
         "compute_copies": trainable * s if s < param_bytes else 0,
         "optimizer_step": (BNB_CPU_STEP_BYTES * largest_trained
                            if optimizer.endswith("_8bit") and device == "cpu" else 0),
+        "best_weights": trainable * 4 if keep_best and device == "cpu" else 0,
         "activations": activations,
         "logits": logits_bytes(tokens, shape.vocab, shape.hidden, s,
                                chunked_output_layer(config.model_type, full, target_logits_only),
@@ -380,7 +386,7 @@ def estimate(source: Any = DEFAULT_MODEL, *, method: str = "lora", lora_r: int =
                     optimizer=optimizer, gradient_checkpointing=gradient_checkpointing, device=device,
                     activation_offloading=activation_offloading, target_logits_only=target_logits_only,
                     max_forward_tokens=max_forward_tokens, device_memory=device_memory,
-                    virtual_tokens=virtual_tokens, sized_by="layout" if shape.family == "generic" else "formula",
+                    virtual_tokens=virtual_tokens, keep_best=keep_best, sized_by="layout" if shape.family == "generic" else "formula",
                     experts=shape.experts)
     gguf = gguf_file(source)
     loading = 0
