@@ -439,7 +439,7 @@ def test_a_train_config_plans_as_the_trainer_runs(tmp_path):
                             trainable_params=None, quantization="4bit", dtype="fp32", batch_size=4,
                             max_length=1024, optimizer="adamw_8bit", gradient_checkpointing=True, device="cpu",
                             activation_offloading=False,  # ignored on a CPU, as in training
-                            target_logits_only=True, max_forward_tokens=2048, virtual_tokens=0)
+                            target_logits_only=True, max_forward_tokens=2048, virtual_tokens=0, keep_best=False)
     assert plan.training_settings(cfg, device="cuda")["activation_offloading"] is True
     # Known rows size the estimate by the longest (never beyond max_length); packed rows fill max_length.
     assert plan.training_settings(cfg, longest_row=300)["max_length"] == 300
