@@ -56,15 +56,15 @@ def make_chat_tokenizer() -> PreTrainedTokenizerFast:
     return out
 
 
-def tiny_llama(attn_implementation: str = "sdpa", vocab_size: int = 400):
-    """A 2-layer Llama with random fp32 weights, in eval mode."""
+def tiny_llama(attn_implementation: str = "sdpa", vocab_size: int = 400, **overrides):
+    """A 2-layer Llama with random fp32 weights, in eval mode (``overrides``: more LlamaConfig fields)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **overrides,
     )
     return LlamaForCausalLM._from_config(config, attn_implementation=attn_implementation, torch_dtype=torch.float32).eval()
 

@@ -93,6 +93,25 @@ def test_fsdp_saves_a_prompt_its_method_computes_from_sharded_parameters(model_d
     assert_same_adapter(os.path.join(two, "checkpoint-2"), os.path.join(one, "checkpoint-2"))
 
 
+def test_fsdp_full_fine_tune_of_a_tied_model_checkpoints_the_shared_weight_once(data_file, tmp_path):
+    """SmolLM2 ties its output layer to the embedding: the gathered checkpoint failed ('tensors share memory')."""
+    from helpers_data import make_chat_tokenizer, tiny_llama
+
+    model_dir = str(tmp_path / "tied")
+    tiny_llama(tie_word_embeddings=True).save_pretrained(model_dir)
+    make_chat_tokenizer().save_pretrained(model_dir)
+    two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    full = ["--method", "full", "--max_steps", "2", "--save_steps", "2"]
+    torchrun(fsdp_args(model_dir, data_file, two, batch_size=1, grad_accum=2) + full + ["--fsdp", "true"])
+    assert main(fsdp_args(model_dir, data_file, one, batch_size=4, grad_accum=1) + full) == 0
+    for folder in ("checkpoint-2", ""):  # the checkpoint's trained weights, and the final model
+        name = "trainable.safetensors" if folder else "model.safetensors"
+        a, b = (load_file(os.path.join(run, folder, name)) for run in (two, one))
+        assert sorted(a) == sorted(b) and a
+        for key in b:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
 def test_fsdp_in_one_process_is_refused_before_the_model_loads(model_dir, data_file, tmp_path, capsys, monkeypatch):
     import tsugiki.pipeline
 

@@ -278,9 +278,12 @@ def gathered_for_save(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     # Between steps FSDP2 has the shards registered on the modules; put them back before it runs again.
     sharded = [(module, key, param) for module in model.modules() for key, param in module._parameters.items()
                if param is not None and id(param) in by_param and is_dtensor(param)]
+    whole: dict[int, nn.Parameter] = {}  # one Parameter per shard, so tied modules stay tied (saved once)
     try:
         for module, key, param in sharded:
-            module._parameters[key] = nn.Parameter(by_param[id(param)], requires_grad=param.requires_grad)
+            if id(param) not in whole:
+                whole[id(param)] = nn.Parameter(by_param[id(param)], requires_grad=param.requires_grad)
+            module._parameters[key] = whole[id(param)]
         yield gathered
     finally:
         for module, key, param in sharded:
