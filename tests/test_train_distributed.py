@@ -152,6 +152,13 @@ def _collectives(rank: int, port: int, results) -> None:
             out["error"] = str(err)
         out["decided"] = distributed.run_on_main(lambda: f"decided by {distributed.rank()}")
         out["gathered"] = distributed.gather_objects({"from": rank})
+        same = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}]
+        distributed.refuse_different_rows(same, "training rows")  # the same rows: nothing said
+        stale = same + [{"input_ids": [4, 5], "labels": [4, 5]}] if rank == 1 else same
+        try:
+            distributed.refuse_different_rows(stale, "training rows")
+        except ValueError as err:
+            out["different_rows"] = str(err)
         results[rank] = out
     finally:
         distributed.destroy()
@@ -170,6 +177,9 @@ def test_collectives_across_two_processes():
         assert out["error"] == "output_dir taken"
         assert out["decided"] == "decided by 0"
         assert out["gathered"] == [{"from": 0}, {"from": 1}]
+        # A stale copy of the data on one node is an error on every rank, not a silent mismatch or a hang.
+        assert out["different_rows"].startswith("the processes read different training rows (rank 0: 1 rows, "
+                                                "rank 1: 2 rows, or the same number with other content)")
 
 
 def test_a_resumed_two_process_run_draws_each_ranks_own_random_numbers(model_dir, tmp_path):
@@ -228,3 +238,10 @@ def test_a_callback_stopping_one_rank_stops_them_all(model_dir, data_file, tmp_p
             process.terminate()
     assert joined, "a rank is still waiting"
     assert dict(results) == {0: 2, 1: 2}
+
+
+def test_what_is_said_before_training_is_said_once_under_torchrun(model_dir, data_file, tmp_path):
+    """Warnings given before the process group is joined were printed by every rank."""
+    args = train_args(model_dir, data_file, str(tmp_path / "run"), batch_size=2, max_steps=1)
+    proc = torchrun(args + ["--eval_data", data_file])  # train_args also sets eval_split: ignored, said once
+    assert (proc.stdout + proc.stderr).count("eval_split=3.0 is ignored: eval_data is given") == 1

@@ -255,6 +255,8 @@ def run_training(config: Union[None, str, os.PathLike, Mapping[str, Any], TrainC
     if cfg.eval_data:
         eval_rows, _, eval_stats = build_dataset(cfg.eval_data, tokenizer, template, **data_args)
         _say("eval data: " + eval_stats.summary(role="eval"), progress)
+    distributed.refuse_different_rows(train_rows, "training rows")  # before the model loads
+    distributed.refuse_different_rows(eval_rows or [], "evaluation rows")
 
     planned = memory_plan(cfg, train_rows) if distributed.world_size() == 1 else None  # the plan sizes one process
     if planned and not planned[1] and not progress:

@@ -24,9 +24,11 @@ summation order:
 
 from __future__ import annotations
 
+import array
 import atexit
-import gc
 import datetime
+import gc
+import hashlib
 import os
 import pickle
 from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar, Union
@@ -97,8 +99,11 @@ def world_size() -> int:
 
 
 def is_main() -> bool:
-    """True on the one process that writes files and prints (rank 0)."""
-    return rank() == 0
+    """True on the one process that writes files and prints (rank 0); before the process group is
+    joined, the launcher's ``RANK`` says (so what is said before training starts is said once)."""
+    if is_distributed() or env_world_size() <= 1:
+        return rank() == 0
+    return os.environ.get("RANK", "0").strip() == "0"
 
 
 def local_device() -> Optional[str]:
@@ -176,6 +181,28 @@ def gather_objects(obj: T) -> list[T]:
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def rows_fingerprint(rows: Sequence[dict]) -> tuple[int, str]:
+    """How many tokenized rows there are and a SHA-256 of their ``input_ids`` and ``labels``."""
+    digest = hashlib.sha256()
+    for row in rows:
+        for key in ("input_ids", "labels"):
+            digest.update(array.array("q", row[key]).tobytes())
+            digest.update(b"|")
+    return len(rows), digest.hexdigest()
+
+
+def refuse_different_rows(rows: Sequence[dict], what: str) -> None:
+    """ValueError on every rank when the ranks built different ``rows`` (a stale copy of a data file on
+    one node, another tokenizer version): each would plan its own steps, and training would be
+    silently wrong, or hang in a collective the others never reach. A collective."""
+    prints = gather_objects(rows_fingerprint(rows))
+    if any(p != prints[0] for p in prints):
+        counts = ", ".join(f"rank {r}: {count} rows" for r, (count, _) in enumerate(prints))
+        raise ValueError(f"the processes read different {what} ({counts}, or the same number with other "
+                         "content): every process must read the same data file with the same settings; "
+                         "check that each node has the same copy")
 
 
 def run_on_main(fn: Callable[[], T]) -> T:
