@@ -1,16 +1,18 @@
-"""tsugiki.gguf_export.save_gguf on the real default model (a Q4_1 Llama GGUF)."""
+"""`merge --output FILE.gguf` and tsugiki.gguf_export.save_gguf on the real default model (a Q4_1 Llama GGUF)."""
 
 from __future__ import annotations
 
 import copy
 import importlib.util
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 import tsugiki
+from tsugiki.cli import main
 from helpers_adapters import randomize
 
 pytestmark = [
@@ -51,6 +53,13 @@ def _lora(base, random: bool):
 
 
 @pytest.fixture(scope="module")
+def zero_adapter(base, tmp_path_factory) -> str:
+    folder = str(tmp_path_factory.mktemp("zero-adapter"))
+    _lora(base, random=False).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
 def merged(base):
     """A random adapter merged into the default model, and that model's logits on IDS."""
     model = _lora(base, random=True).merge_and_unload()
@@ -68,6 +77,11 @@ def _read(path) -> tuple[dict, dict]:
     return fields, {t.name: t for t in reader.tensors}
 
 
+@pytest.fixture(scope="module")
+def source_file(source) -> tuple[dict, dict]:
+    return _read(source)
+
+
 def _load_gguf(path):
     from transformers import AutoModelForCausalLM
 
@@ -75,7 +89,46 @@ def _load_gguf(path):
                                                 dtype=torch.float32).eval()
 
 
+def _refusing_to_load(monkeypatch):
+    import tsugiki.generation
+
+    monkeypatch.setattr(tsugiki.generation, "load_for_inference", lambda *a, **k: pytest.fail("loaded first"))
+
+
 # ----------------------------------------------------------------------------- the file written
+def test_cli_writes_the_source_back_exactly_through_a_zero_adapter(base, source_file, zero_adapter, tmp_path,
+                                                                    capsys):
+    from gguf import GGMLQuantizationType, LlamaFileType, dequantize
+
+    out = str(tmp_path / "merged.gguf")
+    assert main(["merge", "--adapter", zero_adapter, "--output", out, "--gguf-type", "f32"]) == 0
+    assert "merged model saved as" in capsys.readouterr().out
+    assert os.listdir(tmp_path) == ["merged.gguf"]
+
+    # Metadata: every key of the source, in its order and types, the same values but the file type.
+    (mine, written), (theirs, original) = _read(out), source_file
+    assert list(mine) == list(theirs)
+    assert {k: v for k, v in mine.items() if k not in CHANGED_KEYS} == \
+           {k: v for k, v in theirs.items() if k not in CHANGED_KEYS}
+    assert mine["general.file_type"][1] == LlamaFileType.ALL_F32 and mine["general.quantization_version"][1] == 2
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.chat_template", "llama.block_count",
+                "llama.attention.head_count_kv", "llama.rope.freq_base"):
+        assert mine[key] == theirs[key], key
+
+    # Tensors: the source's names in its order, each the source's values as llama.cpp reads them (its
+    # q/k row order included), no output.weight as in the tied source.
+    assert list(written) == list(original) and "output.weight" not in written
+    for name, tensor in written.items():
+        assert tensor.tensor_type == GGMLQuantizationType.F32, name
+        assert list(tensor.shape) == list(original[name].shape), name
+        assert np.array_equal(tensor.data, dequantize(original[name].data, original[name].tensor_type)), name
+
+    # transformers loads it into the very weights it loads from the source.
+    expected, loaded = base.state_dict(), _load_gguf(out).state_dict()
+    assert list(loaded) == list(expected)
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+
 def test_a_merged_adapter_written_in_f32_and_f16_gives_the_merged_models_logits(merged, source, tmp_path):
     from gguf import GGMLQuantizationType, LlamaFileType
 
@@ -150,6 +203,47 @@ def test_the_permutation_is_the_inverse_of_the_one_transformers_undoes_on_load()
 
 
 # ----------------------------------------------------------------------------- what is refused
+def _tiny_gguf(path, arch: str) -> str:
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(path, arch=arch)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+def test_what_cannot_be_written_is_refused_before_the_model_loads(source, zero_adapter, model_dir, tmp_path, capsys,
+                                                                  monkeypatch):
+    _refusing_to_load(monkeypatch)
+    out = tmp_path / "merged.gguf"
+
+    def refused(*argv) -> str:
+        capsys.readouterr()
+        assert main(["merge", "--adapter", zero_adapter, *argv]) == 2
+        return capsys.readouterr().err
+
+    out.write_bytes(b"mine")
+    assert "exists; pass --overwrite" in refused("--output", str(out))
+    err = refused("--model", model_dir, "--output", str(tmp_path / "new.gguf"))
+    assert "Hugging Face model folder" in err and "convert_hf_to_gguf.py" in err
+    err = refused("--model", _tiny_gguf(tmp_path / "gpt2.gguf", "gpt2"), "--output", str(tmp_path / "new.gguf"))
+    assert "architecture 'gpt2'" in err and "convert_hf_to_gguf.py" in err
+    assert "drop --quantization" in refused("--quantization", "4bit", "--output", str(tmp_path / "new.gguf"))
+    (tmp_path / "source.gguf").symlink_to(source)  # the base under another name
+    assert "is the base GGUF file the merge reads" in refused("--output", str(tmp_path / "source.gguf"),
+                                                              "--overwrite")
+    (tmp_path / "folder.gguf").mkdir()
+    assert "is a folder; a GGUF output is one file" in refused("--output", str(tmp_path / "folder.gguf"))
+    assert "--gguf-type sets the tensor type of a GGUF file" in refused("--output", str(tmp_path / "dir"),
+                                                                       "--gguf-type", "q8_0")
+    assert out.read_bytes() == b"mine" and os.path.samefile(tmp_path / "source.gguf", source)
+    assert not (tmp_path / "new.gguf").exists() and not (tmp_path / "dir").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
 def test_save_gguf_refuses_a_model_that_does_not_fit_the_source(base, source, tmp_path):
     from tsugiki.gguf_export import save_gguf
 
@@ -161,3 +255,40 @@ def test_save_gguf_refuses_a_model_that_does_not_fit_the_source(base, source, tm
     assert not os.listdir(tmp_path)
 
 
+def test_merge_notes_when_the_trained_prompt_format_is_not_the_files_chat_template(source):
+    from tsugiki.cli import _gguf_template_note
+    from tsugiki.data import get_template
+    from tsugiki.gguf_export import source_chat_template
+
+    chat = SimpleNamespace(name="chat", kind="chat", chat_template=source_chat_template(source))
+    assert _gguf_template_note(chat, source) is None
+    note = _gguf_template_note(get_template("alpaca"), source)
+    assert "prompt template 'alpaca'" in note and "holds the base's chat template" in note
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temporary_one(base, zero_adapter, tmp_path, capsys,
+                                                                           monkeypatch, failure):
+    import gguf
+
+    import tsugiki.generation
+
+    # The model as the merge loads it, without loading it again (what is tested is the writing).
+    monkeypatch.setattr(tsugiki.generation, "load_for_inference",
+                        lambda *a, **k: SimpleNamespace(model=_lora(base, random=False), template=None))
+    written = []
+    real = gguf.GGUFWriter.write_tensor_data
+
+    def fail_at_the_tenth(self, tensor, *args, **kwargs):
+        if len(written) == 10:
+            raise failure
+        written.append(tensor.nbytes)
+        return real(self, tensor, *args, **kwargs)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", fail_at_the_tenth)
+    out = tmp_path / "merged.gguf"
+    out.write_bytes(b"an older merge")
+    assert main(["merge", "--adapter", zero_adapter, "--output", str(out), "--overwrite"]) in (2, 130)
+    assert len(written) == 10
+    assert out.read_bytes() == b"an older merge"
+    assert os.listdir(tmp_path) == ["merged.gguf"]

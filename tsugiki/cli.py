@@ -307,8 +307,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .fileio import MODEL_FOLDER_FILES, check_writable, move_into, open_up_private_files, terminate_as_exit
     from .generation import load_for_inference
     from .pipeline import TEMPLATE_FILE, save_template
+    from .gguf_export import is_gguf_path
     from .train.loop import resolve_dtype
 
+    if is_gguf_path(args.output):
+        return _merge_into_gguf(args)
+    if args.gguf_type is not None:
+        raise ValueError(f"--gguf-type sets the tensor type of a GGUF file, and --output {args.output!r} is a folder: "
+                         "give --output a file name ending in .gguf, or drop --gguf-type")
     if os.path.isdir(args.output) and os.listdir(args.output) and not args.overwrite:
         raise FileExistsError(f"output folder {args.output!r} is not empty; pass --overwrite or choose another")
     if os.path.exists(args.output) and not os.path.isdir(args.output):
@@ -360,6 +366,73 @@ def cmd_merge(args: argparse.Namespace) -> int:
           f"prompt template {loaded.template.name!r} saved as {TEMPLATE_FILE}"
           + (" and as the tokenizer's chat template" if chat_template_written else ""))
     return 0
+
+
+def _merge_into_gguf(args: argparse.Namespace) -> int:
+    """``merge --output FILE.gguf``: one GGUF file in the layout of the .gguf base (see tsugiki.gguf_export).
+
+    Everything that can be refused is refused before the model loads: a base that is not a
+    .gguf file, a quantized-on-load base, an architecture or type the writer cannot write, an
+    existing output without --overwrite, the base file itself as the output.
+    """
+    from .fileio import check_writable, terminate_as_exit
+    from .generation import load_for_inference
+    from .gguf_export import CONVERT_HINT, DEFAULT_GGUF_TYPE, check_gguf_source, save_gguf
+    from .models import resolve_model
+    from .train.loop import resolve_dtype
+
+    output = args.output
+    if os.path.isdir(output):
+        raise IsADirectoryError(f"--output {output!r} is a folder; a GGUF output is one file: choose a file path")
+    if os.path.exists(output) and not args.overwrite:
+        raise FileExistsError(f"--output {output!r} exists; pass --overwrite to replace it, or choose another name")
+    if args.quantization != "none" or args.dequantize or args.requantize:
+        raise ValueError("a GGUF output is written from the base's own weights, not from a bitsandbytes-quantized "
+                         "load: drop --quantization, --dequantize and --requantize (--gguf-type q8_0, q4_0 or "
+                         "q4_1 writes a quantized GGUF file)")
+    base = resolve_model(_merge_base(args.model, args.adapter))
+    if base.kind != "gguf":
+        what = "model folder" if base.kind == "hf_dir" else "Hub model"
+        raise ValueError(f"--output {output!r} is a GGUF file, which tsugiki writes only from a .gguf base (it copies "
+                         f"that file's tokenizer and metadata), and the base {base.path!r} is a Hugging Face {what}: "
+                         f"{CONVERT_HINT}")
+    if os.path.exists(output) and os.path.samefile(output, base.gguf_file):
+        raise ValueError(f"--output {output!r} is the base GGUF file the merge reads; choose another file")
+    tensor_type = args.gguf_type or DEFAULT_GGUF_TYPE
+    check_gguf_source(base.gguf_file, tensor_type)
+    check_writable(os.path.dirname(os.path.abspath(output)), "--output's folder")  # the file goes in it
+    loaded = load_for_inference(args.model, args.adapter, template=args.template,
+                                dtype=None if args.dtype == "auto" else args.dtype)
+    dtype = None if args.dtype == "auto" else resolve_dtype(args.dtype, next(loaded.model.parameters()).device)
+    merged = loaded.model.merge_and_unload(safe_merge=True, dtype=dtype)
+    with terminate_as_exit():  # SIGTERM removes the temporary file as Ctrl-C does
+        save_gguf(merged, base.gguf_file, output, tensor_type)
+    print(f"merged model saved as {output} (GGUF, {tensor_type} weights, with the base file's tokenizer, chat "
+          "template and settings; loads with llama.cpp, Ollama, or transformers' gguf_file=)")
+    note = _gguf_template_note(loaded.template, base.gguf_file)
+    if note:
+        print(note, file=sys.stderr)
+    return 0
+
+
+def _merge_base(model: Optional[str], adapter: Optional[str]) -> str:
+    """The base a merge loads, as load_for_inference picks it: --model, else the adapter's, else the default."""
+    from .config import PeftConfig
+    from .models import DEFAULT_MODEL
+
+    recorded = PeftConfig.from_pretrained(adapter).base_model_name_or_path if adapter else None
+    return model or recorded or DEFAULT_MODEL
+
+
+def _gguf_template_note(template, source_gguf: str) -> Optional[str]:
+    """A note when the adapter's prompt format is not the chat template the GGUF file carries (the base's)."""
+    from .gguf_export import source_chat_template
+
+    if template.kind == "chat" and template.chat_template == source_chat_template(source_gguf):
+        return None
+    return (f"note: the adapter was trained with the prompt template {template.name!r}, but the GGUF file holds "
+            "the base's chat template, which llama.cpp and Ollama apply to chat messages; for the trained "
+            "behaviour send them prompts formatted as in training (raw completion), or give them that template")
 
 
 def _saved_kbit(model: Optional[str], adapter: Optional[str]) -> Optional[str]:
@@ -442,6 +515,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .gguf_export import GGUF_TYPES
     from .plan import add_plan_arguments
     from .train.config import add_config_arguments
 
@@ -492,14 +566,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_options(p)
     p.set_defaults(func=cmd_eval, max_new_tokens=64)
 
-    p = sub.add_parser("merge", help="Fold an adapter into its base and save a plain transformers model.")
+    p = sub.add_parser("merge", help="Fold an adapter into its base and save a plain transformers model, or a "
+                                      "GGUF file for llama.cpp and Ollama.",
+                       description="Fold an adapter into its base. --output FOLDER saves a transformers model "
+                                   "folder; --output FILE.gguf (from a .gguf base of the Llama architecture, "
+                                   "e.g. the default) writes one GGUF file: the base file's metadata, tokenizer "
+                                   "and chat template with the merged weights, in --gguf-type.")
     _add_model_options(p, adapter_required=True,
                        dtype_help="dtype of the merged model: auto = the base's as it loads (a model folder: its "
                                   "saved dtype; a .gguf file: fp32, exact for its dequantized blocks); bf16 "
-                                  "halves the size of an fp32 one (default: auto).")
-    p.add_argument("--output", required=True, help="Folder for the merged model (safetensors + tokenizer).")
+                                  "halves the size of an fp32 one (default: auto). A .gguf output's type is "
+                                  "--gguf-type.")
+    p.add_argument("--output", required=True,
+                   help="Folder for the merged model (safetensors + tokenizer), or a file name ending in .gguf "
+                        "for one GGUF file (the base must be a .gguf file; from a model folder, merge into a "
+                        "folder and convert it with llama.cpp's convert_hf_to_gguf.py).")
     p.add_argument("--overwrite", action="store_true", help="Write into a non-empty --output folder: the model, "
-                   "tokenizer and adapter files there are replaced or removed; other files stay.")
+                   "tokenizer and adapter files there are replaced or removed; other files stay. A .gguf "
+                   "--output file is replaced once the new one is complete.")
+    p.add_argument("--gguf-type", choices=GGUF_TYPES, default=None,
+                   help="With a .gguf --output: the type of its weight matrices; norms stay f32, as llama.cpp "
+                        "writes them. f16 (default), bf16, f32 (the merge unrounded), or quantized q8_0, q4_0, "
+                        "q4_1 (a matrix whose rows do not split into blocks of 32 falls back to f16).")
     p.add_argument("--dequantize", action="store_true",
                    help="With --quantization: save the merged model unquantized, merged in fp32 and stored in "
                         "the dtype of the model's other weights (--dtype fp32: all fp32, the merge unrounded).")
