@@ -166,8 +166,9 @@ def test_a_merged_adapter_written_in_f32_and_f16_gives_the_merged_models_logits(
 @pytest.mark.parametrize("kind,error", [("bf16", 4e-3), ("q8_0", 1e-2), ("q4_1", 0.15)])
 def test_each_type_holds_the_merged_weights_in_llama_cpps_layout(merged, source, tmp_path, kind, error):
     from gguf import GGMLQuantizationType, LlamaFileType, dequantize
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
-    from tsugiki.gguf_export import permute_for_gguf, save_gguf
+    from tsugiki.gguf_export import save_gguf
 
     model, _ = merged
     path = str(tmp_path / f"{kind}.gguf")
@@ -175,15 +176,16 @@ def test_each_type_holds_the_merged_weights_in_llama_cpps_layout(merged, source,
     fields, tensors = _read(path)
     assert fields["general.file_type"][1] == LlamaFileType[f"MOSTLY_{kind.upper()}"]
     state = model.state_dict()
-    for name, hf_name, heads in (("blk.3.attn_q.weight", "model.layers.3.self_attn.q_proj.weight", 9),
-                                 ("blk.3.attn_k.weight", "model.layers.3.self_attn.k_proj.weight", 3),
-                                 ("blk.3.ffn_down.weight", "model.layers.3.mlp.down_proj.weight", None),
-                                 ("token_embd.weight", "model.embed_tokens.weight", None)):
-        tensor = tensors[name]
+    # transformers' own reading of llama.cpp's layout (its q/k rows un-permuted) gives the merged weights.
+    processor = LlamaTensorProcessor(config={"num_attention_heads": 9, "num_key_value_heads": 3})
+    for name, hf_name in (("blk.3.attn_q.weight", "model.layers.3.self_attn.q_proj.weight"),
+                          ("blk.3.attn_k.weight", "model.layers.3.self_attn.k_proj.weight"),
+                          ("blk.3.ffn_down.weight", "model.layers.3.mlp.down_proj.weight"),
+                          ("token_embd.weight", "model.embed_tokens.weight")):
+        tensor, weight = tensors[name], state[hf_name]
         assert tensor.tensor_type == GGMLQuantizationType[kind.upper()], name
-        weight = state[hf_name] if heads is None else permute_for_gguf(state[hf_name], heads)
-        values = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy())
-        assert (values - weight).norm() / weight.norm() < error, name
+        values = processor.process(dequantize(tensor.data, tensor.tensor_type), name).weights
+        assert (torch.from_numpy(values.copy()) - weight).norm() / weight.norm() < error, name
     norm = tensors["blk.3.attn_norm.weight"]
     assert norm.tensor_type == GGMLQuantizationType.F32
     assert np.array_equal(norm.data, state["model.layers.3.input_layernorm.weight"].numpy())
@@ -252,6 +254,15 @@ def test_save_gguf_refuses_a_model_that_does_not_fit_the_source(base, source, tm
     unmerged = _lora(base, random=False)  # adapter layers still in: their weights have no GGUF tensor
     with pytest.raises(ValueError, match="has no tensor in the source GGUF file: pass the merged model"):
         save_gguf(unmerged, source, str(tmp_path / "x.gguf"))
+    other = unmerged.unload()  # the bare base again, now changed in ways the source file cannot hold
+    with torch.no_grad():
+        other.lm_head.weight = torch.nn.Parameter(other.lm_head.weight + 1)  # untied from the embedding
+    with pytest.raises(ValueError, match="ties the output to the embedding, but the merged model's lm_head.weight "
+                                         "differs"):
+        save_gguf(other, source, str(tmp_path / "x.gguf"))
+    other.resize_token_embeddings(49152 + 64)  # tokens added: the file's vocabulary would not fit
+    with pytest.raises(ValueError, match=r"embed_tokens.weight has shape \(49216, 576\), but token_embd.weight"):
+        save_gguf(other, source, str(tmp_path / "x.gguf"))
     assert not os.listdir(tmp_path)
 
 
