@@ -256,6 +256,10 @@ def test_save_gguf_refuses_a_model_that_does_not_fit_the_source(base, source, tm
         save_gguf(unmerged, source, str(tmp_path / "x.gguf"))
     other = unmerged.unload()  # the bare base again, now changed in ways the source file cannot hold
     with torch.no_grad():
+        other.model.embed_tokens.weight[5, 7] = 1e6  # past f16's largest number
+    with pytest.raises(ValueError, match="token_embd.weight holds values too large for f16"):
+        save_gguf(other, source, str(tmp_path / "x.gguf"))  # found while writing: no file stays
+    with torch.no_grad():
         other.lm_head.weight = torch.nn.Parameter(other.lm_head.weight + 1)  # untied from the embedding
     with pytest.raises(ValueError, match="ties the output to the embedding, but the merged model's lm_head.weight "
                                          "differs"):

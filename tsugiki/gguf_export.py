@@ -240,8 +240,8 @@ def _gguf_names(state_dict: dict[str, torch.Tensor], n_blocks: int) -> dict[str,
     return names
 
 
-def _converted(weight: torch.Tensor, heads: Optional[int], qtype) -> Callable[[], np.ndarray]:
-    """A function making the data of one merged tensor: permuted, then converted to ``qtype``."""
+def _converted(name: str, weight: torch.Tensor, heads: Optional[int], qtype) -> Callable[[], np.ndarray]:
+    """A function making the data of the merged tensor ``name``: permuted, then converted to ``qtype``."""
 
     def make() -> np.ndarray:
         from gguf import GGMLQuantizationType, quants
@@ -249,9 +249,11 @@ def _converted(weight: torch.Tensor, heads: Optional[int], qtype) -> Callable[[]
         values = weight.detach().to("cpu", torch.float32)
         if heads is not None:
             values = permute_for_gguf(values, heads)
-        data = quants.quantize(values.contiguous().numpy(), qtype)
+        with np.errstate(over="ignore"):  # an f16 overflow is reported below, with what to do
+            data = quants.quantize(values.contiguous().numpy(), qtype)
         if qtype == GGMLQuantizationType.F16 and not np.isfinite(data).all():
-            raise ValueError("a merged weight is too large for f16 (it would be inf); write --gguf-type bf16 or f32")
+            raise ValueError(f"the merged {name} holds values too large for f16 (they would be inf): write "
+                             "the file in bf16 or f32 (--gguf-type)")
         return data
 
     return make
@@ -293,7 +295,7 @@ def _plan(reader, state_dict: dict[str, torch.Tensor], qtype) -> list[_Planned]:
         used.add(key)
         heads = _heads_for(tensor.name, n_head, n_head_kv)
         kind = _matrix_type(tensor.name, source_shape, qtype)
-        planned.append(_Planned(tensor.name, source_shape, kind, _converted(weight, heads, kind)))
+        planned.append(_Planned(tensor.name, source_shape, kind, _converted(tensor.name, weight, heads, kind)))
     _check_nothing_left_out(state_dict, used, names)
     return planned
 
@@ -367,7 +369,8 @@ def _write(path: str, metadata: list[tuple[str, Any, Any, Any]], planned: list[_
                 writer.add_key_value(key, value, kind, item)
         for tensor in planned:
             # The shape in elements (numpy order), not bytes: float32 tells the writer so.
-            writer.add_tensor_info(tensor.name, tensor.shape, np.dtype(np.float32), tensor.nbytes, raw_dtype=tensor.qtype)
+            writer.add_tensor_info(tensor.name, tensor.shape, np.dtype(np.float32), tensor.nbytes,
+                                   raw_dtype=tensor.qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
