@@ -121,6 +121,21 @@ def test_fsdp_in_one_process_is_refused_before_the_model_loads(model_dir, data_f
     assert "needs torchrun --nproc_per_node 2+" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--dtype", "fp16"], "fsdp: true does not support dtype: fp16"),
+    (["--method", "adalora"], "fsdp: true does not support method 'adalora'"),
+])
+def test_fsdp_settings_it_cannot_run_are_refused_before_the_model_loads(model_dir, data_file, tmp_path, capsys,
+                                                                        monkeypatch, extra, message):
+    import tsugiki.pipeline
+
+    monkeypatch.setattr(tsugiki.pipeline, "load_model", lambda *a, **k: pytest.fail("loaded first"))
+    out = tmp_path / "out"
+    args = fsdp_args(model_dir, data_file, str(out), batch_size=4, grad_accum=1, max_steps=1)
+    assert main(args + ["--fsdp", "true", *extra]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
 # ---------------------------------------------------------------------- helpers, one process
 def lora_llama():
     return get_peft_model(tiny_llama(), LoraConfig(r=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))

@@ -79,6 +79,12 @@ def check_method(cfg: TrainConfig) -> None:
             f"fsdp: true cannot shard a {quantization_of(cfg)} base: FSDP would split bitsandbytes' packed "
             "weights and lose their quantization state. Use fsdp: false (each process keeps the whole "
             "quantized base, which is small), or quantization: none")
+    if cfg.fsdp and cfg.dtype == "fp16":  # also refused by the trainer, where dtype: auto resolves
+        raise ConfigError("fsdp: true does not support dtype: fp16 (the gradient scaler would check each shard for "
+                          "overflow on its own and ranks could disagree on skipping a step); use bf16 or fp32")
+    if cfg.fsdp and cfg.method == "adalora":
+        raise ConfigError("fsdp: true does not support method 'adalora': its rank budget is set from whole "
+                          "matrices at every step; set fsdp: false")
     if cfg.optimizer != "adamw":  # bitsandbytes' optimizers: say now, not after the model has loaded
         from .quant import require_bitsandbytes
 
