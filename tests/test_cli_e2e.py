@@ -460,3 +460,26 @@ def test_a_gzipped_sharegpt_file_with_weights_is_inspected_generated_from_and_sc
     assert main(["eval", "--model", model_dir, "--data", str(path), "--max-new-tokens", "2", "--output", scores]) == 0
     report = json.loads(open(scores).read())
     assert [r["expected"] for r in report["per_row"]] == ["fine thanks", "hello"] and report["base"]["loss"] > 0
+
+
+def test_sigterm_stops_training_as_ctrl_c_does(model_dir, data_file, tmp_path):
+    """kill, torchrun and job schedulers send SIGTERM: the run says how to resume and leaves no lock behind."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    args = _train_args(model_dir, data_file, str(out), "--max_steps", "100000", "--save_steps", "2")
+    proc = subprocess.Popen([sys.executable, "-m", "tsugiki", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoint-2").is_dir() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert (out / "checkpoint-2").is_dir(), proc.stderr.read() if proc.poll() is not None else "no checkpoint"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "run the same command again to resume from it" in err
+    assert not [name for name in os.listdir(out) if name.startswith(".")]  # no lock, no half-written checkpoint

@@ -169,10 +169,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from .train import distributed
 
+    from .fileio import terminate_as_exit
+
     config = config_from_args(args)
     try:
-        result = run_training(config)
-    except KeyboardInterrupt:
+        with terminate_as_exit():  # kill, torchrun and job schedulers send SIGTERM: stop as on Ctrl-C
+            result = run_training(config)
+    except (KeyboardInterrupt, SystemExit):
         if distributed.is_main():
             _say_how_to_resume(config)
         raise
