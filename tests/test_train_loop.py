@@ -821,6 +821,18 @@ def test_early_stopping_ends_the_run_after_patience_evaluations_without_a_new_lo
     assert result.metrics["best_step"] == min(losses, key=losses.get)
 
 
+def test_a_rerun_of_an_early_stopped_run_trains_no_further_unless_the_patience_is_raised(tmp_path):
+    trainer, result, _, _ = _run_recording_evals(tmp_path, early_stopping_patience=3, save_steps=50)
+    stopped = result.metrics["steps"]
+    assert stopped < 12 and os.path.isdir(tmp_path / f"checkpoint-{stopped}")  # saved where it stopped
+    again, rerun, losses, _ = _run_recording_evals(tmp_path, early_stopping_patience=3, save_steps=50)
+    assert rerun.metrics["resumed_from"].endswith(f"checkpoint-{stopped}")
+    assert rerun.metrics["steps"] == stopped and not losses  # no step trained, no evaluation run
+    assert_all_equal(trainable(again.model), trainable(trainer.model))
+    _, patient, _, _ = _run_recording_evals(tmp_path, early_stopping_patience=30, save_steps=50)
+    assert patient.metrics["steps"] == 12
+
+
 def test_keep_best_survives_a_resume(tmp_path):
     straight, straight_result, _, _ = _run_recording_evals(tmp_path / "straight", keep_best=True, save_steps=1)
 
@@ -846,6 +858,7 @@ def test_keep_best_survives_a_resume(tmp_path):
     (dict(early_stopping_patience=2), "early_stopping_patience=2: compares evaluations"),
     (dict(early_stopping_patience=-1, eval_steps=5), "early_stopping_patience=-1: must be >= 0"),
     (dict(keep_best=True, eval_steps=5, fsdp=True), "keep_best=True: is not available with fsdp"),
+    (dict(keep_best=True, eval_steps=5, method="adalora"), "keep_best=True: is not available with method adalora"),
 ])
 def test_keep_best_and_early_stopping_need_evaluations_during_the_run(tmp_path, settings, message):
     with pytest.raises(ConfigError, match=message):

@@ -186,6 +186,9 @@ class TrainConfig:
             if getattr(self, key) and not self.eval_steps:
                 bad(key, "compares evaluations during the run: set eval_steps as well (e.g. 50), with eval_split "
                     "or eval_data")
+        if self.keep_best and self.method == "adalora":
+            bad("keep_best", "is not available with method adalora: its rank allocation keeps changing which "
+                "triplets the saved adapter holds, so an earlier step's weights do not fit the final pattern")
         if self.keep_best and self.fsdp:
             bad("keep_best", "is not available with fsdp: true (each process holds only a shard of the weights); "
                 "use early_stopping_patience and the checkpoints (save_steps) instead")

@@ -726,13 +726,16 @@ class Trainer:
             self._say(note)
         if resume_from and self.rank == 0:
             self._say(f"resuming from {resume_from} (step {st['step']} of {self.total_steps})")
+            if self._patience_spent():
+                self._say(f"early stopping ended this run at step {st['step']} (early_stopping_patience="
+                          f"{cfg.early_stopping_patience}); raise it to train on")
         was_training = self.model.training
         self.model.train()
         eval_metrics: dict[str, float] = dict(st["last"].get("eval", {}))
         try:
             with neftune(self.model, cfg.neftune_alpha), fused_blocks(self.model, cfg.fused_blocks), \
                     fast_attention(self.model, cfg.fast_attention):
-                while st["step"] < self.total_steps:
+                while st["step"] < self.total_steps and not self._patience_spent():
                     plan = self.epoch_plan(st["epoch"])
                     t0 = time.perf_counter()
                     rows = distributed.shard(plan[st["batch_index"]], self.rank, self.world_size)
@@ -763,10 +766,12 @@ class Trainer:
                     stop = any([callback(self, record) is False for callback in self.callbacks])  # each one runs
                     if self.callbacks and distributed.is_distributed():
                         stop = distributed.all_reduce_sum([float(stop)])[0] > 0
-                    if early_stop:
+                    if early_stop and st["step"] < self.total_steps:
                         best = st["best"]
-                        self._say(f"early stopping after step {st['step']}: {st['evals_since_best']} evaluations "
-                                  f"without an eval loss below {best['eval_loss']:.4f} (step {best['step']})")
+                        if self.rank == 0:
+                            self._say(f"early stopping after step {st['step']}: {st['evals_since_best']} "
+                                      f"evaluations without an eval loss below {best['eval_loss']:.4f} "
+                                      f"(step {best['step']})")
                         break
                     if stop:
                         self._say(f"stopped by a callback after step {st['step']}")
@@ -807,7 +812,13 @@ class Trainer:
             st["evals_since_best"] = 0
             return False
         st["evals_since_best"] = st.get("evals_since_best", 0) + 1
-        return 0 < cfg.early_stopping_patience <= st["evals_since_best"]
+        return self._patience_spent()
+
+    def _patience_spent(self) -> bool:
+        """Whether early stopping has ended the run: also true of a run resumed from the checkpoint written
+        when it stopped, so a rerun of the command does not train on (a raised patience does)."""
+        patience = self.config.early_stopping_patience
+        return 0 < patience <= self.state.get("evals_since_best", 0)
 
     def _restore_best(self, eval_metrics: dict[str, float]) -> dict[str, float]:
         """With keep_best, put the best evaluation's weights back when a later step's are the model's;
@@ -821,8 +832,9 @@ class Trainer:
             for name, param in self.model.named_parameters():
                 if param.requires_grad:
                     param.copy_(best["weights"][name])
-        self._say(f"keep_best: saving the weights of step {best['step']} (eval loss {best['eval_loss']:.6g}); "
-                  f"the last evaluation, at step {self.state['step']}, gave {eval_metrics['eval_loss']:.6g}")
+        if self.rank == 0:
+            self._say(f"keep_best: saving the weights of step {best['step']} (eval loss {best['eval_loss']:.6g}); "
+                      f"the last evaluation, at step {self.state['step']}, gave {eval_metrics['eval_loss']:.6g}")
         return {"eval_loss": best["eval_loss"], "eval_ppl": best["eval_ppl"]}
 
     def _save_tokenizer(self, folder: str) -> None:
