@@ -311,6 +311,10 @@ def test_eval_loss_of_a_conversation_is_that_of_its_last_answer():
     want = torch.nn.functional.cross_entropy(logits[answer_start - 1:], targets[answer_start - 1:])
     assert loss == pytest.approx(float(want), rel=1e-5)
     assert reference_loss(loaded, [{"instruction": "word " * 300, "output": "x"}], max_length=64) == (None, None)
+    # A training file's "weight" changes nothing here: the last answer is the reference, as in exact match.
+    weighed = [dict(turn, weight=0) if turn["role"] == "assistant" else turn for turn in turns]
+    assert reference_loss(loaded, [{"messages": weighed}])[0] == loss
+    assert reference_loss(loaded, [{"conversations": weighed}])[0] == loss
 
 
 def test_answer_scores_treat_an_empty_reference_as_matching_only_an_empty_answer():
