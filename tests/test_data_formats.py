@@ -292,6 +292,16 @@ def test_a_system_field_is_the_rows_system_turn_in_training_and_generation():
 
     row = {"system": "Answer in French.", "instruction": "Greet", "output": "Bonjour"}
     assert normalise(row, "alpaca", "row 1").system == "Answer in French." == sample_from_prompt_row(row).system
+    # Beside a conversation too (LLaMA-Factory's ShareGPT files keep it there), unless it says otherwise.
+    sharegpt = {"system": "Answer in French.", "conversations": [{"from": "human", "value": "Greet"},
+                                                                 {"from": "gpt", "value": "Bonjour"}]}
+    assert normalise(sharegpt, "sharegpt", "line 1").system == "Answer in French."
+    assert sample_from_prompt_row(sharegpt).system == "Answer in French."
+    both = {"system": "Be brief.", "messages": [{"role": "system", "content": "Be long."},
+                                                {"role": "user", "content": "hi"},
+                                                {"role": "assistant", "content": "hello"}]}
+    with pytest.raises(DataError, match="line 2: the row has a 'system' field and a different system message"):
+        normalise(both, "messages", "line 2")
 
 
 def test_a_csv_row_of_another_format_is_named_not_dropped(tmp_path):

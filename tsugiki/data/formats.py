@@ -37,8 +37,9 @@ model as context but not trained on; a conversation with no answer of weight 1
 is dropped like one with no answer at all.
 
 In the instruction and prompt formats ``input`` and ``context`` are one slot
-(either name, in any of them), and a ``system`` field is the row's system turn,
-in training as in generation.
+(either name, in any of them). In every format but ``text`` a ``system`` field
+is the row's system turn, in training as in generation (a conversation may hold
+it as its first message instead, not both).
 
 Structured formats win over ``text`` because several public sets (Alpaca among
 them) ship a pre-rendered ``text`` column next to the structured fields, and
@@ -428,7 +429,7 @@ def normalise(row: dict[str, Any], fmt: str, where: str) -> Sample | None:
                             f"read as {fmt} rows ({', '.join(required)}); put rows of one format in a file")
     if fmt in ("messages", "sharegpt"):
         field = _conversation_field(fmt)
-        return _normalise_conversation(row.get(field), field, where)
+        return _with_row_system(_normalise_conversation(row.get(field), field, where), row, field, where)
     if fmt == "text":
         text = _string(row, "text", where)
         return Sample(text=text) if text.strip() else None
@@ -498,6 +499,19 @@ def _normalise_conversation(items: Any, field: str, where: str, require_assistan
     if require_assistant and not any(role == "assistant" and content.strip() and sample.trains_on(k)
                                      for k, (role, content) in enumerate(sample.turns)):
         return None  # nothing to learn: no answer, only empty ones, or only ones of weight 0
+    return sample
+
+
+def _with_row_system(sample: Sample | None, row: dict, field: str, where: str) -> Sample | None:
+    """``sample`` with the row's own ``system`` field as its system turn (LLaMA-Factory's ShareGPT
+    files keep it there); a row that also has a different system message in ``field`` is an error."""
+    system = _string(row, "system", where)
+    if sample is None or not system.strip():
+        return sample
+    if sample.system is not None and sample.system != system:
+        raise DataError(f"{where}: the row has a 'system' field and a different system message in '{field}'; "
+                        "keep one of them")
+    sample.system = system
     return sample
 
 
@@ -572,7 +586,8 @@ def sample_from_prompt_row(row: dict[str, Any] | str, where: str = "prompt row")
     fmt = _detect_prompt_format(row, where)
     if fmt in ("messages", "sharegpt"):
         field = _conversation_field(fmt)
-        return _normalise_conversation(row[field], field, where, require_assistant=False) or Sample()
+        sample = _normalise_conversation(row[field], field, where, require_assistant=False) or Sample()
+        return _with_row_system(sample, row, field, where)
     if fmt == "text":
         return Sample(text=_string(row, "text", where))
     instr_key = "prompt" if fmt == "prompt_completion" else "instruction"
