@@ -469,17 +469,21 @@ def test_sigterm_stops_training_as_ctrl_c_does(model_dir, data_file, tmp_path):
 
     out = tmp_path / "run"
     args = _train_args(model_dir, data_file, str(out), "--max_steps", "100000", "--save_steps", "2")
-    proc = subprocess.Popen([sys.executable, "-m", "tsugiki", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while not (out / "checkpoint-2").is_dir() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-        assert (out / "checkpoint-2").is_dir(), proc.stderr.read() if proc.poll() is not None else "no checkpoint"
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:  # a file, not a pipe: a full pipe nobody reads would stop the run
+        proc = subprocess.Popen([sys.executable, "-m", "tsugiki", *args], stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.time() + 300
+            def saved() -> bool:  # any checkpoint: rotation soon removes the first ones
+                return out.is_dir() and any(name.startswith("checkpoint-") for name in os.listdir(out))
+
+            while not saved() and time.time() < deadline and proc.poll() is None:
+                time.sleep(0.2)
+            assert saved(), log.read_text()[-3000:]
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+        finally:
+            proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM
-    assert "run the same command again to resume from it" in err
+    assert "run the same command again to resume from it" in log.read_text()
     assert not [name for name in os.listdir(out) if name.startswith(".")]  # no lock, no half-written checkpoint

@@ -277,13 +277,14 @@ def test_truncation_and_drop_counts_are_reported(tok, caplog):
     ]
     with caplog.at_level(logging.WARNING, logger="tsugiki.data"):
         train, _, stats = build_dataset(rows, tok, "Q: {instruction}\nA: {response}", max_length=48)
-    assert (stats.rows_read, stats.truncated, stats.dropped_no_trainable, stats.dropped_empty) == (4, 2, 1, 1)
+    # Row 3 is cut and then dropped: it counts as dropped only.
+    assert (stats.rows_read, stats.truncated, stats.dropped_no_trainable, stats.dropped_empty) == (4, 1, 1, 1)
     assert stats.train_rows == len(train) == 2
     assert len(train[1]["input_ids"]) == 48 and train[1]["labels"][-1] != IGNORE_INDEX
-    assert "2 of 4 rows were longer than max_length=48 tokens and were cut (row 2, row 3)" in caplog.text
+    assert "1 of 4 rows were longer than max_length=48 tokens and were cut (row 2)" in caplog.text
     assert "1 rows dropped: no trainable token left within max_length=48 (row 3)" in caplog.text
     assert "missing or empty, or every answer had weight 0 (row 4)" in caplog.text
-    assert stats.to_dict()["truncated"] == 2 and "2 truncated" in stats.summary()
+    assert stats.to_dict()["truncated"] == 1 and "1 truncated" in stats.summary()
 
 
 def test_warnings_about_dropped_rows_name_the_first_lines_of_a_file(tmp_path, tok, caplog):

@@ -39,7 +39,7 @@ class DataStats:
     max_length: int
     rows_read: int = 0
     dropped_empty: int = 0  # a required field was missing or empty, or every answer had weight 0
-    truncated: int = 0  # cut to max_length (kept if a trainable token survived)
+    truncated: int = 0  # cut to max_length and kept (a trainable token survived; else dropped_no_trainable)
     dropped_no_trainable: int = 0  # no label left to learn from, usually after truncation
     train_rows: int = 0
     eval_rows: int = 0
@@ -185,13 +185,14 @@ def build_dataset(
             input_ids, labels = encode(sample, template, tokenizer, train_on)
         except DataError as err:  # e.g. turns that do not alternate: say which row
             raise DataError(f"{where}: {err}") from err
-        if len(input_ids) > max_length:
-            stats.note("truncated", place)
-            input_ids, labels = input_ids[:max_length], labels[:max_length]
+        cut = len(input_ids) > max_length
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
         # Position 0 is never predicted (labels shift by one), so it does not count as trainable.
         if all(label == IGNORE_INDEX for label in labels[1:]):
             stats.note("dropped_no_trainable", place)
             continue
+        if cut:  # counted among the rows kept: a cut row with nothing left to learn is counted as dropped
+            stats.note("truncated", place)
         examples.append({"input_ids": input_ids, "labels": labels})
 
     if not examples:
