@@ -278,6 +278,10 @@ def test_train_job_needs_total_steps():
     assert (cfg.total_step, cfg.init_r, cfg.target_r) == (50, 8, 3)
     with pytest.raises(ValueError, match="'tinit_steps' is not an option of AdaLoraConfig"):
         build(TrainConfig(max_steps=5, method_args={"tinit_steps": 1}), "m")
+    # init_r is the job's lora_r: method_args may not say otherwise (it trained init_r, ignoring lora_r).
+    with pytest.raises(ValueError, match="method_args: init_r=8 conflicts with the job's lora_r \\(16\\); set lora_r"):
+        build(TrainConfig(max_steps=5, lora_r=16, method_args={"init_r": 8}), "m")
+    assert build(TrainConfig(max_steps=5, lora_r=16, method_args={"init_r": 16}), "m").init_r == 16
 
 
 @pytest.mark.parametrize("kw, message", [

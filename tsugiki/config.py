@@ -186,7 +186,7 @@ _OPTION_ALIASES = {"lora_r": "r", "rank": "r", "lora_rank": "r", "alpha": "lora_
 
 
 # A method option the training job sets from its own key: method_args may not set it to something else.
-TRAIN_KEY_OF_OPTION = {"r": "lora_r", "lora_alpha": "lora_alpha", "alpha": "lora_alpha",
+TRAIN_KEY_OF_OPTION = {"r": "lora_r", "init_r": "lora_r", "lora_alpha": "lora_alpha", "alpha": "lora_alpha",
                        "lora_dropout": "lora_dropout", "target_modules": "target_modules"}
 
 

@@ -555,9 +555,8 @@ def adalora_from_train_config(cfg: Any, base_name: str) -> AdaLoraConfig:
             raise ValueError("method 'adalora' needs the run's total number of optimizer steps for its rank "
                              "budget schedule: set max_steps, or give method_args: {total_step: N}")
         fixed["total_step"] = cfg.max_steps
-    init_r = args.get("init_r", cfg.lora_r)
-    if "target_r" not in args:
-        fixed["target_r"] = max(1, (2 * init_r) // 3) if isinstance(init_r, int) else init_r
+    if "target_r" not in args:  # init_r is lora_r (method_args may repeat it, not contradict it)
+        fixed["target_r"] = max(1, (2 * cfg.lora_r) // 3)
     return config_from_method_args(
         AdaLoraConfig, args, init_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         target_modules=train_targets(cfg.target_modules), task_type="CAUSAL_LM", base_model_name_or_path=base_name, **fixed)
