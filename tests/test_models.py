@@ -363,3 +363,7 @@ def test_a_path_inside_a_folder_here_is_not_taken_for_a_hub_id(tmp_path, monkeyp
     with pytest.raises(FileNotFoundError, match=r"Model path models/other does not exist [^?]*$"):
         models.resolve_model("models/other")
     assert models.resolve_model("HuggingFaceTB/SmolLM2").kind == "hub_id"  # no HuggingFaceTB folder here
+    from tsugiki import plan
+
+    with pytest.raises(FileNotFoundError, match=r"models/llama-1 not found: .* Did you mean models/llama-1b\?"):
+        plan.estimate("models/llama-1")

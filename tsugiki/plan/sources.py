@@ -136,8 +136,9 @@ def _hub_config_file(name: str) -> str:
     try:
         if resolve_model(name).kind != "hub_id":
             raise FileNotFoundError(missing)
-    except (FileNotFoundError, ValueError):
-        raise FileNotFoundError(missing) from None
+    except (FileNotFoundError, ValueError) as err:
+        hint = str(err).partition(" Did you mean ")[2]  # resolve_model's near names, for a typo
+        raise FileNotFoundError(missing + (f". Did you mean {hint}" if hint else "")) from None
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
     cached = try_to_load_from_cache(name, "config.json")
