@@ -50,7 +50,8 @@ def _add_model_options(p: argparse.ArgumentParser, adapter_required: bool = Fals
                    help="Prompt template: chat, alpaca, japanese, llama2 or your own string with {instruction} "
                         "and {response} (default: the one saved with the adapter, else the one saved in the "
                         "--model folder by merge or a full fine-tune, else the model's chat template). "
-                        "merge saves it with the merged model.")
+                        "merge saves it with a merged model folder (a .gguf output keeps the base file's chat "
+                        "template).")
 
 
 def _add_generation_options(p: argparse.ArgumentParser, batches: bool = True) -> None:
