@@ -108,12 +108,17 @@ def test_set_disable_delete_adapter():
         model.save_pretrained("never-written")
 
 
-def test_peft_attributes_ported_code_reads():
+def _lora_llama_and_its_logits():
+    """A tiny Llama with a random LoRA adapter, a batch, and the bare base's and the adapted logits of it."""
     ids = token_batch()
     base_logits = tiny_llama()(ids).logits
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, task_type="CAUSAL_LM"))
     randomize_adapters(model)
-    adapted = model(ids).logits
+    return model, ids, base_logits, model(ids).logits
+
+
+def test_peft_attributes_ported_code_reads():
+    model, ids, base_logits, adapted = _lora_llama_and_its_logits()
     assert model.peft_type == "LORA" and model.active_peft_config is model.peft_config["default"]
     assert model.targeted_module_names == [f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")]
     model.disable_adapter_layers()
@@ -124,11 +129,7 @@ def test_peft_attributes_ported_code_reads():
 
 def test_disable_adapter_leaves_the_adapters_as_it_found_them():
     """A nested block, or one after disable_adapter_layers(), must not switch the adapters back on."""
-    ids = token_batch()
-    base_logits = tiny_llama()(ids).logits
-    model = get_peft_model(tiny_llama(), LoraConfig(r=4, task_type="CAUSAL_LM"))
-    randomize_adapters(model)
-    adapted = model(ids).logits
+    model, ids, base_logits, adapted = _lora_llama_and_its_logits()
     with model.disable_adapter():
         with model.disable_adapter():
             pass
