@@ -120,10 +120,10 @@ def _every_answer_weighed(row: dict) -> dict:
     """``row`` with any ``weight`` of its conversation turns left out: a training file's ``"weight": 0``
     says not to learn a turn, while scoring takes the last answer as the reference whatever its weight."""
     out = dict(row)
-    for field in ("messages", "conversations"):
-        turns = row.get(field)
+    for key in ("messages", "conversations"):
+        turns = row.get(key)
         if isinstance(turns, list):
-            out[field] = [{k: v for k, v in t.items() if k != "weight"} if isinstance(t, dict) else t
+            out[key] = [{k: v for k, v in t.items() if k != "weight"} if isinstance(t, dict) else t
                           for t in turns]
     return out
 
