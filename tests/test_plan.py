@@ -556,6 +556,16 @@ def test_plan_cli_reads_a_train_config_and_flags_override_it(tmp_path, capsys):
         plan.main(["--config", str(tmp_path / "bad.yaml")])
 
 
+def test_plan_cli_says_an_fsdp_config_is_sized_as_one_process(tmp_path, capsys):
+    cfg = _train_config(tmp_path, dtype="bf16", batch_size=1, max_length=128)
+    plain = cfg.save(str(tmp_path / "plain.yaml"))
+    sharded = cfg.replace(fsdp=True).save(str(tmp_path / "fsdp.yaml"))
+    assert plan.main(["--config", str(plain), "--ram", "100GB"]) == 0
+    assert "fsdp" not in capsys.readouterr().out
+    assert plan.main(["--config", str(sharded), "--ram", "100GB"]) == 0
+    assert "note: the config sets fsdp: true; this sizes one process holding every weight" in capsys.readouterr().out
+
+
 def test_plan_cli_counts_again_when_flags_change_the_config_adapter(tmp_path, capsys):
     from tsugiki.train.config import TrainConfig
 

@@ -139,7 +139,18 @@ def run_plan_cli(args: argparse.Namespace) -> int:
                           "available": available, "fits": est.fits(available)}, indent=2))
     else:
         print(report(est, available, where, model))
+        if args.config and _shards_weights(args.config):
+            print("note: the config sets fsdp: true; this sizes one process holding every weight. Under torchrun "
+                  "each of N processes holds about 1/N of the weights, which this plan does not size; a 4-bit "
+                  "change suggested above is refused with fsdp")
     return 0 if est.fits(available) else 1
+
+
+def _shards_weights(config_path: str) -> bool:
+    """Whether the training config at ``config_path`` shards the weights across processes (``fsdp: true``)."""
+    from ..train.config import TrainConfig
+
+    return bool(TrainConfig.load(config_path).fsdp)
 
 
 def main(argv=None) -> int:
