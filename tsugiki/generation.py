@@ -250,9 +250,6 @@ def generate_answers(loaded: LoadedModel, rows: Sequence[Row], settings: Optiona
     old_side = tok.padding_side
     tok.padding_side = "left"  # generation continues from the right end of every row
     answers: list[str] = []
-    criteria = [_StopAtText(tok, settings.stop, 0)] if settings.stop else []
-    if criteria:
-        from transformers import StoppingCriteriaList
     try:
         limit = context_length(net)
         for first_row, chunk in zip(range(0, len(prompts), settings.batch_size),
@@ -264,9 +261,9 @@ def generate_answers(loaded: LoadedModel, rows: Sequence[Row], settings: Optiona
             kwargs = dict(**enc, **settings.generate_kwargs(), pad_token_id=tok.pad_token_id,
                           eos_token_id=stop_token_ids(tok, net))
             kwargs["max_new_tokens"] = room
-            if criteria:
-                criteria[0].prompt_width = enc["input_ids"].shape[1]
-                kwargs["stopping_criteria"] = StoppingCriteriaList(criteria)
+            if settings.stop:  # the new tokens start after the padded prompts
+                at_text = _StopAtText(tok, settings.stop, enc["input_ids"].shape[1])
+                kwargs["stopping_criteria"] = _stopping_criteria(at_text)
             if isinstance(net, PeftModel) and not use_adapter:
                 with net.disable_adapter():
                     out = _generate(net, kwargs)
@@ -316,8 +313,21 @@ def fit_conversation(loaded: LoadedModel, messages: list[dict], room_for_answer:
 def cut_at_stop(text: str, stops: Sequence[str]) -> str:
     """``text`` without its leading whitespace, up to (not including) the first stop string it holds."""
     text = text.lstrip()
-    ends = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return text[: min(ends)] if ends else text
+    end = _first_stop(text, stops)
+    return text if end is None else text[:end]
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> Optional[int]:
+    """Where the earliest of ``stops`` starts in ``text``, or None."""
+    starts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(starts) if starts else None
+
+
+def _stopping_criteria(*criteria: Any) -> Any:
+    """transformers' list of stopping criteria (imported here: generation alone needs it)."""
+    from transformers import StoppingCriteriaList
+
+    return StoppingCriteriaList(criteria)
 
 
 class _StopAtText:
@@ -355,17 +365,17 @@ def stream_answer(loaded: LoadedModel, messages_or_prompt: Union[str, dict], set
     """
     from threading import Event, Thread
 
-    from transformers import StoppingCriteriaList, TextIteratorStreamer
+    from transformers import TextIteratorStreamer
 
     tok, net = loaded.tokenizer, loaded.model
     ids = prompt_token_ids(loaded.template.format_prompt(messages_or_prompt), loaded.template, tok)
     enc = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     stop, failures = Event(), []
+    at_text = [_StopAtText(tok, settings.stop, len(ids))] if settings.stop else []
     kwargs = dict(**enc, **settings.generate_kwargs(), streamer=streamer, pad_token_id=tok.pad_token_id,
                   eos_token_id=stop_token_ids(tok, net),
-                  stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)] + ([_StopAtText(tok, settings.stop, len(ids))]
-                                                                                 if settings.stop else [])))
+                  stopping_criteria=_stopping_criteria(_StopWhenSet(stop), *at_text))
     kwargs["max_new_tokens"] = new_token_room(context_length(net), [len(ids)], settings.max_new_tokens)
 
     def work() -> None:
@@ -408,10 +418,10 @@ def _until_stop(pieces: Iterable[str], stops: Sequence[str]) -> Iterator[str]:
     pending = ""
     for piece in pieces:
         pending += piece
-        ends = [i for i in (pending.find(s) for s in stops) if i >= 0]
-        if ends:
-            if min(ends):
-                yield pending[: min(ends)]
+        end = _first_stop(pending, stops)
+        if end is not None:
+            if end:
+                yield pending[:end]
             return
         safe = len(pending) - held_back
         if safe > 0:
