@@ -23,7 +23,7 @@ import torch
 
 from .data import IGNORE_INDEX, Collator, build_dataset, detect_format, pad_token_id_for
 from .data.errors import NoRowsLeft
-from .data.formats import conversation_turns
+from .data.formats import conversation_turns, without_turn_weights
 from .generation import GenerationSettings, LoadedModel, Row, context_length, generate_answers, reference_answer
 from .model import PeftModel
 from .train.loop import count_targets, token_loss_sum
@@ -116,18 +116,6 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _every_answer_weighed(row: dict) -> dict:
-    """``row`` with any ``weight`` of its conversation turns left out: a training file's ``"weight": 0``
-    says not to learn a turn, while scoring takes the last answer as the reference whatever its weight."""
-    out = dict(row)
-    for key in ("messages", "conversations"):
-        turns = row.get(key)
-        if isinstance(turns, list):
-            out[key] = [{k: v for k, v in t.items() if k != "weight"} if isinstance(t, dict) else t
-                          for t in turns]
-    return out
-
-
 def _last_answer_only(labels: list[int]) -> list[int]:
     """``labels`` with every target before the last run of targets (the last answer) set to -100."""
     end = max((i for i, label in enumerate(labels) if label != IGNORE_INDEX), default=-1)
@@ -147,7 +135,7 @@ def reference_loss(loaded: LoadedModel, rows: Sequence[dict], max_length: int = 
     # build_dataset reads one format per data set; a file may mix them, row by row as generation takes them.
     by_format: dict[str, list[dict]] = {}
     for row in rows:
-        by_format.setdefault(detect_format(row, "eval row"), []).append(_every_answer_weighed(row))
+        by_format.setdefault(detect_format(row, "eval row"), []).append(without_turn_weights(row))
     examples = []
     for group in by_format.values():
         try:

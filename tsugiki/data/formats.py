@@ -554,6 +554,17 @@ def _conversation_item(item: Any, field: str, i: int, where: str) -> tuple[str, 
     return role, content
 
 
+def without_turn_weights(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with the ``weight`` of its conversation turns left out (a copy): scoring takes the last
+    answer as the reference, whatever a training file says about learning it."""
+    out = dict(row)
+    for field in (_conversation_field(fmt) for fmt in ("messages", "sharegpt")):
+        if isinstance(row.get(field), list):
+            out[field] = [{k: v for k, v in item.items() if k != "weight"} if isinstance(item, dict) else item
+                          for item in row[field]]
+    return out
+
+
 def conversation_turns(row: dict[str, Any]) -> list[tuple[str, str]]:
     """The user and assistant turns of a ``messages`` or ShareGPT ``conversations`` row, as
     ``(role, text)`` with chat role names.
