@@ -558,10 +558,10 @@ def without_turn_weights(row: dict[str, Any]) -> dict[str, Any]:
     """``row`` with the ``weight`` of its conversation turns left out (a copy): scoring takes the last
     answer as the reference, whatever a training file says about learning it."""
     out = dict(row)
-    for field in (_conversation_field(fmt) for fmt in ("messages", "sharegpt")):
-        if isinstance(row.get(field), list):
-            out[field] = [{k: v for k, v in item.items() if k != "weight"} if isinstance(item, dict) else item
-                          for item in row[field]]
+    for key in (_conversation_field(fmt) for fmt in ("messages", "sharegpt")):
+        if isinstance(row.get(key), list):
+            out[key] = [{k: v for k, v in item.items() if k != "weight"} if isinstance(item, dict) else item
+                          for item in row[key]]
     return out
 
 
