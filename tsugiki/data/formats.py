@@ -561,7 +561,7 @@ def without_turn_weights(row: dict[str, Any]) -> dict[str, Any]:
     for key in (_conversation_field(fmt) for fmt in ("messages", "sharegpt")):
         if isinstance(row.get(key), list):
             out[key] = [{k: v for k, v in item.items() if k != "weight"} if isinstance(item, dict) else item
-                          for item in row[key]]
+                        for item in row[key]]
     return out
 
 
