@@ -324,9 +324,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise NotADirectoryError(f"--output {args.output!r} is a file; choose a folder path")
     check_writable(args.output, "--output")  # before the model loads, not after
-    _refuse_output_over_inputs(args.output, args.adapter, args.model)
+    base = _merge_base(args.model, args.adapter)
+    _refuse_output_over_inputs(args.output, args.adapter, base)
     quant = None if args.quantization == "none" else args.quantization
-    saved = _saved_kbit(args.model, args.adapter)
+    saved = _saved_kbit(base)
     if saved and not quant:
         if not args.dequantize:
             raise ValueError(f"the base holds {saved[0]}-bit bitsandbytes weights as saved, and transformers "
@@ -439,17 +440,12 @@ def _gguf_template_note(template, source_gguf: str) -> Optional[str]:
             "behaviour send them prompts formatted as in training (raw completion), or give them that template")
 
 
-def _saved_kbit(model: Optional[str], adapter: Optional[str]) -> Optional[str]:
-    """``"4bit"``/``"8bit"`` when the base folder (``model``, else the adapter's base) holds bitsandbytes
-    weights as saved (a ``merge --requantize`` output, a pre-quantized checkpoint), read from its config.json."""
+def _saved_kbit(base: str) -> Optional[str]:
+    """``"4bit"``/``"8bit"`` when the base folder holds bitsandbytes weights as saved (a ``merge
+    --requantize`` output, a pre-quantized checkpoint), read from its config.json."""
     import json
 
-    from .config import PeftConfig
-
-    base = model
-    if base is None and adapter is not None and os.path.isfile(os.path.join(adapter, "adapter_config.json")):
-        base = PeftConfig.from_pretrained(adapter).base_model_name_or_path
-    path = os.path.join(base, "config.json") if base and os.path.isdir(base) else None
+    path = os.path.join(base, "config.json") if os.path.isdir(base) else None
     if path is None or not os.path.isfile(path):
         return None
     try:
@@ -462,11 +458,8 @@ def _saved_kbit(model: Optional[str], adapter: Optional[str]) -> Optional[str]:
     return "4bit" if quantization.get("load_in_4bit") else "8bit" if quantization.get("load_in_8bit") else None
 
 
-def _refuse_output_over_inputs(output: str, adapter: Optional[str], model: Optional[str]) -> None:
+def _refuse_output_over_inputs(output: str, adapter: Optional[str], base: str) -> None:
     """A merged model written over its own base or adapter would destroy what it was made from."""
-    from .config import PeftConfig
-
-    base = model or (PeftConfig.from_pretrained(adapter).base_model_name_or_path if adapter else None)
     for what, folder in (("base model", base), ("adapter", adapter)):
         if folder and os.path.isdir(folder) and os.path.exists(output) and os.path.samefile(folder, output):
             raise ValueError(f"--output {output!r} is the {what} folder the merge reads; choose another folder")
