@@ -27,13 +27,13 @@ from .data import build_dataset, get_template
 from .data.jinja import match_chat_template
 from .data.templates import Template
 from .fileio import TEMPLATE_FILE, atomic_write_text, check_writable
-from .config import METHOD_BUILDERS, METHOD_READS, PeftConfig
+from .config import ADAPTER_KEYS, METHOD_BUILDERS, METHOD_READS, PeftConfig
 from .model import get_peft_model
 from .models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_model
 from .train import distributed
 from .train.checkpoint import record_outputs, recorded_outputs, resolve_resume
 from .train.config import ConfigError, TrainConfig
-from .train.loop import Trainer, TrainResult, check_fsdp_world, resolve_dtype, set_seed
+from .train.loop import FSDP_FP16_REFUSAL, Trainer, TrainResult, check_fsdp_world, resolve_dtype, set_seed
 
 logger = logging.getLogger("tsugiki")
 
@@ -80,8 +80,7 @@ def check_method(cfg: TrainConfig) -> None:
             "weights and lose their quantization state. Use fsdp: false (each process keeps the whole "
             "quantized base, which is small), or quantization: none")
     if cfg.fsdp and cfg.dtype == "fp16":  # also refused by the trainer, where dtype: auto resolves
-        raise ConfigError("fsdp: true does not support dtype: fp16 (the gradient scaler would check each shard for "
-                          "overflow on its own and ranks could disagree on skipping a step); use bf16 or fp32")
+        raise ConfigError(FSDP_FP16_REFUSAL)
     if cfg.fsdp and cfg.method == "adalora":
         raise ConfigError("fsdp: true does not support method 'adalora': its rank budget is set from whole "
                           "matrices at every step; set fsdp: false")
@@ -112,7 +111,7 @@ def unused_settings(cfg: TrainConfig) -> list[str]:
     (``lora_r`` for prompt tuning, ``eval_split`` beside ``eval_data``): a run that silently
     ignores them trains something else than its config says."""
     defaults = TrainConfig()
-    unread = [key for key in ("lora_r", "lora_alpha", "lora_dropout", "target_modules")
+    unread = [key for key in ADAPTER_KEYS
               if key not in METHOD_READS.get(cfg.method, ()) and getattr(cfg, key) != getattr(defaults, key)]
     hints = {key: _UNREAD_KEY_HINTS.get((cfg.method, key)) for key in unread}
     notes = [f"{key}={getattr(cfg, key)!r} is not used by method {cfg.method} and is ignored"

@@ -112,6 +112,10 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------- small policies
+FSDP_FP16_REFUSAL = ("fsdp: true does not support dtype: fp16 (the gradient scaler would check each shard for "
+                     "overflow on its own and ranks could disagree on skipping a step); use bf16 or fp32")
+
+
 def set_seed(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
     random.seed(seed)
@@ -664,8 +668,7 @@ class Trainer:
     def _shard(self) -> None:
         """Shard the model with FSDP2 (called by ``prepare`` after the dtype policy), or refuse what it cannot run."""
         if self.compute_dtype == torch.float16:
-            raise ConfigError("fsdp: true does not support dtype: fp16 (the gradient scaler would check each shard "
-                              "for overflow on its own and ranks could disagree on skipping a step); use bf16 or fp32")
+            raise ConfigError(FSDP_FP16_REFUSAL)
         kbit = bnb_linear_types()
         if kbit and any(isinstance(m, kbit) for m in self.model.modules()):
             raise ConfigError("fsdp: true cannot shard a 4-bit/8-bit base (FSDP would split bitsandbytes' packed "
